@@ -1,0 +1,46 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both create the environment when
+# it is absent (a bootstrap venv holding uv, then .venv from the committed uv.lock).
+PYTHON ?= python3
+HOST ?= 127.0.0.1
+PORT ?= 8000
+UV_VERSION ?= 0.13.9
+BOOT := .bootstrap
+UV := $(BOOT)/bin/uv
+VENV := .venv
+STAMP := $(VENV)/.synced
+
+.PHONY: run test lint typecheck unit demo bench clean
+
+$(UV):
+	$(PYTHON) -m venv $(BOOT)
+	$(BOOT)/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
+
+$(STAMP): $(UV) uv.lock pyproject.toml packages/api/pyproject.toml packages/fakehub/pyproject.toml
+	$(UV) sync --frozen --python $(PYTHON)
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/uvicorn api.app:app --host $(HOST) --port $(PORT)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check packages bench
+	$(VENV)/bin/ruff format --check packages bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy packages/api/src packages/fakehub/src
+
+unit: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck unit
+
+# An offline demo: the fake hub with sample repos on :8900 and the service pointed at it on :8000.
+demo: $(STAMP)
+	@mkdir -p .demo
+	$(VENV)/bin/python -m fakehub --repos .demo/repos --port 8900 --samples & \
+	  trap "kill $$!" EXIT; sleep 2; \
+	  HF_ENDPOINT=http://127.0.0.1:8900 HF_HUB_CACHE=$(CURDIR)/.demo/cache \
+	  $(VENV)/bin/uvicorn api.app:app --host $(HOST) --port $(PORT)
+
+clean:
+	rm -rf $(BOOT) $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache

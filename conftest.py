@@ -1,0 +1,36 @@
+"""Fixtures shared by every test: a fake hub on 127.0.0.1, repos to serve, a private cache per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fakehub import FakeHub, RepoBuilder
+
+TOKEN = "hf_test_token_0123456789"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads or writes the real ~/.cache, and no Hub variable of the machine leaks in."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    for name in ("HF_HUB_CACHE", "HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE", "MODELS_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def repos(tmp_path: Path) -> RepoBuilder:
+    return RepoBuilder(tmp_path / "repos")
+
+
+@pytest.fixture
+def hub(repos: RepoBuilder) -> Iterator[FakeHub]:
+    with FakeHub(repos.root, tokens={TOKEN}, gated_access={TOKEN}) as server:
+        yield server
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"

@@ -1,0 +1,112 @@
+"""The interface between the manager and the Hub/cache adapter, and the data that crosses it.
+
+The manager owns state and policy and knows nothing of ``huggingface_hub``; an adapter implements
+``HubBackend`` (the real one is ``api.models.hub.HubCacheBackend``; unit tests use a fake).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class CacheState(enum.Enum):
+    COMPLETE = "complete"  # every file of the revision's file list is there with its size
+    PARTIAL = "partial"  # something of the model is there, not all of it
+    ABSENT = "absent"  # nothing of it
+
+
+@dataclass(frozen=True)
+class LocalState:
+    state: CacheState
+    commit: str | None = None
+
+
+@dataclass(frozen=True)
+class CachedRevision:
+    """One revision of a model found in the cache (or a model folder with no revision yet)."""
+
+    repo_id: str
+    commit: str | None
+    state: CacheState
+    size_bytes: int
+    refs: tuple[str, ...] = ()
+
+
+class FailureKind(enum.Enum):
+    NOT_FOUND = "not_found"
+    GATED = "gated"
+    UNAUTHORIZED = "unauthorized"
+    REVISION_NOT_FOUND = "revision_not_found"
+    DISK_FULL = "disk_full"
+    PERMISSION = "permission"
+    NETWORK = "network"
+    INVALID = "invalid"
+    CRASHED = "crashed"
+    TIMEOUT = "timeout"
+    UNEXPECTED = "unexpected"
+
+
+class DownloadFailed(Exception):
+    """A download ended without the model. ``str(error)`` is safe to show a client."""
+
+    def __init__(self, kind: FailureKind, message: str, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.attempts = attempts
+
+
+@dataclass
+class DownloadUpdate:
+    """What a running download reports; ``None`` fields are unchanged."""
+
+    commit: str | None = None
+    total_bytes: int | None = None
+    files_total: int | None = None
+    downloaded_bytes: int | None = None
+    files_done: int | None = None
+    attempt: int | None = None
+    retry_reason: str | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DownloadRequest:
+    repo_id: str
+    revision: str
+
+
+class HubBackend(Protocol):
+    """Talks to the Hub and the cache. Blocking methods are called off the event loop."""
+
+    async def download(
+        self, request: DownloadRequest, on_update: Callable[[DownloadUpdate], None]
+    ) -> str:
+        """Download the revision into the cache; return its commit id.
+
+        Cancelling the awaiting task stops the transfer and removes its temporary files before the
+        cancellation propagates. Raises ``DownloadFailed``.
+        """
+        ...
+
+    def local_state(self, repo_id: str, revision: str) -> LocalState:
+        """The cache's state for a revision, offline (blocking)."""
+        ...
+
+    def list_cached(self) -> list[CachedRevision]:
+        """Every model revision in the cache (blocking)."""
+        ...
+
+    def delete(self, repo_id: str, revision: str | None) -> int | None:
+        """Delete a revision, or the whole model when ``revision`` is None; return the bytes freed,
+        or None when nothing of it was cached (blocking)."""
+        ...
+
+    def cache_usage(self) -> tuple[int, int]:
+        """(bytes used by the cache, bytes free on its filesystem) (blocking)."""
+        ...
+
+    @property
+    def cache_path(self) -> str: ...

@@ -1,0 +1,370 @@
+"""Reading and changing the Hugging Face cache on disk (part of the Hub/cache adapter).
+
+Layout (huggingface_hub 2.x)::
+
+    <cache>/models--<ns>--<name>/refs/<branch>            commit id of a branch or tag
+    <cache>/models--<ns>--<name>/trees/<commit>.json      the revision's file list, written before
+                                                          the first byte of content
+    <cache>/models--<ns>--<name>/snapshots/<commit>/<path> symlink to ../../blobs/<etag>
+    <cache>/models--<ns>--<name>/blobs/<etag>             content; <etag>.<random>.incomplete while
+                                                          it downloads
+    <cache>/.locks/models--<ns>--<name>/<etag>.lock        held by the process writing that blob
+
+Everything here is offline and blocking: the manager calls it through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from api.models.backend import CachedRevision, CacheState, LocalState
+from api.models.errors import UnsafeCachePath
+
+logger = logging.getLogger(__name__)
+
+COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+TREE_FORMAT_VERSION = 1
+INCOMPLETE_SUFFIX = ".incomplete"
+
+
+def repo_folder_name(repo_id: str) -> str:
+    return "models--" + repo_id.replace("/", "--")
+
+
+def repo_id_from_folder(name: str) -> str | None:
+    if not name.startswith("models--"):
+        return None
+    return name[len("models--") :].replace("--", "/")
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    size: int
+    etag: str  # the blob's name: sha256 for LFS files, git blob id for regular files
+    lfs: bool
+
+
+class ModelCache:
+    """One cache folder: where each model lives, and its state."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def folder(self, repo_id: str) -> Path:
+        return self.root / repo_folder_name(repo_id)
+
+    def locks_folder(self, repo_id: str) -> Path:
+        return self.root / ".locks" / repo_folder_name(repo_id)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def resolve_commit(self, repo_id: str, revision: str) -> str | None:
+        """The commit of a revision from the cache alone: the id itself, or the ref's content."""
+        if COMMIT_RE.fullmatch(revision):
+            return revision
+        try:
+            commit = (self.folder(repo_id) / "refs" / revision).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        return commit if COMMIT_RE.fullmatch(commit) else None
+
+    def read_tree(self, repo_id: str, commit: str) -> dict[str, TreeEntry] | None:
+        """The revision's file list as the hub client cached it (``trees/<commit>.json``), or None."""
+        path = self.folder(repo_id) / "trees" / f"{commit}.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("format_version") != TREE_FORMAT_VERSION:
+                return None
+            return {
+                rel: TreeEntry(
+                    size=int(info.get("lfs_size") or info["size"]),
+                    etag=str(info.get("lfs_sha256") or info["blob_id"]),
+                    lfs=info.get("lfs_sha256") is not None,
+                )
+                for rel, info in data["files"].items()
+            }
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            logger.warning("ignoring unreadable file list %s: %s", path, error)
+            return None
+
+    def local_state(self, repo_id: str, revision: str) -> LocalState:
+        folder = self.folder(repo_id)
+        if not folder.is_dir():
+            return LocalState(CacheState.ABSENT)
+        commit = self.resolve_commit(repo_id, revision)
+        if commit is None:
+            # The branch was never recorded: anything in the folder is a trace of a download.
+            has_trace = any(_iter_files(folder / "blobs")) or any(_iter_files(folder / "snapshots"))
+            return LocalState(CacheState.PARTIAL if has_trace else CacheState.ABSENT)
+        snapshot = folder / "snapshots" / commit
+        tree = self.read_tree(repo_id, commit)
+        if tree is None:
+            return LocalState(self._state_without_tree(snapshot), commit)
+        missing = missing_files(tree, lambda rel: _size_of(snapshot / rel))
+        if not missing:
+            return LocalState(CacheState.COMPLETE, commit)
+        return LocalState(CacheState.PARTIAL, commit)
+
+    @staticmethod
+    def _state_without_tree(snapshot: Path) -> CacheState:
+        """No file list (a cache written by an older client): a snapshot whose every link resolves
+        is taken as complete; it is the most the cache can tell without the network."""
+        if not snapshot.is_dir():
+            return CacheState.ABSENT
+        entries = list(_iter_files(snapshot))
+        if not entries:
+            return CacheState.PARTIAL
+        if all(_size_of(p) is not None for p in entries):
+            return CacheState.COMPLETE
+        return CacheState.PARTIAL
+
+    def list_cached(self) -> list[CachedRevision]:
+        """Every model revision in the cache, with its state and size on disk."""
+        out: list[CachedRevision] = []
+        if not self.root.is_dir():
+            return out
+        for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
+            repo_id = repo_id_from_folder(entry.name)
+            if repo_id is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            out.extend(self._revisions_of(repo_id))
+        return out
+
+    def _revisions_of(self, repo_id: str) -> list[CachedRevision]:
+        folder = self.folder(repo_id)
+        refs = self._refs(folder)
+        blob_sizes = {
+            p.name: st.st_size
+            for p, st in _iter_stats(folder / "blobs")
+            if not p.name.endswith(INCOMPLETE_SUFFIX)
+        }
+        snapshots = folder / "snapshots"
+        commits = sorted(p.name for p in _iter_dirs(snapshots) if COMMIT_RE.fullmatch(p.name))
+        if not commits:
+            # A download that stopped before its first file: the model is there only in part.
+            trace = sum(st.st_size for _, st in _iter_stats(folder / "blobs"))
+            commit = refs.get("main") or next(iter(refs.values()), None)
+            return [CachedRevision(repo_id, commit, CacheState.PARTIAL, trace, ())]
+        revisions = []
+        for commit in commits:
+            snapshot = snapshots / commit
+            tree = self.read_tree(repo_id, commit)
+            linked = {rel: _blob_name(snapshot / rel) for rel in _relative_files(snapshot)}
+            size = sum(blob_sizes.get(name or "", 0) for name in set(linked.values()))
+            if tree is None:
+                state = self._state_without_tree(snapshot)
+            else:
+                state = _state_from_links(tree, snapshot, linked, blob_sizes)
+            names = tuple(sorted(ref for ref, c in refs.items() if c == commit))
+            revisions.append(CachedRevision(repo_id, commit, state, size, names))
+        return revisions
+
+    @staticmethod
+    def _refs(folder: Path) -> dict[str, str]:
+        refs_dir = folder / "refs"
+        out = {}
+        for path in _iter_files(refs_dir):
+            with contextlib.suppress(OSError, UnicodeDecodeError):
+                out[path.relative_to(refs_dir).as_posix()] = path.read_text().strip()
+        return out
+
+    def usage(self) -> tuple[int, int]:
+        """(bytes of the files in the cache, bytes free on the cache's filesystem)."""
+        used = sum(st.st_size for _, st in _iter_stats(self.root))
+        probe = self.root
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        return used, shutil.disk_usage(probe).free
+
+    # -- changing ----------------------------------------------------------------------------
+
+    def remove_orphans(self, repo_id: str) -> int:
+        """Remove temporary files no live process is writing; return how many were removed.
+
+        A download holds ``.locks/<folder>/<etag>.lock`` while it writes ``blobs/<etag>.*.incomplete``;
+        when that lock can be taken without waiting, the file belongs to a dead process (killed, or
+        cancelled by us) and no later download will reuse it.
+        """
+        removed = 0
+        for path in _iter_files(self.folder(repo_id) / "blobs"):
+            if not path.name.endswith(INCOMPLETE_SUFFIX):
+                continue
+            etag = path.name.split(".", 1)[0]
+            with _lock_if_free(self.locks_folder(repo_id) / f"{etag}.lock") as free:
+                if free:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        if removed:
+            logger.info("removed %d orphaned temporary file(s) of %s", removed, repo_id)
+        return removed
+
+    def delete(self, repo_id: str, revision: str | None) -> int | None:
+        """Delete one revision, or the whole model when ``revision`` is None.
+
+        Plan first, then execute: the plan lists every path to remove and checks that each one,
+        links resolved, lies inside the model's own folder; a planted link that leads outside
+        raises ``UnsafeCachePath`` before anything is removed. Blobs still used by another cached
+        revision are kept. Returns the bytes freed, or None when nothing of it was cached.
+        """
+        folder = self.folder(repo_id)
+        if not folder.is_dir() or folder.is_symlink():
+            return None
+        if revision is None:
+            freed = sum(st.st_size for _, st in _iter_stats(folder))
+            # rmtree removes links, never what they point to.
+            shutil.rmtree(folder)
+            shutil.rmtree(self.locks_folder(repo_id), ignore_errors=True)
+            return freed
+        commit = self.resolve_commit(repo_id, revision)
+        if commit is None:
+            return None
+        return self._delete_revision(repo_id, folder, commit)
+
+    def _delete_revision(self, repo_id: str, folder: Path, commit: str) -> int | None:
+        snapshots = folder / "snapshots"
+        snapshot = snapshots / commit
+        tree_file = folder / "trees" / f"{commit}.json"
+        if not snapshot.is_dir() and not tree_file.exists():
+            return None
+        real_folder = folder.resolve()
+        blobs_dir = (folder / "blobs").resolve()
+
+        def blobs_of(snap: Path) -> set[Path]:
+            found = set()
+            for rel in _relative_files(snap):
+                target = (snap / rel).resolve()
+                if not target.is_relative_to(real_folder):
+                    raise UnsafeCachePath(repo_id)
+                if target.parent == blobs_dir:
+                    found.add(target)
+            return found
+
+        doomed = blobs_of(snapshot) if snapshot.is_dir() else set()
+        for other in _iter_dirs(snapshots):
+            if other.name != commit:
+                doomed -= blobs_of(other)
+        freed = sum(p.stat().st_size for p in doomed if p.exists())
+        # Execute.
+        if snapshot.is_dir():
+            shutil.rmtree(snapshot)
+        for blob in doomed:
+            blob.unlink(missing_ok=True)
+        tree_file.unlink(missing_ok=True)
+        shutil.rmtree(folder / ".no_exist" / commit, ignore_errors=True)
+        for ref, target in self._refs(folder).items():
+            if target == commit:
+                (folder / "refs" / ref).unlink(missing_ok=True)
+        if not any(_iter_dirs(snapshots)):
+            freed += sum(st.st_size for _, st in _iter_stats(folder))
+            shutil.rmtree(folder)
+            shutil.rmtree(self.locks_folder(repo_id), ignore_errors=True)
+        return freed
+
+
+def missing_files(tree: dict[str, TreeEntry], size_of: Callable[[str], int | None]) -> list[str]:
+    """Files of the list that are absent or of the wrong size (``size_of`` gives None if absent)."""
+    return [rel for rel, entry in tree.items() if size_of(rel) != entry.size]
+
+
+def _state_from_links(
+    tree: dict[str, TreeEntry],
+    snapshot: Path,
+    linked: dict[str, str | None],
+    blob_sizes: dict[str, int],
+) -> CacheState:
+    """Completeness from what a directory walk already found: the blob each link names, sized."""
+
+    def present(rel: str) -> int | None:
+        name = linked.get(rel)
+        return blob_sizes.get(name) if name else _size_of(snapshot / rel)
+
+    return CacheState.PARTIAL if missing_files(tree, present) else CacheState.COMPLETE
+
+
+def _size_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_size  # follows the snapshot link to its blob
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return None
+        raise
+
+
+def _blob_name(path: Path) -> str | None:
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return None  # a regular file (copied, not linked): sized directly
+
+
+def _relative_files(root: Path) -> list[str]:
+    return [p.relative_to(root).as_posix() for p in _iter_files(root)]
+
+
+def _iter_files(root: Path) -> Iterator[Path]:
+    """Files and links under ``root``, without following links to folders."""
+    for path, _ in _iter_stats(root, follow=False, links_too=True):
+        yield path
+
+
+def _iter_stats(
+    root: Path, *, follow: bool = False, links_too: bool = False
+) -> Iterator[tuple[Path, os.stat_result]]:
+    """(path, lstat) of the regular files under ``root`` (and links when ``links_too``)."""
+    try:
+        entries = list(os.scandir(root))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=follow):
+                yield from _iter_stats(Path(entry.path), follow=follow, links_too=links_too)
+            elif entry.is_file(follow_symlinks=False) or (links_too and entry.is_symlink()):
+                yield Path(entry.path), entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # removed while we walked
+
+
+def _iter_dirs(root: Path) -> Iterator[Path]:
+    try:
+        for entry in os.scandir(root):
+            if entry.is_dir(follow_symlinks=False):
+                yield Path(entry.path)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+
+
+@contextlib.contextmanager
+def _lock_if_free(lock_path: Path) -> Iterator[bool]:
+    """Hold ``lock_path`` (the hub client's flock) if nobody does; yield whether we got it."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR)
+    except FileNotFoundError:
+        yield True  # no lock file: no process ever locked this blob here
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

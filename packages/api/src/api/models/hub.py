@@ -1,0 +1,264 @@
+"""The Hub/cache adapter: the only place (with ``worker`` and ``cache``) that knows huggingface_hub.
+
+A download runs in its own worker process (``python -m api.models.worker``) so that a cancel stops
+the transfer on every path of the library (plain HTTP and Xet alike): the process is killed, its
+temporary files are removed, and its blob locks die with it. The worker reports progress as JSON
+lines on its stdout; the adapter reads them on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import httpx2
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from api.models.backend import (
+    CachedRevision,
+    DownloadFailed,
+    DownloadRequest,
+    DownloadUpdate,
+    FailureKind,
+    LocalState,
+)
+from api.models.cache import ModelCache
+from api.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_NO_RETRY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+def classify_error(
+    error: BaseException, repo_id: str, revision: str
+) -> tuple[FailureKind, bool, str]:
+    """(kind, retryable, message safe for a client) for an error of a download attempt.
+
+    Classified by the most specific class first, then by ``__cause__``: the library wraps a failed
+    metadata call in ``LocalEntryNotFoundError`` and its HTTP errors subclass ``OSError``, so a
+    "retry every OSError" policy would retry 404s, gated repos and full disks.
+    """
+    if isinstance(error, GatedRepoError):
+        return (
+            FailureKind.GATED,
+            False,
+            f"{repo_id} is gated: accept its terms on the Hub with your account and set HF_TOKEN"
+            " to a token of that account",
+        )
+    if isinstance(error, RevisionNotFoundError):
+        return (
+            FailureKind.REVISION_NOT_FOUND,
+            False,
+            f"revision '{revision}' not found in {repo_id}",
+        )
+    if isinstance(error, RepositoryNotFoundError):
+        return (
+            FailureKind.NOT_FOUND,
+            False,
+            f"{repo_id} not found on the Hub (or it is private and HF_TOKEN gives no access)",
+        )
+    if isinstance(error, RemoteEntryNotFoundError):
+        return (
+            FailureKind.NOT_FOUND,
+            False,
+            f"a file of {repo_id} listed by the Hub is missing on it",
+        )
+    if isinstance(error, HfHubHTTPError):
+        status = error.response.status_code if error.response is not None else 0
+        if status in _RETRY_STATUS:
+            return FailureKind.NETWORK, True, f"the Hub answered HTTP {status}"
+        if status in (401, 403):
+            return (
+                FailureKind.UNAUTHORIZED,
+                False,
+                f"the Hub refused access (HTTP {status}): check HF_TOKEN",
+            )
+        return FailureKind.UNEXPECTED, False, f"the Hub answered HTTP {status}"
+    if isinstance(error, OfflineModeIsEnabled):
+        return FailureKind.NETWORK, False, "the Hub client is in offline mode (HF_HUB_OFFLINE)"
+    if isinstance(error, (httpx2.TimeoutException,)):
+        return FailureKind.NETWORK, True, "the connection to the Hub timed out"
+    if isinstance(error, (httpx2.ConnectError, httpx2.RemoteProtocolError, httpx2.NetworkError)):
+        return FailureKind.NETWORK, True, "the connection to the Hub failed"
+    if isinstance(error, httpx2.TransportError):
+        return FailureKind.NETWORK, True, "the transfer from the Hub failed"
+    if isinstance(error, LocalEntryNotFoundError):
+        if error.__cause__ is not None:
+            return classify_error(error.__cause__, repo_id, revision)
+        return FailureKind.NETWORK, True, "the Hub could not be reached"
+    if isinstance(error, OSError):
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return FailureKind.DISK_FULL, False, "the cache's disk is full"
+        if error.errno in _NO_RETRY_ERRNOS:
+            return FailureKind.PERMISSION, False, "the cache folder is not writable"
+        if error.errno is None:
+            # The library's size-consistency check ("file should be of size N but has size M").
+            return FailureKind.NETWORK, True, "a file arrived with the wrong size"
+        return (
+            FailureKind.UNEXPECTED,
+            False,
+            f"a local error occurred ({errno.errorcode.get(error.errno, error.errno)})",
+        )
+    if isinstance(error, ValueError):
+        return FailureKind.INVALID, False, "the Hub client rejected the request"
+    return FailureKind.UNEXPECTED, False, f"unexpected error ({type(error).__name__})"
+
+
+def retry_after_seconds(error: BaseException) -> float | None:
+    """The ``Retry-After`` of a 429/503 answer, in seconds, when the Hub sent one."""
+    while error is not None:
+        if isinstance(error, HfHubHTTPError) and error.response is not None:
+            if error.response.status_code in (429, 503):
+                value = error.response.headers.get("Retry-After")
+                with contextlib.suppress(TypeError, ValueError):
+                    return max(0.0, float(value)) if value is not None else None
+            return None
+        error = error.__cause__  # type: ignore[assignment]
+    return None
+
+
+class HubCacheBackend:
+    """The real ``HubBackend``: downloads in worker processes, reads the cache on disk."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache = ModelCache(settings.cache_dir)
+
+    @property
+    def cache_path(self) -> str:
+        return str(self.settings.cache_dir)
+
+    # -- cache (blocking) --------------------------------------------------------------------
+
+    def local_state(self, repo_id: str, revision: str) -> LocalState:
+        return self.cache.local_state(repo_id, revision)
+
+    def list_cached(self) -> list[CachedRevision]:
+        return self.cache.list_cached()
+
+    def delete(self, repo_id: str, revision: str | None) -> int | None:
+        return self.cache.delete(repo_id, revision)
+
+    def cache_usage(self) -> tuple[int, int]:
+        return self.cache.usage()
+
+    # -- downloads ---------------------------------------------------------------------------
+
+    def worker_spec(self, request: DownloadRequest) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "repo_id": request.repo_id,
+            "revision": request.revision,
+            "cache_dir": str(s.cache_dir),
+            "endpoint": s.hf_endpoint,
+            "attempts": s.retry_attempts,
+            "min_backoff": s.retry_min_backoff_seconds,
+            "max_backoff": s.retry_max_backoff_seconds,
+        }
+
+    def worker_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+        env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        env["HF_HUB_DISABLE_TELEMETRY"] = "1"
+        env["PYTHONUNBUFFERED"] = "1"
+        if (token := self.settings.token) is not None:
+            env["HF_TOKEN"] = token  # through the environment: never on a command line
+        return env
+
+    async def download(
+        self, request: DownloadRequest, on_update: Callable[[DownloadUpdate], None]
+    ) -> str:
+        await asyncio.to_thread(self.cache.remove_orphans, request.repo_id)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "api.models.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=self.worker_env(),
+        )
+        assert process.stdin is not None
+        assert process.stdout is not None
+        outcome: dict[str, Any] | None = None
+        try:
+            process.stdin.write(json.dumps(self.worker_spec(request)).encode() + b"\n")
+            await process.stdin.drain()
+            # stdin stays open: the worker exits by itself when it closes (this process died).
+            async for raw in process.stdout:
+                message = _parse(raw)
+                if message is None:
+                    continue
+                if message.get("type") in ("done", "failed"):
+                    outcome = message
+                else:
+                    on_update(_update_from(message))
+            await process.wait()
+        except BaseException:
+            # Cancelled (or anything else): stop the transfer now, then clean up after it.
+            await _kill(process)
+            await asyncio.shield(asyncio.to_thread(self.cache.remove_orphans, request.repo_id))
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                process.stdin.close()
+        await asyncio.to_thread(self.cache.remove_orphans, request.repo_id)
+        if outcome is None:
+            raise DownloadFailed(
+                FailureKind.CRASHED,
+                f"the download worker exited unexpectedly (code {process.returncode})",
+            )
+        if outcome["type"] == "failed":
+            raise DownloadFailed(
+                FailureKind(outcome["kind"]), str(outcome["message"]), int(outcome["attempts"])
+            )
+        return str(outcome["commit"])
+
+
+async def _kill(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    # Wait for it even when cancelled again: no worker may outlive its download.
+    await asyncio.shield(process.wait())
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        logger.warning("ignoring a malformed line from a download worker")
+        return None
+    return message if isinstance(message, dict) else None
+
+
+def _update_from(message: dict[str, Any]) -> DownloadUpdate:
+    def num(key: str) -> int | None:
+        value = message.get(key)
+        return int(value) if isinstance(value, (int, float)) else None
+
+    return DownloadUpdate(
+        commit=message.get("commit"),
+        total_bytes=num("total_bytes"),
+        files_total=num("files_total"),
+        downloaded_bytes=num("downloaded_bytes"),
+        files_done=num("files_done"),
+        attempt=num("attempt"),
+        retry_reason=message.get("reason") if message.get("type") == "retry" else None,
+    )

@@ -1,0 +1,335 @@
+"""``ModelManager``: owns the state of downloads and the policy around them.
+
+Routes translate HTTP; the manager decides (conflicts, limits, what a status is); the backend
+(``api.models.hub``) talks to the Hub and the cache. Downloads are asyncio tasks, one per model
+revision, held in ``_download_tasks`` by strong reference; each task drives a worker process
+through the backend. Progress changes only on the event loop thread; routes read snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+from api.models.backend import (
+    CachedRevision,
+    CacheState,
+    DownloadFailed,
+    DownloadRequest,
+    DownloadUpdate,
+    FailureKind,
+    HubBackend,
+)
+from api.models.errors import DownloadConflict, ModelNotFound, TooManyDownloads
+from api.models.types import (
+    DeleteResponse,
+    DeleteStatus,
+    DiskSpaceInfo,
+    DownloadPhase,
+    DownloadProgress,
+    DownloadStartedResponse,
+    Model,
+    ModelListItem,
+    ModelStatus,
+    ModelStatusResponse,
+)
+from api.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_STATE_TO_STATUS = {
+    CacheState.COMPLETE: ModelStatus.DOWNLOADED,
+    CacheState.PARTIAL: ModelStatus.PARTIAL,
+    CacheState.ABSENT: ModelStatus.NOT_FOUND,
+}
+_RATE_SMOOTHING = 0.3  # weight of the newest sample in the speed average
+
+
+@dataclass
+class DownloadJob:
+    """One running download: what it is, how far it got, and the task that runs it."""
+
+    model: Model
+    start_time: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
+    phase: DownloadPhase = DownloadPhase.RESOLVING
+    commit: str | None = None
+    total_bytes: int | None = None
+    downloaded_bytes: int | None = None
+    files_total: int | None = None
+    files_done: int | None = None
+    attempt: int = 1
+    bytes_per_second: float | None = None
+    _sample: tuple[float, int] | None = None
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def task_id(self) -> str:
+        return self.model.task_id
+
+    def apply(self, update: DownloadUpdate) -> None:
+        if update.commit is not None:
+            self.commit = update.commit
+        if update.total_bytes is not None:
+            self.total_bytes = update.total_bytes
+            self.phase = DownloadPhase.DOWNLOADING
+        if update.files_total is not None:
+            self.files_total = update.files_total
+        if update.files_done is not None:
+            self.files_done = update.files_done
+        if update.attempt is not None and update.attempt != self.attempt:
+            self.attempt = update.attempt
+            self._sample = None  # a new attempt: the speed starts over
+        if update.retry_reason is not None:
+            logger.info(
+                "download %s retrying (attempt %s): %s",
+                self.task_id,
+                update.attempt,
+                update.retry_reason,
+            )
+        if update.downloaded_bytes is not None:
+            self._measure(update.downloaded_bytes)
+            self.downloaded_bytes = update.downloaded_bytes
+
+    def _measure(self, downloaded: int) -> None:
+        now = time.monotonic()
+        if self._sample is not None:
+            then, before = self._sample
+            if now - then >= 0.2 and downloaded >= before:
+                rate = (downloaded - before) / (now - then)
+                self.bytes_per_second = (
+                    rate
+                    if self.bytes_per_second is None
+                    else _RATE_SMOOTHING * rate + (1 - _RATE_SMOOTHING) * self.bytes_per_second
+                )
+                self._sample = (now, downloaded)
+        else:
+            self._sample = (now, downloaded)
+
+    def progress(self) -> DownloadProgress:
+        percent = eta = None
+        if self.total_bytes is not None and self.downloaded_bytes is not None:
+            percent = (
+                100.0 if self.total_bytes == 0 else 100.0 * self.downloaded_bytes / self.total_bytes
+            )
+            percent = round(min(percent, 100.0), 2)
+            if self.bytes_per_second:
+                remaining = max(self.total_bytes - self.downloaded_bytes, 0)
+                eta = round(remaining / self.bytes_per_second, 1)
+        return DownloadProgress(
+            start_time=self.start_time,
+            elapsed_seconds=round(time.monotonic() - self.started, 3),
+            phase=self.phase,
+            downloaded_bytes=self.downloaded_bytes,
+            total_bytes=self.total_bytes,
+            percent=percent,
+            bytes_per_second=None
+            if self.bytes_per_second is None
+            else round(self.bytes_per_second, 1),
+            eta_seconds=eta,
+            files_done=self.files_done,
+            files_total=self.files_total,
+            attempt=self.attempt,
+        )
+
+
+class ModelManager:
+    """Fetch, watch, check, list and remove models in the local Hugging Face cache."""
+
+    def __init__(self, settings: Settings, backend: HubBackend | None = None) -> None:
+        if backend is None:
+            from api.models.hub import HubCacheBackend
+
+            backend = HubCacheBackend(settings)
+        self.settings = settings
+        self.backend = backend
+        self._download_tasks: dict[str, asyncio.Task[None]] = {}
+        self._jobs: dict[str, DownloadJob] = {}
+        self._errors: dict[str, str] = {}  # task id -> why its last download failed
+
+    # -- queries -----------------------------------------------------------------------------
+
+    async def is_model_exist(self, model: Model) -> bool:
+        """True when every file of the revision is in the cache (offline)."""
+        state = await asyncio.to_thread(self.backend.local_state, model.hf_repo, model.revision)
+        return state.state is CacheState.COMPLETE
+
+    async def get_model_status(self, model: Model) -> ModelStatusResponse:
+        job = self._jobs.get(model.task_id)
+        if job is not None:
+            return ModelStatusResponse(
+                model=model,
+                status=ModelStatus.DOWNLOADING,
+                progress=job.progress(),
+                commit=job.commit,
+            )
+        local = await asyncio.to_thread(self.backend.local_state, model.hf_repo, model.revision)
+        status = _STATE_TO_STATUS[local.state]
+        error = None if status is ModelStatus.DOWNLOADED else self._errors.get(model.task_id)
+        return ModelStatusResponse(
+            model=model, status=status, error_message=error, commit=local.commit
+        )
+
+    async def list_models(self) -> list[ModelListItem]:
+        """Every cached model revision (DOWNLOADED or PARTIAL), and every running download."""
+        cached = await asyncio.to_thread(self.backend.list_cached)
+        jobs = list(self._jobs.values())
+        items: list[ModelListItem] = []
+        covered: set[int] = set()
+        for revision in cached:
+            job = next((j for j in jobs if _same_revision(j, revision)), None)
+            if job is not None:
+                covered.add(id(job))
+            items.append(
+                ModelListItem(
+                    model=Model.model_construct(
+                        hf_repo=revision.repo_id, hf_commit=revision.commit
+                    ),
+                    status=ModelStatus.DOWNLOADING
+                    if job is not None
+                    else _STATE_TO_STATUS[revision.state],
+                    size_bytes=revision.size_bytes,
+                    refs=list(revision.refs),
+                    progress=job.progress() if job is not None else None,
+                )
+            )
+        for job in jobs:
+            if id(job) not in covered:
+                items.append(
+                    ModelListItem(
+                        model=job.model, status=ModelStatus.DOWNLOADING, progress=job.progress()
+                    )
+                )
+        return items
+
+    async def get_disk_space(self) -> DiskSpaceInfo:
+        used, free = await asyncio.to_thread(self.backend.cache_usage)
+        return DiskSpaceInfo(
+            cache_size_bytes=used, available_bytes=free, cache_path=self.backend.cache_path
+        )
+
+    # -- downloads ---------------------------------------------------------------------------
+
+    async def add_model(self, model: Model) -> DownloadStartedResponse:
+        """Start downloading ``model`` in the background.
+
+        Returns status DOWNLOADED (and starts nothing, with no network traffic) when the revision
+        is already complete in the cache, else DOWNLOADING with the task id.
+        Raises ``DownloadConflict`` when it is already downloading and ``TooManyDownloads`` when
+        every download slot is taken.
+        """
+        task_id = model.task_id
+        if task_id in self._download_tasks:
+            raise DownloadConflict(task_id)
+        if await self.is_model_exist(model):
+            return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADED)
+        # Checked again after the await: another request may have started it meanwhile.
+        if task_id in self._download_tasks:
+            raise DownloadConflict(task_id)
+        if len(self._download_tasks) >= self.settings.max_concurrent_downloads:
+            raise TooManyDownloads(
+                self.settings.max_concurrent_downloads, self.settings.retry_after_seconds
+            )
+        job = DownloadJob(model=model)
+        self._errors.pop(task_id, None)
+        self._jobs[task_id] = job
+        job.task = asyncio.create_task(self._run(job), name=f"download {task_id}")
+        self._download_tasks[task_id] = job.task
+        logger.info("download %s started (revision %s)", task_id, model.revision)
+        return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADING)
+
+    async def _run(self, job: DownloadJob) -> None:
+        request = DownloadRequest(repo_id=job.model.hf_repo, revision=job.model.revision)
+        try:
+            async with asyncio.timeout(self.settings.download_timeout_seconds):
+                commit = await self.backend.download(request, job.apply)
+            logger.info(
+                "download %s completed: commit %s, %s bytes in %.1f s",
+                job.task_id,
+                commit,
+                job.total_bytes,
+                time.monotonic() - job.started,
+            )
+        except TimeoutError:
+            self._fail(
+                job,
+                DownloadFailed(
+                    FailureKind.TIMEOUT,
+                    f"gave up after {self.settings.download_timeout_seconds:g} s (download timeout)",
+                    job.attempt,
+                ),
+            )
+        except DownloadFailed as error:
+            self._fail(job, error)
+        except asyncio.CancelledError:
+            logger.info("download %s cancelled", job.task_id)
+            raise
+        except Exception as error:  # a bug: keep the service up, say so in the status
+            logger.exception("download %s crashed", job.task_id)
+            self._fail(
+                job,
+                DownloadFailed(FailureKind.UNEXPECTED, f"internal error ({type(error).__name__})"),
+            )
+        finally:
+            self._jobs.pop(job.task_id, None)
+            self._download_tasks.pop(job.task_id, None)
+
+    def _fail(self, job: DownloadJob, error: DownloadFailed) -> None:
+        self._errors[job.task_id] = str(error)
+        logger.warning(
+            "download %s failed (%s, %d attempt(s)): %s",
+            job.task_id,
+            error.kind.value,
+            error.attempts,
+            error,
+        )
+
+    async def cancel_download(self, model: Model) -> bool:
+        """Stop a running download and wait until its worker is gone and its temporary files are
+        removed. Files already complete stay (the model is then PARTIAL). False when not running."""
+        task = self._download_tasks.get(model.task_id)
+        if task is None:
+            return False
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return True
+
+    async def delete_model(self, model: Model) -> DeleteResponse:
+        """Cancel the download of ``model`` if one runs, else delete it from the cache.
+
+        Without ``hf_commit`` the whole model (every cached revision) is deleted; with one, that
+        revision only, keeping blobs other revisions share. Raises ``ModelNotFound`` when there is
+        nothing to cancel or delete, and ``DownloadConflict`` when deleting the whole model while
+        another of its revisions downloads.
+        """
+        if await self.cancel_download(model):
+            return DeleteResponse(status=DeleteStatus.CANCELLED)
+        if model.hf_commit is None:
+            for task_id, job in self._jobs.items():
+                if job.model.hf_repo == model.hf_repo:
+                    raise DownloadConflict(task_id)
+        freed = await asyncio.to_thread(self.backend.delete, model.hf_repo, model.hf_commit)
+        if freed is None:
+            raise ModelNotFound(model.task_id)
+        self._errors.pop(model.task_id, None)
+        logger.info("deleted %s (%d bytes freed)", model.task_id, freed)
+        return DeleteResponse(status=DeleteStatus.DELETED, freed_bytes=freed)
+
+    async def shutdown(self) -> None:
+        """Stop every running download and wait for each (no worker outlives the service)."""
+        tasks = list(self._download_tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _same_revision(job: DownloadJob, revision: CachedRevision) -> bool:
+    return (
+        job.model.hf_repo == revision.repo_id
+        and job.commit is not None
+        and job.commit == revision.commit
+    )

@@ -1,0 +1,208 @@
+"""HTTP routes of the models API: translate JSON to manager calls and domain errors to status codes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Request, Response, status
+from fastapi.responses import JSONResponse
+
+from api.models.errors import (
+    DownloadConflict,
+    InsufficientStorage,
+    ModelError,
+    ModelNotFound,
+    TooManyDownloads,
+    UnsafeCachePath,
+)
+from api.models.manager import ModelManager
+from api.models.types import (
+    COMMIT_EXAMPLE,
+    REPO_EXAMPLE,
+    DeleteResponse,
+    DiskSpaceInfo,
+    DownloadStartedResponse,
+    ErrorResponse,
+    Model,
+    ModelListResponse,
+    ModelStatus,
+    ModelStatusResponse,
+)
+
+# One table from domain errors to HTTP codes.
+ERROR_STATUS: dict[type[ModelError], int] = {
+    DownloadConflict: status.HTTP_409_CONFLICT,
+    TooManyDownloads: status.HTTP_429_TOO_MANY_REQUESTS,
+    ModelNotFound: status.HTTP_404_NOT_FOUND,
+    InsufficientStorage: status.HTTP_507_INSUFFICIENT_STORAGE,
+    UnsafeCachePath: status.HTTP_409_CONFLICT,
+}
+
+
+def model_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Map a ``ModelError`` (any subclass) to its status code and a JSON ``detail``."""
+    assert isinstance(exc, ModelError)
+    code = next(
+        (ERROR_STATUS[cls] for cls in type(exc).__mro__ if cls in ERROR_STATUS),
+        status.HTTP_500_INTERNAL_SERVER_ERROR,
+    )
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooManyDownloads) else None
+    return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
+
+
+def get_manager(request: Request) -> ModelManager:
+    manager: ModelManager = request.app.state.model_manager
+    return manager
+
+
+ManagerDep = Annotated[ModelManager, Depends(get_manager)]
+
+_MODEL_EXAMPLES: dict[str, Any] = {
+    "latest": {"summary": "Default branch", "value": {"hf_repo": REPO_EXAMPLE}},
+    "commit": {
+        "summary": "A pinned commit",
+        "value": {"hf_repo": REPO_EXAMPLE, "hf_commit": COMMIT_EXAMPLE},
+    },
+}
+ModelBody = Annotated[Model, Body(openapi_examples=_MODEL_EXAMPLES)]
+
+
+def _error(description: str, example: str) -> dict[str, Any]:
+    return {
+        "model": ErrorResponse,
+        "description": description,
+        "content": {"application/json": {"example": {"detail": example}}},
+    }
+
+
+_INVALID = _error(
+    "The body is not a valid Model: the message names the field and the rule",
+    "hf_repo must be 'namespace/name' with exactly one '/', e.g. 'meta-llama/Llama-2-7b-hf'",
+)
+
+router = APIRouter(prefix="/models", tags=["Models"])
+
+
+@router.post(
+    "/status",
+    response_model=ModelStatusResponse,
+    responses={422: _INVALID},
+)
+async def model_status(model: ModelBody, manager: ManagerDep) -> ModelStatusResponse:
+    """Status of a model in the cache, checked offline.
+
+    `DOWNLOADED` when every file of the revision is in the cache with its size, `DOWNLOADING`
+    (with byte progress) while a download runs, `PARTIAL` when only part of it is there (a failed
+    or cancelled download, with `error_message` when it failed), `NOT_FOUND` when nothing is.
+
+    Request: `{"hf_repo": "meta-llama/Llama-2-7b-hf", "hf_commit": "01c7f73d771dfac7d292323805ebc428287df4f9"}`
+
+    Response: `{"model": {...}, "status": "DOWNLOADED", "progress": null, "error_message": null,
+    "commit": "01c7f73d771dfac7d292323805ebc428287df4f9"}`
+    """
+    return await manager.get_model_status(model)
+
+
+@router.post(
+    "/download",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=DownloadStartedResponse,
+    responses={
+        200: {
+            "model": DownloadStartedResponse,
+            "description": "Already complete in the cache: nothing started, no network used",
+            "content": {
+                "application/json": {
+                    "example": {"task_id": f"{REPO_EXAMPLE}:latest", "status": "DOWNLOADED"}
+                }
+            },
+        },
+        202: {"description": "Download started in the background; poll /status for progress"},
+        409: _error(
+            "This model and revision is already downloading",
+            f"{REPO_EXAMPLE}:latest is already downloading; poll POST /api/models/status",
+        ),
+        422: _INVALID,
+        429: {
+            **_error(
+                "Every download slot is busy; the Retry-After header says when to try again",
+                "all 3 download slots are busy; retry in 5 s or cancel a download",
+            ),
+            "headers": {
+                "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+            },
+        },
+    },
+)
+async def download_model(
+    model: ModelBody, manager: ManagerDep, response: Response
+) -> DownloadStartedResponse:
+    """Start downloading a model in the background (non-blocking).
+
+    Request: `{"hf_repo": "meta-llama/Llama-2-7b-hf"}`
+
+    Response (202): `{"task_id": "meta-llama/Llama-2-7b-hf:latest", "status": "DOWNLOADING"}`
+
+    Response (200, already complete): `{"task_id": "meta-llama/Llama-2-7b-hf:latest", "status": "DOWNLOADED"}`
+    """
+    started = await manager.add_model(model)
+    if started.status is ModelStatus.DOWNLOADED:
+        response.status_code = status.HTTP_200_OK
+    return started
+
+
+@router.delete(
+    "",
+    response_model=DeleteResponse,
+    responses={
+        200: {
+            "description": "`cancelled` when a download was stopped, `deleted` when removed from the cache",
+            "content": {
+                "application/json": {"example": {"status": "deleted", "freed_bytes": 13958643712}}
+            },
+        },
+        404: _error(
+            "Neither downloading nor in the cache",
+            f"{REPO_EXAMPLE}:latest is neither downloading nor in the cache",
+        ),
+        409: _error(
+            "Deleting the whole model while another of its revisions downloads, or a link in the"
+            " model's folder leads outside it",
+            f"{REPO_EXAMPLE}:{COMMIT_EXAMPLE} is already downloading; poll POST /api/models/status",
+        ),
+        422: _INVALID,
+    },
+)
+async def delete_model(model: ModelBody, manager: ManagerDep) -> DeleteResponse:
+    """Cancel the model's download if one runs, otherwise delete it from the cache.
+
+    Without `hf_commit`: cancels the `:latest` download, or deletes every cached revision of the
+    model. With `hf_commit`: that revision only (blobs shared with other revisions are kept).
+    A cancel waits until the transfer has stopped and its temporary files are gone.
+
+    Request: `{"hf_repo": "meta-llama/Llama-2-7b-hf"}`
+
+    Response: `{"status": "deleted", "freed_bytes": 13958643712}` or `{"status": "cancelled"}`
+    """
+    return await manager.delete_model(model)
+
+
+@router.get("/list", response_model=ModelListResponse)
+async def list_models(manager: ManagerDep) -> ModelListResponse:
+    """Every model revision in the cache (`DOWNLOADED` or `PARTIAL`) and every running download.
+
+    Response: `{"models": [{"model": {"hf_repo": "meta-llama/Llama-2-7b-hf", "hf_commit":
+    "01c7f73d771dfac7d292323805ebc428287df4f9"}, "status": "DOWNLOADED", "size_bytes": 13958643712,
+    "refs": ["main"], "progress": null}]}`
+    """
+    return ModelListResponse(models=await manager.list_models())
+
+
+@router.get("/space", response_model=DiskSpaceInfo)
+async def disk_space(manager: ManagerDep) -> DiskSpaceInfo:
+    """Bytes used by the cache, bytes free on its filesystem, and the cache's path.
+
+    Response: `{"cache_size_bytes": 13958643712, "available_bytes": 500000000000, "cache_path":
+    "/root/.cache/huggingface/hub"}`
+    """
+    return await manager.get_disk_space()

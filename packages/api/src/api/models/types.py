@@ -1,0 +1,190 @@
+"""The public types of the models API (the spec's types, with optional additions only)."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# The Hub's repo id rules (huggingface_hub.utils.validate_repo_id), restricted to `namespace/name`:
+# ASCII letters, digits, '-', '_' and '.', each part 1-96 characters, starting and ending with a
+# letter, digit or '_', no '--' or '..', not ending in '.git'. A test pins the agreement with the
+# library's own validator.
+_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?"
+REPO_ID_PATTERN = re.compile(rf"{_REPO_PART}/{_REPO_PART}")
+COMMIT_PATTERN = re.compile(r"[0-9a-fA-F]{40}")
+# A branch or tag name: letters, digits and '._-/', at most 128 characters, no '..', no '//', not
+# starting with '/', '.' or '-', not ending with '/' or '.lock'. (The library writes refs/<revision>
+# as a path and does not validate it: this is what keeps it inside the cache.)
+REVISION_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-/]{0,127}")
+
+REPO_EXAMPLE = "meta-llama/Llama-2-7b-hf"
+COMMIT_EXAMPLE = "01c7f73d771dfac7d292323805ebc428287df4f9"
+
+
+def repo_id_problem(value: str) -> str | None:
+    """Why ``value`` is not a valid ``namespace/name`` repo id, or None when it is."""
+    if value.count("/") != 1:
+        return (
+            "hf_repo must be 'namespace/name' with exactly one '/', e.g. 'meta-llama/Llama-2-7b-hf'"
+        )
+    if not REPO_ID_PATTERN.fullmatch(value):
+        return (
+            "hf_repo parts may only use ASCII letters, digits, '-', '_' and '.', must be 1-96"
+            " characters, and cannot start or end with '-' or '.'"
+        )
+    if "--" in value or ".." in value:
+        return "hf_repo cannot contain '--' or '..'"
+    if value.endswith(".git"):
+        return "hf_repo cannot end with '.git'"
+    return None
+
+
+def revision_problem(value: str) -> str | None:
+    """Why ``value`` is not an acceptable commit id or branch/tag name, or None when it is."""
+    if COMMIT_PATTERN.fullmatch(value):
+        return None
+    if (
+        not REVISION_PATTERN.fullmatch(value)
+        or ".." in value
+        or "//" in value
+        or value.endswith(("/", ".lock"))
+    ):
+        return (
+            "hf_commit must be a full 40-character hex commit id, or a branch or tag name of at most"
+            " 128 characters from letters, digits, '.', '_', '-' and '/', with no '..' or '//', not"
+            " starting with '/', '.' or '-' and not ending with '/'"
+        )
+    return None
+
+
+class Model(BaseModel):
+    """A model: a Hub repo and, optionally, a commit id or a branch/tag name (default: ``main``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"hf_repo": REPO_EXAMPLE, "hf_commit": COMMIT_EXAMPLE}]},
+    )
+
+    hf_repo: str = Field(
+        min_length=3,
+        max_length=193,
+        description="Repo id, 'namespace/name'",
+        examples=[REPO_EXAMPLE],
+    )
+    hf_commit: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="40-hex commit id, or a branch/tag name; omitted means the 'main' branch",
+        examples=[COMMIT_EXAMPLE],
+    )
+
+    @field_validator("hf_repo")
+    @classmethod
+    def _check_repo(cls, value: str) -> str:
+        if (problem := repo_id_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("hf_commit")
+    @classmethod
+    def _check_commit(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if (problem := revision_problem(value)) is not None:
+            raise ValueError(problem)
+        # Commit ids are case-insensitive on input; the cache and the Hub use lowercase.
+        return value.lower() if COMMIT_PATTERN.fullmatch(value) else value
+
+    @property
+    def revision(self) -> str:
+        """The revision to ask the Hub for."""
+        return self.hf_commit or "main"
+
+    @property
+    def task_id(self) -> str:
+        """``org/name:latest`` when no commit is given, else ``org/name:<commit or branch>``."""
+        return f"{self.hf_repo}:{self.hf_commit or 'latest'}"
+
+
+class ModelStatus(StrEnum):
+    DOWNLOADED = "DOWNLOADED"
+    DOWNLOADING = "DOWNLOADING"
+    NOT_FOUND = "NOT_FOUND"
+    PARTIAL = "PARTIAL"
+
+
+class DownloadPhase(StrEnum):
+    RESOLVING = "resolving"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+
+
+class DownloadProgress(BaseModel):
+    """Progress of a running download. ``start_time`` and ``elapsed_seconds`` are the spec's; the
+    byte and file figures are additions (null until the file list is known)."""
+
+    start_time: float = Field(description="Unix time the download started")
+    elapsed_seconds: float
+    phase: DownloadPhase | None = None
+    downloaded_bytes: int | None = None
+    total_bytes: int | None = None
+    percent: float | None = None
+    bytes_per_second: float | None = None
+    eta_seconds: float | None = None
+    files_done: int | None = None
+    files_total: int | None = None
+    attempt: int | None = Field(
+        default=None, description="1 for the first attempt, 2 after a retry"
+    )
+
+
+class ModelStatusResponse(BaseModel):
+    model: Model
+    status: ModelStatus
+    progress: DownloadProgress | None = None
+    error_message: str | None = None
+    commit: str | None = Field(
+        default=None, description="The commit the status refers to, when known (addition)"
+    )
+
+
+class DownloadStartedResponse(BaseModel):
+    task_id: str = Field(examples=[f"{REPO_EXAMPLE}:latest"])
+    status: ModelStatus = Field(examples=[ModelStatus.DOWNLOADING])
+
+
+class DeleteStatus(StrEnum):
+    DELETED = "deleted"
+    CANCELLED = "cancelled"
+
+
+class DeleteResponse(BaseModel):
+    status: DeleteStatus
+    freed_bytes: int | None = Field(default=None, description="Bytes removed from disk (addition)")
+
+
+class ModelListItem(BaseModel):
+    model: Model
+    status: ModelStatus
+    size_bytes: int | None = Field(default=None, description="Bytes on disk (addition)")
+    refs: list[str] = Field(default_factory=list, description="Branches/tags cached (addition)")
+    progress: DownloadProgress | None = None
+
+
+class ModelListResponse(BaseModel):
+    models: list[ModelListItem]
+
+
+class DiskSpaceInfo(BaseModel):
+    cache_size_bytes: int = Field(examples=[13958643712])
+    available_bytes: int = Field(examples=[500000000000])
+    cache_path: str = Field(examples=["/root/.cache/huggingface/hub"])
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx answer: what went wrong and what to do about it."""
+
+    detail: str | list[dict[str, object]]

@@ -1,0 +1,57 @@
+"""Service settings, read from the environment (and tests can build them with other values)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def default_cache_dir() -> Path:
+    """The Hub cache as huggingface_hub finds it: HF_HUB_CACHE, else HF_HOME/hub, else the default."""
+    if hub_cache := os.environ.get("HF_HUB_CACHE"):
+        return Path(hub_cache).expanduser()
+    if hf_home := os.environ.get("HF_HOME"):
+        return Path(hf_home).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "huggingface" / "hub"
+
+
+class Settings(BaseSettings):
+    """Configuration of the model-management service.
+
+    The Hub's own variables (``HF_HUB_CACHE``, ``HF_HOME``, ``HF_ENDPOINT``, ``HF_TOKEN``) are read
+    under their usual names; the service's own settings carry the ``MODELS_`` prefix.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MODELS_", extra="ignore")
+
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    hf_endpoint: str = Field(default=DEFAULT_ENDPOINT, validation_alias="HF_ENDPOINT")
+    hf_token: SecretStr | None = Field(default=None, validation_alias="HF_TOKEN")
+    max_concurrent_downloads: int = Field(default=3, ge=1, le=64)
+    retry_attempts: int = Field(default=5, ge=1, le=50)
+    retry_min_backoff_seconds: float = Field(default=1.0, ge=0)
+    retry_max_backoff_seconds: float = Field(default=60.0, ge=0)
+    download_timeout_seconds: float = Field(default=24 * 3600, gt=0)
+    retry_after_seconds: int = Field(
+        default=5, ge=1, description="Retry-After sent with a 429 when all download slots are busy"
+    )
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _absolute_cache_dir(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @field_validator("hf_endpoint")
+    @classmethod
+    def _strip_endpoint(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def token(self) -> str | None:
+        return self.hf_token.get_secret_value() if self.hf_token else None

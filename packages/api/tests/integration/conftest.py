@@ -1,0 +1,51 @@
+"""The API with its lifespan running, downloading through the real client from the fake hub."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api.app import create_app
+from api.settings import Settings
+from fakehub import FakeHub
+
+MakeClient = Callable[..., Any]
+
+
+@pytest.fixture
+def settings(hub: FakeHub, cache_dir: Path) -> Settings:
+    # Short backoffs keep the retry tests fast; the policy itself is the production one.
+    return Settings(
+        cache_dir=cache_dir,
+        hf_endpoint=hub.url,
+        retry_min_backoff_seconds=0.05,
+        retry_max_backoff_seconds=0.2,
+    )
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
+    ):
+        yield c
+
+
+async def wait_for_status(
+    client: httpx.AsyncClient, body: dict[str, Any], until: set[str], seconds: float = 60
+) -> dict[str, Any]:
+    """Poll POST /status until the status is one of ``until``; return the last answer."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        answer: dict[str, Any] = (await client.post("/api/models/status", json=body)).json()
+        if answer["status"] in until or loop.time() > deadline:
+            return answer
+        await asyncio.sleep(0.05)

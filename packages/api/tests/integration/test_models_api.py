@@ -1,0 +1,234 @@
+"""The full flow through HTTP: download -> status -> list -> cancel/delete -> status, against the
+fake hub with the real snapshot_download in a worker process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from api.app import create_app
+from api.settings import Settings
+from fakehub import FakeHub, Generated, RepoBuilder, http_error, trickle
+
+from .conftest import wait_for_status
+
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def commit(repos: RepoBuilder) -> str:
+    return repos.commit(
+        "org/model",
+        {
+            "config.json": '{"hidden_size": 64}',
+            "tokenizer/vocab.txt": "a\nb\nc\n",
+            "model.safetensors": Generated(4 * MB, seed=3),
+        },
+    )
+
+
+async def test_full_flow(
+    client: httpx.AsyncClient, hub: FakeHub, commit: str, cache_dir: Path
+) -> None:
+    body = {"hf_repo": "org/model"}
+    assert (await client.post("/api/models/status", json=body)).json()["status"] == "NOT_FOUND"
+    started = await client.post("/api/models/download", json=body)
+    assert started.status_code == 202
+    assert started.json() == {"task_id": "org/model:latest", "status": "DOWNLOADING"}
+
+    done = await wait_for_status(client, body, {"DOWNLOADED", "PARTIAL", "NOT_FOUND"})
+    assert done["status"] == "DOWNLOADED"
+    assert done["commit"] == commit
+    snapshot = cache_dir / "models--org--model" / "snapshots" / commit
+    assert (snapshot / "model.safetensors").stat().st_size == 4 * MB
+
+    listed = (await client.get("/api/models/list")).json()["models"]
+    assert listed == [
+        {
+            "model": {"hf_repo": "org/model", "hf_commit": commit},
+            "status": "DOWNLOADED",
+            "size_bytes": 4 * MB + len('{"hidden_size": 64}') + len("a\nb\nc\n"),
+            "refs": ["main"],
+            "progress": None,
+        }
+    ]
+
+    # Already complete: 200, nothing started, no request to the hub.
+    hub.reset_counts()
+    again = await client.post("/api/models/download", json=body)
+    assert again.status_code == 200
+    assert again.json()["status"] == "DOWNLOADED"
+    pinned = await client.post(
+        "/api/models/status", json={"hf_repo": "org/model", "hf_commit": commit.upper()}
+    )
+    assert pinned.json()["status"] == "DOWNLOADED"
+    assert pinned.json()["model"]["hf_commit"] == commit
+    assert hub.count() == 0
+
+    deleted = await client.request("DELETE", "/api/models", json=body)
+    assert deleted.status_code == 200
+    assert deleted.json()["status"] == "deleted"
+    assert not (cache_dir / "models--org--model").exists()
+    assert (await client.post("/api/models/status", json=body)).json()["status"] == "NOT_FOUND"
+    missing = await client.request("DELETE", "/api/models", json=body)
+    assert missing.status_code == 404
+    assert "neither downloading nor in the cache" in missing.json()["detail"]
+
+
+async def test_progress_conflict_and_cancel(
+    client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuilder, cache_dir: Path
+) -> None:
+    # The client reports bytes per 10 MiB chunk: the file spans several chunks.
+    repos.commit("org/slow", {"config.json": "{}", "weights.bin": Generated(40 * MB, seed=1)})
+    hub.add_fault(trickle(10 * MB, path="*/weights.bin"))
+    body = {"hf_repo": "org/slow"}
+    assert (await client.post("/api/models/download", json=body)).status_code == 202
+    conflict = await client.post("/api/models/download", json=body)
+    assert conflict.status_code == 409
+    assert "already downloading" in conflict.json()["detail"]
+
+    # Byte progress: the total is known from the file list, bytes grow.
+    progress = None
+    for _ in range(200):
+        answer = (await client.post("/api/models/status", json=body)).json()
+        assert answer["status"] == "DOWNLOADING"
+        progress = answer["progress"]
+        if progress["downloaded_bytes"] and progress["downloaded_bytes"] > 10 * MB:
+            break
+        await _sleep(0.05)
+    assert progress is not None
+    assert progress["total_bytes"] == 40 * MB + 2
+    assert progress["files_total"] == 2
+    assert 0 < progress["percent"] < 100
+    assert progress["start_time"] > 0 and progress["elapsed_seconds"] > 0
+
+    listed = (await client.get("/api/models/list")).json()["models"]
+    assert [m["status"] for m in listed if m["model"]["hf_repo"] == "org/slow"] == ["DOWNLOADING"]
+
+    cancelled = await client.request("DELETE", "/api/models", json=body)
+    assert cancelled.json() == {"status": "cancelled", "freed_bytes": None}
+    blobs = cache_dir / "models--org--slow" / "blobs"
+    assert not [p for p in blobs.iterdir() if p.name.endswith(".incomplete")]
+    sizes_after_cancel = {p.name: p.stat().st_size for p in blobs.iterdir()}
+    after = (await client.post("/api/models/status", json=body)).json()
+    assert after["status"] == "PARTIAL"  # config.json is there, the weights are not
+    await _sleep(0.5)
+    assert {p.name: p.stat().st_size for p in blobs.iterdir()} == sizes_after_cancel
+
+    # The same model can be downloaded again at once, and completes.
+    hub.clear_faults()
+    assert (await client.post("/api/models/download", json=body)).status_code == 202
+    assert (await wait_for_status(client, body, {"DOWNLOADED", "PARTIAL"}))[
+        "status"
+    ] == "DOWNLOADED"
+
+
+async def test_concurrency_limit_answers_429(
+    settings: Settings, hub: FakeHub, repos: RepoBuilder
+) -> None:
+    for name in ("a", "b"):
+        repos.commit(f"org/{name}", {"w.bin": Generated(4 * MB, seed=2)})
+    hub.add_fault(trickle(MB, path="*/w.bin"))
+    app = create_app(settings.model_copy(update={"max_concurrent_downloads": 1}))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        assert (
+            await client.post("/api/models/download", json={"hf_repo": "org/a"})
+        ).status_code == 202
+        busy = await client.post("/api/models/download", json={"hf_repo": "org/b"})
+        assert busy.status_code == 429
+        assert busy.headers["Retry-After"] == "5"
+        assert "download slots are busy" in busy.json()["detail"]
+    # Leaving the lifespan stopped the running download and its worker.
+    assert not any(p.name.endswith(".incomplete") for p in Path(settings.cache_dir).rglob("*"))
+
+
+async def test_not_found_gated_and_bad_revision_fail_without_retry(
+    client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuilder
+) -> None:
+    repos.commit("org/gated", {"config.json": "{}"}, gated=True)
+    repos.commit("org/real", {"config.json": "{}"})
+    # (body, words in the error, the request that fails, how often one attempt makes it)
+    cases = [
+        (
+            {"hf_repo": "org/missing"},
+            "not found on the Hub",
+            "/api/models/org/missing/revision/*",
+            1,
+        ),
+        ({"hf_repo": "org/gated"}, "accept its terms", "/org/gated/resolve/*", 1),
+        (
+            {"hf_repo": "org/real", "hf_commit": "no-such-branch"},
+            "not found in org/real",
+            "/api/models/org/real/revision/*",
+            1,
+        ),
+    ]
+    for body, *_ in cases:
+        assert (await client.post("/api/models/download", json=body)).status_code == 202
+    for body, words, failing_request, once in cases:
+        answer = await wait_for_status(client, body, {"NOT_FOUND", "PARTIAL", "DOWNLOADED"})
+        assert answer["status"] in ("NOT_FOUND", "PARTIAL")
+        assert words in answer["error_message"]
+        assert "(attempt 1, not retried)" in answer["error_message"]
+        assert hub.url not in answer["error_message"]
+        assert hub.count(None, failing_request) == once
+
+
+async def test_server_errors_are_retried_then_complete(
+    client: httpx.AsyncClient, hub: FakeHub, commit: str
+) -> None:
+    fault = hub.add_fault(http_error(503, path="*/model.safetensors", method="GET", times=2))
+    body = {"hf_repo": "org/model"}
+    await client.post("/api/models/download", json=body)
+    answer = await wait_for_status(client, body, {"DOWNLOADED", "NOT_FOUND", "PARTIAL"})
+    assert answer["status"] == "DOWNLOADED"
+    assert fault.applied == 2
+    assert hub.count("GET", "*/model.safetensors") == 3
+
+
+async def test_persistent_server_error_gives_up_after_the_attempts(
+    client: httpx.AsyncClient, hub: FakeHub, commit: str
+) -> None:
+    hub.add_fault(http_error(500, path="*/model.safetensors", method="GET"))
+    body = {"hf_repo": "org/model"}
+    await client.post("/api/models/download", json=body)
+    answer = await wait_for_status(client, body, {"DOWNLOADED", "NOT_FOUND", "PARTIAL"})
+    assert answer["status"] == "PARTIAL"
+    assert answer["error_message"] == "the Hub answered HTTP 500; gave up after 5 attempts"
+    assert hub.count("GET", "*/model.safetensors") == 5
+
+
+async def test_space(client: httpx.AsyncClient, cache_dir: Path) -> None:
+    cache_dir.mkdir(parents=True)
+    (cache_dir / "x.bin").write_bytes(b"x" * 1000)
+    space = (await client.get("/api/models/space")).json()
+    assert space["cache_size_bytes"] == 1000
+    assert (
+        space["available_bytes"] == os.statvfs(cache_dir).f_bavail * os.statvfs(cache_dir).f_frsize
+    )
+    assert space["cache_path"] == str(cache_dir)
+
+
+async def test_health_and_openapi(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/api/health")).json() == {"status": "ok"}
+    schema = (await client.get("/openapi.json")).json()
+    download = schema["paths"]["/api/models/download"]["post"]
+    assert {"200", "202", "409", "422", "429"} <= set(download["responses"])
+    assert "Retry-After" in download["responses"]["429"]["headers"]
+    delete = schema["paths"]["/api/models"]["delete"]
+    assert {"200", "404", "409", "422"} <= set(delete["responses"])
+    for path in schema["paths"].values():
+        for operation in path.values():
+            assert operation.get("description"), operation["operationId"]
+
+
+async def _sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)

@@ -1,0 +1,202 @@
+"""ModelManager with a fake backend: state, policy, and what each method answers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from api.models.backend import (
+    CachedRevision,
+    CacheState,
+    DownloadFailed,
+    DownloadRequest,
+    DownloadUpdate,
+    FailureKind,
+    LocalState,
+)
+from api.models.errors import DownloadConflict, ModelNotFound, TooManyDownloads
+from api.models.manager import ModelManager
+from api.models.types import DeleteStatus, DownloadPhase, Model, ModelStatus
+from api.settings import Settings
+
+COMMIT = "a" * 40
+
+
+class FakeBackend:
+    """A HubBackend whose downloads finish when the test says so."""
+
+    def __init__(self) -> None:
+        self.states: dict[tuple[str, str], CacheState] = {}
+        self.gates: dict[str, asyncio.Future[str]] = {}
+        self.updates: dict[str, Callable[[DownloadUpdate], None]] = {}
+        self.cancelled: list[str] = []
+        self.deleted: list[tuple[str, str | None]] = []
+        self.cached: list[CachedRevision] = []
+
+    @property
+    def cache_path(self) -> str:
+        return "/fake/cache"
+
+    async def download(
+        self, request: DownloadRequest, on_update: Callable[[DownloadUpdate], None]
+    ) -> str:
+        key = f"{request.repo_id}@{request.revision}"
+        gate = self.gates.setdefault(key, asyncio.get_running_loop().create_future())
+        self.updates[key] = on_update
+        try:
+            commit = await gate
+        except asyncio.CancelledError:
+            self.cancelled.append(key)
+            raise
+        self.states[(request.repo_id, request.revision)] = CacheState.COMPLETE
+        return commit
+
+    def local_state(self, repo_id: str, revision: str) -> LocalState:
+        return LocalState(self.states.get((repo_id, revision), CacheState.ABSENT))
+
+    def list_cached(self) -> list[CachedRevision]:
+        return list(self.cached)
+
+    def delete(self, repo_id: str, revision: str | None) -> int | None:
+        self.deleted.append((repo_id, revision))
+        keys = [
+            k for k in self.states if k[0] == repo_id and (revision is None or k[1] == revision)
+        ]
+        for key in keys:
+            del self.states[key]
+        return 123 if keys else None
+
+    def cache_usage(self) -> tuple[int, int]:
+        return 10, 20
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def manager(backend: FakeBackend, tmp_path: Path) -> ModelManager:
+    return ModelManager(Settings(cache_dir=tmp_path, max_concurrent_downloads=2), backend=backend)
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_download_lifecycle(manager: ModelManager, backend: FakeBackend) -> None:
+    model = Model(hf_repo="org/a")
+    started = await manager.add_model(model)
+    assert (started.task_id, started.status) == ("org/a:latest", ModelStatus.DOWNLOADING)
+    await settle()
+    status = await manager.get_model_status(model)
+    assert status.status is ModelStatus.DOWNLOADING
+    assert status.progress is not None
+    assert status.progress.phase is DownloadPhase.RESOLVING
+    backend.updates["org/a@main"](
+        DownloadUpdate(commit=COMMIT, total_bytes=1000, files_total=4, downloaded_bytes=250)
+    )
+    progress = (await manager.get_model_status(model)).progress
+    assert progress is not None
+    assert (progress.total_bytes, progress.downloaded_bytes, progress.percent) == (1000, 250, 25.0)
+    assert progress.phase is DownloadPhase.DOWNLOADING
+    backend.gates["org/a@main"].set_result(COMMIT)
+    await settle()
+    assert (await manager.get_model_status(model)).status is ModelStatus.DOWNLOADED
+    again = await manager.add_model(model)
+    assert again.status is ModelStatus.DOWNLOADED
+    assert "org/a@main" in backend.gates
+    assert len(backend.gates) == 1
+
+
+async def test_conflict_and_limit(manager: ModelManager) -> None:
+    await manager.add_model(Model(hf_repo="org/a"))
+    with pytest.raises(DownloadConflict):
+        await manager.add_model(Model(hf_repo="org/a"))
+    await manager.add_model(Model(hf_repo="org/a", hf_commit=COMMIT))  # another revision: allowed
+    with pytest.raises(TooManyDownloads) as info:
+        await manager.add_model(Model(hf_repo="org/b"))
+    assert info.value.retry_after == 5
+    await manager.shutdown()
+
+
+async def test_failure_is_reported_in_status(manager: ModelManager, backend: FakeBackend) -> None:
+    model = Model(hf_repo="org/gated")
+    await manager.add_model(model)
+    await settle()
+    backend.gates["org/gated@main"].set_exception(
+        DownloadFailed(FailureKind.GATED, "org/gated is gated: accept its terms", 1)
+    )
+    await settle()
+    status = await manager.get_model_status(model)
+    assert status.status is ModelStatus.NOT_FOUND
+    assert status.error_message == "org/gated is gated: accept its terms"
+    assert not manager._download_tasks
+
+
+async def test_cancel_and_delete(manager: ModelManager, backend: FakeBackend) -> None:
+    model = Model(hf_repo="org/a")
+    await manager.add_model(model)
+    await settle()
+    assert (await manager.delete_model(model)).status is DeleteStatus.CANCELLED
+    assert backend.cancelled == ["org/a@main"]
+    assert not manager._download_tasks
+    with pytest.raises(ModelNotFound):
+        await manager.delete_model(model)
+    backend.states[("org/a", "main")] = CacheState.COMPLETE
+    deleted = await manager.delete_model(model)
+    assert (deleted.status, deleted.freed_bytes) == (DeleteStatus.DELETED, 123)
+    assert backend.deleted[-1] == ("org/a", None)
+
+
+async def test_delete_whole_model_refused_while_a_revision_downloads(manager: ModelManager) -> None:
+    await manager.add_model(Model(hf_repo="org/a", hf_commit=COMMIT))
+    with pytest.raises(DownloadConflict):
+        await manager.delete_model(Model(hf_repo="org/a"))
+    await manager.shutdown()
+
+
+async def test_timeout_fails_the_download(backend: FakeBackend, tmp_path: Path) -> None:
+    settings = Settings(cache_dir=tmp_path, download_timeout_seconds=0.05)
+    manager = ModelManager(settings, backend=backend)
+    model = Model(hf_repo="org/slow")
+    await manager.add_model(model)
+    await asyncio.sleep(0.2)
+    status = await manager.get_model_status(model)
+    assert status.status is ModelStatus.NOT_FOUND
+    assert status.error_message is not None
+    assert "timeout" in status.error_message
+    assert backend.cancelled == ["org/slow@main"]
+
+
+async def test_list_merges_cache_and_downloads(manager: ModelManager, backend: FakeBackend) -> None:
+    backend.cached = [
+        CachedRevision("org/done", COMMIT, CacheState.COMPLETE, 100, ("main",)),
+        CachedRevision("org/half", "b" * 40, CacheState.PARTIAL, 50),
+        CachedRevision("org/running", "c" * 40, CacheState.PARTIAL, 70),
+    ]
+    await manager.add_model(Model(hf_repo="org/running"))
+    await manager.add_model(Model(hf_repo="org/new"))
+    await settle()
+    backend.updates["org/running@main"](DownloadUpdate(commit="c" * 40, total_bytes=200))
+    items = {(i.model.hf_repo, i.status) for i in await manager.list_models()}
+    assert items == {
+        ("org/done", ModelStatus.DOWNLOADED),
+        ("org/half", ModelStatus.PARTIAL),
+        ("org/running", ModelStatus.DOWNLOADING),
+        ("org/new", ModelStatus.DOWNLOADING),
+    }
+    await manager.shutdown()
+    assert sorted(backend.cancelled) == ["org/new@main", "org/running@main"]
+
+
+async def test_disk_space(manager: ModelManager) -> None:
+    space = await manager.get_disk_space()
+    assert (space.cache_size_bytes, space.available_bytes, space.cache_path) == (
+        10,
+        20,
+        "/fake/cache",
+    )

@@ -1,0 +1,34 @@
+"""``python -m fakehub --repos DIR --port N``: serve a repos folder on 127.0.0.1."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fakehub.samples import make_samples
+from fakehub.server import serve
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fakehub", description=__doc__)
+    parser.add_argument("--repos", type=Path, required=True, help="folder of repos to serve")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only)")
+    parser.add_argument("--port", type=int, default=8900)
+    parser.add_argument("--token", action="append", default=[], help="a valid token (repeatable)")
+    parser.add_argument(
+        "--gated-access", action="append", default=[], help="a token with access to gated repos"
+    )
+    parser.add_argument(
+        "--samples", action="store_true", help="create the demo sample repos in --repos first"
+    )
+    args = parser.parse_args(argv)
+    if not args.host.startswith("127.") and args.host not in ("localhost", "::1"):
+        parser.error("--host must be a loopback address")
+    if args.samples:
+        for repo_id, commit in make_samples(args.repos).items():
+            print(f"sample repo {repo_id} at {commit}", flush=True)
+    serve(args.repos, args.host, args.port, set(args.token), set(args.gated_access))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,482 @@
+"""An HTTP server on 127.0.0.1 that speaks enough of the Hugging Face Hub protocol for the real
+``huggingface_hub`` client (``snapshot_download``, ``hf_hub_download``, ``HfApi``), with faults.
+
+Endpoints (repo ids are ``namespace/name``; revisions arrive percent-encoded, ``/`` as ``%2F``):
+
+- ``GET /api/models/{repo}`` and ``GET /api/models/{repo}/revision/{rev}``: repo info with ``sha``
+  and ``siblings``.
+- ``GET /api/models/{repo}/tree/{rev}[/{path}]?recursive=true``: entries with ``oid``, ``size`` and
+  ``lfs``; paginated with a ``Link: <...>; rel="next"`` header like the Hub.
+- ``HEAD`` / ``GET /{repo}/resolve/{rev}/{path}``: ``X-Repo-Commit``, ``ETag`` (the git blob id, or
+  the sha256 for LFS files, which also get ``X-Linked-Etag`` and ``X-Linked-Size``),
+  ``Content-Length``, ``Accept-Ranges`` and ``Range`` requests (206 with ``Content-Range``).
+
+Errors carry ``X-Error-Code`` as the Hub's do: ``RepoNotFound`` (404; 401 for a private repo without a
+valid token), ``GatedRepo`` (401 without a token, 403 with a token that has no access),
+``RevisionNotFound`` (404), ``EntryNotFound`` (404).
+
+Content is sent with ``sendfile`` when no fault touches the body, so the server streams at loopback
+speed and is never the bottleneck of a benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from fakehub.faults import Fault, FaultKind
+from fakehub.repos import Repo, RepoFile, load_repos
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
+_SEND_CHUNK = 1024 * 1024
+
+
+class HubError(Exception):
+    """An error answer in the Hub's own shape."""
+
+    def __init__(
+        self, status: int, code: str | None, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+
+
+class FakeHub:
+    """The fake hub: its repos, its faults, and the counts of the requests it served.
+
+    Use as a context manager, or ``start()`` / ``stop()``::
+
+        with FakeHub(repos_dir) as hub:
+            snapshot_download("org/model", endpoint=hub.url, cache_dir=tmp)
+            assert hub.count("GET", "*/resolve/*") == 3
+    """
+
+    def __init__(
+        self,
+        repos_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tokens: set[str] | None = None,
+        gated_access: set[str] | None = None,
+        page_size: int = 1000,
+    ) -> None:
+        self.repos_dir = repos_dir
+        self.tokens = set(tokens or ())
+        self.gated_access = set(gated_access or ())
+        self.page_size = page_size
+        self.faults: list[Fault] = []
+        self.requests: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._server = _Server((host, port), _Handler)
+        self._server.hub = self
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> FakeHub:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> FakeHub:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- faults and counts -------------------------------------------------------------------
+
+    def add_fault(self, fault: Fault) -> Fault:
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    @contextmanager
+    def fault(self, fault: Fault) -> Iterator[Fault]:
+        """Inject ``fault`` for the duration of a ``with`` block."""
+        self.add_fault(fault)
+        try:
+            yield fault
+        finally:
+            with self._lock:
+                self.faults.remove(fault)
+
+    def count(self, method: str | None = None, pattern: str = "*") -> int:
+        """How many requests were served whose method and decoded path match."""
+        import fnmatch
+
+        with self._lock:
+            return sum(
+                n
+                for (m, p), n in self.requests.items()
+                if (method is None or m == method) and fnmatch.fnmatchcase(p, pattern)
+            )
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.requests.clear()
+
+    def _record(self, method: str, path: str) -> list[Fault]:
+        with self._lock:
+            self.requests[(method, path)] += 1
+            faults = list(self.faults)
+        return [f for f in faults if f.take(method, path)]
+
+    def repo(self, repo_id: str) -> Repo | None:
+        # Read from disk on every request: tests add commits while the server runs.
+        folder = self.repos_dir / repo_id
+        if not (folder / "repo.json").is_file():
+            return None
+        return Repo.load(folder)
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True when the server is stopping."""
+        return self._stopping.wait(seconds)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+    request_queue_size = 128
+    hub: FakeHub
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that goes away mid-body (cancel, timeout) is normal here, not worth a traceback.
+        pass
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+    server_version = "fakehub/0.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    # -- routing -----------------------------------------------------------------------------
+
+    def _dispatch(self, method: str) -> None:
+        hub = self.server.hub
+        split = urlsplit(self.path)
+        raw_segments = split.path.split("/")[1:]
+        segments = [unquote(s) for s in raw_segments]
+        decoded = "/" + "/".join(segments)
+        faults = hub._record(method, decoded)
+        try:
+            for fault in faults:
+                if fault.kind is FaultKind.LATENCY and hub.wait(fault.seconds):
+                    return
+            for fault in faults:
+                if fault.kind is FaultKind.STATUS:
+                    headers = {}
+                    if fault.retry_after is not None:
+                        headers["Retry-After"] = f"{fault.retry_after:g}"
+                    raise HubError(fault.status, None, f"injected {fault.status}", headers)
+            query = parse_qs(split.query)
+            if segments[:2] == ["api", "models"] and len(segments) >= 4:
+                self._api(method, segments[2:], query)
+            elif len(segments) >= 5 and segments[2] == "resolve":
+                repo_id = "/".join(segments[:2])
+                self._resolve(method, repo_id, segments[3], "/".join(segments[4:]), faults)
+            else:
+                raise HubError(404, None, "Not Found")
+        except HubError as error:
+            self._send_error(method, error)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _api(self, method: str, parts: list[str], query: dict[str, list[str]]) -> None:
+        repo_id = "/".join(parts[:2])
+        rest = parts[2:]
+        repo = self._authorized_repo(repo_id, files=False)
+        if not rest:
+            self._repo_info(method, repo, "main")
+        elif rest[0] == "revision" and len(rest) == 2:
+            self._repo_info(method, repo, rest[1])
+        elif rest[0] == "tree" and len(rest) >= 2:
+            recursive = query.get("recursive", ["false"])[0].lower() in ("true", "1")
+            cursor = int(query.get("cursor", ["0"])[0] or 0)
+            self._tree(method, repo, rest[1], "/".join(rest[2:]), recursive, cursor)
+        else:
+            raise HubError(404, None, "Not Found")
+
+    # -- access ------------------------------------------------------------------------------
+
+    def _token(self) -> str | None:
+        auth = self.headers.get("Authorization", "")
+        return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+
+    def _authorized_repo(self, repo_id: str, *, files: bool) -> Repo:
+        hub = self.server.hub
+        repo = hub.repo(repo_id)
+        token = self._token()
+        valid = token is not None and token in hub.tokens
+        if repo is None or (repo.private and not valid):
+            status = 401 if token is None or not valid else 404
+            raise HubError(status, "RepoNotFound", "Repository not found")
+        if repo.gated and files and token not in hub.gated_access:
+            status = 401 if not valid else 403
+            message = (
+                f"Access to model {repo_id} is restricted and you are not in the authorized list."
+            )
+            raise HubError(status, "GatedRepo", message)
+        return repo
+
+    def _commit(self, repo: Repo, revision: str) -> str:
+        commit = repo.resolve(revision)
+        if commit is None:
+            raise HubError(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+        return commit
+
+    # -- API endpoints -----------------------------------------------------------------------
+
+    def _repo_info(self, method: str, repo: Repo, revision: str) -> None:
+        commit = self._commit(repo, revision)
+        files = repo.commits[commit]
+        body = {
+            "_id": repo.repo_id,
+            "id": repo.repo_id,
+            "modelId": repo.repo_id,
+            "author": repo.repo_id.split("/")[0],
+            "sha": commit,
+            "private": repo.private,
+            "gated": "auto" if repo.gated else False,
+            "disabled": False,
+            "tags": [],
+            "siblings": [{"rfilename": path} for path in sorted(files)],
+        }
+        self._send_json(method, body)
+
+    def _tree(
+        self, method: str, repo: Repo, revision: str, prefix: str, recursive: bool, cursor: int
+    ) -> None:
+        commit = self._commit(repo, revision)
+        entries = _tree_entries(repo.commits[commit], prefix.strip("/"), recursive)
+        if prefix and not entries:
+            raise HubError(404, "EntryNotFound", f"{prefix} does not exist on {revision}")
+        page = entries[cursor : cursor + self.server.hub.page_size]
+        headers = {}
+        if cursor + len(page) < len(entries):
+            next_cursor = cursor + len(page)
+            host = self.headers.get("Host", "127.0.0.1")
+            base = urlsplit(self.path)
+            link = (
+                f"http://{host}{base.path}?recursive={str(recursive).lower()}&cursor={next_cursor}"
+            )
+            headers["Link"] = f'<{link}>; rel="next"'
+        self._send_json(method, page, headers)
+
+    # -- files -------------------------------------------------------------------------------
+
+    def _resolve(
+        self, method: str, repo_id: str, revision: str, path: str, faults: list[Fault]
+    ) -> None:
+        repo = self._authorized_repo(repo_id, files=True)
+        commit = self._commit(repo, revision)
+        entry = repo.commits[commit].get(path)
+        if entry is None:
+            raise HubError(
+                404, "EntryNotFound", f"{path} does not exist", {"X-Repo-Commit": commit}
+            )
+        headers = {
+            "X-Repo-Commit": commit,
+            "ETag": f'"{entry.etag}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
+        if entry.lfs:
+            headers["X-Linked-Etag"] = f'"{entry.sha256}"'
+            headers["X-Linked-Size"] = str(entry.size)
+        start, end = 0, entry.size
+        status = 200
+        range_header = self.headers.get("Range")
+        if range_header and method == "GET":
+            match = _RANGE.match(range_header.strip())
+            if match is None or (not match.group(1) and not match.group(2)):
+                raise HubError(416, None, "Invalid range")
+            if match.group(1):
+                start = int(match.group(1))
+                if match.group(2):
+                    end = min(int(match.group(2)) + 1, entry.size)
+            else:  # suffix range: the last N bytes
+                start = max(entry.size - int(match.group(2)), 0)
+            if start >= entry.size and entry.size > 0:
+                raise HubError(
+                    416, None, "Range not satisfiable", {"Content-Range": f"bytes */{entry.size}"}
+                )
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
+        headers["Content-Length"] = str(end - start)
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if method == "HEAD":
+            return
+        body_fault = next((f for f in faults if f.kind is not FaultKind.LATENCY), None)
+        self._send_body(repo, entry, start, end, body_fault)
+
+    def _send_body(
+        self, repo: Repo, entry: RepoFile, start: int, end: int, fault: Fault | None
+    ) -> None:
+        hub = self.server.hub
+        with repo.object_path(entry).open("rb") as source:
+            if fault is None:
+                _sendfile(self.connection, source, start, end - start)
+                return
+            if fault.kind is FaultKind.STALL:
+                hub.wait(fault.seconds)
+                self.close_connection = True
+                return
+            stop = end
+            if fault.kind is FaultKind.DROP:
+                stop = min(end, start + fault.after_bytes)
+            elif fault.kind is FaultKind.SHORT_BODY:
+                stop = max(start, end - fault.missing)
+            source.seek(start)
+            position = start
+            chunk_size = _SEND_CHUNK
+            if fault.kind is FaultKind.TRICKLE:
+                chunk_size = max(1, min(_SEND_CHUNK, fault.rate // 10 or 1))
+            began = time.monotonic()
+            while position < stop:
+                chunk = source.read(min(chunk_size, stop - position))
+                if not chunk:
+                    break
+                if fault.kind is FaultKind.CORRUPT and position == start:
+                    # Flip every bit of the first byte of the body: same length, wrong content.
+                    chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
+                self.wfile.write(chunk)
+                position += len(chunk)
+                if fault.kind is FaultKind.TRICKLE:
+                    due = began + (position - start) / max(fault.rate, 1)
+                    if hub.wait(max(0.0, due - time.monotonic())):
+                        break
+            if stop < end:
+                # The body is cut short: close so the client sees the connection end mid-body.
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+    # -- answers -----------------------------------------------------------------------------
+
+    def _send_json(self, method: str, body: object, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        if method != "HEAD":
+            self.wfile.write(data)
+
+    def _send_error(self, method: str, error: HubError) -> None:
+        data = json.dumps({"error": error.message}).encode()
+        self.send_response(error.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if error.code is not None:
+            self.send_header("X-Error-Code", error.code)
+            self.send_header("X-Error-Message", error.message)
+        for name, value in error.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if method != "HEAD":
+            self.wfile.write(data)
+
+
+def _tree_entries(files: dict[str, RepoFile], prefix: str, recursive: bool) -> list[dict[str, Any]]:
+    """Tree entries under ``prefix`` in the Hub's shape: folders first at each level, then files."""
+    base = f"{prefix}/" if prefix else ""
+    folders: set[str] = set()
+    out_files: list[dict[str, Any]] = []
+    for path, entry in sorted(files.items()):
+        if not path.startswith(base):
+            continue
+        rest = path[len(base) :]
+        parts = rest.split("/")
+        for depth in range(1, len(parts)):
+            if depth > 1 and not recursive:
+                break
+            folders.add(base + "/".join(parts[:depth]))
+        if len(parts) > 1 and not recursive:
+            continue
+        item: dict[str, Any] = {
+            "type": "file",
+            "oid": entry.blob_id,
+            "size": entry.size,
+            "path": path,
+        }
+        if entry.lfs:
+            item["lfs"] = {
+                "oid": entry.sha256,
+                "size": entry.size,
+                "pointerSize": entry.pointer_size,
+            }
+        out_files.append(item)
+    out_folders = [
+        {"type": "directory", "oid": "0" * 40, "size": 0, "path": folder}
+        for folder in sorted(folders)
+    ]
+    return out_folders + out_files
+
+
+def _sendfile(sock: socket.socket, source: Any, offset: int, count: int) -> None:
+    while count > 0:
+        sent = os.sendfile(sock.fileno(), source.fileno(), offset, min(count, 1 << 30))
+        if sent == 0:
+            break
+        offset += sent
+        count -= sent
+
+
+def serve(repos_dir: Path, host: str, port: int, tokens: set[str], gated_access: set[str]) -> None:
+    """Serve ``repos_dir`` until interrupted (the standalone mode)."""
+    hub = FakeHub(repos_dir, host=host, port=port, tokens=tokens, gated_access=gated_access)
+    repos = load_repos(repos_dir)
+    print(f"fakehub serving {len(repos)} repos from {repos_dir} at {hub.url}", flush=True)
+    try:
+        hub._server.serve_forever(poll_interval=0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        hub._server.server_close()
