@@ -23,8 +23,8 @@ run: $(STAMP)
 	$(VENV)/bin/uvicorn api.app:app --host $(HOST) --port $(PORT)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check packages bench
-	$(VENV)/bin/ruff format --check packages bench
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy packages/api/src packages/fakehub/src

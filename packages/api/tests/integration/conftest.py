@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from api.app import create_app
 from api.settings import Settings
 from fakehub import FakeHub

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from api.app import create_app
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, http_error, trickle
@@ -103,7 +102,8 @@ async def test_progress_conflict_and_cancel(
     assert progress["total_bytes"] == 40 * MB + 2
     assert progress["files_total"] == 2
     assert 0 < progress["percent"] < 100
-    assert progress["start_time"] > 0 and progress["elapsed_seconds"] > 0
+    assert progress["start_time"] > 0
+    assert progress["elapsed_seconds"] > 0
 
     listed = (await client.get("/api/models/list")).json()["models"]
     assert [m["status"] for m in listed if m["model"]["hf_repo"] == "org/slow"] == ["DOWNLOADING"]
