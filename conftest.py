@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from fakehub import FakeHub, RepoBuilder
 
 TOKEN = "hf_test_token_0123456789"

@@ -9,6 +9,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from conftest import TOKEN
 from fakehub import (
     FakeHub,
     Generated,
@@ -22,16 +32,6 @@ from fakehub import (
     stall,
     trickle,
 )
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-
-from conftest import TOKEN
 
 MB = 1024 * 1024
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from api.app import create_app
 from api.settings import Settings
 from fakehub import FakeHub

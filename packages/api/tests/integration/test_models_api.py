@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from api.app import create_app
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, http_error, trickle

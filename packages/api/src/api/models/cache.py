@@ -135,7 +135,9 @@ class ModelCache:
         out: list[CachedRevision] = []
         if not self.root.is_dir():
             return out
-        for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
+        with os.scandir(self.root) as scan:
+            entries = sorted(scan, key=lambda e: e.name)
+        for entry in entries:
             repo_id = repo_id_from_folder(entry.name)
             if repo_id is None or not entry.is_dir(follow_symlinks=False):
                 continue
@@ -222,15 +224,18 @@ class ModelCache:
         if not folder.is_dir() or folder.is_symlink():
             return None
         if revision is None:
-            freed = sum(st.st_size for _, st in _iter_stats(folder))
-            # rmtree removes links, never what they point to.
-            shutil.rmtree(folder)
-            shutil.rmtree(self.locks_folder(repo_id), ignore_errors=True)
-            return freed
+            return self._delete_folder(repo_id, folder)
         commit = self.resolve_commit(repo_id, revision)
         if commit is None:
             return None
         return self._delete_revision(repo_id, folder, commit)
+
+    def _delete_folder(self, repo_id: str, folder: Path) -> int:
+        freed = sum(st.st_size for _, st in _iter_stats(folder))
+        # rmtree removes links, never what they point to.
+        shutil.rmtree(folder)
+        shutil.rmtree(self.locks_folder(repo_id), ignore_errors=True)
+        return freed
 
     def _delete_revision(self, repo_id: str, folder: Path, commit: str) -> int | None:
         snapshots = folder / "snapshots"
@@ -252,9 +257,11 @@ class ModelCache:
             return found
 
         doomed = blobs_of(snapshot) if snapshot.is_dir() else set()
-        for other in _iter_dirs(snapshots):
-            if other.name != commit:
-                doomed -= blobs_of(other)
+        others = [p for p in _iter_dirs(snapshots) if p.name != commit]
+        for other in others:
+            doomed -= blobs_of(other)
+        if not others:
+            return self._delete_folder(repo_id, folder)  # the last revision: the whole model
         freed = sum(p.stat().st_size for p in doomed if p.exists())
         # Execute.
         if snapshot.is_dir():
@@ -266,10 +273,6 @@ class ModelCache:
         for ref, target in self._refs(folder).items():
             if target == commit:
                 (folder / "refs" / ref).unlink(missing_ok=True)
-        if not any(_iter_dirs(snapshots)):
-            freed += sum(st.st_size for _, st in _iter_stats(folder))
-            shutil.rmtree(folder)
-            shutil.rmtree(self.locks_folder(repo_id), ignore_errors=True)
         return freed
 
 
@@ -326,7 +329,8 @@ def _iter_stats(
 ) -> Iterator[tuple[Path, os.stat_result]]:
     """(path, lstat) of the regular files under ``root`` (and links when ``links_too``)."""
     try:
-        entries = list(os.scandir(root))
+        with os.scandir(root) as scan:
+            entries = list(scan)
     except (FileNotFoundError, NotADirectoryError):
         return
     for entry in entries:
@@ -341,11 +345,11 @@ def _iter_stats(
 
 def _iter_dirs(root: Path) -> Iterator[Path]:
     try:
-        for entry in os.scandir(root):
-            if entry.is_dir(follow_symlinks=False):
-                yield Path(entry.path)
+        with os.scandir(root) as entries:
+            dirs = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
     except (FileNotFoundError, NotADirectoryError):
         return
+    yield from dirs
 
 
 @contextlib.contextmanager

@@ -1,0 +1,139 @@
+"""The cache on disk: status from the file list, safe delete, orphaned temporary files."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from api.models.backend import CacheState
+from api.models.cache import ModelCache
+from api.models.errors import UnsafeCachePath
+
+C1, C2 = "1" * 40, "2" * 40
+
+
+def make_revision(
+    cache: Path, repo: str, commit: str, files: dict[str, bytes], *, ref: str | None = "main"
+) -> Path:
+    """Write a revision the way huggingface_hub 2.x lays it out: blobs, links, refs, trees."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    (folder / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot = folder / "snapshots" / commit
+    tree = {}
+    for rel, data in files.items():
+        etag = f"etag-{data.hex()[:16]}-{len(data)}"
+        (folder / "blobs" / etag).write_bytes(data)
+        link = snapshot / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(folder / "blobs" / etag, link.parent))
+        tree[rel] = {"size": len(data), "blob_id": etag}
+    (folder / "trees").mkdir(exist_ok=True)
+    (folder / "trees" / f"{commit}.json").write_text(
+        json.dumps({"format_version": 1, "files": tree})
+    )
+    if ref:
+        (folder / "refs").mkdir(exist_ok=True)
+        (folder / "refs" / ref).write_text(commit)
+    return folder
+
+
+def test_state_follows_the_file_list(tmp_path: Path) -> None:
+    cache = ModelCache(tmp_path)
+    assert cache.local_state("org/m", "main").state is CacheState.ABSENT
+    folder = make_revision(tmp_path, "org/m", C1, {"a.txt": b"alpha", "d/b.bin": b"beta" * 10})
+    assert cache.local_state("org/m", "main").state is CacheState.COMPLETE
+    assert cache.local_state("org/m", C1).commit == C1
+    assert cache.local_state("org/m", C2).state is CacheState.ABSENT
+    # A blob cut short on disk: PARTIAL.
+    blob = (folder / "snapshots" / C1 / "d/b.bin").resolve()
+    blob.write_bytes(b"beta")
+    assert cache.local_state("org/m", "main").state is CacheState.PARTIAL
+    # A file of the list missing: PARTIAL.
+    blob.unlink()
+    assert cache.local_state("org/m", "main").state is CacheState.PARTIAL
+    [listed] = cache.list_cached()
+    assert (listed.repo_id, listed.commit, listed.state, listed.refs) == (
+        "org/m",
+        C1,
+        CacheState.PARTIAL,
+        ("main",),
+    )
+
+
+def test_partial_before_any_file(tmp_path: Path) -> None:
+    folder = tmp_path / "models--org--m"
+    (folder / "blobs").mkdir(parents=True)
+    (folder / "blobs" / "abc.1234.incomplete").write_bytes(b"x" * 10)
+    cache = ModelCache(tmp_path)
+    assert cache.local_state("org/m", "main").state is CacheState.PARTIAL
+    [listed] = cache.list_cached()
+    assert listed.state is CacheState.PARTIAL
+
+
+def test_delete_revision_keeps_shared_blobs(tmp_path: Path) -> None:
+    make_revision(tmp_path, "org/m", C1, {"shared.bin": b"same", "old.txt": b"old"}, ref=None)
+    folder = make_revision(tmp_path, "org/m", C2, {"shared.bin": b"same", "new.txt": b"new"})
+    cache = ModelCache(tmp_path)
+    freed = cache.delete("org/m", C1)
+    assert freed == len(b"old")
+    assert cache.local_state("org/m", C2).state is CacheState.COMPLETE
+    assert cache.local_state("org/m", C1).state is CacheState.ABSENT
+    assert not (folder / "trees" / f"{C1}.json").exists()
+    assert cache.delete("org/m", C1) is None
+    # Deleting the branch deletes the commit it points to; the last revision takes the folder.
+    tree_bytes = len((folder / "trees" / f"{C2}.json").read_bytes())
+    assert cache.delete("org/m", "main") == len(b"same") + len(b"new") + 40 + tree_bytes
+    assert not folder.exists()
+
+
+def test_planted_link_never_leads_a_delete_outside(tmp_path: Path) -> None:
+    cache_root = tmp_path / "cache"
+    folder = make_revision(cache_root, "org/m", C1, {"a.txt": b"alpha"})
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me")
+    (folder / "snapshots" / C1 / "evil").symlink_to(outside)
+    cache = ModelCache(cache_root)
+    with pytest.raises(UnsafeCachePath):
+        cache.delete("org/m", C1)
+    assert outside.read_text() == "keep me"
+    assert (folder / "snapshots" / C1 / "a.txt").exists()  # nothing was deleted
+    # The whole model: links are removed, never followed.
+    cache.delete("org/m", None)
+    assert outside.read_text() == "keep me"
+    assert not folder.exists()
+
+
+def test_orphans_are_removed_only_when_no_process_holds_the_lock(tmp_path: Path) -> None:
+    folder = tmp_path / "models--org--m"
+    (folder / "blobs").mkdir(parents=True)
+    locks = tmp_path / ".locks" / "models--org--m"
+    locks.mkdir(parents=True)
+    orphan = folder / "blobs" / "dead.aaaa1111.incomplete"
+    live = folder / "blobs" / "live.bbbb2222.incomplete"
+    orphan.write_bytes(b"x")
+    live.write_bytes(b"y")
+    (locks / "dead.lock").touch()
+    fd = os.open(locks / "live.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # flock is per open file: a second open in this process contends like another process.
+        assert ModelCache(tmp_path).remove_orphans("org/m") == 1
+        assert not orphan.exists()
+        assert live.exists()
+    finally:
+        os.close(fd)
+    assert ModelCache(tmp_path).remove_orphans("org/m") == 1
+    assert not live.exists()
+
+
+def test_usage_counts_files_once(tmp_path: Path) -> None:
+    make_revision(tmp_path, "org/m", C1, {"a.bin": b"a" * 1000})
+    used, free = ModelCache(tmp_path).usage()
+    tree_bytes = len((tmp_path / "models--org--m" / "trees" / f"{C1}.json").read_bytes())
+    assert used == 1000 + 40 + tree_bytes  # the blob, the ref, the file list; not the link
+    assert free > 0
+    assert ModelCache(tmp_path / "not" / "yet").usage()[0] == 0
