@@ -137,3 +137,15 @@ def test_usage_counts_files_once(tmp_path: Path) -> None:
     assert used == 1000 + 40 + tree_bytes  # the blob, the ref, the file list; not the link
     assert free > 0
     assert ModelCache(tmp_path / "not" / "yet").usage()[0] == 0
+
+
+def test_metadata_without_content_is_not_found(tmp_path: Path) -> None:
+    folder = make_revision(tmp_path, "org/m", C1, {"a.txt": b"alpha"})
+    for blob in (folder / "blobs").iterdir():
+        blob.unlink()
+    for link in (folder / "snapshots" / C1).iterdir():
+        link.unlink()
+    (folder / "snapshots" / C1).rmdir()
+    cache = ModelCache(tmp_path)
+    assert cache.local_state("org/m", "main").state is CacheState.ABSENT
+    assert cache.list_cached() == []

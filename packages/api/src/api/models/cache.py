@@ -105,9 +105,7 @@ class ModelCache:
             return LocalState(CacheState.ABSENT)
         commit = self.resolve_commit(repo_id, revision)
         if commit is None:
-            # The branch was never recorded: anything in the folder is a trace of a download.
-            has_trace = any(_iter_files(folder / "blobs")) or any(_iter_files(folder / "snapshots"))
-            return LocalState(CacheState.PARTIAL if has_trace else CacheState.ABSENT)
+            return LocalState(CacheState.PARTIAL if _has_content(folder) else CacheState.ABSENT)
         snapshot = folder / "snapshots" / commit
         tree = self.read_tree(repo_id, commit)
         if tree is None:
@@ -115,6 +113,10 @@ class ModelCache:
         missing = missing_files(tree, lambda rel: _size_of(snapshot / rel))
         if not missing:
             return LocalState(CacheState.COMPLETE, commit)
+        if len(missing) == len(tree) and not _has_content(folder):
+            # Only metadata (a ref, the file list): a download that failed before any content,
+            # such as a gated repo. Nothing of the model itself is here.
+            return LocalState(CacheState.ABSENT, commit)
         return LocalState(CacheState.PARTIAL, commit)
 
     @staticmethod
@@ -155,6 +157,8 @@ class ModelCache:
         snapshots = folder / "snapshots"
         commits = sorted(p.name for p in _iter_dirs(snapshots) if COMMIT_RE.fullmatch(p.name))
         if not commits:
+            if not _has_content(folder):
+                return []  # metadata only (a failed start): nothing of the model to list
             # A download that stopped before its first file: the model is there only in part.
             trace = sum(st.st_size for _, st in _iter_stats(folder / "blobs"))
             commit = refs.get("main") or next(iter(refs.values()), None)
@@ -294,6 +298,11 @@ def _state_from_links(
         return blob_sizes.get(name) if name else _size_of(snapshot / rel)
 
     return CacheState.PARTIAL if missing_files(tree, present) else CacheState.COMPLETE
+
+
+def _has_content(folder: Path) -> bool:
+    """Any blob (complete or temporary) or snapshot entry: a trace of the model's content."""
+    return any(_iter_files(folder / "blobs")) or any(_iter_files(folder / "snapshots"))
 
 
 def _size_of(path: Path) -> int | None:
