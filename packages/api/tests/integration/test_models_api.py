@@ -13,7 +13,7 @@ from api.app import create_app
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, http_error, trickle
 
-from .conftest import wait_for_status
+from .conftest import wait_for_status, worker_processes
 
 MB = 1024 * 1024
 
@@ -111,6 +111,7 @@ async def test_progress_conflict_and_cancel(
 
     cancelled = await client.request("DELETE", "/api/models", json=body)
     assert cancelled.json() == {"status": "cancelled", "freed_bytes": None}
+    assert worker_processes() == []  # the worker is gone when the answer comes
     blobs = cache_dir / "models--org--slow" / "blobs"
     assert not [p for p in blobs.iterdir() if p.name.endswith(".incomplete")]
     sizes_after_cancel = {p.name: p.stat().st_size for p in blobs.iterdir()}
@@ -145,7 +146,9 @@ async def test_concurrency_limit_answers_429(
         assert busy.status_code == 429
         assert busy.headers["Retry-After"] == "5"
         assert "download slots are busy" in busy.json()["detail"]
+        assert len(worker_processes()) == 1
     # Leaving the lifespan stopped the running download and its worker.
+    assert worker_processes() == []
     assert not any(p.name.endswith(".incomplete") for p in Path(settings.cache_dir).rglob("*"))
 
 
