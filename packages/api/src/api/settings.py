@@ -38,6 +38,15 @@ class Settings(BaseSettings):
     retry_min_backoff_seconds: float = Field(default=1.0, ge=0)
     retry_max_backoff_seconds: float = Field(default=60.0, ge=0)
     download_timeout_seconds: float = Field(default=24 * 3600, gt=0)
+    stall_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="an attempt with no progress for this long is restarted"
+    )
+    space_margin_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=0, description="free space kept beyond what downloads need"
+    )
+    plan_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="how long POST /download waits for the file list"
+    )
     retry_after_seconds: int = Field(
         default=5, ge=1, description="Retry-After sent with a 429 when all download slots are busy"
     )

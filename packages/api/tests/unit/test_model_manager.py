@@ -12,12 +12,20 @@ from api.models.backend import (
     CachedRevision,
     CacheState,
     DownloadFailed,
+    DownloadPlan,
     DownloadRequest,
     DownloadUpdate,
     FailureKind,
     LocalState,
+    RemoteFile,
+    VerifyReport,
 )
-from api.models.errors import DownloadConflict, ModelNotFound, TooManyDownloads
+from api.models.errors import (
+    DownloadConflict,
+    InsufficientStorage,
+    ModelNotFound,
+    TooManyDownloads,
+)
 from api.models.manager import ModelManager
 from api.models.types import DeleteStatus, DownloadPhase, Model, ModelStatus
 from api.settings import Settings
@@ -35,14 +43,35 @@ class FakeBackend:
         self.cancelled: list[str] = []
         self.deleted: list[tuple[str, str | None]] = []
         self.cached: list[CachedRevision] = []
+        self.plans: dict[str, DownloadPlan | DownloadFailed] = {}
+        self.free = 10**12
+        self.plans_given: list[DownloadPlan | None] = []
 
     @property
     def cache_path(self) -> str:
         return "/fake/cache"
 
+    async def plan(self, request: DownloadRequest) -> DownloadPlan:
+        plan = self.plans.get(request.repo_id, DownloadPlan(COMMIT, (RemoteFile("a", 10, "e"),)))
+        if isinstance(plan, DownloadFailed):
+            raise plan
+        return plan
+
+    def missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
+        return plan.total_bytes
+
+    def verify(self, repo_id: str, revision: str) -> VerifyReport | None:
+        if (repo_id, revision) not in self.states:
+            return None
+        return VerifyReport(COMMIT, 2, (), ("bad.bin",))
+
     async def download(
-        self, request: DownloadRequest, on_update: Callable[[DownloadUpdate], None]
+        self,
+        request: DownloadRequest,
+        plan: DownloadPlan | None,
+        on_update: Callable[[DownloadUpdate], None],
     ) -> str:
+        self.plans_given.append(plan)
         key = f"{request.repo_id}@{request.revision}"
         gate = self.gates.setdefault(key, asyncio.get_running_loop().create_future())
         self.updates[key] = on_update
@@ -70,7 +99,7 @@ class FakeBackend:
         return 123 if keys else None
 
     def cache_usage(self) -> tuple[int, int]:
-        return 10, 20
+        return 10, self.free
 
 
 @pytest.fixture
@@ -196,8 +225,55 @@ async def test_list_merges_cache_and_downloads(manager: ModelManager, backend: F
 
 async def test_disk_space(manager: ModelManager) -> None:
     space = await manager.get_disk_space()
-    assert (space.cache_size_bytes, space.available_bytes, space.cache_path) == (
-        10,
-        20,
-        "/fake/cache",
-    )
+    assert (space.cache_size_bytes, space.available_bytes) == (10, 10**12)
+    assert space.cache_path == "/fake/cache"
+
+
+async def test_space_check_refuses_what_cannot_fit(
+    manager: ModelManager, backend: FakeBackend
+) -> None:
+    margin = manager.settings.space_margin_bytes
+    backend.plans["org/big"] = DownloadPlan(COMMIT, (RemoteFile("w", 5000, "e"),))
+    backend.free = margin + 4999
+    with pytest.raises(InsufficientStorage) as info:
+        await manager.add_model(Model(hf_repo="org/big"))
+    assert (info.value.needed, info.value.available) == (5000, 4999)
+    assert not manager._download_tasks
+    backend.free = margin + 5000
+    await manager.add_model(Model(hf_repo="org/big"))
+    await settle()
+    assert backend.plans_given == [backend.plans["org/big"]]  # the plan is not fetched twice
+    # What the running download still needs is reserved: a second one must fit beside it.
+    backend.updates["org/big@main"](DownloadUpdate(total_bytes=5000, downloaded_bytes=0))
+    backend.plans["org/other"] = DownloadPlan(COMMIT, (RemoteFile("x", 1, "f"),))
+    with pytest.raises(InsufficientStorage):
+        await manager.add_model(Model(hf_repo="org/other"))
+    await manager.shutdown()
+
+
+async def test_unmendable_plan_failure_is_reported_at_once(
+    manager: ModelManager, backend: FakeBackend
+) -> None:
+    backend.plans["org/gone"] = DownloadFailed(FailureKind.NOT_FOUND, "org/gone not found")
+    backend.plans["org/flaky"] = DownloadFailed(FailureKind.NETWORK, "timed out", retryable=True)
+    await manager.add_model(Model(hf_repo="org/gone"))
+    await settle()
+    status = await manager.get_model_status(Model(hf_repo="org/gone"))
+    assert status.error_message == "org/gone not found"
+    assert backend.plans_given == []  # no download was tried
+    await manager.add_model(Model(hf_repo="org/flaky"))
+    await settle()
+    assert backend.plans_given == [None]  # the download fetches the list itself, with retries
+    await manager.shutdown()
+
+
+async def test_verify(manager: ModelManager, backend: FakeBackend) -> None:
+    with pytest.raises(ModelNotFound):
+        await manager.verify_model(Model(hf_repo="org/a"))
+    backend.states[("org/a", "main")] = CacheState.COMPLETE
+    report = await manager.verify_model(Model(hf_repo="org/a"))
+    assert (report.verified, report.files_checked, report.mismatched) == (False, 2, ["bad.bin"])
+    await manager.add_model(Model(hf_repo="org/b"))
+    with pytest.raises(DownloadConflict):
+        await manager.verify_model(Model(hf_repo="org/b"))
+    await manager.shutdown()

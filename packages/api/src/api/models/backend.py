@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -46,16 +46,21 @@ class FailureKind(enum.Enum):
     INVALID = "invalid"
     CRASHED = "crashed"
     TIMEOUT = "timeout"
+    STALLED = "stalled"
+    CORRUPT = "corrupt"
     UNEXPECTED = "unexpected"
 
 
 class DownloadFailed(Exception):
     """A download ended without the model. ``str(error)`` is safe to show a client."""
 
-    def __init__(self, kind: FailureKind, message: str, attempts: int = 1) -> None:
+    def __init__(
+        self, kind: FailureKind, message: str, attempts: int = 1, retryable: bool = False
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.attempts = attempts
+        self.retryable = retryable  # whether another attempt could succeed
 
 
 @dataclass
@@ -69,7 +74,7 @@ class DownloadUpdate:
     files_done: int | None = None
     attempt: int | None = None
     retry_reason: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)
+    verifying: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,17 +83,66 @@ class DownloadRequest:
     revision: str
 
 
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file of a revision as the Hub lists it; ``etag`` is the blob's name in the cache (the
+    sha256 for LFS files, the git blob id for regular files)."""
+
+    path: str
+    size: int
+    etag: str
+
+
+@dataclass(frozen=True)
+class DownloadPlan:
+    """What a revision is made of, fetched from the Hub before the first byte of content."""
+
+    commit: str
+    files: tuple[RemoteFile, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The result of checking a cached revision's files against their ETags."""
+
+    commit: str
+    files_checked: int
+    missing: tuple[str, ...]
+    mismatched: tuple[str, ...]
+
+
 class HubBackend(Protocol):
     """Talks to the Hub and the cache. Blocking methods are called off the event loop."""
 
+    async def plan(self, request: DownloadRequest) -> DownloadPlan:
+        """Resolve the revision and list its files on the Hub. Raises ``DownloadFailed`` (with
+        ``retryable`` set, and a message saying whether it will be retried)."""
+        ...
+
+    def missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
+        """Bytes of the plan's files not yet complete in the cache (blocking)."""
+        ...
+
     async def download(
-        self, request: DownloadRequest, on_update: Callable[[DownloadUpdate], None]
+        self,
+        request: DownloadRequest,
+        plan: DownloadPlan | None,
+        on_update: Callable[[DownloadUpdate], None],
     ) -> str:
-        """Download the revision into the cache; return its commit id.
+        """Download and verify the revision into the cache; return its commit id.
 
         Cancelling the awaiting task stops the transfer and removes its temporary files before the
         cancellation propagates. Raises ``DownloadFailed``.
         """
+        ...
+
+    def verify(self, repo_id: str, revision: str) -> VerifyReport | None:
+        """Hash every cached file of the revision against its ETag; None when it is not cached
+        (blocking)."""
         ...
 
     def local_state(self, repo_id: str, revision: str) -> LocalState:

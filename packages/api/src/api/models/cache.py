@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +28,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from api.models.backend import CachedRevision, CacheState, LocalState
+from api.models.backend import (
+    CachedRevision,
+    CacheState,
+    DownloadPlan,
+    LocalState,
+    VerifyReport,
+)
 from api.models.errors import UnsafeCachePath
 
 logger = logging.getLogger(__name__)
@@ -111,13 +118,78 @@ class ModelCache:
         if tree is None:
             return LocalState(self._state_without_tree(snapshot), commit)
         missing = missing_files(tree, lambda rel: _size_of(snapshot / rel))
-        if not missing:
+        if not missing and not self._has_temp_files(repo_id, {e.etag for e in tree.values()}):
             return LocalState(CacheState.COMPLETE, commit)
         if len(missing) == len(tree) and not _has_content(folder):
             # Only metadata (a ref, the file list): a download that failed before any content,
             # such as a gated repo. Nothing of the model itself is here.
             return LocalState(CacheState.ABSENT, commit)
         return LocalState(CacheState.PARTIAL, commit)
+
+    def _has_temp_files(self, repo_id: str, etags: set[str]) -> bool:
+        """Whether a temporary file of one of these blobs is in the cache (a download of it is
+        running, or died and left it)."""
+        return any(
+            p.name.endswith(INCOMPLETE_SUFFIX) and p.name.split(".", 1)[0] in etags
+            for p in _iter_files(self.folder(repo_id) / "blobs")
+        )
+
+    def missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
+        """Bytes of the plan's files whose blob is not yet complete in the cache."""
+        blobs = self.folder(repo_id) / "blobs"
+        return sum(f.size for f in plan.files if _size_of(blobs / f.etag) != f.size)
+
+    def write_ref(self, repo_id: str, revision: str, commit: str) -> None:
+        """Record that ``revision`` (a branch or tag) points at ``commit``, atomically."""
+        if COMMIT_RE.fullmatch(revision):
+            return
+        path = self.folder(repo_id) / "refs" / revision
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(commit)
+        os.replace(tmp, path)
+
+    def discard_file(self, repo_id: str, commit: str, rel: str) -> None:
+        """Remove a file of a revision and its blob (a checksum mismatch), so it is fetched again."""
+        link = self.folder(repo_id) / "snapshots" / commit / rel
+        target = link.resolve()
+        if target.is_relative_to((self.folder(repo_id) / "blobs").resolve()):
+            target.unlink(missing_ok=True)
+        link.unlink(missing_ok=True)
+
+    def verify(
+        self, repo_id: str, revision: str, on_bytes: Callable[[int], None] | None = None
+    ) -> VerifyReport | None:
+        """Hash every file of a cached revision and compare it with its ETag, offline.
+
+        The expected ETag comes from the revision's file list; a blob's name is its ETag too, so
+        a revision without a file list is checked against the names of the blobs it links to.
+        Returns None when the revision is not in the cache.
+        """
+        commit = self.resolve_commit(repo_id, revision)
+        if commit is None:
+            return None
+        snapshot = self.folder(repo_id) / "snapshots" / commit
+        tree = self.read_tree(repo_id, commit)
+        if tree is None:
+            if not snapshot.is_dir():
+                return None
+            expected = {rel: _blob_name(snapshot / rel) or "" for rel in _relative_files(snapshot)}
+        else:
+            expected = {rel: entry.etag for rel, entry in tree.items()}
+        missing, mismatched = [], []
+        for rel, etag in sorted(expected.items()):
+            path = snapshot / rel
+            if _size_of(path) is None:
+                missing.append(rel)
+            elif not content_matches(path, etag, on_bytes):
+                mismatched.append(rel)
+        return VerifyReport(
+            commit=commit,
+            files_checked=len(expected) - len(missing),
+            missing=tuple(missing),
+            mismatched=tuple(mismatched),
+        )
 
     @staticmethod
     def _state_without_tree(snapshot: Path) -> CacheState:
@@ -298,6 +370,28 @@ def _state_from_links(
         return blob_sizes.get(name) if name else _size_of(snapshot / rel)
 
     return CacheState.PARTIAL if missing_files(tree, present) else CacheState.COMPLETE
+
+
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+def content_matches(path: Path, etag: str, on_bytes: Callable[[int], None] | None = None) -> bool:
+    """Whether the file's content hashes to ``etag``: sha256 for a 64-hex ETag (LFS/Xet files),
+    the git blob id (sha1 of ``blob <size>\\0`` + content) for a 40-hex one (regular files)."""
+    etag = etag.lower()
+    size = path.stat().st_size
+    if len(etag) == 64:
+        digest = hashlib.sha256()
+    elif len(etag) == 40:
+        digest = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
+    else:
+        return False  # not an ETag the Hub serves: cannot be vouched for
+    with path.open("rb") as source:
+        while chunk := source.read(_HASH_CHUNK):
+            digest.update(chunk)  # hashlib releases the GIL on large buffers
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+    return digest.hexdigest() == etag
 
 
 def _has_content(folder: Path) -> bool:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx2
+from huggingface_hub import HfApi
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
@@ -28,14 +29,25 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.hf_api import RepoFile
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
 
 from api.models.backend import (
     CachedRevision,
     DownloadFailed,
+    DownloadPlan,
     DownloadRequest,
     DownloadUpdate,
     FailureKind,
     LocalState,
+    RemoteFile,
+    VerifyReport,
 )
 from api.models.cache import ModelCache
 from api.settings import Settings
@@ -134,6 +146,47 @@ def retry_after_seconds(error: BaseException) -> float | None:
     return None
 
 
+class AttemptFailed(Exception):
+    """One attempt of a download failed; ``retryable`` says whether another can succeed."""
+
+    def __init__(
+        self, kind: FailureKind, message: str, retryable: bool, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+def fetch_plan(repo_id: str, revision: str, endpoint: str, token: str | bool) -> DownloadPlan:
+    """Resolve the revision and list its files (blocking; two small metadata requests)."""
+    api = HfApi(endpoint=endpoint, token=token)
+    commit = api.repo_info(repo_id, revision=revision).sha
+    if commit is None:
+        raise ValueError("the Hub answered without a commit id")
+    files = tuple(
+        RemoteFile(
+            path=f.path,
+            size=f.lfs.size if f.lfs is not None else f.size,
+            etag=f.lfs.sha256 if f.lfs is not None else f.blob_id,
+        )
+        for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
+        if isinstance(f, RepoFile)
+    )
+    return DownloadPlan(commit=commit, files=files)
+
+
+def plan_to_json(plan: DownloadPlan) -> dict[str, Any]:
+    return {"commit": plan.commit, "files": [[f.path, f.size, f.etag] for f in plan.files]}
+
+
+def plan_from_json(data: dict[str, Any]) -> DownloadPlan:
+    return DownloadPlan(
+        commit=str(data["commit"]),
+        files=tuple(RemoteFile(str(p), int(n), str(e)) for p, n, e in data["files"]),
+    )
+
+
 class HubCacheBackend:
     """The real ``HubBackend``: downloads in worker processes, reads the cache on disk."""
 
@@ -144,6 +197,11 @@ class HubCacheBackend:
     @property
     def cache_path(self) -> str:
         return str(self.settings.cache_dir)
+
+    @property
+    def _token(self) -> str | bool:
+        # Only the configured token: never a token file the library would find on its own.
+        return self.settings.token or False
 
     # -- cache (blocking) --------------------------------------------------------------------
 
@@ -159,19 +217,79 @@ class HubCacheBackend:
     def cache_usage(self) -> tuple[int, int]:
         return self.cache.usage()
 
+    def missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
+        return self.cache.missing_bytes(repo_id, plan)
+
+    def verify(self, repo_id: str, revision: str) -> VerifyReport | None:
+        return self.cache.verify(repo_id, revision)
+
     # -- downloads ---------------------------------------------------------------------------
 
-    def worker_spec(self, request: DownloadRequest) -> dict[str, Any]:
+    async def plan(self, request: DownloadRequest) -> DownloadPlan:
+        try:
+            return await self._plan_attempt(request)
+        except AttemptFailed as failure:
+            suffix = "" if failure.retryable else " (attempt 1, not retried)"
+            raise DownloadFailed(
+                failure.kind, f"{failure}{suffix}", retryable=failure.retryable
+            ) from None
+
+    async def download(
+        self,
+        request: DownloadRequest,
+        plan: DownloadPlan | None,
+        on_update: Callable[[DownloadUpdate], None],
+    ) -> str:
+        """Attempts with classified retries (tenacity); each attempt is one worker process."""
         s = self.settings
-        return {
-            "repo_id": request.repo_id,
-            "revision": request.revision,
-            "cache_dir": str(s.cache_dir),
-            "endpoint": s.hf_endpoint,
-            "attempts": s.retry_attempts,
-            "min_backoff": s.retry_min_backoff_seconds,
-            "max_backoff": s.retry_max_backoff_seconds,
-        }
+        backoff = wait_random_exponential(
+            multiplier=s.retry_min_backoff_seconds, max=s.retry_max_backoff_seconds
+        )
+
+        def wait(state: RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            if isinstance(error, AttemptFailed) and error.retry_after is not None:
+                return min(error.retry_after, s.retry_max_backoff_seconds)
+            return float(backoff(state))
+
+        def before_sleep(state: RetryCallState) -> None:
+            error = state.outcome.exception() if state.outcome else None
+            on_update(DownloadUpdate(attempt=state.attempt_number + 1, retry_reason=str(error)))
+
+        number = 0
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(s.retry_attempts),
+                wait=wait,
+                retry=retry_if_exception(lambda e: isinstance(e, AttemptFailed) and e.retryable),
+                before_sleep=before_sleep,
+                reraise=True,
+            ):
+                with attempt:
+                    number = attempt.retry_state.attempt_number
+                    if plan is None:
+                        plan = await self._plan_attempt(request)
+                    return await self._attempt(request, plan, number, on_update)
+        except AttemptFailed as failure:
+            if failure.retryable:
+                message = f"{failure}; gave up after {number} attempts"
+            else:
+                message = f"{failure} (attempt {number}, not retried)"
+            raise DownloadFailed(failure.kind, message, number) from None
+        raise AssertionError("unreachable: AsyncRetrying returns or raises")
+
+    async def _plan_attempt(self, request: DownloadRequest) -> DownloadPlan:
+        try:
+            return await asyncio.to_thread(
+                fetch_plan,
+                request.repo_id,
+                request.revision,
+                self.settings.hf_endpoint,
+                self._token,
+            )
+        except Exception as error:
+            kind, retryable, message = classify_error(error, request.repo_id, request.revision)
+            raise AttemptFailed(kind, message, retryable, retry_after_seconds(error)) from None
 
     def worker_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
@@ -182,10 +300,31 @@ class HubCacheBackend:
             env["HF_TOKEN"] = token  # through the environment: never on a command line
         return env
 
-    async def download(
-        self, request: DownloadRequest, on_update: Callable[[DownloadUpdate], None]
+    async def _attempt(
+        self,
+        request: DownloadRequest,
+        plan: DownloadPlan,
+        number: int,
+        on_update: Callable[[DownloadUpdate], None],
     ) -> str:
+        """One attempt in one worker process, watched: no message for ``stall_timeout_seconds``
+        (no byte, no file, no hashing progress) kills it as stalled."""
         await asyncio.to_thread(self.cache.remove_orphans, request.repo_id)
+        on_update(
+            DownloadUpdate(
+                commit=plan.commit,
+                total_bytes=plan.total_bytes,
+                files_total=len(plan.files),
+                attempt=number,
+            )
+        )
+        spec = {
+            "repo_id": request.repo_id,
+            "revision": request.revision,
+            "cache_dir": str(self.settings.cache_dir),
+            "endpoint": self.settings.hf_endpoint,
+            "plan": plan_to_json(plan),
+        }
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -197,21 +336,30 @@ class HubCacheBackend:
         assert process.stdin is not None
         assert process.stdout is not None
         outcome: dict[str, Any] | None = None
+        stall = self.settings.stall_timeout_seconds
         try:
-            process.stdin.write(json.dumps(self.worker_spec(request)).encode() + b"\n")
+            process.stdin.write(json.dumps(spec).encode() + b"\n")
             await process.stdin.drain()
             # stdin stays open: the worker exits by itself when it closes (this process died).
-            async for raw in process.stdout:
+            while True:
+                try:
+                    raw = await asyncio.wait_for(process.stdout.readline(), timeout=stall)
+                except TimeoutError:
+                    raise AttemptFailed(
+                        FailureKind.STALLED, f"no data for {stall:g} s (stalled)", True
+                    ) from None
+                if not raw:
+                    break
                 message = _parse(raw)
                 if message is None:
                     continue
                 if message.get("type") in ("done", "failed"):
                     outcome = message
                 else:
-                    on_update(_update_from(message))
+                    on_update(_update_from(message, number))
             await process.wait()
         except BaseException:
-            # Cancelled (or anything else): stop the transfer now, then clean up after it.
+            # Cancelled, stalled, anything: stop the transfer now, then clean up after it.
             await _kill(process)
             await asyncio.shield(asyncio.to_thread(self.cache.remove_orphans, request.repo_id))
             raise
@@ -220,15 +368,19 @@ class HubCacheBackend:
                 process.stdin.close()
         await asyncio.to_thread(self.cache.remove_orphans, request.repo_id)
         if outcome is None:
-            raise DownloadFailed(
+            raise AttemptFailed(
                 FailureKind.CRASHED,
                 f"the download worker exited unexpectedly (code {process.returncode})",
+                True,
             )
         if outcome["type"] == "failed":
-            raise DownloadFailed(
-                FailureKind(outcome["kind"]), str(outcome["message"]), int(outcome["attempts"])
+            raise AttemptFailed(
+                FailureKind(outcome["kind"]),
+                str(outcome["message"]),
+                bool(outcome["retryable"]),
+                outcome.get("retry_after"),
             )
-        return str(outcome["commit"])
+        return plan.commit
 
 
 async def _kill(process: asyncio.subprocess.Process) -> None:
@@ -248,17 +400,14 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
     return message if isinstance(message, dict) else None
 
 
-def _update_from(message: dict[str, Any]) -> DownloadUpdate:
+def _update_from(message: dict[str, Any], attempt: int) -> DownloadUpdate:
     def num(key: str) -> int | None:
         value = message.get(key)
         return int(value) if isinstance(value, (int, float)) else None
 
     return DownloadUpdate(
-        commit=message.get("commit"),
-        total_bytes=num("total_bytes"),
-        files_total=num("files_total"),
         downloaded_bytes=num("downloaded_bytes"),
         files_done=num("files_done"),
-        attempt=num("attempt"),
-        retry_reason=message.get("reason") if message.get("type") == "retry" else None,
+        attempt=attempt,
+        verifying=message.get("type") == "verifying",
     )

@@ -18,12 +18,18 @@ from api.models.backend import (
     CachedRevision,
     CacheState,
     DownloadFailed,
+    DownloadPlan,
     DownloadRequest,
     DownloadUpdate,
     FailureKind,
     HubBackend,
 )
-from api.models.errors import DownloadConflict, ModelNotFound, TooManyDownloads
+from api.models.errors import (
+    DownloadConflict,
+    InsufficientStorage,
+    ModelNotFound,
+    TooManyDownloads,
+)
 from api.models.types import (
     DeleteResponse,
     DeleteStatus,
@@ -35,6 +41,7 @@ from api.models.types import (
     ModelListItem,
     ModelStatus,
     ModelStatusResponse,
+    VerifyResponse,
 )
 from api.settings import Settings
 
@@ -61,6 +68,7 @@ class DownloadJob:
     downloaded_bytes: int | None = None
     files_total: int | None = None
     files_done: int | None = None
+    verified_bytes: int | None = None
     attempt: int = 1
     bytes_per_second: float | None = None
     _sample: tuple[float, int] | None = None
@@ -78,8 +86,6 @@ class DownloadJob:
             self.phase = DownloadPhase.DOWNLOADING
         if update.files_total is not None:
             self.files_total = update.files_total
-        if update.files_done is not None:
-            self.files_done = update.files_done
         if update.attempt is not None and update.attempt != self.attempt:
             self.attempt = update.attempt
             self._sample = None  # a new attempt: the speed starts over
@@ -90,7 +96,14 @@ class DownloadJob:
                 update.attempt,
                 update.retry_reason,
             )
+        if update.verifying:
+            self.phase = DownloadPhase.VERIFYING
+            self.verified_bytes = update.downloaded_bytes
+            return
+        if update.files_done is not None:
+            self.files_done = update.files_done
         if update.downloaded_bytes is not None:
+            self.phase = DownloadPhase.DOWNLOADING
             self._measure(update.downloaded_bytes)
             self.downloaded_bytes = update.downloaded_bytes
 
@@ -132,6 +145,7 @@ class DownloadJob:
             eta_seconds=eta,
             files_done=self.files_done,
             files_total=self.files_total,
+            verified_bytes=self.verified_bytes,
             attempt=self.attempt,
         )
 
@@ -149,6 +163,7 @@ class ModelManager:
         self._download_tasks: dict[str, asyncio.Task[None]] = {}
         self._jobs: dict[str, DownloadJob] = {}
         self._errors: dict[str, str] = {}  # task id -> why its last download failed
+        self._starting: set[str] = set()  # task ids between the checks and the task's start
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -222,30 +237,66 @@ class ModelManager:
         every download slot is taken.
         """
         task_id = model.task_id
-        if task_id in self._download_tasks:
-            raise DownloadConflict(task_id)
+        self._check_can_start(task_id)
         if await self.is_model_exist(model):
             return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADED)
-        # Checked again after the await: another request may have started it meanwhile.
-        if task_id in self._download_tasks:
-            raise DownloadConflict(task_id)
-        if len(self._download_tasks) >= self.settings.max_concurrent_downloads:
-            raise TooManyDownloads(
-                self.settings.max_concurrent_downloads, self.settings.retry_after_seconds
-            )
-        job = DownloadJob(model=model)
-        self._errors.pop(task_id, None)
-        self._jobs[task_id] = job
-        job.task = asyncio.create_task(self._run(job), name=f"download {task_id}")
-        self._download_tasks[task_id] = job.task
+        # Checked again after the await, then the slot is held while the file list is fetched.
+        self._check_can_start(task_id)
+        self._starting.add(task_id)
+        try:
+            plan = await self._plan_with_space_check(model)
+            job = DownloadJob(model=model)
+            self._errors.pop(task_id, None)
+            self._jobs[task_id] = job
+            job.task = asyncio.create_task(self._run(job, plan), name=f"download {task_id}")
+            self._download_tasks[task_id] = job.task
+        finally:
+            self._starting.discard(task_id)
         logger.info("download %s started (revision %s)", task_id, model.revision)
         return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADING)
 
-    async def _run(self, job: DownloadJob) -> None:
+    def _check_can_start(self, task_id: str) -> None:
+        if task_id in self._download_tasks or task_id in self._starting:
+            raise DownloadConflict(task_id)
+        if (
+            len(self._download_tasks) + len(self._starting)
+            >= self.settings.max_concurrent_downloads
+        ):
+            raise TooManyDownloads(
+                self.settings.max_concurrent_downloads, self.settings.retry_after_seconds
+            )
+
+    async def _plan_with_space_check(self, model: Model) -> DownloadPlan | DownloadFailed | None:
+        """Fetch the file list and refuse (``InsufficientStorage``) a download that cannot fit:
+        the bytes still missing against the free space, less what running downloads still need,
+        less a margin. A failure that no retry can mend (not found, gated) is returned for the
+        job to report at once; with any other failure the job fetches the list itself, retrying."""
+        request = DownloadRequest(repo_id=model.hf_repo, revision=model.revision)
+        try:
+            async with asyncio.timeout(self.settings.plan_timeout_seconds):
+                plan = await self.backend.plan(request)
+        except DownloadFailed as failure:
+            return None if failure.retryable else failure
+        except TimeoutError:
+            return None
+        needed = await asyncio.to_thread(self.backend.missing_bytes, model.hf_repo, plan)
+        _, free = await asyncio.to_thread(self.backend.cache_usage)
+        reserved = sum(
+            max((job.total_bytes or 0) - (job.downloaded_bytes or 0), 0)
+            for job in self._jobs.values()
+        )
+        available = max(free - reserved - self.settings.space_margin_bytes, 0)
+        if needed > available:
+            raise InsufficientStorage(needed, available)
+        return plan
+
+    async def _run(self, job: DownloadJob, plan: DownloadPlan | DownloadFailed | None) -> None:
         request = DownloadRequest(repo_id=job.model.hf_repo, revision=job.model.revision)
         try:
+            if isinstance(plan, DownloadFailed):
+                raise plan
             async with asyncio.timeout(self.settings.download_timeout_seconds):
-                commit = await self.backend.download(request, job.apply)
+                commit = await self.backend.download(request, plan, job.apply)
             logger.info(
                 "download %s completed: commit %s, %s bytes in %.1f s",
                 job.task_id,
@@ -318,6 +369,33 @@ class ModelManager:
         self._errors.pop(model.task_id, None)
         logger.info("deleted %s (%d bytes freed)", model.task_id, freed)
         return DeleteResponse(status=DeleteStatus.DELETED, freed_bytes=freed)
+
+    async def verify_model(self, model: Model) -> VerifyResponse:
+        """Hash every file of the cached revision against its ETag, off the event loop.
+
+        Raises ``DownloadConflict`` while it downloads and ``ModelNotFound`` when not cached."""
+        if model.task_id in self._download_tasks:
+            raise DownloadConflict(model.task_id)
+        report = await asyncio.to_thread(self.backend.verify, model.hf_repo, model.revision)
+        if report is None:
+            raise ModelNotFound(model.task_id)
+        verified = not report.missing and not report.mismatched
+        logger.info(
+            "verified %s at %s: %d checked, %d missing, %d mismatched",
+            model.task_id,
+            report.commit,
+            report.files_checked,
+            len(report.missing),
+            len(report.mismatched),
+        )
+        return VerifyResponse(
+            model=model,
+            commit=report.commit,
+            verified=verified,
+            files_checked=report.files_checked,
+            missing=list(report.missing),
+            mismatched=list(report.mismatched),
+        )
 
     async def shutdown(self) -> None:
         """Stop every running download and wait for each (no worker outlives the service)."""

@@ -27,6 +27,7 @@ from api.models.types import (
     ModelListResponse,
     ModelStatus,
     ModelStatusResponse,
+    VerifyResponse,
 )
 
 # One table from domain errors to HTTP codes.
@@ -123,6 +124,11 @@ async def model_status(model: ModelBody, manager: ManagerDep) -> ModelStatusResp
             f"{REPO_EXAMPLE}:latest is already downloading; poll POST /api/models/status",
         ),
         422: _INVALID,
+        507: _error(
+            "The files still missing do not fit in the cache's free space (less what running"
+            " downloads need and a margin); nothing was written",
+            "not enough free space in the cache: 16000000000 bytes needed, 5000000000 available",
+        ),
         429: {
             **_error(
                 "Every download slot is busy; the Retry-After header says when to try again",
@@ -185,6 +191,34 @@ async def delete_model(model: ModelBody, manager: ManagerDep) -> DeleteResponse:
     Response: `{"status": "deleted", "freed_bytes": 13958643712}` or `{"status": "cancelled"}`
     """
     return await manager.delete_model(model)
+
+
+@router.post(
+    "/verify",
+    response_model=VerifyResponse,
+    responses={
+        404: _error(
+            "The revision is not in the cache",
+            f"{REPO_EXAMPLE}:latest is neither downloading nor in the cache",
+        ),
+        409: _error(
+            "The model is downloading: it is verified when it completes",
+            f"{REPO_EXAMPLE}:latest is already downloading; poll POST /api/models/status",
+        ),
+        422: _INVALID,
+    },
+)
+async def verify_model(model: ModelBody, manager: ManagerDep) -> VerifyResponse:
+    """Check every cached file of a revision against its ETag (sha256 for LFS files, git blob id
+    for regular files), offline. Hashing runs off the event loop; a large model takes a while
+    (about the time to read it from disk).
+
+    Request: `{"hf_repo": "meta-llama/Llama-2-7b-hf"}`
+
+    Response: `{"model": {...}, "commit": "01c7f73d771dfac7d292323805ebc428287df4f9", "verified":
+    false, "files_checked": 12, "missing": [], "mismatched": ["model-00001-of-00002.safetensors"]}`
+    """
+    return await manager.verify_model(model)
 
 
 @router.get("/list", response_model=ModelListResponse)

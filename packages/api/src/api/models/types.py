@@ -136,6 +136,9 @@ class DownloadProgress(BaseModel):
     eta_seconds: float | None = None
     files_done: int | None = None
     files_total: int | None = None
+    verified_bytes: int | None = Field(
+        default=None, description="Bytes checked against their ETags so far (phase verifying)"
+    )
     attempt: int | None = Field(
         default=None, description="1 for the first attempt, 2 after a retry"
     )
@@ -182,6 +185,18 @@ class DiskSpaceInfo(BaseModel):
     cache_size_bytes: int = Field(examples=[13958643712])
     available_bytes: int = Field(examples=[500000000000])
     cache_path: str = Field(examples=["/root/.cache/huggingface/hub"])
+
+
+class VerifyResponse(BaseModel):
+    """The result of checking every file of a cached revision against its ETag (sha256 for LFS
+    files, git blob id for regular files)."""
+
+    model: Model
+    commit: str
+    verified: bool = Field(description="True when every file is present and matches")
+    files_checked: int
+    missing: list[str]
+    mismatched: list[str]
 
 
 class ErrorResponse(BaseModel):

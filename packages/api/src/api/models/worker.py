@@ -1,15 +1,17 @@
-"""The download worker: ``python -m api.models.worker``, one process per download.
+"""The download worker: ``python -m api.models.worker``, one process per download attempt.
 
-Reads one JSON line on stdin (what to download, where from, the retry policy; the token comes in
-the ``HF_TOKEN`` environment variable), runs ``snapshot_download`` with classified retries, and
-writes JSON lines on stdout:
+Reads one JSON line on stdin (repo, revision, cache, endpoint and the plan: the commit and its
+files with sizes and ETags; the token comes in the ``HF_TOKEN`` environment variable), runs
+``snapshot_download`` for the commit, then checks every file against its ETag. Writes JSON lines on
+stdout:
 
-- ``{"type": "resolved", "commit", "total_bytes", "files_total", "downloaded_bytes", "attempt"}``
-- ``{"type": "progress", "downloaded_bytes", "files_done", "attempt"}`` (at most every 0.25 s)
-- ``{"type": "retry", "attempt", "reason", "wait"}``
-- ``{"type": "done", "commit"}`` or ``{"type": "failed", "kind", "message", "attempts"}``
+- ``{"type": "progress", "downloaded_bytes", "files_done"}`` (at most every 0.25 s)
+- ``{"type": "verifying", "downloaded_bytes", "files_done"}`` while hashing
+- ``{"type": "done"}`` or ``{"type": "failed", "kind", "message", "retryable", "retry_after"}``
 
-It exits when its stdin closes (the service died) and, on Linux, when its parent dies.
+A file whose content does not match its ETag is deleted and fetched once more; a second mismatch
+fails the download. The worker exits when its stdin closes (the service died) and, on Linux, when
+its parent dies. Retries across attempts are the service's (``api.models.hub``).
 """
 
 from __future__ import annotations
@@ -24,21 +26,22 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from huggingface_hub import HfApi, snapshot_download
-from huggingface_hub.hf_api import RepoFile
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_random_exponential,
-)
+from huggingface_hub import constants, snapshot_download
 
-from api.models.backend import FailureKind
-from api.models.cache import ModelCache
-from api.models.hub import classify_error, retry_after_seconds
+from api.models.backend import DownloadPlan, FailureKind
+from api.models.cache import ModelCache, content_matches
+from api.models.hub import classify_error, plan_from_json, retry_after_seconds
 
 PROGRESS_INTERVAL = 0.25
+# The library reads its HTTP body in chunks of this size and reports progress per chunk (10 MiB by
+# default): 1 MiB gives progress, and the stall watchdog, a finer grain. A test pins it.
+CHUNK_SIZE = 1024 * 1024
+
+
+class ChecksumMismatch(Exception):
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
 
 
 class Reporter:
@@ -47,10 +50,10 @@ class Reporter:
     def __init__(self, out: BinaryIO) -> None:
         self._out = out
         self._lock = threading.Lock()
-        self.attempt = 1
         self.base_bytes = 0
         self.bytes = 0
         self.files = 0
+        self.kind = "progress"
         self._last = 0.0
 
     def send(self, type_: str, **fields: Any) -> None:
@@ -59,9 +62,9 @@ class Reporter:
             self._out.write(line)
             self._out.flush()
 
-    def start_attempt(self, attempt: int, present_bytes: int) -> None:
+    def restart(self, kind: str, base_bytes: int = 0) -> None:
         with self._lock:
-            self.attempt, self.base_bytes, self.bytes, self.files = attempt, present_bytes, 0, 0
+            self.kind, self.base_bytes, self.bytes, self.files = kind, base_bytes, 0, 0
 
     def add(self, nbytes: int = 0, nfiles: int = 0) -> None:
         with self._lock:
@@ -71,12 +74,12 @@ class Reporter:
             if now - self._last < PROGRESS_INTERVAL and not nfiles:
                 return
             self._last = now
+            kind = self.kind
             payload = {
                 "downloaded_bytes": self.base_bytes + max(self.bytes, 0),
                 "files_done": self.files,
-                "attempt": self.attempt,
             }
-        self.send("progress", **payload)
+        self.send(kind, **payload)
 
 
 def progress_class(reporter: Reporter) -> type:
@@ -90,13 +93,12 @@ def progress_class(reporter: Reporter) -> type:
     class _Progress:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             desc = str(kwargs.get("desc") or "")
-            self.kind = (
-                "bytes"
-                if desc.startswith("Reconstruct")
-                else "files"
-                if "Fetching" in desc
-                else "other"
-            )
+            if desc.startswith("Reconstruct"):
+                self.kind = "bytes"
+            elif "Fetching" in desc:
+                self.kind = "files"
+            else:
+                self.kind = "other"
             self.n = kwargs.get("initial", 0) or 0
             self.total = kwargs.get("total")
             self.format_dict: dict[str, Any] = {}
@@ -148,94 +150,87 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="stdin-watch").start()
 
 
-def run(spec: dict[str, Any], reporter: Reporter) -> int:
+def download_and_verify(spec: dict[str, Any], reporter: Reporter) -> None:
+    """One attempt: fetch what is missing, verify everything, fetch a bad file once more."""
     repo_id: str = spec["repo_id"]
     revision: str = spec["revision"]
-    cache_dir = Path(spec["cache_dir"])
-    endpoint: str = spec["endpoint"]
-    # Only the configured token: never a token file the library would find on its own.
+    plan = plan_from_json(spec["plan"])
+    cache = ModelCache(Path(spec["cache_dir"]))
     token: str | bool = os.environ.get("HF_TOKEN") or False
-    cache = ModelCache(cache_dir)
-    api = HfApi(endpoint=endpoint, token=token)
-    state: dict[str, Any] = {"commit": None, "tree": None}
-    tqdm_class = progress_class(reporter)
-    min_wait, max_wait = float(spec["min_backoff"]), float(spec["max_backoff"])
-    backoff = wait_random_exponential(multiplier=min_wait or 0.001, max=max_wait)
+    # The library writes refs/<branch> only when asked for the branch; we pass the commit the
+    # plan resolved (no second resolution, no race with a moving branch) and record the ref first,
+    # as the library does, so the cache knows the revision while it downloads.
+    cache.write_ref(repo_id, revision, plan.commit)
 
-    def wait(retry_state: RetryCallState) -> float:
-        error = retry_state.outcome.exception() if retry_state.outcome else None
-        hinted = retry_after_seconds(error) if error is not None else None
-        return min(max_wait, hinted) if hinted is not None else backoff(retry_state)
-
-    def before_sleep(retry_state: RetryCallState) -> None:
-        error = retry_state.outcome.exception() if retry_state.outcome else None
-        reason = classify_error(error, repo_id, revision)[2] if error is not None else "retry"
-        delay = retry_state.next_action.sleep if retry_state.next_action else 0.0
-        reporter.send(
-            "retry", attempt=retry_state.attempt_number + 1, reason=reason, wait=round(delay, 3)
-        )
-
-    def retryable(error: BaseException) -> bool:
-        return classify_error(error, repo_id, revision)[1]
-
-    def attempt(number: int) -> str:
-        if state["tree"] is None:
-            # The file list first: its sizes give total_bytes before the first byte of content.
-            commit = api.repo_info(repo_id, revision=revision).sha
-            assert commit is not None
-            tree = [
-                f
-                for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
-                if isinstance(f, RepoFile)
-            ]
-            state["commit"], state["tree"] = commit, tree
-        commit, tree = state["commit"], state["tree"]
-        snapshot = cache.folder(repo_id) / "snapshots" / commit
-        present = sum(f.size for f in tree if _size(snapshot / f.path) == f.size)
-        reporter.start_attempt(number, present)
-        reporter.send(
-            "resolved",
-            commit=commit,
-            total_bytes=sum(f.size for f in tree),
-            files_total=len(tree),
-            downloaded_bytes=present,
-            attempt=number,
-        )
+    def fetch() -> None:
+        snapshot = cache.folder(repo_id) / "snapshots" / plan.commit
+        present = sum(f.size for f in plan.files if _size(snapshot / f.path) == f.size)
+        reporter.restart("progress", present)
+        reporter.send("progress", downloaded_bytes=present, files_done=0)
         snapshot_download(
             repo_id,
-            revision=revision,
-            cache_dir=cache_dir,
-            endpoint=endpoint,
+            revision=plan.commit,
+            cache_dir=spec["cache_dir"],
+            endpoint=spec["endpoint"],
             token=token,
-            tqdm_class=tqdm_class,
+            tqdm_class=progress_class(reporter),
         )
-        return str(commit)
 
-    counter = {"n": 0}
+    fetch()
+    bad = verify(cache, repo_id, plan, reporter)
+    if bad:
+        for path in bad:
+            cache.discard_file(repo_id, plan.commit, path)
+        fetch()
+        still_bad = verify(cache, repo_id, plan, reporter, only=set(bad))
+        if still_bad:
+            raise ChecksumMismatch(still_bad[0])
 
-    def one_attempt() -> str:
-        counter["n"] += 1
-        return attempt(counter["n"])
 
-    retrying = Retrying(
-        stop=stop_after_attempt(int(spec["attempts"])),
-        wait=wait,
-        retry=retry_if_exception(retryable),
-        before_sleep=before_sleep,
-        reraise=True,
-    )
+def verify(
+    cache: ModelCache,
+    repo_id: str,
+    plan: DownloadPlan,
+    reporter: Reporter,
+    only: set[str] | None = None,
+) -> list[str]:
+    """Files of the plan whose content does not hash to their ETag."""
+    snapshot = cache.folder(repo_id) / "snapshots" / plan.commit
+    reporter.restart("verifying")
+    reporter.send("verifying", downloaded_bytes=0, files_done=0)
+    bad = []
+    for entry in plan.files:
+        if only is not None and entry.path not in only:
+            continue
+        if not content_matches(snapshot / entry.path, entry.etag, lambda n: reporter.add(nbytes=n)):
+            bad.append(entry.path)
+        reporter.add(nfiles=1)
+    return bad
+
+
+def run(spec: dict[str, Any], reporter: Reporter) -> int:
     try:
-        commit = retrying(one_attempt)
-    except BaseException as error:  # report every failure, then exit non-zero
-        kind, retried, message = classify_error(error, repo_id, revision)
-        attempts = counter["n"]
-        if retried:
-            message = f"{message}; gave up after {attempts} attempts"
-        else:
-            message = f"{message} (attempt {attempts}, not retried)"
-        reporter.send("failed", kind=kind.value, message=message, attempts=attempts)
+        download_and_verify(spec, reporter)
+    except ChecksumMismatch as mismatch:
+        reporter.send(
+            "failed",
+            kind=FailureKind.CORRUPT.value,
+            message=f"{mismatch.path} did not match its checksum twice; it was deleted",
+            retryable=False,
+            retry_after=None,
+        )
         return 1
-    reporter.send("done", commit=commit)
+    except BaseException as error:  # report every failure, then exit non-zero
+        kind, retryable, message = classify_error(error, spec["repo_id"], spec["revision"])
+        reporter.send(
+            "failed",
+            kind=kind.value,
+            message=message,
+            retryable=retryable,
+            retry_after=retry_after_seconds(error),
+        )
+        return 1
+    reporter.send("done")
     return 0
 
 
@@ -250,13 +245,18 @@ def main() -> int:
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     # Anything the library prints goes to stderr, never into the event stream.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    constants.DOWNLOAD_CHUNK_SIZE = CHUNK_SIZE
     line = sys.stdin.buffer.readline()
     reporter = Reporter(out)
     try:
         spec = json.loads(line)
     except ValueError:
         reporter.send(
-            "failed", kind=FailureKind.UNEXPECTED.value, message="bad worker input", attempts=0
+            "failed",
+            kind=FailureKind.UNEXPECTED.value,
+            message="bad worker input",
+            retryable=False,
+            retry_after=None,
         )
         return 2
     _exit_with_parent()
