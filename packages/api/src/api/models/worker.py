@@ -183,6 +183,8 @@ def download_and_verify(spec: dict[str, Any], reporter: Reporter) -> None:
             cache.discard_file(repo_id, plan.commit, path)
         fetch()
         still_bad = verify(cache, repo_id, plan, reporter, only=set(bad))
+        for path in still_bad:
+            cache.discard_file(repo_id, plan.commit, path)  # never left to pass as good
         if still_bad:
             raise ChecksumMismatch(still_bad[0])
 

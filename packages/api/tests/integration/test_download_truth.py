@@ -1,0 +1,244 @@
+"""Downloads that tell the truth (issue 4): verification, space, stalls, Retry-After, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from api.app import create_app
+from api.settings import Settings
+from fakehub import FakeHub, Generated, RepoBuilder, corrupt, rate_limited, stall, trickle
+
+from .conftest import wait_for_status, worker_processes
+
+MB = 1024 * 1024
+FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
+
+
+@pytest.fixture
+def commit(repos: RepoBuilder) -> str:
+    return repos.commit(
+        "org/model", {"config.json": "{}", "model.safetensors": Generated(3 * MB, seed=5)}
+    )
+
+
+async def test_corruption_once_is_fetched_again(
+    client: httpx.AsyncClient, hub: FakeHub, commit: str, cache_dir: Path
+) -> None:
+    fault = hub.add_fault(corrupt(path="*/model.safetensors", times=1))
+    body = {"hf_repo": "org/model"}
+    await client.post("/api/models/download", json=body)
+    assert (await wait_for_status(client, body, FINAL))["status"] == "DOWNLOADED"
+    assert fault.applied == 1
+    assert hub.count("GET", "*/model.safetensors") == 2
+    report = (await client.post("/api/models/verify", json=body)).json()
+    assert report["verified"] is True
+    assert report["files_checked"] == 2
+
+
+async def test_corruption_twice_fails_naming_the_file(
+    client: httpx.AsyncClient, hub: FakeHub, commit: str
+) -> None:
+    hub.add_fault(corrupt(path="*/model.safetensors"))
+    body = {"hf_repo": "org/model"}
+    await client.post("/api/models/download", json=body)
+    answer = await wait_for_status(client, body, FINAL)
+    assert answer["status"] == "PARTIAL"
+    assert "model.safetensors did not match its checksum twice" in answer["error_message"]
+    assert "not retried" in answer["error_message"]
+    assert hub.count("GET", "*/model.safetensors") == 2
+
+
+async def test_verify_finds_a_blob_changed_on_disk(
+    client: httpx.AsyncClient, commit: str, cache_dir: Path
+) -> None:
+    body = {"hf_repo": "org/model"}
+    assert (await client.post("/api/models/verify", json=body)).status_code == 404
+    await client.post("/api/models/download", json=body)
+    assert (await wait_for_status(client, body, FINAL))["status"] == "DOWNLOADED"
+    weights = (
+        cache_dir / "models--org--model" / "snapshots" / commit / "model.safetensors"
+    ).resolve()
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 1
+    weights.write_bytes(bytes(data))
+    report = (await client.post("/api/models/verify", json=body)).json()
+    assert report == {
+        "model": {"hf_repo": "org/model", "hf_commit": None},
+        "commit": commit,
+        "verified": False,
+        "files_checked": 2,
+        "missing": [],
+        "mismatched": ["model.safetensors"],
+    }
+
+
+async def test_a_model_that_cannot_fit_is_refused_before_the_first_byte(
+    settings: Settings, hub: FakeHub, commit: str, cache_dir: Path
+) -> None:
+    app = create_app(settings.model_copy(update={"space_margin_bytes": 10**18}))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        refused = await client.post("/api/models/download", json={"hf_repo": "org/model"})
+    assert refused.status_code == 507
+    assert refused.json()["detail"].startswith(
+        f"not enough free space in the cache: {3 * MB + 2} bytes needed, 0 available"
+    )
+    assert hub.count(None, "*/resolve/*") == 0
+    assert not (cache_dir / "models--org--model" / "blobs").exists()
+
+
+async def test_stall_trips_the_watchdog_and_the_retry_completes(
+    settings: Settings, hub: FakeHub, commit: str
+) -> None:
+    hub.add_fault(stall(30, path="*/model.safetensors", method="GET", times=1))
+    app = create_app(settings.model_copy(update={"stall_timeout_seconds": 1.0}))
+    body = {"hf_repo": "org/model"}
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        await client.post("/api/models/download", json=body)
+        answer = await wait_for_status(client, body, FINAL)
+    assert answer["status"] == "DOWNLOADED"
+    assert hub.count("GET", "*/model.safetensors") == 2
+
+
+async def test_trickle_trips_the_watchdog(
+    settings: Settings, hub: FakeHub, repos: RepoBuilder
+) -> None:
+    repos.commit("org/slow", {"w.bin": Generated(4 * MB, seed=9)})
+    hub.add_fault(trickle(100_000, path="*/w.bin"))  # under 1 MiB per watchdog period
+    app = create_app(
+        settings.model_copy(update={"stall_timeout_seconds": 1.0, "retry_attempts": 2})
+    )
+    body = {"hf_repo": "org/slow"}
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        await client.post("/api/models/download", json=body)
+        answer = await wait_for_status(client, body, FINAL)
+    assert answer["status"] == "NOT_FOUND"
+    assert answer["error_message"] == "no data for 1 s (stalled); gave up after 2 attempts"
+    assert worker_processes() == []
+
+
+async def test_retry_after_is_honoured(
+    client: httpx.AsyncClient, hub: FakeHub, commit: str
+) -> None:
+    # The client library itself retries a 429 on a file a few times; this one persists past it.
+    hub.add_fault(rate_limited(0.5, path="/api/models/org/model/revision/*", times=1))
+    body = {"hf_repo": "org/model"}
+    started = time.monotonic()
+    await client.post("/api/models/download", json=body)
+    answer = await wait_for_status(client, body, FINAL)
+    assert answer["status"] == "DOWNLOADED"
+    assert hub.count("GET", "/api/models/org/model/revision/*") == 2
+    assert time.monotonic() - started >= 0.5  # waited what the hub asked, not the 0.05 s backoff
+
+
+async def test_byte_progress_moves_in_small_steps(
+    client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuilder
+) -> None:
+    """Pins the 1 MiB read size the worker sets on the library (its default is 10 MiB)."""
+    repos.commit("org/steps", {"w.bin": Generated(6 * MB, seed=4)})
+    hub.add_fault(trickle(3 * MB, path="*/w.bin"))
+    body = {"hf_repo": "org/steps"}
+    await client.post("/api/models/download", json=body)
+    seen = set()
+    while True:
+        answer = (await client.post("/api/models/status", json=body)).json()
+        if answer["status"] != "DOWNLOADING":
+            break
+        progress = answer["progress"]
+        if progress["phase"] == "downloading" and progress["downloaded_bytes"] is not None:
+            seen.add(progress["downloaded_bytes"])
+        await asyncio.sleep(0.05)
+    assert answer["status"] == "DOWNLOADED"
+    assert len([b for b in seen if 0 < b < 6 * MB]) >= 3
+
+
+def _workers_using(cache_dir: Path) -> list[int]:
+    """Download workers on this machine, whatever their parent, working on ``cache_dir``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (
+                b"api.models.worker" in (proc / "cmdline").read_bytes()
+                and str(cache_dir).encode() in (proc / "environ").read_bytes()
+            ):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_kill_9_of_the_service_then_restart(
+    hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path
+) -> None:
+    repos.commit("org/big", {"config.json": "{}", "w.bin": Generated(24 * MB, seed=8)})
+    hub.add_fault(trickle(4 * MB, path="*/w.bin"))
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_CACHE": str(cache_dir), "HF_ENDPOINT": hub.url}
+    with (tmp_path / "service.log").open("wb") as log:
+        service = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "api.app:app", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    body = {"hf_repo": "org/big"}
+    try:
+        async with httpx.AsyncClient(base_url=base) as client:
+            for _ in range(100):
+                try:
+                    await client.get("/api/health")
+                    break
+                except httpx.ConnectError:
+                    await asyncio.sleep(0.1)
+            assert (await client.post("/api/models/download", json=body)).status_code == 202
+            answer = await wait_for_status(client, body, {"__never__"}, seconds=1.5)
+            assert answer["status"] == "DOWNLOADING"
+            assert answer["progress"]["downloaded_bytes"] > 0
+    finally:
+        service.send_signal(signal.SIGKILL)
+        service.wait()
+    # The worker dies with the service: nothing writes to the cache any more.
+    blobs = cache_dir / "models--org--big" / "blobs"
+    await asyncio.sleep(1.0)
+    assert _workers_using(cache_dir) == []
+    sizes = {p.name: p.stat().st_size for p in blobs.iterdir()}
+    await asyncio.sleep(1.0)
+    assert {p.name: p.stat().st_size for p in blobs.iterdir()} == sizes
+    assert any(name.endswith(".incomplete") for name in sizes)  # left behind by the kill
+
+    hub.clear_faults()
+    settings = Settings(cache_dir=cache_dir, hf_endpoint=hub.url)
+    app = create_app(settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        assert (await client.post("/api/models/status", json=body)).json()["status"] == "PARTIAL"
+        await client.post("/api/models/download", json=body)
+        assert (await wait_for_status(client, body, FINAL))["status"] == "DOWNLOADED"
+    assert not any(p.name.endswith(".incomplete") for p in blobs.iterdir())
