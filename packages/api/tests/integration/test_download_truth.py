@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -242,3 +243,53 @@ async def test_kill_9_of_the_service_then_restart(
         await client.post("/api/models/download", json=body)
         assert (await wait_for_status(client, body, FINAL))["status"] == "DOWNLOADED"
     assert not any(p.name.endswith(".incomplete") for p in blobs.iterdir())
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB filesystem (tmpfs) for the cache; skipped where mounting is not permitted."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+async def test_disk_full_mid_download_fails_at_once_and_cleanly(
+    settings: Settings, hub: FakeHub, repos: RepoBuilder, small_disk: Path
+) -> None:
+    repos.commit("org/fill", {"w.bin": Generated(8 * MB, seed=6)})
+    hub.add_fault(trickle(4 * MB, path="*/w.bin"))
+    cache = small_disk / "cache"
+    app = create_app(settings.model_copy(update={"cache_dir": cache, "space_margin_bytes": 0}))
+    body = {"hf_repo": "org/fill"}
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        assert (await client.post("/api/models/download", json=body)).status_code == 202
+        while True:
+            progress = (await client.post("/api/models/status", json=body)).json()["progress"]
+            if progress and (progress["downloaded_bytes"] or 0) > MB:
+                break
+            await asyncio.sleep(0.05)
+        # Another process fills the disk while the download runs.
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        (small_disk / "filler").write_bytes(b"\0" * max(free - 256 * 1024, 0))
+        answer = await wait_for_status(client, body, FINAL)
+        assert answer["status"] in ("NOT_FOUND", "PARTIAL")
+        assert answer["error_message"] == "the cache's disk is full (attempt 1, not retried)"
+        assert hub.count("GET", "*/w.bin") == 1
+        assert (await client.get("/api/health")).status_code == 200
+        assert not [p for p in cache.rglob("*") if p.name.endswith(".incomplete")]
+        # Too big for what is left: refused before the first byte.
+        refused = await client.post("/api/models/download", json=body)
+        assert refused.status_code == 507

@@ -4,6 +4,7 @@ fake hub with the real snapshot_download in a worker process."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import httpx
@@ -236,3 +237,20 @@ async def _sleep(seconds: float) -> None:
     import asyncio
 
     await asyncio.sleep(seconds)
+
+
+async def test_models_put_in_the_cache_by_another_tool(
+    client: httpx.AsyncClient, hub: FakeHub, commit: str, cache_dir: Path
+) -> None:
+    from huggingface_hub import snapshot_download
+
+    snapshot_download("org/model", endpoint=hub.url, cache_dir=cache_dir, token=False)
+    hub.reset_counts()
+    body = {"hf_repo": "org/model"}
+    assert (await client.post("/api/models/status", json=body)).json()["status"] == "DOWNLOADED"
+    assert (await client.post("/api/models/verify", json=body)).json()["verified"] is True
+    # A cache written by an older client has no file list: judged by its links, still offline.
+    shutil.rmtree(cache_dir / "models--org--model" / "trees")
+    assert (await client.post("/api/models/status", json=body)).json()["status"] == "DOWNLOADED"
+    assert (await client.post("/api/models/verify", json=body)).json()["verified"] is True
+    assert hub.count() == 0
