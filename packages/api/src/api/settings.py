@@ -45,7 +45,7 @@ class Settings(BaseSettings):
         default=512 * 1024 * 1024, ge=0, description="free space kept beyond what downloads need"
     )
     plan_timeout_seconds: float = Field(
-        default=30.0, gt=0, description="how long POST /download waits for the file list"
+        default=10.0, gt=0, description="how long POST /download waits for the file list"
     )
     retry_after_seconds: int = Field(
         default=5, ge=1, description="Retry-After sent with a 429 when all download slots are busy"
