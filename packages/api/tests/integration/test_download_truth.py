@@ -136,18 +136,28 @@ async def test_trickle_trips_the_watchdog(
     assert worker_processes() == []
 
 
-async def test_retry_after_is_honoured(
-    client: httpx.AsyncClient, hub: FakeHub, commit: str
-) -> None:
-    # The client library itself retries a 429 on a file a few times; this one persists past it.
-    hub.add_fault(rate_limited(0.5, path="/api/models/org/model/revision/*", times=1))
+async def test_retry_after_is_honoured(settings: Settings, hub: FakeHub, commit: str) -> None:
+    # On the file list, fetched before the first byte. (A 429 on a file is retried by the client
+    # library itself, before the service sees it.)
+    hub.add_fault(rate_limited(0.5, path="/api/models/org/model/revision/*", times=2))
+    # Backoffs of at most 0.1 s: only the hub's Retry-After explains waits of 0.5 s.
+    app = create_app(
+        settings.model_copy(
+            update={"retry_min_backoff_seconds": 0.05, "retry_max_backoff_seconds": 5.0}
+        )
+    )
     body = {"hf_repo": "org/model"}
-    started = time.monotonic()
-    await client.post("/api/models/download", json=body)
-    answer = await wait_for_status(client, body, FINAL)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        started = time.monotonic()
+        await client.post("/api/models/download", json=body)
+        answer = await wait_for_status(client, body, FINAL)
+        elapsed = time.monotonic() - started
     assert answer["status"] == "DOWNLOADED"
-    assert hub.count("GET", "/api/models/org/model/revision/*") == 2
-    assert time.monotonic() - started >= 0.5  # waited what the hub asked, not the 0.05 s backoff
+    assert hub.count("GET", "/api/models/org/model/revision/*") == 3
+    assert elapsed >= 1.0  # two waits the hub asked for, not two backoffs of at most 0.1 s
 
 
 async def test_byte_progress_moves_in_small_steps(

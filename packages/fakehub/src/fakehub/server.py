@@ -80,6 +80,7 @@ class FakeHub:
         self.faults: list[Fault] = []
         self.requests: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
+        self._repos: dict[str, tuple[tuple[int, int, int], Repo]] = {}
         self._stopping = threading.Event()
         self._server = _Server((host, port), _Handler)
         self._server.hub = self
@@ -155,11 +156,21 @@ class FakeHub:
         return [f for f in faults if f.take(method, path)]
 
     def repo(self, repo_id: str) -> Repo | None:
-        # Read from disk on every request: tests add commits while the server runs.
+        # Tests add commits while the server runs: reload a repo when its repo.json changes.
         folder = self.repos_dir / repo_id
-        if not (folder / "repo.json").is_file():
+        try:
+            stat = (folder / "repo.json").stat()
+        except (FileNotFoundError, NotADirectoryError):
             return None
-        return Repo.load(folder)
+        key = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        with self._lock:
+            cached = self._repos.get(repo_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        repo = Repo.load(folder)
+        with self._lock:
+            self._repos[repo_id] = (key, repo)
+        return repo
 
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True when the server is stopping."""
@@ -180,6 +191,9 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and a small body go out in two writes: without TCP_NODELAY, Nagle's algorithm and
+    # the client's delayed ACK hold the body back ~40 ms on every small file.
+    disable_nagle_algorithm = True
     server: _Server
     server_version = "fakehub/0.1"
 

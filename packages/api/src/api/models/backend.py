@@ -55,12 +55,18 @@ class DownloadFailed(Exception):
     """A download ended without the model. ``str(error)`` is safe to show a client."""
 
     def __init__(
-        self, kind: FailureKind, message: str, attempts: int = 1, retryable: bool = False
+        self,
+        kind: FailureKind,
+        message: str,
+        attempts: int = 1,
+        retryable: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.attempts = attempts
         self.retryable = retryable  # whether another attempt could succeed
+        self.retry_after = retry_after  # what the Hub asked to wait, when it did
 
 
 @dataclass

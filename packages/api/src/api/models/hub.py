@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx2
 from huggingface_hub import HfApi
@@ -50,7 +50,9 @@ from api.models.backend import (
     VerifyReport,
 )
 from api.models.cache import ModelCache
-from api.settings import Settings
+
+if TYPE_CHECKING:  # the worker imports this module: keep pydantic-settings out of its start
+    from api.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +233,10 @@ class HubCacheBackend:
         except AttemptFailed as failure:
             suffix = "" if failure.retryable else " (attempt 1, not retried)"
             raise DownloadFailed(
-                failure.kind, f"{failure}{suffix}", retryable=failure.retryable
+                failure.kind,
+                f"{failure}{suffix}",
+                retryable=failure.retryable,
+                retry_after=failure.retry_after,
             ) from None
 
     async def download(

@@ -269,14 +269,15 @@ class ModelManager:
     async def _plan_with_space_check(self, model: Model) -> DownloadPlan | DownloadFailed | None:
         """Fetch the file list and refuse (``InsufficientStorage``) a download that cannot fit:
         the bytes still missing against the free space, less what running downloads still need,
-        less a margin. A failure that no retry can mend (not found, gated) is returned for the
-        job to report at once; with any other failure the job fetches the list itself, retrying."""
+        less a margin. A failure to fetch the list is returned for the job: one that no retry can
+        mend (not found, gated) is reported at once; after any other the job waits what the Hub
+        asked (``Retry-After``), then fetches the list itself, with its retries."""
         request = DownloadRequest(repo_id=model.hf_repo, revision=model.revision)
         try:
             async with asyncio.timeout(self.settings.plan_timeout_seconds):
                 plan = await self.backend.plan(request)
         except DownloadFailed as failure:
-            return None if failure.retryable else failure
+            return failure  # the job reports it, or waits as asked and retries it
         except TimeoutError:
             return None
         needed = await asyncio.to_thread(self.backend.missing_bytes, model.hf_repo, plan)
@@ -294,7 +295,12 @@ class ModelManager:
         request = DownloadRequest(repo_id=job.model.hf_repo, revision=job.model.revision)
         try:
             if isinstance(plan, DownloadFailed):
-                raise plan
+                if not plan.retryable:
+                    raise plan
+                await asyncio.sleep(
+                    min(plan.retry_after or 0.0, self.settings.retry_max_backoff_seconds)
+                )
+                plan = None  # the download fetches the file list itself, with its retries
             async with asyncio.timeout(self.settings.download_timeout_seconds):
                 commit = await self.backend.download(request, plan, job.apply)
             logger.info(

@@ -16,8 +16,11 @@ its parent dies. Retries across attempts are the service's (``api.models.hub``).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import hashlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -28,8 +31,8 @@ from typing import Any, BinaryIO
 
 from huggingface_hub import constants, snapshot_download
 
-from api.models.backend import DownloadPlan, FailureKind
-from api.models.cache import ModelCache, content_matches
+from api.models.backend import DownloadPlan, FailureKind, RemoteFile
+from api.models.cache import INCOMPLETE_SUFFIX, ModelCache, content_matches
 from api.models.hub import classify_error, plan_from_json, retry_after_seconds
 
 PROGRESS_INTERVAL = 0.25
@@ -42,6 +45,105 @@ class ChecksumMismatch(Exception):
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.path = path
+
+
+class StreamingHasher(threading.Thread):
+    """Hashes each blob while the library writes it, so verification costs no extra pass.
+
+    It follows ``blobs/<etag>.<random>.incomplete`` as it grows, reading what is already written
+    (from the page cache). When the library renames it to ``blobs/<etag>`` the open file is the
+    same inode, so the rest is read to the end and the digest is final. A result counts only for
+    that inode, at full size, and only if the library logged no warning (it logs each resume or
+    restart of a file, which may rewrite bytes already hashed): otherwise ``verify`` hashes the
+    blob from disk.
+    """
+
+    POLL = 0.02
+    CHUNK = 4 * 1024 * 1024
+
+    def __init__(self, blobs: Path, files: tuple[RemoteFile, ...]) -> None:
+        super().__init__(daemon=True, name="streaming-hasher")
+        self.blobs = blobs
+        self.wanted = {f.etag: f for f in files}
+        self.results: dict[str, tuple[int, bool]] = {}  # etag -> (inode, matched)
+        self.resumed = threading.Event()
+        self._stop_event = threading.Event()
+        self._open: dict[str, tuple[Any, Any, int]] = {}  # etag -> (file, digest, inode)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join()
+        for source, _, _ in self._open.values():
+            source.close()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            if not self._step():
+                self._stop_event.wait(self.POLL)
+        self._step()
+
+    def _step(self) -> bool:
+        """Open new temporary files, hash what was written since; True when there was work."""
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.blobs):
+                etag = entry.name.split(".", 1)[0]
+                if (
+                    entry.name.endswith(INCOMPLETE_SUFFIX)
+                    and etag in self.wanted
+                    and etag not in self._open
+                    and etag not in self.results
+                ):
+                    with contextlib.suppress(OSError):
+                        source = open(entry.path, "rb")  # noqa: SIM115 - kept open across steps
+                        self._open[etag] = (
+                            source,
+                            _new_digest(self.wanted[etag]),
+                            os.fstat(source.fileno()).st_ino,
+                        )
+        busy = False
+        for etag, (source, digest, inode) in list(self._open.items()):
+            chunk = source.read(self.CHUNK)
+            if chunk:
+                digest.update(chunk)
+                busy = True
+                continue
+            # Nothing more for now: finished when the blob is now this very inode.
+            try:
+                final = os.stat(self.blobs / etag)
+            except FileNotFoundError:
+                if not any(self.blobs.glob(f"{etag}.*{INCOMPLETE_SUFFIX}")):
+                    source.close()  # the library gave up on it
+                    del self._open[etag]
+                continue
+            if final.st_ino != inode:
+                continue
+            digest.update(source.read())
+            size = source.tell()
+            source.close()
+            del self._open[etag]
+            expected = self.wanted[etag]
+            self.results[etag] = (inode, size == expected.size and digest.hexdigest() == etag)
+        return busy
+
+
+def _new_digest(entry: RemoteFile) -> Any:
+    """sha256 for LFS/Xet files (64-hex ETag); the git blob id, whose header needs the size, for
+    regular files: the expected size is used, and a file of another size fails the size check."""
+    if len(entry.etag) == 64:
+        return hashlib.sha256()
+    return hashlib.sha1(b"blob %d\0" % entry.size, usedforsecurity=False)
+
+
+class _ResumeWatch(logging.Handler):
+    """Flags any warning of the library's file downloads (it logs each resume or restart)."""
+
+    def __init__(self, flag: threading.Event) -> None:
+        super().__init__(logging.WARNING)
+        self.flag = flag
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.flag.set()
 
 
 class Reporter:
@@ -176,8 +278,18 @@ def download_and_verify(spec: dict[str, Any], reporter: Reporter) -> None:
             tqdm_class=progress_class(reporter),
         )
 
-    fetch()
-    bad = verify(cache, repo_id, plan, reporter)
+    hasher = StreamingHasher(cache.folder(repo_id) / "blobs", plan.files)
+    watch = _ResumeWatch(hasher.resumed)
+    library_log = logging.getLogger("huggingface_hub.file_download")
+    library_log.addHandler(watch)
+    hasher.start()
+    try:
+        fetch()
+    finally:
+        hasher.stop()
+        library_log.removeHandler(watch)
+    streamed = {} if hasher.resumed.is_set() else hasher.results
+    bad = verify(cache, repo_id, plan, reporter, streamed=streamed)
     if bad:
         for path in bad:
             cache.discard_file(repo_id, plan.commit, path)
@@ -195,8 +307,11 @@ def verify(
     plan: DownloadPlan,
     reporter: Reporter,
     only: set[str] | None = None,
+    streamed: dict[str, tuple[int, bool]] | None = None,
 ) -> list[str]:
-    """Files of the plan whose content does not hash to their ETag."""
+    """Files of the plan whose content does not hash to their ETag. A blob hashed while it was
+    written (``streamed``: etag -> (inode, matched)) is not read again when it is still that
+    inode and matched; everything else is hashed from disk."""
     snapshot = cache.folder(repo_id) / "snapshots" / plan.commit
     reporter.restart("verifying")
     reporter.send("verifying", downloaded_bytes=0, files_done=0)
@@ -204,10 +319,22 @@ def verify(
     for entry in plan.files:
         if only is not None and entry.path not in only:
             continue
-        if not content_matches(snapshot / entry.path, entry.etag, lambda n: reporter.add(nbytes=n)):
+        path = snapshot / entry.path
+        known = (streamed or {}).get(entry.etag)
+        if known is not None and known[1] and _inode(path) == known[0]:
+            reporter.add(nbytes=entry.size, nfiles=1)
+            continue
+        if not content_matches(path, entry.etag, lambda n: reporter.add(nbytes=n)):
             bad.append(entry.path)
         reporter.add(nfiles=1)
     return bad
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
 
 
 def run(spec: dict[str, Any], reporter: Reporter) -> int:

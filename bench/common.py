@@ -1,0 +1,160 @@
+"""Shared pieces of the benchmarks: the fake hub and the service as separate processes.
+
+Every figure is measured against its baseline in the same run, on this machine; scripts print
+medians and ratios, never compare with a stored number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from fakehub import Generated, RepoBuilder
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "bench" / ".data"
+PYTHON = sys.executable
+GB = 1024**3
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def make_repos() -> Path:
+    """The benchmark repos (made once, kept in bench/.data): one 1 GiB file, 300 small files,
+    and 200 small models for the list benchmark."""
+    repos = DATA / "repos"
+    marker = repos / ".complete-v1"
+    if marker.exists():
+        return repos
+    builder = RepoBuilder(repos)
+    builder.commit("bench/large", {"model.safetensors": Generated(GB, seed=11)})
+    for n in (2, 3):
+        builder.commit(f"bench/large-{n}", {"model.safetensors": Generated(GB, seed=11 + n)})
+    pad = "x" * 4000
+    builder.commit(
+        "bench/many", {f"f/{i:03d}.json": json.dumps({"i": i, "pad": pad}) for i in range(300)}
+    )
+    for i in range(200):
+        builder.commit(
+            f"bench/small-{i:03d}", {"config.json": json.dumps({"i": i}), "w.bin": b"w" * 1000}
+        )
+    marker.touch()
+    return repos
+
+
+@contextlib.contextmanager
+def fake_hub(repos: Path) -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [PYTHON, "-m", "fakehub", "--repos", str(repos), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/api/models/none/none")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@dataclass
+class Service:
+    url: str
+    process: subprocess.Popen[bytes]
+    cache: Path
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120)
+
+
+@contextlib.contextmanager
+def service(hub_url: str, cache: Path, **env: str) -> Iterator[Service]:
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "HF_ENDPOINT": hub_url,
+        "HF_HUB_CACHE": str(cache),
+        "HF_HOME": str(cache.parent / "hf-home"),
+        **env,
+    }
+    process = subprocess.Popen(
+        [PYTHON, "-m", "uvicorn", "api.app:app", "--port", str(port), "--log-level", "warning"],
+        env=full_env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/api/health")
+        yield Service(url, process, cache)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def download_via_service(client: httpx.Client, repo: str, poll: float = 0.05) -> float:
+    """Seconds from the API call until the status says DOWNLOADED."""
+    body = {"hf_repo": repo}
+    started = time.perf_counter()
+    answer = client.post("/api/models/download", json=body)
+    answer.raise_for_status()
+    while True:
+        status = client.post("/api/models/status", json=body).json()
+        if status["status"] == "DOWNLOADED":
+            return time.perf_counter() - started
+        if status["status"] != "DOWNLOADING":
+            raise RuntimeError(f"download of {repo} ended {status}")
+        time.sleep(poll)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def row(name: str, value: float, unit: str = "s", baseline: float | None = None) -> str:
+    text = f"  {name:<44} {value:10.4f} {unit}"
+    if baseline:
+        text += f"   ratio {value / baseline:6.3f}"
+    return text
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{os.cpu_count()} cores, {cpu}, Python {sys.version.split()[0]}"

@@ -1,0 +1,88 @@
+"""Throughput: the service (API call until DOWNLOADED) vs `hf download` vs curl to disk.
+
+Targets: service >= 0.95 x `hf download` for one 1 GiB file, >= 0.9 x for 300 small files.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import (
+    DATA,
+    PYTHON,
+    download_via_service,
+    fake_hub,
+    machine,
+    make_repos,
+    median,
+    service,
+)
+
+RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+HF = str(Path(PYTHON).parent / "hf")
+
+
+def hf_download(hub: str, repo: str, cache: Path) -> float:
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {
+        "HF_ENDPOINT": hub,
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HOME": str(cache.parent / "hf-home"),
+        "PATH": "/usr/bin:/bin",
+    }
+    started = time.perf_counter()
+    subprocess.run(
+        [HF, "download", repo, "--cache-dir", str(cache)], env=env, check=True, capture_output=True
+    )
+    return time.perf_counter() - started
+
+
+def curl_files(hub: str, repo: str, files: list[str], target: Path) -> float:
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    urls = []
+    for i, name in enumerate(files):
+        urls += ["-o", str(target / f"{i}"), f"{hub}/{repo}/resolve/main/{name}"]
+    started = time.perf_counter()
+    subprocess.run(
+        ["curl", "-s", "--no-progress-meter", "--parallel", "--parallel-max", "8", *urls],
+        check=True,
+    )
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    repos = make_repos()
+    work = DATA / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    cases = {
+        "bench/large": (["model.safetensors"], 0.95),
+        "bench/many": ([f"f/{i:03d}.json" for i in range(300)], 0.9),
+    }
+    print(f"throughput, {RUNS} runs each, medians ({machine()})")
+    with fake_hub(repos) as hub, service(hub, work / "svc-cache") as svc, svc.client() as client:
+        for repo, (files, target) in cases.items():
+            times: dict[str, list[float]] = {"service": [], "hf download": [], "curl": []}
+            for _ in range(RUNS):
+                times["curl"].append(curl_files(hub, repo, files, work / "curl"))
+                times["hf download"].append(hf_download(hub, repo, work / "hf-cache"))
+                client.request("DELETE", "/api/models", json={"hf_repo": repo})
+                times["service"].append(download_via_service(client, repo))
+            base = median(times["hf download"])
+            print(f"{repo}:")
+            for name, values in times.items():
+                print(
+                    f"  {name:<12} median {median(values):7.3f} s   speed vs hf download {base / median(values):5.2f} x"
+                )
+            ratio = base / median(times["service"])
+            verdict = "met" if ratio >= target else "MISSED"
+            print(f"  target service >= {target} x hf download: {ratio:.3f} ({verdict})")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
