@@ -26,6 +26,9 @@ def settings(hub: FakeHub, cache_dir: Path) -> Settings:
         hf_endpoint=hub.url,
         retry_min_backoff_seconds=0.05,
         retry_max_backoff_seconds=0.2,
+        # No spare worker here, so that tests can count the workers of downloads exactly;
+        # test_warm_worker covers the spare.
+        warm_worker=False,
     )
 
 

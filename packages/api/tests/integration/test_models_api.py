@@ -254,3 +254,27 @@ async def test_models_put_in_the_cache_by_another_tool(
     assert (await client.post("/api/models/status", json=body)).json()["status"] == "DOWNLOADED"
     assert (await client.post("/api/models/verify", json=body)).json()["verified"] is True
     assert hub.count() == 0
+
+
+async def test_warm_worker(settings: Settings, hub: FakeHub, repos: RepoBuilder) -> None:
+    """A spare worker is started after each download begins, used by the next, and stopped with
+    the service."""
+    for name in ("a", "b"):
+        repos.commit(f"org/{name}", {"config.json": name})
+    app = create_app(settings.model_copy(update={"warm_worker": True}))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        backend = app.state.model_manager.backend
+        for name in ("a", "b"):
+            body = {"hf_repo": f"org/{name}"}
+            await client.post("/api/models/download", json=body)
+            assert (await wait_for_status(client, body, {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}))[
+                "status"
+            ] == "DOWNLOADED"
+        spare = await backend._spare
+        assert spare.returncode is None
+        assert worker_processes() == [spare.pid]  # the two used workers are gone, one waits
+    assert worker_processes() == []
+    assert spare.returncode is not None

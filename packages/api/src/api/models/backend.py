@@ -170,3 +170,7 @@ class HubBackend(Protocol):
 
     @property
     def cache_path(self) -> str: ...
+
+    async def aclose(self) -> None:
+        """Release what the backend holds (idle worker processes)."""
+        ...

@@ -195,6 +195,44 @@ class HubCacheBackend:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cache = ModelCache(settings.cache_dir)
+        # A worker started ahead, idle until a download takes it: saves the interpreter start and
+        # library imports (about 0.2 s) on each download.
+        self._spare: asyncio.Task[asyncio.subprocess.Process] | None = None
+
+    async def aclose(self) -> None:
+        """Stop the idle spare worker, if any."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return
+        try:
+            process = await spare
+        except Exception:
+            return
+        await _kill(process)
+
+    async def _spawn_worker(self) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "api.models.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=self.worker_env(),
+        )
+
+    async def _take_worker(self) -> asyncio.subprocess.Process:
+        spare, self._spare = self._spare, None
+        process = None
+        if spare is not None:
+            with contextlib.suppress(Exception):
+                process = await spare
+            if process is not None and process.returncode is not None:
+                process = None  # it died while idle: start another
+        if process is None:
+            process = await self._spawn_worker()
+        if self.settings.warm_worker:
+            self._spare = asyncio.create_task(self._spawn_worker(), name="spare download worker")
+        return process
 
     @property
     def cache_path(self) -> str:
@@ -330,14 +368,7 @@ class HubCacheBackend:
             "endpoint": self.settings.hf_endpoint,
             "plan": plan_to_json(plan),
         }
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "api.models.worker",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=self.worker_env(),
-        )
+        process = await self._take_worker()
         assert process.stdin is not None
         assert process.stdout is not None
         outcome: dict[str, Any] | None = None

@@ -409,6 +409,7 @@ class ModelManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.backend.aclose()
 
 
 def _same_revision(job: DownloadJob, revision: CachedRevision) -> bool:

@@ -11,7 +11,7 @@ stdout:
 
 A file whose content does not match its ETag is deleted and fetched once more; a second mismatch
 fails the download. The worker exits when its stdin closes (the service died) and, on Linux, when
-its parent dies. Retries across attempts are the service's (``api.models.hub``).
+its parent dies. It may be started ahead of time: it then waits for its input, imports done. Retries across attempts are the service's (``api.models.hub``).
 """
 
 from __future__ import annotations
@@ -237,13 +237,17 @@ def progress_class(reporter: Reporter) -> type:
     return _Progress
 
 
-def _exit_with_parent() -> None:
-    """Die with the service: on stdin EOF, and (Linux) by PR_SET_PDEATHSIG when the parent dies."""
+def _die_with_parent() -> None:
+    """On Linux, PR_SET_PDEATHSIG: the kernel kills this process when the service dies."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def _exit_on_stdin_eof() -> None:
+    """Die with the service on every platform: its end of our stdin closes when it dies."""
 
     def watch() -> None:
         sys.stdin.buffer.read()
@@ -375,6 +379,8 @@ def main() -> int:
     # Anything the library prints goes to stderr, never into the event stream.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     constants.DOWNLOAD_CHUNK_SIZE = CHUNK_SIZE
+    _die_with_parent()
+    # A spare worker waits here, imports done, until the service hands it a download.
     line = sys.stdin.buffer.readline()
     reporter = Reporter(out)
     try:
@@ -388,7 +394,7 @@ def main() -> int:
             retry_after=None,
         )
         return 2
-    _exit_with_parent()
+    _exit_on_stdin_eof()
     return run(spec, reporter)
 
 
