@@ -230,9 +230,13 @@ class HubCacheBackend:
                 process = None  # it died while idle: start another
         if process is None:
             process = await self._spawn_worker()
-        if self.settings.warm_worker:
-            self._spare = asyncio.create_task(self._spawn_worker(), name="spare download worker")
         return process
+
+    def _refill_spare(self) -> None:
+        """Start the next spare once a download has ended: started while one runs, its imports
+        would take CPU from the transfer."""
+        if self.settings.warm_worker and self._spare is None:
+            self._spare = asyncio.create_task(self._spawn_worker(), name="spare download worker")
 
     @property
     def cache_path(self) -> str:
@@ -403,6 +407,7 @@ class HubCacheBackend:
             with contextlib.suppress(Exception):
                 process.stdin.close()
         await asyncio.to_thread(self.cache.remove_orphans, request.repo_id)
+        self._refill_spare()
         if outcome is None:
             raise AttemptFailed(
                 FailureKind.CRASHED,
