@@ -42,5 +42,14 @@ demo: $(STAMP)
 	  HF_ENDPOINT=http://127.0.0.1:8900 HF_HUB_CACHE=$(CURDIR)/.demo/cache \
 	  $(VENV)/bin/uvicorn api.app:app --host $(HOST) --port $(PORT)
 
+# Benchmarks (not part of `make test`): each prints medians and ratios against a baseline measured
+# in the same run. The first run makes the benchmark repos (about 3 GiB) in bench/.data.
+bench: $(STAMP)
+	cd bench && ../$(VENV)/bin/python throughput.py
+	cd bench && ../$(VENV)/bin/python responsiveness.py
+	cd bench && ../$(VENV)/bin/python status_list.py
+	cd bench && ../$(VENV)/bin/python cancel.py
+	cd bench && ../$(VENV)/bin/python memory.py
+
 clean:
-	rm -rf $(BOOT) $(VENV) .demo .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(BOOT) $(VENV) .demo bench/.data .mypy_cache .ruff_cache .pytest_cache

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     warm_worker: bool = Field(
         default=True, description="keep one download worker started ahead (saves ~0.2 s a download)"
     )
+    worker_nice: int = Field(
+        default=10, ge=0, le=19, description="CPU niceness of download workers (API answers first)"
+    )
     retry_after_seconds: int = Field(
         default=5, ge=1, description="Retry-After sent with a 429 when all download slots are busy"
     )

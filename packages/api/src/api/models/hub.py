@@ -343,6 +343,7 @@ class HubCacheBackend:
         env["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         env["HF_HUB_DISABLE_TELEMETRY"] = "1"
         env["PYTHONUNBUFFERED"] = "1"
+        env["MODELS_WORKER_NICE"] = str(self.settings.worker_nice)
         if (token := self.settings.token) is not None:
             env["HF_TOKEN"] = token  # through the environment: never on a command line
         return env

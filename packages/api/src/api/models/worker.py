@@ -380,6 +380,9 @@ def main() -> int:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     constants.DOWNLOAD_CHUNK_SIZE = CHUNK_SIZE
     _die_with_parent()
+    # Downloads are background work: the API that shares these cores answers first.
+    with contextlib.suppress(OSError):
+        os.nice(int(os.environ.get("MODELS_WORKER_NICE", "10")))
     # A spare worker waits here, imports done, until the service hands it a download.
     line = sys.stdin.buffer.readline()
     reporter = Reporter(out)

@@ -1,0 +1,67 @@
+"""Responsiveness: p50/p99 latency of GET /space and POST /status, idle vs during 3 downloads.
+
+Target: p99 under load at most 50 ms and at most 3 x idle.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import threading
+import time
+
+import httpx
+from common import DATA, fake_hub, machine, make_repos, percentile, service
+
+SAMPLES = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+LARGE = ["bench/large", "bench/large-2", "bench/large-3"]
+
+
+def sample(
+    client: httpx.Client, samples: int, stop: threading.Event | None = None
+) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"GET /space": [], "POST /status": []}
+    for i in range(samples):
+        if stop is not None and stop.is_set():
+            break
+        started = time.perf_counter()
+        client.get("/api/models/space").raise_for_status()
+        out["GET /space"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        client.post("/api/models/status", json={"hf_repo": LARGE[i % 3]}).raise_for_status()
+        out["POST /status"].append(time.perf_counter() - started)
+        time.sleep(0.005)
+    return out
+
+
+def main() -> None:
+    repos = make_repos()
+    work = DATA / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"responsiveness, {SAMPLES} samples per figure ({machine()})")
+    with fake_hub(repos) as hub, service(hub, work / "cache") as svc, svc.client() as client:
+        idle = sample(client, SAMPLES)
+        for repo in LARGE:
+            client.post("/api/models/download", json={"hf_repo": repo}).raise_for_status()
+        loaded = sample(client, SAMPLES)
+        states = [
+            client.post("/api/models/status", json={"hf_repo": r}).json()["status"] for r in LARGE
+        ]
+        print(
+            f"  (downloads still running at the end of the loaded samples: {states.count('DOWNLOADING')} of 3)"
+        )
+        for name in idle:
+            p50i, p99i = percentile(idle[name], 50) * 1000, percentile(idle[name], 99) * 1000
+            p50l, p99l = percentile(loaded[name], 50) * 1000, percentile(loaded[name], 99) * 1000
+            ok = p99l <= 50 and p99l <= 3 * p99i
+            print(
+                f"  {name:<13} idle p50 {p50i:6.2f} ms p99 {p99i:6.2f} ms | 3 downloads p50 {p50l:6.2f} ms"
+                f" p99 {p99l:6.2f} ms | p99 ratio {p99l / p99i:5.2f} ({'met' if ok else 'MISSED'})"
+            )
+        for repo in LARGE:
+            client.request("DELETE", "/api/models", json={"hf_repo": repo})
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
