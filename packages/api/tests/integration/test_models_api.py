@@ -147,6 +147,10 @@ async def test_concurrency_limit_answers_429(
         assert busy.status_code == 429
         assert busy.headers["Retry-After"] == "5"
         assert "download slots are busy" in busy.json()["detail"]
+        for _ in range(200):  # the worker starts in the background after the 202
+            if worker_processes():
+                break
+            await _sleep(0.05)
         assert len(worker_processes()) == 1
     # Leaving the lifespan stopped the running download and its worker.
     assert worker_processes() == []
