@@ -81,7 +81,9 @@ class StreamingHasher(threading.Thread):
         while not self._stop_event.is_set():
             if not self._step():
                 self._stop_event.wait(self.POLL)
-        self._step()
+        # The download has ended: finish what was written, so no blob needs a second read.
+        while self._step():
+            pass
 
     def _step(self) -> bool:
         """Open new temporary files, hash what was written since; True when there was work."""
