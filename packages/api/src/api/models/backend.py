@@ -16,6 +16,7 @@ class CacheState(enum.Enum):
     COMPLETE = "complete"  # every file of the revision's file list is there with its size
     PARTIAL = "partial"  # something of the model is there, not all of it
     ABSENT = "absent"  # nothing of it
+    BUSY = "busy"  # another process (a service sharing the cache) is downloading it now
 
 
 @dataclass(frozen=True)

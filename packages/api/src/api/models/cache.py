@@ -35,7 +35,7 @@ from api.models.backend import (
     LocalState,
     VerifyReport,
 )
-from api.models.errors import UnsafeCachePath
+from api.models.errors import RevisionBusy, UnsafeCachePath
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ class ModelCache:
         commit = self.resolve_commit(repo_id, revision)
         if commit is None:
             return LocalState(CacheState.PARTIAL if _has_content(folder) else CacheState.ABSENT)
+        if self.revision_busy(repo_id, commit):
+            return LocalState(CacheState.BUSY, commit)
         snapshot = folder / "snapshots" / commit
         tree = self.read_tree(repo_id, commit)
         if tree is None:
@@ -125,6 +127,27 @@ class ModelCache:
             # such as a gated repo. Nothing of the model itself is here.
             return LocalState(CacheState.ABSENT, commit)
         return LocalState(CacheState.PARTIAL, commit)
+
+    def revision_lock(self, repo_id: str, commit: str) -> Path:
+        return self.locks_folder(repo_id) / f"{commit}.download.lock"
+
+    @contextlib.contextmanager
+    def hold_revision(self, repo_id: str, commit: str) -> Iterator[None]:
+        """Held (shared) by every download worker of the revision, from its first byte to its
+        verification; the kernel releases it when the worker dies, however it dies."""
+        path = self.revision_lock(repo_id, commit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def revision_busy(self, repo_id: str, commit: str) -> bool:
+        """Whether a download worker (of any process sharing the cache) holds the revision."""
+        with _lock_if_free(self.revision_lock(repo_id, commit)) as free:
+            return not free
 
     def _has_temp_files(self, repo_id: str, etags: set[str]) -> bool:
         """Whether a temporary file of one of these blobs is in the cache (a download of it is
@@ -241,7 +264,9 @@ class ModelCache:
             tree = self.read_tree(repo_id, commit)
             linked = {rel: _blob_name(snapshot / rel) for rel in _relative_files(snapshot)}
             size = sum(blob_sizes.get(name or "", 0) for name in set(linked.values()))
-            if tree is None:
+            if self.revision_busy(repo_id, commit):
+                state = CacheState.BUSY
+            elif tree is None:
                 state = self._state_without_tree(snapshot)
             else:
                 state = _state_from_links(tree, snapshot, linked, blob_sizes)
@@ -291,7 +316,8 @@ class ModelCache:
     def delete(self, repo_id: str, revision: str | None) -> int | None:
         """Delete one revision, or the whole model when ``revision`` is None.
 
-        Plan first, then execute: the plan lists every path to remove and checks that each one,
+        A revision that a download worker of another process holds is never deleted
+        (``RevisionBusy``). Plan first, then execute: the plan lists every path to remove and checks that each one,
         links resolved, lies inside the model's own folder; a planted link that leads outside
         raises ``UnsafeCachePath`` before anything is removed. Blobs still used by another cached
         revision are kept. Returns the bytes freed, or None when nothing of it was cached.
@@ -299,6 +325,14 @@ class ModelCache:
         folder = self.folder(repo_id)
         if not folder.is_dir() or folder.is_symlink():
             return None
+        busy = [
+            p.name.split(".", 1)[0]
+            for p in _iter_files(self.locks_folder(repo_id))
+            if p.name.endswith(".download.lock")
+            and self.revision_busy(repo_id, p.name.split(".", 1)[0])
+        ]
+        if busy and (revision is None or self.resolve_commit(repo_id, revision) in busy):
+            raise RevisionBusy(repo_id, busy[0])
         if revision is None:
             return self._delete_folder(repo_id, folder)
         commit = self.resolve_commit(repo_id, revision)
@@ -379,14 +413,21 @@ def content_matches(path: Path, etag: str, on_bytes: Callable[[int], None] | Non
     """Whether the file's content hashes to ``etag``: sha256 for a 64-hex ETag (LFS/Xet files),
     the git blob id (sha1 of ``blob <size>\\0`` + content) for a 40-hex one (regular files)."""
     etag = etag.lower()
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False  # gone (another process sharing the cache discarded it): not a match
     if len(etag) == 64:
         digest = hashlib.sha256()
     elif len(etag) == 40:
         digest = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
     else:
         return False  # not an ETag the Hub serves: cannot be vouched for
-    with path.open("rb") as source:
+    try:
+        source = path.open("rb")
+    except FileNotFoundError:
+        return False
+    with source:
         while chunk := source.read(_HASH_CHUNK):
             digest.update(chunk)  # hashlib releases the GIL on large buffers
             if on_bytes is not None:

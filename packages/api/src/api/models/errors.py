@@ -46,3 +46,15 @@ class UnsafeCachePath(ModelError):
             f"the cache folder of {repo_id} holds a link that leads outside it; nothing was deleted"
         )
         self.repo_id = repo_id
+
+
+class RevisionBusy(ModelError):
+    """Another process sharing the cache is downloading this model: nothing was deleted."""
+
+    def __init__(self, repo_id: str, commit: str) -> None:
+        super().__init__(
+            f"{repo_id} at {commit} is being downloaded by another process sharing the cache;"
+            " nothing was deleted"
+        )
+        self.repo_id = repo_id
+        self.commit = commit

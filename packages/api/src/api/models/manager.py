@@ -51,6 +51,7 @@ _STATE_TO_STATUS = {
     CacheState.COMPLETE: ModelStatus.DOWNLOADED,
     CacheState.PARTIAL: ModelStatus.PARTIAL,
     CacheState.ABSENT: ModelStatus.NOT_FOUND,
+    CacheState.BUSY: ModelStatus.DOWNLOADING,  # by another process sharing the cache
 }
 _RATE_SMOOTHING = 0.3  # weight of the newest sample in the speed average
 

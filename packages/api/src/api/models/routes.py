@@ -12,6 +12,7 @@ from api.models.errors import (
     InsufficientStorage,
     ModelError,
     ModelNotFound,
+    RevisionBusy,
     TooManyDownloads,
     UnsafeCachePath,
 )
@@ -37,6 +38,7 @@ ERROR_STATUS: dict[type[ModelError], int] = {
     ModelNotFound: status.HTTP_404_NOT_FOUND,
     InsufficientStorage: status.HTTP_507_INSUFFICIENT_STORAGE,
     UnsafeCachePath: status.HTTP_409_CONFLICT,
+    RevisionBusy: status.HTTP_409_CONFLICT,
 }
 
 
@@ -172,8 +174,8 @@ async def download_model(
             f"{REPO_EXAMPLE}:latest is neither downloading nor in the cache",
         ),
         409: _error(
-            "Deleting the whole model while another of its revisions downloads, or a link in the"
-            " model's folder leads outside it",
+            "Deleting the whole model while another of its revisions downloads (here or in another"
+            " process sharing the cache), or a link in the model's folder leads outside it",
             f"{REPO_EXAMPLE}:{COMMIT_EXAMPLE} is already downloading; poll POST /api/models/status",
         ),
         422: _INVALID,

@@ -259,16 +259,26 @@ def _exit_on_stdin_eof() -> None:
 
 
 def download_and_verify(spec: dict[str, Any], reporter: Reporter) -> None:
-    """One attempt: fetch what is missing, verify everything, fetch a bad file once more."""
+    """One attempt, holding the revision so that other processes sharing the cache see it as
+    downloading until it is verified."""
     repo_id: str = spec["repo_id"]
     revision: str = spec["revision"]
     plan = plan_from_json(spec["plan"])
     cache = ModelCache(Path(spec["cache_dir"]))
-    token: str | bool = os.environ.get("HF_TOKEN") or False
     # The library writes refs/<branch> only when asked for the branch; we pass the commit the
     # plan resolved (no second resolution, no race with a moving branch) and record the ref first,
     # as the library does, so the cache knows the revision while it downloads.
     cache.write_ref(repo_id, revision, plan.commit)
+    with cache.hold_revision(repo_id, plan.commit):
+        _download_and_verify(cache, spec, plan, reporter)
+
+
+def _download_and_verify(
+    cache: ModelCache, spec: dict[str, Any], plan: DownloadPlan, reporter: Reporter
+) -> None:
+    """Fetch what is missing, verify everything, fetch a bad file once more."""
+    repo_id: str = spec["repo_id"]
+    token: str | bool = os.environ.get("HF_TOKEN") or False
 
     def fetch() -> None:
         snapshot = cache.folder(repo_id) / "snapshots" / plan.commit
