@@ -82,6 +82,15 @@ _INVALID = _error(
     "The body is not a valid Model: the message names the field and the rule",
     "hf_repo must be 'namespace/name' with exactly one '/', e.g. 'meta-llama/Llama-2-7b-hf'",
 )
+# What every endpoint that takes a Model body can answer before it reaches the manager.
+_BODY_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _error("The body could not be read as JSON text", "There was an error parsing the body"),
+    413: _error(
+        "The body is larger than the service accepts",
+        "request body too large: at most 65536 bytes are accepted",
+    ),
+    422: _INVALID,
+}
 
 router = APIRouter(prefix="/models", tags=["Models"])
 
@@ -89,7 +98,7 @@ router = APIRouter(prefix="/models", tags=["Models"])
 @router.post(
     "/status",
     response_model=ModelStatusResponse,
-    responses={422: _INVALID},
+    responses=_BODY_ERRORS,
 )
 async def model_status(model: ModelBody, manager: ManagerDep) -> ModelStatusResponse:
     """Status of a model in the cache, checked offline.
@@ -125,7 +134,7 @@ async def model_status(model: ModelBody, manager: ManagerDep) -> ModelStatusResp
             "This model and revision is already downloading",
             f"{REPO_EXAMPLE}:latest is already downloading; poll POST /api/models/status",
         ),
-        422: _INVALID,
+        **_BODY_ERRORS,
         507: _error(
             "The files still missing do not fit in the cache's free space (less what running"
             " downloads need and a margin); nothing was written",
@@ -178,7 +187,7 @@ async def download_model(
             " process sharing the cache), or a link in the model's folder leads outside it",
             f"{REPO_EXAMPLE}:{COMMIT_EXAMPLE} is already downloading; poll POST /api/models/status",
         ),
-        422: _INVALID,
+        **_BODY_ERRORS,
     },
 )
 async def delete_model(model: ModelBody, manager: ManagerDep) -> DeleteResponse:
@@ -207,7 +216,7 @@ async def delete_model(model: ModelBody, manager: ManagerDep) -> DeleteResponse:
             "The model is downloading: it is verified when it completes",
             f"{REPO_EXAMPLE}:latest is already downloading; poll POST /api/models/status",
         ),
-        422: _INVALID,
+        **_BODY_ERRORS,
     },
 )
 async def verify_model(model: ModelBody, manager: ManagerDep) -> VerifyResponse:

@@ -19,6 +19,11 @@ COMMIT_PATTERN = re.compile(r"[0-9a-fA-F]{40}")
 # as a path and does not validate it: this is what keeps it inside the cache.)
 REVISION_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-/]{0,127}")
 
+# Published in the OpenAPI schema (JSON Schema has no lookaround): the shape of a valid value. The
+# validators above are the rule; these patterns are slightly stricter, never looser.
+REPO_JSON_PATTERN = r"^[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*/[A-Za-z0-9_]+(?:[.-][A-Za-z0-9_]+)*$"
+REVISION_JSON_PATTERN = r"^(?:[0-9a-fA-F]{40}|[A-Za-z0-9_]+(?:[./_-][A-Za-z0-9_]+)*)$"
+
 REPO_EXAMPLE = "meta-llama/Llama-2-7b-hf"
 COMMIT_EXAMPLE = "01c7f73d771dfac7d292323805ebc428287df4f9"
 
@@ -79,6 +84,7 @@ class Model(BaseModel):
         max_length=128,
         description="40-hex commit id, or a branch/tag name; omitted means the 'main' branch",
         examples=[COMMIT_EXAMPLE],
+        json_schema_extra={"pattern": REVISION_JSON_PATTERN},
     )
 
     @field_validator("hf_repo")
