@@ -9,7 +9,7 @@ UV := $(BOOT)/bin/uv
 VENV := .venv
 STAMP := $(VENV)/.synced
 
-.PHONY: run test lint typecheck unit demo bench clean
+.PHONY: run test lint typecheck unit stress demo bench clean
 
 $(UV):
 	$(PYTHON) -m venv $(BOOT)
@@ -33,6 +33,10 @@ unit: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit
+
+# Slow tests (longer fuzzing, repeated kill -9, heavier load): not part of `make test`.
+stress: $(STAMP)
+	$(VENV)/bin/pytest -q -m stress packages/api/tests/stress
 
 # An offline demo: the fake hub with sample repos on :8900 and the service pointed at it on :8000.
 demo: $(STAMP)

@@ -85,13 +85,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
 
 
 def _fuzz(
-    operation: schemathesis.APIOperation, mode: GenerationMode, url: str, root: Path, cache: Path
+    operation: schemathesis.APIOperation,
+    mode: GenerationMode,
+    url: str,
+    root: Path,
+    cache: Path,
+    examples: int = 40,
 ) -> int:
     """Run generated requests against one operation; return how many were sent."""
     sent = 0
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
     def check(case: schemathesis.Case) -> None:
         nonlocal sent
         before = _snapshot(root, cache)

@@ -1,0 +1,107 @@
+"""Slow tests, run by `make stress` (not by `make test`): longer fuzzing, repeated crashes,
+heavier load. Each bounds its own request count and time and uses only 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+from schemathesis import GenerationMode
+
+from api.app import create_app
+from api.settings import Settings
+from fakehub import FakeHub, Generated, RepoBuilder, trickle
+
+from ..integration.conftest import wait_for_status
+from ..integration.test_download_truth import _free_port, _workers_using
+from ..integration.test_hostile_input import _fuzz, server  # noqa: F401 - a fixture
+
+pytestmark = pytest.mark.stress
+MB = 1024 * 1024
+FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
+
+
+def test_fuzz_every_endpoint_longer(server: tuple[str, Path, Path]) -> None:  # noqa: F811
+    url, root, cache = server
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    for operation in (result.ok() for result in schema.get_all_operations()):
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            if mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET":
+                continue
+            _fuzz(operation, mode, url, root, cache, examples=500)
+
+
+async def test_repeated_kill_9_and_restart(
+    hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Five crashes at different points of one download; each restart resumes it; at the end
+    it is DOWNLOADED, verified, with no temporary file and no stray worker."""
+    repos.commit("org/big", {"config.json": "{}", "w.bin": Generated(48 * MB, seed=40)})
+    hub.add_fault(trickle(8 * MB, path="*/w.bin"))
+    body = {"hf_repo": "org/big"}
+    for cycle in range(5):
+        port = _free_port()
+        env = {**os.environ, "HF_HUB_CACHE": str(cache_dir), "HF_ENDPOINT": hub.url}
+        with (tmp_path / f"service-{cycle}.log").open("wb") as log:
+            service = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "api.app:app", "--port", str(port)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                for _ in range(200):
+                    try:
+                        await client.get("/api/health")
+                        break
+                    except httpx.ConnectError:
+                        await asyncio.sleep(0.05)
+                status = (await client.post("/api/models/status", json=body)).json()["status"]
+                assert status == ("NOT_FOUND" if cycle == 0 else "PARTIAL")
+                assert (await client.post("/api/models/download", json=body)).status_code == 202
+                await asyncio.sleep(0.6 + 0.3 * cycle)
+        finally:
+            service.send_signal(signal.SIGKILL)
+            service.wait()
+        await asyncio.sleep(0.5)
+        assert _workers_using(cache_dir) == []
+    hub.clear_faults()
+    app = create_app(Settings(cache_dir=cache_dir, hf_endpoint=hub.url))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        await client.post("/api/models/download", json=body)
+        assert (await wait_for_status(client, body, FINAL))["status"] == "DOWNLOADED"
+        assert (await client.post("/api/models/verify", json=body)).json()["verified"] is True
+    assert not [p for p in cache_dir.rglob("*") if p.name.endswith(".incomplete")]
+
+
+async def test_heavy_load_during_downloads(
+    client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuilder
+) -> None:
+    """2000 requests, 200 at a time, on every read endpoint while 3 downloads run."""
+    for i in range(3):
+        repos.commit(f"org/big-{i}", {"w.bin": Generated(16 * MB, seed=50 + i)})
+    hub.add_fault(trickle(2 * MB, path="*/w.bin"))
+    for i in range(3):
+        await client.post("/api/models/download", json={"hf_repo": f"org/big-{i}"})
+    calls = [
+        lambda: client.get("/api/models/list"),
+        lambda: client.get("/api/models/space"),
+        lambda: client.post("/api/models/status", json={"hf_repo": "org/big-0"}),
+        lambda: client.post("/api/models/status", json={"hf_repo": "org/absent"}),
+    ]
+    for batch in range(10):
+        answers = await asyncio.gather(*(calls[(batch + i) % 4]() for i in range(200)))
+        assert {a.status_code for a in answers} == {200}
+    for i in range(3):
+        await client.request("DELETE", "/api/models", json={"hf_repo": f"org/big-{i}"})
