@@ -66,12 +66,25 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def configure_logging(level: str) -> None:
+    """Give the service's own loggers a handler (uvicorn configures only its own): one line per
+    record on stderr, the message itself structured (``key=value``) where it reports a state."""
+    log = logging.getLogger("api")
+    if not any(getattr(h, "_api_handler", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler._api_handler = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(level.upper())
+
+
 def create_app(settings: Settings | None = None, manager: ModelManager | None = None) -> FastAPI:
     """Build the application. Tests pass their own settings (or a manager with a fake backend)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model_manager = manager or ModelManager(settings or Settings())
+        configure_logging(model_manager.settings.log_level)
         app.state.model_manager = model_manager
         logger.info("model cache at %s", model_manager.backend.cache_path)
         try:

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     worker_nice: int = Field(
         default=10, ge=0, le=19, description="CPU niceness of download workers (API answers first)"
     )
+    log_level: str = Field(
+        default="INFO", pattern=r"^(?i:debug|info|warning|error|critical)$", description="log level"
+    )
     retry_after_seconds: int = Field(
         default=5, ge=1, description="Retry-After sent with a 429 when all download slots are busy"
     )

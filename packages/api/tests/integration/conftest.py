@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import AsyncIterator, Callable
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +75,48 @@ async def wait_for_status(
         if answer["status"] in until or loop.time() > deadline:
             return answer
         await asyncio.sleep(0.05)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_service(
+    cache_dir: Path, hub_url: str, log: Path, **env: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """The service as its own process (uvicorn on 127.0.0.1), as an operator runs it; yields its
+    URL and process. Stopped with SIGTERM at the end unless the test killed it."""
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(cache_dir),
+        "HF_ENDPOINT": hub_url,
+        "HF_HOME": str(cache_dir.parent / "hf-home"),
+        **env,
+    }
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "api.app:app", "--port", str(port)],
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/api/health", timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError(f"the service did not start; see {log}") from None
+                time.sleep(0.05)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(timeout=30)

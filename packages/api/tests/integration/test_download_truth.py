@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from api.app import create_app
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, corrupt, rate_limited, stall, trickle
 
-from .conftest import wait_for_status, worker_processes
+from .conftest import running_service, wait_for_status, worker_processes
 
 MB = 1024 * 1024
 FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
@@ -196,41 +194,18 @@ def _workers_using(cache_dir: Path) -> list[int]:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_kill_9_of_the_service_then_restart(
     hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path
 ) -> None:
     repos.commit("org/big", {"config.json": "{}", "w.bin": Generated(24 * MB, seed=8)})
     hub.add_fault(trickle(4 * MB, path="*/w.bin"))
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_CACHE": str(cache_dir), "HF_ENDPOINT": hub.url}
-    with (tmp_path / "service.log").open("wb") as log:
-        service = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.app:app", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
     body = {"hf_repo": "org/big"}
-    try:
+    with running_service(cache_dir, hub.url, tmp_path / "service.log") as (base, service):
         async with httpx.AsyncClient(base_url=base) as client:
-            for _ in range(100):
-                try:
-                    await client.get("/api/health")
-                    break
-                except httpx.ConnectError:
-                    await asyncio.sleep(0.1)
             assert (await client.post("/api/models/download", json=body)).status_code == 202
             answer = await wait_for_status(client, body, {"__never__"}, seconds=1.5)
             assert answer["status"] == "DOWNLOADING"
             assert answer["progress"]["downloaded_bytes"] > 0
-    finally:
         service.send_signal(signal.SIGKILL)
         service.wait()
     # The worker dies with the service: nothing writes to the cache any more.

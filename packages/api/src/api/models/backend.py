@@ -81,6 +81,7 @@ class DownloadUpdate:
     files_done: int | None = None
     attempt: int | None = None
     retry_reason: str | None = None
+    retry_kind: str | None = None  # a FailureKind value, with retry_reason
     verifying: bool = False
 
 

@@ -301,7 +301,13 @@ class HubCacheBackend:
 
         def before_sleep(state: RetryCallState) -> None:
             error = state.outcome.exception() if state.outcome else None
-            on_update(DownloadUpdate(attempt=state.attempt_number + 1, retry_reason=str(error)))
+            on_update(
+                DownloadUpdate(
+                    attempt=state.attempt_number + 1,
+                    retry_reason=str(error),
+                    retry_kind=error.kind.value if isinstance(error, AttemptFailed) else None,
+                )
+            )
 
         number = 0
         try:

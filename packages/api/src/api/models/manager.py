@@ -30,10 +30,13 @@ from api.models.errors import (
     ModelNotFound,
     TooManyDownloads,
 )
+from api.models.events import EventBus, log_event
 from api.models.types import (
     DeleteResponse,
     DeleteStatus,
     DiskSpaceInfo,
+    DownloadEvent,
+    DownloadEventType,
     DownloadPhase,
     DownloadProgress,
     DownloadStartedResponse,
@@ -54,6 +57,7 @@ _STATE_TO_STATUS = {
     CacheState.BUSY: ModelStatus.DOWNLOADING,  # by another process sharing the cache
 }
 _RATE_SMOOTHING = 0.3  # weight of the newest sample in the speed average
+PROGRESS_EVENT_INTERVAL = 0.5  # seconds between two progress events of one download
 
 
 @dataclass
@@ -73,13 +77,32 @@ class DownloadJob:
     attempt: int = 1
     bytes_per_second: float | None = None
     _sample: tuple[float, int] | None = None
+    _last_progress_event: float = 0.0
     task: asyncio.Task[None] | None = None
+    bus: EventBus | None = None
 
     @property
     def task_id(self) -> str:
         return self.model.task_id
 
+    def event(self, type_: DownloadEventType, **fields: str | None) -> DownloadEvent:
+        return DownloadEvent(
+            type=type_,
+            task_id=self.task_id,
+            model=self.model,
+            time=time.time(),
+            commit=self.commit,
+            progress=self.progress(),
+            **fields,
+        )
+
+    def publish(self, type_: DownloadEventType, **fields: str | None) -> None:
+        if self.bus is not None:
+            self.bus.publish(self.event(type_, **fields))
+
     def apply(self, update: DownloadUpdate) -> None:
+        """Take an update from the backend (on the event loop thread) and publish what changed."""
+        phase_before = self.phase
         if update.commit is not None:
             self.commit = update.commit
         if update.total_bytes is not None:
@@ -91,22 +114,28 @@ class DownloadJob:
             self.attempt = update.attempt
             self._sample = None  # a new attempt: the speed starts over
         if update.retry_reason is not None:
-            logger.info(
-                "download %s retrying (attempt %s): %s",
-                self.task_id,
-                update.attempt,
-                update.retry_reason,
+            self.publish(
+                DownloadEventType.RETRYING,
+                retry_reason=update.retry_reason,
+                retry_kind=update.retry_kind,
             )
         if update.verifying:
             self.phase = DownloadPhase.VERIFYING
             self.verified_bytes = update.downloaded_bytes
-            return
-        if update.files_done is not None:
-            self.files_done = update.files_done
-        if update.downloaded_bytes is not None:
-            self.phase = DownloadPhase.DOWNLOADING
-            self._measure(update.downloaded_bytes)
-            self.downloaded_bytes = update.downloaded_bytes
+        else:
+            if update.files_done is not None:
+                self.files_done = update.files_done
+            if update.downloaded_bytes is not None:
+                self.phase = DownloadPhase.DOWNLOADING
+                self._measure(update.downloaded_bytes)
+                self.downloaded_bytes = update.downloaded_bytes
+        now = time.monotonic()
+        if self.phase is DownloadPhase.VERIFYING and phase_before is not DownloadPhase.VERIFYING:
+            self.publish(DownloadEventType.VERIFYING)
+            self._last_progress_event = now
+        elif now - self._last_progress_event >= PROGRESS_EVENT_INTERVAL:
+            self.publish(DownloadEventType.PROGRESS)
+            self._last_progress_event = now
 
     def _measure(self, downloaded: int) -> None:
         now = time.monotonic()
@@ -165,6 +194,8 @@ class ModelManager:
         self._jobs: dict[str, DownloadJob] = {}
         self._errors: dict[str, str] = {}  # task id -> why its last download failed
         self._starting: set[str] = set()  # task ids between the checks and the task's start
+        self.events = EventBus()
+        self.events.add_listener(log_event)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -246,14 +277,14 @@ class ModelManager:
         self._starting.add(task_id)
         try:
             plan = await self._plan_with_space_check(model)
-            job = DownloadJob(model=model)
+            job = DownloadJob(model=model, bus=self.events)
             self._errors.pop(task_id, None)
             self._jobs[task_id] = job
             job.task = asyncio.create_task(self._run(job, plan), name=f"download {task_id}")
             self._download_tasks[task_id] = job.task
         finally:
             self._starting.discard(task_id)
-        logger.info("download %s started (revision %s)", task_id, model.revision)
+        job.publish(DownloadEventType.STARTED)
         return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADING)
 
     def _check_can_start(self, task_id: str) -> None:
@@ -294,6 +325,7 @@ class ModelManager:
 
     async def _run(self, job: DownloadJob, plan: DownloadPlan | DownloadFailed | None) -> None:
         request = DownloadRequest(repo_id=job.model.hf_repo, revision=job.model.revision)
+        failure: DownloadFailed | None = None
         try:
             if isinstance(plan, DownloadFailed):
                 if not plan.retryable:
@@ -303,47 +335,35 @@ class ModelManager:
                 )
                 plan = None  # the download fetches the file list itself, with its retries
             async with asyncio.timeout(self.settings.download_timeout_seconds):
-                commit = await self.backend.download(request, plan, job.apply)
-            logger.info(
-                "download %s completed: commit %s, %s bytes in %.1f s",
-                job.task_id,
-                commit,
-                job.total_bytes,
-                time.monotonic() - job.started,
-            )
+                job.commit = await self.backend.download(request, plan, job.apply)
         except TimeoutError:
-            self._fail(
-                job,
-                DownloadFailed(
-                    FailureKind.TIMEOUT,
-                    f"gave up after {self.settings.download_timeout_seconds:g} s (download timeout)",
-                    job.attempt,
-                ),
+            timeout = self.settings.download_timeout_seconds
+            failure = DownloadFailed(
+                FailureKind.TIMEOUT, f"gave up after {timeout:g} s (download timeout)", job.attempt
             )
         except DownloadFailed as error:
-            self._fail(job, error)
+            failure = error
         except asyncio.CancelledError:
-            logger.info("download %s cancelled", job.task_id)
+            self._finish(job)
+            job.publish(DownloadEventType.CANCELLED)
             raise
         except Exception as error:  # a bug: keep the service up, say so in the status
             logger.exception("download %s crashed", job.task_id)
-            self._fail(
-                job,
-                DownloadFailed(FailureKind.UNEXPECTED, f"internal error ({type(error).__name__})"),
+            failure = DownloadFailed(
+                FailureKind.UNEXPECTED, f"internal error ({type(error).__name__})"
             )
-        finally:
-            self._jobs.pop(job.task_id, None)
-            self._download_tasks.pop(job.task_id, None)
+        # The job leaves the table before its last event: whoever reacts to it and asks for the
+        # status gets the cache's answer (DOWNLOADED, or PARTIAL with the error).
+        self._finish(job)
+        if failure is None:
+            job.publish(DownloadEventType.COMPLETED)
+        else:
+            self._errors[job.task_id] = str(failure)
+            job.publish(DownloadEventType.FAILED, error_message=str(failure))
 
-    def _fail(self, job: DownloadJob, error: DownloadFailed) -> None:
-        self._errors[job.task_id] = str(error)
-        logger.warning(
-            "download %s failed (%s, %d attempt(s)): %s",
-            job.task_id,
-            error.kind.value,
-            error.attempts,
-            error,
-        )
+    def _finish(self, job: DownloadJob) -> None:
+        self._jobs.pop(job.task_id, None)
+        self._download_tasks.pop(job.task_id, None)
 
     async def cancel_download(self, model: Model) -> bool:
         """Stop a running download and wait until its worker is gone and its temporary files are
@@ -374,7 +394,13 @@ class ModelManager:
         if freed is None:
             raise ModelNotFound(model.task_id)
         self._errors.pop(model.task_id, None)
-        logger.info("deleted %s (%d bytes freed)", model.task_id, freed)
+        logger.info(
+            "event=deleted task_id=%s repo=%s revision=%s freed_bytes=%d",
+            model.task_id,
+            model.hf_repo,
+            model.hf_commit or "all",
+            freed,
+        )
         return DeleteResponse(status=DeleteStatus.DELETED, freed_bytes=freed)
 
     async def verify_model(self, model: Model) -> VerifyResponse:
@@ -388,7 +414,7 @@ class ModelManager:
             raise ModelNotFound(model.task_id)
         verified = not report.missing and not report.mismatched
         logger.info(
-            "verified %s at %s: %d checked, %d missing, %d mismatched",
+            "event=verified task_id=%s commit=%s checked=%d missing=%d mismatched=%d",
             model.task_id,
             report.commit,
             report.files_checked,
@@ -403,6 +429,18 @@ class ModelManager:
             missing=list(report.missing),
             mismatched=list(report.mismatched),
         )
+
+    def active_downloads(self) -> list[ModelStatusResponse]:
+        """Every running download with its progress."""
+        return [
+            ModelStatusResponse(
+                model=job.model,
+                status=ModelStatus.DOWNLOADING,
+                progress=job.progress(),
+                commit=job.commit,
+            )
+            for job in self._jobs.values()
+        ]
 
     async def shutdown(self) -> None:
         """Stop every running download and wait for each (no worker outlives the service)."""

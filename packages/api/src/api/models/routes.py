@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request, Response, status
+from fastapi import APIRouter, Body, Depends, Query, Request, Response, status
 from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.models.errors import (
     DownloadConflict,
@@ -20,8 +22,10 @@ from api.models.manager import ModelManager
 from api.models.types import (
     COMMIT_EXAMPLE,
     REPO_EXAMPLE,
+    REPO_JSON_PATTERN,
     DeleteResponse,
     DiskSpaceInfo,
+    DownloadListResponse,
     DownloadStartedResponse,
     ErrorResponse,
     Model,
@@ -251,3 +255,48 @@ async def disk_space(manager: ManagerDep) -> DiskSpaceInfo:
     "/root/.cache/huggingface/hub"}`
     """
     return await manager.get_disk_space()
+
+
+@router.get("/events", response_class=EventSourceResponse)
+async def download_events(
+    manager: ManagerDep,
+    hf_repo: Annotated[
+        str | None,
+        Query(
+            description="Only the events of this repo ('namespace/name')",
+            pattern=REPO_JSON_PATTERN,
+            max_length=193,
+        ),
+    ] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """Server-Sent Events of downloads: `started`, `progress` (at most every 0.5 s per download,
+    with the byte figures), `retrying`, `verifying`, `completed`, `failed` (with
+    `error_message`) and `cancelled`. Each event's `data` is a `DownloadEvent` (JSON); FastAPI
+    sends a keep-alive comment when the stream is idle.
+
+    `curl -N localhost:8000/api/models/events?hf_repo=meta-llama/Llama-2-7b-hf`
+
+    ```
+    event: progress
+    data: {"type":"progress","task_id":"meta-llama/Llama-2-7b-hf:latest","model":{...},
+           "time":1795548651.4,"commit":"01c7f7...","progress":{"downloaded_bytes":555745337,...}}
+    ```
+    """
+    with manager.events.subscribe() as queue:
+        yield ServerSentEvent(comment="connected")
+        while True:
+            event = await queue.get()
+            if hf_repo is None or event.model.hf_repo == hf_repo:
+                yield ServerSentEvent(
+                    event=event.type.value, data=event.model_dump(mode="json"), id=event.task_id
+                )
+
+
+@router.get("/downloads", response_model=DownloadListResponse)
+async def active_downloads(manager: ManagerDep) -> DownloadListResponse:
+    """Every download running in this service, with its progress.
+
+    Response: `{"downloads": [{"model": {"hf_repo": "meta-llama/Llama-2-7b-hf", "hf_commit":
+    null}, "status": "DOWNLOADING", "progress": {...}, "error_message": null, "commit": "..."}]}`
+    """
+    return DownloadListResponse(downloads=manager.active_downloads())

@@ -205,6 +205,34 @@ class VerifyResponse(BaseModel):
     mismatched: list[str]
 
 
+class DownloadEventType(StrEnum):
+    STARTED = "started"
+    PROGRESS = "progress"
+    RETRYING = "retrying"
+    VERIFYING = "verifying"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class DownloadEvent(BaseModel):
+    """One event of a download, as sent on ``GET /api/models/events``."""
+
+    type: DownloadEventType
+    task_id: str
+    model: Model
+    time: float = Field(description="Unix time of the event")
+    commit: str | None = None
+    progress: DownloadProgress | None = None
+    error_message: str | None = Field(default=None, description="Why it failed (failed)")
+    retry_reason: str | None = Field(default=None, description="Why it retries (retrying)")
+    retry_kind: str | None = Field(default=None, description="Class of that failure (retrying)")
+
+
+class DownloadListResponse(BaseModel):
+    downloads: list[ModelStatusResponse]
+
+
 class ErrorResponse(BaseModel):
     """Every 4xx and 5xx answer: what went wrong and what to do about it."""
 

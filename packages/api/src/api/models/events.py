@@ -1,0 +1,86 @@
+"""The manager's event bus: every change of a download's state, for the SSE stream, the metrics and
+the logs. Publishing happens on the event loop thread and never blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+from api.models.types import DownloadEvent, DownloadEventType
+
+logger = logging.getLogger(__name__)
+
+Listener = Callable[[DownloadEvent], None]
+QUEUE_SIZE = 1000
+
+
+class EventBus:
+    """Fan-out of ``DownloadEvent``: synchronous listeners (metrics, logs) and queued
+    subscribers (event streams). A subscriber that falls 1000 events behind loses the oldest
+    progress events rather than slowing the downloads."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+        self._queues: set[asyncio.Queue[DownloadEvent]] = set()
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def publish(self, event: DownloadEvent) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not stop a download
+                logger.exception("event listener failed on %s", event.type.value)
+        for queue in self._queues:
+            if queue.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    queue.get_nowait()
+            queue.put_nowait(event)
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[asyncio.Queue[DownloadEvent]]:
+        queue: asyncio.Queue[DownloadEvent] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        self._queues.add(queue)
+        try:
+            yield queue
+        finally:
+            self._queues.discard(queue)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._queues)
+
+
+def _logfmt_value(value: object) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\n'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+    return text
+
+
+def log_event(event: DownloadEvent) -> None:
+    """One structured (logfmt) line per state change of a download; progress is not logged."""
+    if event.type is DownloadEventType.PROGRESS:
+        return
+    progress = event.progress
+    fields: dict[str, object] = {
+        "event": event.type.value,
+        "task_id": event.task_id,
+        "repo": event.model.hf_repo,
+        "commit": event.commit or "-",
+        "bytes": (progress.downloaded_bytes if progress else None) or 0,
+        "total_bytes": (progress.total_bytes if progress else None) or "-",
+        "duration": f"{progress.elapsed_seconds:.3f}" if progress else "-",
+        "attempt": (progress.attempt if progress else None) or 1,
+    }
+    if event.retry_reason is not None:
+        fields["retry_kind"] = event.retry_kind or "-"
+        fields["reason"] = event.retry_reason
+    if event.error_message is not None:
+        fields["error"] = event.error_message
+    line = " ".join(f"{key}={_logfmt_value(value)}" for key, value in fields.items())
+    level = logging.WARNING if event.type is DownloadEventType.FAILED else logging.INFO
+    logger.log(level, "%s", line)

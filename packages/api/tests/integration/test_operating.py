@@ -1,0 +1,120 @@
+"""Operator experience (issue 7): the event stream, the list of downloads, logs, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from fakehub import FakeHub, Generated, RepoBuilder, http_error, trickle
+
+from .conftest import running_service, wait_for_status
+
+MB = 1024 * 1024
+FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
+
+
+async def sse(client: httpx.AsyncClient, url: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """(event, data) pairs of a Server-Sent Events stream."""
+    async with client.stream("GET", url, timeout=httpx.Timeout(30, read=60)) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        event, data = "message", ""
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data += line[5:].strip()
+            elif line == "" and data:
+                yield event, json.loads(data)
+                event, data = "message", ""
+
+
+async def collect(
+    client: httpx.AsyncClient, url: str, until: set[str], found: list[tuple[str, dict[str, Any]]]
+) -> None:
+    async for event, data in sse(client, url):
+        found.append((event, data))
+        if event in until:
+            return
+
+
+async def test_event_stream_tells_the_whole_story(
+    hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path
+) -> None:
+    repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(12 * MB, seed=60)})
+    repos.commit("org/other", {"config.json": "{}"})
+    hub.add_fault(trickle(6 * MB, path="*/w.bin"))
+    hub.add_fault(http_error(503, path="*/w.bin", method="GET", times=1))
+    body = {"hf_repo": "org/model"}
+    with running_service(
+        cache_dir,
+        hub.url,
+        tmp_path / "service.log",
+        MODELS_RETRY_MIN_BACKOFF_SECONDS="0.05",
+        MODELS_RETRY_MAX_BACKOFF_SECONDS="0.2",
+    ) as (base, _):
+        async with httpx.AsyncClient(base_url=base) as client:
+            found: list[tuple[str, dict[str, Any]]] = []
+            listener = asyncio.create_task(
+                collect(
+                    client, "/api/models/events?hf_repo=org/model", {"completed", "failed"}, found
+                )
+            )
+            await asyncio.sleep(0.3)  # subscribed
+            await client.post("/api/models/download", json={"hf_repo": "org/other"})
+            await client.post("/api/models/download", json=body)
+            active = (await client.get("/api/models/downloads")).json()["downloads"]
+            assert {d["model"]["hf_repo"] for d in active} <= {"org/model", "org/other"}
+            assert "org/model" in {d["model"]["hf_repo"] for d in active}
+            await asyncio.wait_for(listener, 60)
+            assert (await client.get("/api/models/downloads")).json() == {"downloads": []}
+            bad = await client.get("/api/models/events", params={"hf_repo": "../etc"})
+            assert bad.status_code == 422
+    kinds = [event for event, _ in found]
+    assert kinds[0] == "started"
+    assert "retrying" in kinds
+    assert "verifying" in kinds
+    assert kinds[-1] == "completed"
+    assert {data["model"]["hf_repo"] for _, data in found} == {"org/model"}  # the filter works
+    progress = [data for event, data in found if event == "progress"]
+    assert len(progress) >= 2
+    times = [data["time"] for data in progress]
+    # At most one progress event every 0.5 s (the clock of the service, not of this test).
+    assert all(b - a >= 0.45 for a, b in itertools.pairwise(times))
+    assert all(p["progress"]["total_bytes"] == 12 * MB + 2 for p in progress)
+    retrying = next(data for event, data in found if event == "retrying")
+    assert retrying["retry_kind"] == "network"
+    assert retrying["retry_reason"] == "the Hub answered HTTP 503"
+    log = (tmp_path / "service.log").read_text()
+    lines = [line for line in log.splitlines() if "task_id=org/model:latest" in line]
+    assert any("event=started" in line for line in lines)
+    assert any("event=retrying" in line and "retry_kind=network" in line for line in lines)
+    completed = next(line for line in lines if "event=completed" in line)
+    for field in ("repo=org/model", "commit=", f"bytes={12 * MB + 2}", "duration=", "attempt=2"):
+        assert field in completed
+
+
+async def test_failed_and_cancelled_events(
+    client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuilder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through the in-process app: the manager's bus carries failed and cancelled too."""
+    caplog.set_level(logging.INFO)
+    repos.commit("org/slow", {"w.bin": Generated(8 * MB, seed=61)})
+    hub.add_fault(trickle(MB, path="*/w.bin"))
+    await client.post("/api/models/download", json={"hf_repo": "org/missing"})
+    await wait_for_status(client, {"hf_repo": "org/missing"}, FINAL)
+    await client.post("/api/models/download", json={"hf_repo": "org/slow"})
+    await client.request("DELETE", "/api/models", json={"hf_repo": "org/slow"})
+    lines = caplog.text.splitlines()
+    assert any(
+        "event=failed task_id=org/missing:latest" in line and "error=" in line for line in lines
+    )
+    assert any("event=cancelled task_id=org/slow:latest" in line for line in lines)
