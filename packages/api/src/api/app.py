@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.metrics import RequestTimer, ServiceMetrics
 from api.models.errors import ModelError
 from api.models.manager import ModelManager
 from api.models.routes import model_error_handler
@@ -86,6 +88,7 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
         model_manager = manager or ModelManager(settings or Settings())
         configure_logging(model_manager.settings.log_level)
         app.state.model_manager = model_manager
+        app.state.metrics = ServiceMetrics(model_manager)
         logger.info("model cache at %s", model_manager.backend.cache_path)
         try:
             yield
@@ -100,6 +103,7 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
         lifespan=lifespan,
     )
     app.add_middleware(BodySizeLimit)
+    app.add_middleware(RequestTimer)
     app.add_exception_handler(ModelError, model_error_handler)
 
     @app.exception_handler(Exception)
@@ -111,6 +115,18 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     async def health() -> dict[str, str]:
         """Liveness: `{"status": "ok"}`."""
         return {"status": "ok"}
+
+    @app.get(
+        "/metrics",
+        tags=["Health"],
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+    )
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics: active downloads, downloads by result, bytes downloaded, retries
+        by cause, cache size, free space, request latency by route."""
+        service_metrics: ServiceMetrics = request.app.state.metrics
+        return Response(await service_metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(models_router, prefix=API_PREFIX)
     return app

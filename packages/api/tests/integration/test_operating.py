@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fakehub import FakeHub, Generated, RepoBuilder, http_error, trickle
 
@@ -118,3 +119,51 @@ async def test_failed_and_cancelled_events(
         "event=failed task_id=org/missing:latest" in line and "error=" in line for line in lines
     )
     assert any("event=cancelled task_id=org/slow:latest" in line for line in lines)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of the Prometheus text format."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+async def test_metrics(client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuilder) -> None:
+    repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(3 * MB, seed=62)})
+    repos.commit("org/slow", {"w.bin": Generated(8 * MB, seed=63)})
+    hub.add_fault(http_error(503, path="*/org/model/resolve/*/w.bin", method="GET", times=1))
+    hub.add_fault(trickle(MB, path="*/org/slow/resolve/*"))
+    await client.post("/api/models/download", json={"hf_repo": "org/model"})
+    assert (await wait_for_status(client, {"hf_repo": "org/model"}, FINAL))[
+        "status"
+    ] == "DOWNLOADED"
+    await client.post("/api/models/download", json={"hf_repo": "org/missing"})
+    await wait_for_status(client, {"hf_repo": "org/missing"}, FINAL)
+    await client.post("/api/models/download", json={"hf_repo": "org/slow"})
+    during = (await client.get("/metrics")).text
+    assert metric(during, "models_active_downloads") == 1
+    await client.request("DELETE", "/api/models", json={"hf_repo": "org/slow"})
+    response = await client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert metric(text, "models_downloads_total", result="completed") == 1
+    assert metric(text, "models_downloads_total", result="failed") == 1
+    assert metric(text, "models_downloads_total", result="cancelled") == 1
+    assert metric(text, "models_download_retries_total", cause="network") == 1
+    assert metric(text, "models_active_downloads") == 0
+    fetched = metric(text, "models_downloaded_bytes_total")
+    assert 3 * MB + 2 <= fetched < 3 * MB + 2 + 8 * MB  # model, plus what slow got before cancel
+    assert metric(text, "models_cache_size_bytes") >= 3 * MB
+    assert metric(text, "models_cache_free_bytes") > 0
+    assert (
+        metric(
+            text,
+            "http_request_duration_seconds_count",
+            method="POST",
+            route="/api/models/status",
+            status="200",
+        )
+        >= 2
+    )

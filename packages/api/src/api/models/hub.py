@@ -455,6 +455,7 @@ def _update_from(message: dict[str, Any], attempt: int) -> DownloadUpdate:
 
     return DownloadUpdate(
         downloaded_bytes=num("downloaded_bytes"),
+        transferred_bytes=num("transferred_bytes"),
         files_done=num("files_done"),
         attempt=attempt,
         verifying=message.get("type") == "verifying",

@@ -74,6 +74,8 @@ class DownloadJob:
     files_total: int | None = None
     files_done: int | None = None
     verified_bytes: int | None = None
+    transferred_bytes: int = 0
+    _pass_transferred: int = 0
     attempt: int = 1
     bytes_per_second: float | None = None
     _sample: tuple[float, int] | None = None
@@ -125,6 +127,12 @@ class DownloadJob:
         else:
             if update.files_done is not None:
                 self.files_done = update.files_done
+            if update.transferred_bytes is not None:
+                # Each pass of the worker counts from 0 again: add what this one added.
+                if update.transferred_bytes < self._pass_transferred:
+                    self._pass_transferred = 0
+                self.transferred_bytes += update.transferred_bytes - self._pass_transferred
+                self._pass_transferred = update.transferred_bytes
             if update.downloaded_bytes is not None:
                 self.phase = DownloadPhase.DOWNLOADING
                 self._measure(update.downloaded_bytes)
@@ -176,6 +184,7 @@ class DownloadJob:
             files_done=self.files_done,
             files_total=self.files_total,
             verified_bytes=self.verified_bytes,
+            transferred_bytes=self.transferred_bytes,
             attempt=self.attempt,
         )
 

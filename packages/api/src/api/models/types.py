@@ -145,6 +145,10 @@ class DownloadProgress(BaseModel):
     verified_bytes: int | None = Field(
         default=None, description="Bytes checked against their ETags so far (phase verifying)"
     )
+    transferred_bytes: int | None = Field(
+        default=None,
+        description="Bytes fetched from the Hub by this download (files already cached excluded)",
+    )
     attempt: int | None = Field(
         default=None, description="1 for the first attempt, 2 after a retry"
     )

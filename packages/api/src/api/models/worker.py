@@ -183,6 +183,8 @@ class Reporter:
                 "downloaded_bytes": self.base_bytes + max(self.bytes, 0),
                 "files_done": self.files,
             }
+            if kind == "progress":
+                payload["transferred_bytes"] = max(self.bytes, 0)  # fetched by this pass
         self.send(kind, **payload)
 
 

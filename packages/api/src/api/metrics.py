@@ -1,0 +1,111 @@
+"""Prometheus metrics of the service (``GET /metrics``), fed by the manager's events.
+
+Each application has its own registry, so that several apps (tests) never share counters.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.models.manager import ModelManager
+from api.models.types import DownloadEvent, DownloadEventType
+
+_ENDED = {
+    DownloadEventType.COMPLETED: "completed",
+    DownloadEventType.FAILED: "failed",
+    DownloadEventType.CANCELLED: "cancelled",
+}
+
+
+class ServiceMetrics:
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.active = Gauge("models_active_downloads", "Downloads running now", registry=r)
+        self.downloads = Counter(
+            "models_downloads", "Downloads ended, by result", ["result"], registry=r
+        )
+        self.transferred = Counter(
+            "models_downloaded_bytes", "Bytes fetched from the Hub by downloads", registry=r
+        )
+        self.retries = Counter(
+            "models_download_retries", "Download attempts retried, by cause", ["cause"], registry=r
+        )
+        self.cache_size = Gauge("models_cache_size_bytes", "Bytes in the cache", registry=r)
+        self.free = Gauge(
+            "models_cache_free_bytes", "Free bytes on the cache's filesystem", registry=r
+        )
+        self.latency = Histogram(
+            "http_request_duration_seconds",
+            "Time to answer HTTP requests, by route",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        for result in _ENDED.values():
+            self.downloads.labels(result)
+        self._transferred_seen: dict[str, int] = {}
+        manager.events.add_listener(self.on_event)
+
+    def on_event(self, event: DownloadEvent) -> None:
+        if event.type is DownloadEventType.STARTED:
+            self._transferred_seen[event.task_id] = 0
+        if event.progress is not None and event.progress.transferred_bytes is not None:
+            seen = self._transferred_seen.get(event.task_id, 0)
+            if event.progress.transferred_bytes > seen:
+                self.transferred.inc(event.progress.transferred_bytes - seen)
+                self._transferred_seen[event.task_id] = event.progress.transferred_bytes
+        if event.type is DownloadEventType.RETRYING:
+            self.retries.labels(event.retry_kind or "unknown").inc()
+        if event.type in _ENDED:
+            self.downloads.labels(_ENDED[event.type]).inc()
+            self._transferred_seen.pop(event.task_id, None)
+
+    async def render(self) -> bytes:
+        """The metrics text, with the gauges read now."""
+        self.active.set(len(self.manager.active_downloads()))
+        space = await self.manager.get_disk_space()
+        self.cache_size.set(space.cache_size_bytes)
+        self.free.set(space.available_bytes)
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """ASGI middleware: time to the response's first byte, by route template (not raw path),
+    into the app's ``ServiceMetrics`` once the lifespan made it (``app.state.metrics``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                metrics = getattr(scope["app"].state, "metrics", None)
+                if metrics is not None:
+                    path = _route_template(scope)
+                    metrics.latency.labels(scope["method"], path, str(message["status"])).observe(
+                        time.perf_counter() - started
+                    )
+            await send(message)
+
+        await self.app(scope, receive, timed_send)
+
+
+def _route_template(scope: Scope) -> str:
+    """The matched route's path template, as OpenAPI shows it (``/api/models/status``).
+
+    FastAPI (0.165) records the full path of a route of an included router in
+    ``scope["fastapi"]["effective_route_context"]`` (``scope["route"]`` holds the path relative to
+    the router's prefix); a test pins the label.
+    """
+    context = (scope.get("fastapi") or {}).get("effective_route_context")
+    path = getattr(context, "path", None) or getattr(scope.get("route"), "path", None)
+    return str(path) if path else "unmatched"
