@@ -1,0 +1,332 @@
+"""``modelctl``: the models API from a terminal or a script.
+
+Talks to the REST API at ``--url`` (or ``MODELCTL_URL``, default http://127.0.0.1:8000).
+Exit codes scripts can rely on: 0 success, 1 failure, 2 usage or invalid input, 3 not found,
+4 busy (already downloading, or every download slot taken). ``--json`` prints what the API
+answered, as JSON, on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+OK, FAILURE, USAGE, NOT_FOUND, BUSY = 0, 1, 2, 3, 4
+_EXIT_BY_STATUS = {404: NOT_FOUND, 409: BUSY, 429: BUSY, 422: USAGE, 400: USAGE, 413: USAGE}
+
+app = typer.Typer(
+    name="modelctl",
+    help="Fetch, watch, check, list and remove models through the models API.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+@dataclass
+class Context:
+    url: str
+    timeout: float
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the API's answer as JSON")]
+CommitOpt = Annotated[
+    str | None, typer.Option("--commit", "-c", help="Commit id or branch/tag (default: main)")
+]
+RepoArg = Annotated[str, typer.Argument(help="Repo id, 'namespace/name'")]
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    url: Annotated[
+        str, typer.Option(envvar="MODELCTL_URL", help="Base URL of the API server")
+    ] = "http://127.0.0.1:8000",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each answer")] = 60.0,
+) -> None:
+    ctx.obj = Context(url=url.rstrip("/"), timeout=timeout)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _client(ctx: typer.Context) -> Iterator[httpx.Client]:
+    context: Context = ctx.obj
+    try:
+        with httpx.Client(base_url=context.url, timeout=context.timeout) as client:
+            yield client
+    except httpx.TransportError as error:
+        _fail(f"cannot reach {context.url}: {error}", FAILURE)
+
+
+def _call(client: httpx.Client, method: str, path: str, body: Any = None) -> Any:
+    response = client.request(method, path, json=body)
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        if isinstance(detail, list):  # a validation error: say which field and why
+            detail = "; ".join(
+                f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail
+            )
+        _fail(str(detail), _EXIT_BY_STATUS.get(response.status_code, FAILURE))
+    return response.json()
+
+
+def _model(repo: str, commit: str | None) -> dict[str, str]:
+    return {"hf_repo": repo} if commit is None else {"hf_repo": repo, "hf_commit": commit}
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} B"
+
+
+def _status_line(answer: dict[str, Any]) -> str:
+    model = answer["model"]
+    name = model["hf_repo"] + (f"@{model['hf_commit']}" if model.get("hf_commit") else "")
+    line = f"{name}: {answer['status']}"
+    progress = answer.get("progress")
+    if progress and progress.get("percent") is not None:
+        line += f" {progress['percent']:.1f}% ({_size(progress.get('downloaded_bytes'))}"
+        line += f" of {_size(progress.get('total_bytes'))}, {progress.get('phase')})"
+    if answer.get("error_message"):
+        line += f" - {answer['error_message']}"
+    return line
+
+
+@app.command()
+def download(
+    ctx: typer.Context,
+    repo: RepoArg,
+    commit: CommitOpt = None,
+    wait: Annotated[
+        bool,
+        typer.Option("--wait", "-w", help="Follow the download to its end, with a progress bar"),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start downloading a model; with --wait, follow it to its end."""
+    body = _model(repo, commit)
+    with _client(ctx) as client:
+        if not wait:
+            answer = _call(client, "POST", "/api/models/download", body)
+            if as_json:
+                _print_json(answer)
+            else:
+                out.print(f"{answer['task_id']}: {answer['status']}")
+            return
+        # Subscribe before starting, so that no event is missed.
+        with client.stream(
+            "GET",
+            "/api/models/events",
+            params={"hf_repo": repo},
+            timeout=httpx.Timeout(ctx.obj.timeout, read=None),
+        ) as stream:
+            if stream.status_code != 200:
+                stream.read()
+                _fail(stream.text, _EXIT_BY_STATUS.get(stream.status_code, FAILURE))
+            answer = _call(client, "POST", "/api/models/download", body)
+            if answer["status"] == "DOWNLOADED":
+                final = _call(client, "POST", "/api/models/status", body)
+                _finish(final, as_json)
+                return
+            _follow(stream, answer["task_id"], as_json)
+        final = _call(client, "POST", "/api/models/status", body)
+        _finish(final, as_json)
+
+
+def _events(stream: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
+    event, data = "message", ""
+    for line in stream.iter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data += line[5:].strip()
+        elif line == "" and data:
+            yield event, json.loads(data)
+            event, data = "message", ""
+
+
+def _follow(stream: httpx.Response, task_id: str, as_json: bool) -> None:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err, disable=as_json, transient=False) as bar:
+        task = bar.add_task(task_id, total=None)
+        for event, data in _events(stream):
+            if data.get("task_id") != task_id:
+                continue
+            progress = data.get("progress") or {}
+            if event == "verifying":
+                bar.update(task, description=f"{task_id} (verifying)")
+            elif event == "retrying":
+                err.print(f"retrying: {data.get('retry_reason')}")
+            if progress.get("total_bytes") is not None:
+                done = progress.get("downloaded_bytes") or 0
+                bar.update(task, total=progress["total_bytes"], completed=done)
+            if event in ("completed", "failed", "cancelled"):
+                if event == "completed":
+                    bar.update(task, completed=progress.get("total_bytes") or 0)
+                return
+
+
+def _finish(final: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(final)
+    else:
+        out.print(_status_line(final))
+    if final["status"] != "DOWNLOADED":
+        raise typer.Exit(FAILURE)
+
+
+@app.command()
+def status(
+    ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
+) -> None:
+    """A model's status (exit 3 when NOT_FOUND)."""
+    with _client(ctx) as client:
+        answer = _call(client, "POST", "/api/models/status", _model(repo, commit))
+    if as_json:
+        _print_json(answer)
+    else:
+        out.print(_status_line(answer))
+    if answer["status"] == "NOT_FOUND":
+        raise typer.Exit(NOT_FOUND)
+
+
+@app.command("ls")
+def list_models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Every cached model and every running download."""
+    with _client(ctx) as client:
+        answer = _call(client, "GET", "/api/models/list")
+    if as_json:
+        _print_json(answer)
+        return
+    table = Table("MODEL", "COMMIT", "STATUS", "SIZE", "REFS")
+    for item in answer["models"]:
+        commit = item["model"].get("hf_commit") or "-"
+        size = item.get("size_bytes")
+        if item["status"] == "DOWNLOADING" and item.get("progress"):
+            size = item["progress"].get("downloaded_bytes")
+        table.add_row(
+            item["model"]["hf_repo"],
+            commit[:12],
+            item["status"],
+            _size(size),
+            ",".join(item.get("refs") or []) or "-",
+        )
+    out.print(table)
+
+
+@app.command("rm")
+def remove(
+    ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Delete a model from the cache, or cancel its download."""
+    with _client(ctx) as client:
+        answer = _call(client, "DELETE", "/api/models", _model(repo, commit))
+    if as_json:
+        _print_json(answer)
+    else:
+        freed = answer.get("freed_bytes")
+        out.print(f"{repo}: {answer['status']}" + (f" ({_size(freed)} freed)" if freed else ""))
+
+
+@app.command()
+def cancel(
+    ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Stop a running download (exit 3 when none runs)."""
+    body = _model(repo, commit)
+    with _client(ctx) as client:
+        current = _call(client, "POST", "/api/models/status", body)
+        if current["status"] != "DOWNLOADING" or current.get("progress") is None:
+            _fail(f"{repo} is not downloading in this service ({current['status']})", NOT_FOUND)
+        answer = _call(client, "DELETE", "/api/models", body)
+    if as_json:
+        _print_json(answer)
+    else:
+        out.print(f"{repo}: {answer['status']}")
+
+
+@app.command()
+def verify(
+    ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Check every cached file against its checksum (exit 1 if not)."""
+    with _client(ctx) as client:
+        answer = _call(client, "POST", "/api/models/verify", _model(repo, commit))
+    if as_json:
+        _print_json(answer)
+    else:
+        verdict = "verified" if answer["verified"] else "NOT verified"
+        out.print(
+            f"{repo}@{answer['commit'][:12]}: {verdict}, {answer['files_checked']} files checked"
+        )
+        for path in answer["missing"]:
+            out.print(f"  missing:    {path}")
+        for path in answer["mismatched"]:
+            out.print(f"  mismatched: {path}")
+    if not answer["verified"]:
+        raise typer.Exit(FAILURE)
+
+
+@app.command()
+def space(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Bytes used by the cache and free on its disk."""
+    with _client(ctx) as client:
+        answer = _call(client, "GET", "/api/models/space")
+    if as_json:
+        _print_json(answer)
+    else:
+        out.print(
+            f"cache {answer['cache_path']}: {_size(answer['cache_size_bytes'])} used,"
+            f" {_size(answer['available_bytes'])} free"
+        )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

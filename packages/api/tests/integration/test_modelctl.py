@@ -1,0 +1,99 @@
+"""modelctl against a running service: output, --json, and the exit codes scripts rely on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fakehub import FakeHub, Generated, RepoBuilder, trickle
+
+from .conftest import running_service
+
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def service_url(hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path) -> Iterator[str]:
+    repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(6 * MB, seed=70)})
+    repos.commit("org/slow", {"w.bin": Generated(40 * MB, seed=71)})
+    hub.add_fault(trickle(2 * MB, path="*/org/slow/*"))
+    with running_service(cache_dir, hub.url, tmp_path / "service.log") as (url, _):
+        yield url
+
+
+def modelctl(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MODELCTL_URL": url, "COLUMNS": "120"}
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_session(service_url: str) -> None:
+    done = modelctl(service_url, "download", "org/model", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert "org/model: DOWNLOADED" in done.stdout
+    assert "org/model:latest" in done.stderr  # the progress bar's line
+
+    status = modelctl(service_url, "status", "org/model", "--json")
+    assert status.returncode == 0
+    assert json.loads(status.stdout)["status"] == "DOWNLOADED"
+
+    listed = modelctl(service_url, "ls", "--json")
+    assert [m["model"]["hf_repo"] for m in json.loads(listed.stdout)["models"]] == ["org/model"]
+    table = modelctl(service_url, "ls")
+    assert "org/model" in table.stdout
+    assert "DOWNLOADED" in table.stdout
+    assert "6.3 MB" in table.stdout
+
+    verified = modelctl(service_url, "verify", "org/model")
+    assert verified.returncode == 0
+    assert "verified, 2 files checked" in verified.stdout
+
+    space = json.loads(modelctl(service_url, "space", "--json").stdout)
+    assert space["cache_size_bytes"] >= 6 * MB
+
+    again = modelctl(service_url, "download", "org/model", "--json")
+    assert json.loads(again.stdout)["status"] == "DOWNLOADED"
+
+    removed = modelctl(service_url, "rm", "org/model")
+    assert removed.returncode == 0
+    assert "org/model: deleted" in removed.stdout
+    assert modelctl(service_url, "status", "org/model").returncode == 3
+    assert modelctl(service_url, "rm", "org/model").returncode == 3
+    assert modelctl(service_url, "verify", "org/model").returncode == 3
+
+
+def test_busy_cancel_and_usage_exit_codes(service_url: str) -> None:
+    started = modelctl(service_url, "download", "org/slow")
+    assert started.returncode == 0
+    assert "org/slow:latest: DOWNLOADING" in started.stdout
+    busy = modelctl(service_url, "download", "org/slow")
+    assert busy.returncode == 4
+    assert "already downloading" in busy.stderr
+    cancelled = modelctl(service_url, "cancel", "org/slow", "--json")
+    assert cancelled.returncode == 0
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"
+    assert modelctl(service_url, "cancel", "org/slow").returncode == 3
+    bad = modelctl(service_url, "status", "../etc")
+    assert bad.returncode == 2
+    assert "hf_repo" in bad.stderr
+    assert modelctl(service_url, "frobnicate").returncode == 2
+    failed = modelctl(service_url, "download", "org/missing", "--wait")
+    assert failed.returncode == 1
+    assert "not found on the Hub" in failed.stdout
+
+
+def test_unreachable_service_is_a_failure() -> None:
+    result = modelctl("http://127.0.0.1:9", "ls")
+    assert result.returncode == 1
+    assert "cannot reach http://127.0.0.1:9" in result.stderr
