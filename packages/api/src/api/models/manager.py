@@ -287,6 +287,11 @@ class ModelManager:
         try:
             plan = await self._plan_with_space_check(model)
             job = DownloadJob(model=model, bus=self.events)
+            if isinstance(plan, DownloadPlan):
+                # Known before the first byte: the status shows the totals at once.
+                job.commit = plan.commit
+                job.total_bytes = plan.total_bytes
+                job.files_total = len(plan.files)
             self._errors.pop(task_id, None)
             self._jobs[task_id] = job
             job.task = asyncio.create_task(self._run(job, plan), name=f"download {task_id}")
