@@ -281,45 +281,43 @@ async def test_disk_full_mid_download_fails_at_once_and_cleanly(
 
 
 async def test_two_services_sharing_one_cache(
-    settings: Settings, hub: FakeHub, repos: RepoBuilder, cache_dir: Path
+    hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path
 ) -> None:
-    """Both download the same model at once and end DOWNLOADED, verified; a third service on the
-    same cache says DOWNLOADING or PARTIAL, never DOWNLOADED, until a verified copy is there."""
+    """Two service processes download the same model at once and both end DOWNLOADED, verified;
+    a third on the same cache says DOWNLOADING or PARTIAL, never DOWNLOADED, until a verified copy
+    is there."""
     repos.commit("org/shared", {"config.json": "{}", "w.bin": Generated(8 * MB, seed=12)})
     hub.add_fault(corrupt(path="*/w.bin", times=1))  # one of them gets bad bytes once
     hub.add_fault(trickle(6 * MB, path="*/w.bin"))
     body = {"hf_repo": "org/shared"}
-    apps = [create_app(settings) for _ in range(3)]
-    async with (
-        apps[0].router.lifespan_context(apps[0]),
-        apps[1].router.lifespan_context(apps[1]),
-        apps[2].router.lifespan_context(apps[2]),
+    with (
+        running_service(cache_dir, hub.url, tmp_path / "a.log") as (url_a, _),
+        running_service(cache_dir, hub.url, tmp_path / "b.log") as (url_b, _),
+        running_service(cache_dir, hub.url, tmp_path / "observer.log") as (url_o, _),
     ):
-        a, b, observer = (
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
-            for app in apps
-        )
-        assert (await a.post("/api/models/download", json=body)).status_code == 202
-        assert (await b.post("/api/models/download", json=body)).status_code == 202
-        seen = set()
-        while True:
-            observed = (await observer.post("/api/models/status", json=body)).json()["status"]
-            seen.add(observed)
-            if observed == "DOWNLOADED":
-                # Only said once no worker holds the revision: what is there is whole and verified.
-                report = (await observer.post("/api/models/verify", json=body)).json()
-                assert report["verified"] is True, report
-            states = [
-                (await c.post("/api/models/status", json=body)).json()["status"] for c in (a, b)
-            ]
-            if "DOWNLOADING" not in states:
-                break
-            await asyncio.sleep(0.02)
-        assert states == ["DOWNLOADED", "DOWNLOADED"]
-        assert "DOWNLOADING" in seen
-        assert (await observer.post("/api/models/status", json=body)).json()[
-            "status"
-        ] == "DOWNLOADED"
-        assert (await observer.post("/api/models/verify", json=body)).json()["verified"] is True
-        for c in (a, b, observer):
-            await c.aclose()
+        async with (
+            httpx.AsyncClient(base_url=url_a) as a,
+            httpx.AsyncClient(base_url=url_b) as b,
+            httpx.AsyncClient(base_url=url_o) as observer,
+        ):
+            assert (await a.post("/api/models/download", json=body)).status_code == 202
+            assert (await b.post("/api/models/download", json=body)).status_code == 202
+            seen = set()
+            while True:
+                observed = (await observer.post("/api/models/status", json=body)).json()["status"]
+                seen.add(observed)
+                if observed == "DOWNLOADED":
+                    # Said only once no worker holds the revision: what is there is verified.
+                    report = (await observer.post("/api/models/verify", json=body)).json()
+                    assert report["verified"] is True, report
+                states = [
+                    (await c.post("/api/models/status", json=body)).json()["status"] for c in (a, b)
+                ]
+                if "DOWNLOADING" not in states:
+                    break
+                await asyncio.sleep(0.02)
+            assert states == ["DOWNLOADED", "DOWNLOADED"]
+            assert "DOWNLOADING" in seen
+            final = (await observer.post("/api/models/status", json=body)).json()
+            assert final["status"] == "DOWNLOADED"
+            assert (await observer.post("/api/models/verify", json=body)).json()["verified"] is True
