@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, NoReturn
@@ -96,6 +96,20 @@ def _call(client: httpx.Client, method: str, path: str, body: Any = None) -> Any
     return response.json()
 
 
+def _ask(ctx: typer.Context, method: str, path: str, body: Any = None) -> Any:
+    """One call to the API; exits with the code its answer maps to when it fails."""
+    with _client(ctx) as client:
+        return _call(client, method, path, body)
+
+
+def _show(answer: Any, as_json: bool, human: Callable[[], None]) -> None:
+    """The API's answer as JSON, or in words."""
+    if as_json:
+        _print_json(answer)
+    else:
+        human()
+
+
 def _model(repo: str, commit: str | None) -> dict[str, str]:
     return {"hf_repo": repo} if commit is None else {"hf_repo": repo, "hf_commit": commit}
 
@@ -144,10 +158,7 @@ def download(
     with _client(ctx) as client:
         if not wait:
             answer = _call(client, "POST", "/api/models/download", body)
-            if as_json:
-                _print_json(answer)
-            else:
-                out.print(f"{answer['task_id']}: {answer['status']}")
+            _show(answer, as_json, lambda: out.print(f"{answer['task_id']}: {answer['status']}"))
             return
         # Subscribe before starting, so that no event is missed.
         with client.stream(
@@ -210,10 +221,7 @@ def _follow(stream: httpx.Response, task_id: str, as_json: bool) -> None:
 
 
 def _finish(final: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        _print_json(final)
-    else:
-        out.print(_status_line(final))
+    _show(final, as_json, lambda: out.print(_status_line(final)))
     if final["status"] != "DOWNLOADED":
         raise typer.Exit(FAILURE)
 
@@ -223,12 +231,8 @@ def status(
     ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
 ) -> None:
     """A model's status (exit 3 when NOT_FOUND)."""
-    with _client(ctx) as client:
-        answer = _call(client, "POST", "/api/models/status", _model(repo, commit))
-    if as_json:
-        _print_json(answer)
-    else:
-        out.print(_status_line(answer))
+    answer = _ask(ctx, "POST", "/api/models/status", _model(repo, commit))
+    _show(answer, as_json, lambda: out.print(_status_line(answer)))
     if answer["status"] == "NOT_FOUND":
         raise typer.Exit(NOT_FOUND)
 
@@ -236,8 +240,7 @@ def status(
 @app.command("ls")
 def list_models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Every cached model and every running download."""
-    with _client(ctx) as client:
-        answer = _call(client, "GET", "/api/models/list")
+    answer = _ask(ctx, "GET", "/api/models/list")
     if as_json:
         _print_json(answer)
         return
@@ -262,13 +265,15 @@ def remove(
     ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Delete a model from the cache, or cancel its download."""
-    with _client(ctx) as client:
-        answer = _call(client, "DELETE", "/api/models", _model(repo, commit))
-    if as_json:
-        _print_json(answer)
-    else:
-        freed = answer.get("freed_bytes")
-        out.print(f"{repo}: {answer['status']}" + (f" ({_size(freed)} freed)" if freed else ""))
+    answer = _ask(ctx, "DELETE", "/api/models", _model(repo, commit))
+    freed = answer.get("freed_bytes")
+    _show(
+        answer,
+        as_json,
+        lambda: out.print(
+            f"{repo}: {answer['status']}" + (f" ({_size(freed)} freed)" if freed else "")
+        ),
+    )
 
 
 @app.command()
@@ -282,10 +287,7 @@ def cancel(
         if current["status"] != "DOWNLOADING" or current.get("progress") is None:
             _fail(f"{repo} is not downloading in this service ({current['status']})", NOT_FOUND)
         answer = _call(client, "DELETE", "/api/models", body)
-    if as_json:
-        _print_json(answer)
-    else:
-        out.print(f"{repo}: {answer['status']}")
+    _show(answer, as_json, lambda: out.print(f"{repo}: {answer['status']}"))
 
 
 @app.command()
@@ -293,19 +295,18 @@ def verify(
     ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Check every cached file against its checksum (exit 1 if not)."""
-    with _client(ctx) as client:
-        answer = _call(client, "POST", "/api/models/verify", _model(repo, commit))
-    if as_json:
-        _print_json(answer)
-    else:
+    answer = _ask(ctx, "POST", "/api/models/verify", _model(repo, commit))
+
+    def human() -> None:
         verdict = "verified" if answer["verified"] else "NOT verified"
-        out.print(
-            f"{repo}@{answer['commit'][:12]}: {verdict}, {answer['files_checked']} files checked"
-        )
+        checked = answer["files_checked"]
+        out.print(f"{repo}@{answer['commit'][:12]}: {verdict}, {checked} files checked")
         for path in answer["missing"]:
             out.print(f"  missing:    {path}")
         for path in answer["mismatched"]:
             out.print(f"  mismatched: {path}")
+
+    _show(answer, as_json, human)
     if not answer["verified"]:
         raise typer.Exit(FAILURE)
 
@@ -313,15 +314,15 @@ def verify(
 @app.command()
 def space(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Bytes used by the cache and free on its disk."""
-    with _client(ctx) as client:
-        answer = _call(client, "GET", "/api/models/space")
-    if as_json:
-        _print_json(answer)
-    else:
-        out.print(
+    answer = _ask(ctx, "GET", "/api/models/space")
+    _show(
+        answer,
+        as_json,
+        lambda: out.print(
             f"cache {answer['cache_path']}: {_size(answer['cache_size_bytes'])} used,"
             f" {_size(answer['available_bytes'])} free"
-        )
+        ),
+    )
 
 
 def main() -> None:

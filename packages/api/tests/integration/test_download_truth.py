@@ -13,11 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.app import create_app
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, corrupt, rate_limited, stall, trickle
 
-from .conftest import running_service, wait_for_status, worker_processes
+from .conftest import app_client, running_service, wait_for_status, worker_processes
 
 MB = 1024 * 1024
 FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
@@ -84,11 +83,7 @@ async def test_verify_finds_a_blob_changed_on_disk(
 async def test_a_model_that_cannot_fit_is_refused_before_the_first_byte(
     settings: Settings, hub: FakeHub, commit: str, cache_dir: Path
 ) -> None:
-    app = create_app(settings.model_copy(update={"space_margin_bytes": 10**18}))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
-    ):
+    async with app_client(settings.model_copy(update={"space_margin_bytes": 10**18})) as client:
         refused = await client.post("/api/models/download", json={"hf_repo": "org/model"})
     assert refused.status_code == 507
     assert refused.json()["detail"].startswith(
@@ -102,12 +97,8 @@ async def test_stall_trips_the_watchdog_and_the_retry_completes(
     settings: Settings, hub: FakeHub, commit: str
 ) -> None:
     hub.add_fault(stall(30, path="*/model.safetensors", method="GET", times=1))
-    app = create_app(settings.model_copy(update={"stall_timeout_seconds": 1.0}))
     body = {"hf_repo": "org/model"}
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
-    ):
+    async with app_client(settings.model_copy(update={"stall_timeout_seconds": 1.0})) as client:
         await client.post("/api/models/download", json=body)
         answer = await wait_for_status(client, body, FINAL)
     assert answer["status"] == "DOWNLOADED"
@@ -119,14 +110,9 @@ async def test_trickle_trips_the_watchdog(
 ) -> None:
     repos.commit("org/slow", {"w.bin": Generated(4 * MB, seed=9)})
     hub.add_fault(trickle(100_000, path="*/w.bin"))  # under 1 MiB per watchdog period
-    app = create_app(
-        settings.model_copy(update={"stall_timeout_seconds": 1.0, "retry_attempts": 2})
-    )
     body = {"hf_repo": "org/slow"}
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
-    ):
+    slow = settings.model_copy(update={"stall_timeout_seconds": 1.0, "retry_attempts": 2})
+    async with app_client(slow) as client:
         await client.post("/api/models/download", json=body)
         answer = await wait_for_status(client, body, FINAL)
     assert answer["status"] == "NOT_FOUND"
@@ -139,16 +125,11 @@ async def test_retry_after_is_honoured(settings: Settings, hub: FakeHub, commit:
     # library itself, before the service sees it.)
     hub.add_fault(rate_limited(0.5, path="/api/models/org/model/revision/*", times=2))
     # Backoffs of at most 0.1 s: only the hub's Retry-After explains waits of 0.5 s.
-    app = create_app(
-        settings.model_copy(
-            update={"retry_min_backoff_seconds": 0.05, "retry_max_backoff_seconds": 5.0}
-        )
-    )
     body = {"hf_repo": "org/model"}
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
-    ):
+    patient = settings.model_copy(
+        update={"retry_min_backoff_seconds": 0.05, "retry_max_backoff_seconds": 5.0}
+    )
+    async with app_client(patient) as client:
         started = time.monotonic()
         await client.post("/api/models/download", json=body)
         answer = await wait_for_status(client, body, FINAL)
@@ -219,11 +200,7 @@ async def test_kill_9_of_the_service_then_restart(
 
     hub.clear_faults()
     settings = Settings(cache_dir=cache_dir, hf_endpoint=hub.url)
-    app = create_app(settings)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
-    ):
+    async with app_client(settings) as client:
         assert (await client.post("/api/models/status", json=body)).json()["status"] == "PARTIAL"
         await client.post("/api/models/download", json=body)
         assert (await wait_for_status(client, body, FINAL))["status"] == "DOWNLOADED"
@@ -254,12 +231,10 @@ async def test_disk_full_mid_download_fails_at_once_and_cleanly(
     repos.commit("org/fill", {"w.bin": Generated(8 * MB, seed=6)})
     hub.add_fault(trickle(4 * MB, path="*/w.bin"))
     cache = small_disk / "cache"
-    app = create_app(settings.model_copy(update={"cache_dir": cache, "space_margin_bytes": 0}))
     body = {"hf_repo": "org/fill"}
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
-    ):
+    async with app_client(
+        settings.model_copy(update={"cache_dir": cache, "space_margin_bytes": 0})
+    ) as client:
         assert (await client.post("/api/models/download", json=body)).status_code == 202
         while True:
             progress = (await client.post("/api/models/status", json=body)).json()["progress"]

@@ -14,7 +14,7 @@ from api.app import create_app
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, http_error, trickle
 
-from .conftest import wait_for_status, worker_processes
+from .conftest import app_client, wait_for_status, worker_processes
 
 MB = 1024 * 1024
 
@@ -135,11 +135,7 @@ async def test_concurrency_limit_answers_429(
     for name in ("a", "b"):
         repos.commit(f"org/{name}", {"w.bin": Generated(4 * MB, seed=2)})
     hub.add_fault(trickle(MB, path="*/w.bin"))
-    app = create_app(settings.model_copy(update={"max_concurrent_downloads": 1}))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
-    ):
+    async with app_client(settings.model_copy(update={"max_concurrent_downloads": 1})) as client:
         assert (
             await client.post("/api/models/download", json={"hf_repo": "org/a"})
         ).status_code == 202

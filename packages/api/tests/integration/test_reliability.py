@@ -11,7 +11,6 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from api.app import create_app
 from api.settings import Settings
 from conftest import TOKEN
 from fakehub import (
@@ -27,7 +26,7 @@ from fakehub import (
     trickle,
 )
 
-from .conftest import wait_for_status
+from .conftest import app_client, wait_for_status
 
 MB = 1024 * 1024
 FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
@@ -78,7 +77,6 @@ async def test_the_token_never_leaves_the_process(
     repos.commit("org/gated", {"config.json": "{}"}, gated=True)
     hub.gated_access.clear()  # the token is valid but has no access to the gated repo
     hub.add_fault(http_error(500, path="*/org/private/resolve/*", method="GET", times=1))
-    app = create_app(settings.model_copy(update={"hf_token": SecretStr(TOKEN)}))
     bodies = [
         {"hf_repo": "org/private"},
         {"hf_repo": "org/gated"},
@@ -86,10 +84,7 @@ async def test_the_token_never_leaves_the_process(
         {"hf_repo": "org/private", "hf_commit": "nope"},
     ]
     seen: list[str] = []
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
-    ):
+    async with app_client(settings.model_copy(update={"hf_token": SecretStr(TOKEN)})) as client:
         for body in bodies:
             seen.append((await client.post("/api/models/download", json=body)).text)
             seen.append(str(await wait_for_status(client, body, FINAL)))

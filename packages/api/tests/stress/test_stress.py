@@ -12,11 +12,10 @@ import pytest
 import schemathesis
 from schemathesis import GenerationMode
 
-from api.app import create_app
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, trickle
 
-from ..integration.conftest import running_service, wait_for_status
+from ..integration.conftest import app_client, running_service, wait_for_status
 from ..integration.test_download_truth import _workers_using
 from ..integration.test_hostile_input import _fuzz, server  # noqa: F401 - a fixture
 
@@ -58,11 +57,7 @@ async def test_repeated_kill_9_and_restart(
         await asyncio.sleep(0.5)
         assert _workers_using(cache_dir) == []
     hub.clear_faults()
-    app = create_app(Settings(cache_dir=cache_dir, hf_endpoint=hub.url))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
-    ):
+    async with app_client(Settings(cache_dir=cache_dir, hf_endpoint=hub.url)) as client:
         await client.post("/api/models/download", json=body)
         assert (await wait_for_status(client, body, FINAL))["status"] == "DOWNLOADED"
         assert (await client.post("/api/models/verify", json=body)).json()["verified"] is True
