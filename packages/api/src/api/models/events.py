@@ -49,10 +49,6 @@ class EventBus:
         finally:
             self._queues.discard(queue)
 
-    @property
-    def subscribers(self) -> int:
-        return len(self._queues)
-
 
 def _logfmt_value(value: object) -> str:
     text = str(value)
