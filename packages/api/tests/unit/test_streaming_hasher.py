@@ -13,7 +13,7 @@ from api.models.worker import StreamingHasher
 MB = 1024 * 1024
 
 
-def write_like_the_library(blobs: Path, etag: str, data: bytes, pause: float = 0.03) -> Path:
+def write_like_the_library(blobs: Path, etag: str, data: bytes, pause: float = 0.06) -> Path:
     """Write ``<etag>.<random>.incomplete`` in pieces, then rename it to the blob."""
     temporary = blobs / f"{etag}.1a2b3c4d.incomplete"
     with temporary.open("wb") as out:
