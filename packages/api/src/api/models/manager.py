@@ -160,6 +160,14 @@ class DownloadJob:
         else:
             self._sample = (now, downloaded)
 
+    def status(self) -> ModelStatusResponse:
+        return ModelStatusResponse(
+            model=self.model,
+            status=ModelStatus.DOWNLOADING,
+            progress=self.progress(),
+            commit=self.commit,
+        )
+
     def progress(self) -> DownloadProgress:
         percent = eta = None
         if self.total_bytes is not None and self.downloaded_bytes is not None:
@@ -216,12 +224,7 @@ class ModelManager:
     async def get_model_status(self, model: Model) -> ModelStatusResponse:
         job = self._jobs.get(model.task_id)
         if job is not None:
-            return ModelStatusResponse(
-                model=model,
-                status=ModelStatus.DOWNLOADING,
-                progress=job.progress(),
-                commit=job.commit,
-            )
+            return job.status()
         local = await asyncio.to_thread(self.backend.local_state, model.hf_repo, model.revision)
         status = _STATE_TO_STATUS[local.state]
         error = None if status is ModelStatus.DOWNLOADED else self._errors.get(model.task_id)
@@ -446,15 +449,7 @@ class ModelManager:
 
     def active_downloads(self) -> list[ModelStatusResponse]:
         """Every running download with its progress."""
-        return [
-            ModelStatusResponse(
-                model=job.model,
-                status=ModelStatus.DOWNLOADING,
-                progress=job.progress(),
-                commit=job.commit,
-            )
-            for job in self._jobs.values()
-        ]
+        return [job.status() for job in self._jobs.values()]
 
     async def shutdown(self) -> None:
         """Stop every running download and wait for each (no worker outlives the service)."""
