@@ -101,6 +101,9 @@ class FakeBackend:
     def cache_usage(self) -> tuple[int, int]:
         return 10, self.free
 
+    def free_bytes(self) -> int:
+        return self.free
+
     async def aclose(self) -> None:
         self.closed = True
 

@@ -167,6 +167,10 @@ class HubBackend(Protocol):
         or None when nothing of it was cached (blocking)."""
         ...
 
+    def free_bytes(self) -> int:
+        """Bytes free on the cache's filesystem, without walking the cache (blocking)."""
+        ...
+
     def cache_usage(self) -> tuple[int, int]:
         """(bytes used by the cache, bytes free on its filesystem) (blocking)."""
         ...

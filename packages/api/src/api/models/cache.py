@@ -285,11 +285,14 @@ class ModelCache:
 
     def usage(self) -> tuple[int, int]:
         """(bytes of the files in the cache, bytes free on the cache's filesystem)."""
-        used = sum(st.st_size for _, st in _iter_stats(self.root))
+        return sum(st.st_size for _, st in _iter_stats(self.root)), self.free_bytes()
+
+    def free_bytes(self) -> int:
+        """Bytes free on the cache's filesystem (of its nearest existing folder): one statvfs."""
         probe = self.root
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
-        return used, shutil.disk_usage(probe).free
+        return shutil.disk_usage(probe).free
 
     # -- changing ----------------------------------------------------------------------------
 

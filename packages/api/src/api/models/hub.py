@@ -261,6 +261,9 @@ class HubCacheBackend:
     def cache_usage(self) -> tuple[int, int]:
         return self.cache.usage()
 
+    def free_bytes(self) -> int:
+        return self.cache.free_bytes()
+
     def missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
         return self.cache.missing_bytes(repo_id, plan)
 

@@ -330,7 +330,8 @@ class ModelManager:
         except TimeoutError:
             return None
         needed = await asyncio.to_thread(self.backend.missing_bytes, model.hf_repo, plan)
-        _, free = await asyncio.to_thread(self.backend.cache_usage)
+        # Only the free space: walking the whole cache for its size would slow every start.
+        free = await asyncio.to_thread(self.backend.free_bytes)
         reserved = sum(
             max((job.total_bytes or 0) - (job.downloaded_bytes or 0), 0)
             for job in self._jobs.values()
