@@ -283,8 +283,7 @@ def _download_and_verify(
     token: str | bool = os.environ.get("HF_TOKEN") or False
 
     def fetch() -> None:
-        snapshot = cache.folder(repo_id) / "snapshots" / plan.commit
-        present = sum(f.size for f in plan.files if _size(snapshot / f.path) == f.size)
+        present = plan.total_bytes - cache.missing_bytes(repo_id, plan)
         reporter.restart("progress", present)
         reporter.send("progress", downloaded_bytes=present, files_done=0)
         snapshot_download(
@@ -379,13 +378,6 @@ def run(spec: dict[str, Any], reporter: Reporter) -> int:
         return 1
     reporter.send("done")
     return 0
-
-
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
 
 
 def main() -> int:
