@@ -17,6 +17,8 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test reads or writes the real ~/.cache, and no Hub variable of the machine leaks in."""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    # hf_xet retries a failed range itself, by default after seconds: keep its waits short here.
+    monkeypatch.setenv("HF_XET_CLIENT_RETRY_BASE_DELAY", "50ms")
     for name in ("HF_HUB_CACHE", "HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE", "MODELS_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)
 

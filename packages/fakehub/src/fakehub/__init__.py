@@ -1,5 +1,6 @@
 """A Hugging Face Hub-protocol fake server with fault injection (see ``fakehub.server``)."""
 
+from fakehub import xet
 from fakehub.faults import (
     Fault,
     FaultKind,
@@ -33,4 +34,5 @@ __all__ = [
     "short_body",
     "stall",
     "trickle",
+    "xet",
 ]

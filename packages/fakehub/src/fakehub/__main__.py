@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> None:
         "--gated-access", action="append", default=[], help="a token with access to gated repos"
     )
     parser.add_argument(
+        "--xet", action="store_true", help="serve LFS files through Xet, as the Hub does today"
+    )
+    parser.add_argument(
         "--samples", action="store_true", help="create the demo sample repos in --repos first"
     )
     args = parser.parse_args(argv)
@@ -27,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.samples:
         for repo_id, commit in make_samples(args.repos).items():
             print(f"sample repo {repo_id} at {commit}", flush=True)
-    serve(args.repos, args.host, args.port, set(args.token), set(args.gated_access))
+    serve(args.repos, args.host, args.port, set(args.token), set(args.gated_access), args.xet)
 
 
 if __name__ == "__main__":

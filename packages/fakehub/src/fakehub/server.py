@@ -11,6 +11,12 @@ Endpoints (repo ids are ``namespace/name``; revisions arrive percent-encoded, ``
   the sha256 for LFS files, which also get ``X-Linked-Etag`` and ``X-Linked-Size``),
   ``Content-Length``, ``Accept-Ranges`` and ``Range`` requests (206 with ``Content-Range``).
 
+With ``FakeHub(..., xet=True)`` every LFS file is stored in Xet, as on the Hub today (see
+``fakehub.xet``): ``xetHash`` in the tree, ``X-Xet-Hash`` and a ``rel="xet-auth"`` link on
+``/resolve``, ``GET /api/models/{repo}/xet-read-token/{rev}``, and a CAS under ``/cas``
+(``/cas/v1/reconstructions/{hash}``, xorb ranges under ``/cas/xorbs/...``). Faults apply to these
+paths like to any other; ``FakeHub.content_path`` names a file's content requests on either path.
+
 Errors carry ``X-Error-Code`` as the Hub's do: ``RepoNotFound`` (404; 401 for a private repo without a
 valid token), ``GatedRepo`` (401 without a token, 403 with a token that has no access),
 ``RevisionNotFound`` (404), ``EntryNotFound`` (404).
@@ -24,17 +30,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from fakehub import xet
 from fakehub.faults import Fault, FaultKind
 from fakehub.repos import Repo, RepoFile, load_repos
 
@@ -72,8 +80,12 @@ class FakeHub:
         tokens: set[str] | None = None,
         gated_access: set[str] | None = None,
         page_size: int = 1000,
+        xet: bool = False,
+        xet_token_ttl: float = 3600,
     ) -> None:
         self.repos_dir = repos_dir
+        self.xet = xet
+        self.xet_token_ttl = xet_token_ttl
         self.tokens = set(tokens or ())
         self.gated_access = set(gated_access or ())
         self.page_size = page_size
@@ -81,6 +93,7 @@ class FakeHub:
         self.requests: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
         self._repos: dict[str, tuple[tuple[int, int, int], Repo]] = {}
+        self._xet_tokens: dict[str, tuple[str, float]] = {}  # access token -> (repo id, expiry)
         self._stopping = threading.Event()
         self._server = _Server((host, port), _Handler)
         self._server.hub = self
@@ -172,6 +185,34 @@ class FakeHub:
             self._repos[repo_id] = (key, repo)
         return repo
 
+    def content_path(self, repo_id: str, path: str, revision: str = "main") -> str:
+        """A glob (for faults and counts) of the requests that carry this file's content: its
+        ``/resolve`` URL, or, for a file this hub serves through Xet, the file's xorbs."""
+        repo = self.repo(repo_id)
+        commit = repo.resolve(revision) if repo is not None else None
+        entry = repo.commits[commit].get(path) if repo is not None and commit else None
+        if entry is None:
+            raise KeyError(f"{repo_id}@{revision} has no file {path}")
+        if self.xet and entry.lfs:
+            return f"/cas/xorbs/{repo_id}/{entry.sha256}/*"
+        return f"/{repo_id}/resolve/*/{path}"
+
+    def issue_xet_token(self, repo_id: str) -> tuple[str, int]:
+        """A Xet access token for one repo's files, and its expiry (Unix seconds)."""
+        token = "xet_" + secrets.token_hex(16)
+        expiry = time.time() + self.xet_token_ttl
+        with self._lock:
+            self._xet_tokens[token] = (repo_id, expiry)
+        return token, int(expiry)
+
+    def xet_token_repo(self, token: str | None) -> str | None:
+        """The repo a valid, unexpired Xet access token is for."""
+        with self._lock:
+            granted = self._xet_tokens.get(token or "")
+        if granted is None or granted[1] < time.time():
+            return None
+        return granted[0]
+
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True when the server is stopping."""
         return self._stopping.wait(seconds)
@@ -228,6 +269,8 @@ class _Handler(BaseHTTPRequestHandler):
             query = parse_qs(split.query)
             if segments[:2] == ["api", "models"] and len(segments) >= 4:
                 self._api(method, segments[2:], query)
+            elif segments[0] == "cas":
+                self._cas(method, segments[1:], faults)
             elif len(segments) >= 5 and segments[2] == "resolve":
                 repo_id = "/".join(segments[:2])
                 self._resolve(method, repo_id, segments[3], "/".join(segments[4:]), faults)
@@ -250,6 +293,8 @@ class _Handler(BaseHTTPRequestHandler):
             recursive = query.get("recursive", ["false"])[0].lower() in ("true", "1")
             cursor = int(query.get("cursor", ["0"])[0] or 0)
             self._tree(method, repo, rest[1], "/".join(rest[2:]), recursive, cursor)
+        elif rest[0] == "xet-read-token" and len(rest) == 2 and self.server.hub.xet:
+            self._xet_token(method, self._authorized_repo(repo_id, files=True), rest[1])
         else:
             raise HubError(404, None, "Not Found")
 
@@ -304,18 +349,17 @@ class _Handler(BaseHTTPRequestHandler):
         self, method: str, repo: Repo, revision: str, prefix: str, recursive: bool, cursor: int
     ) -> None:
         commit = self._commit(repo, revision)
-        entries = _tree_entries(repo.commits[commit], prefix.strip("/"), recursive)
+        entries = _tree_entries(
+            repo.commits[commit], prefix.strip("/"), recursive, with_xet=self.server.hub.xet
+        )
         if prefix and not entries:
             raise HubError(404, "EntryNotFound", f"{prefix} does not exist on {revision}")
         page = entries[cursor : cursor + self.server.hub.page_size]
         headers = {}
         if cursor + len(page) < len(entries):
             next_cursor = cursor + len(page)
-            host = self.headers.get("Host", "127.0.0.1")
-            base = urlsplit(self.path)
-            link = (
-                f"http://{host}{base.path}?recursive={str(recursive).lower()}&cursor={next_cursor}"
-            )
+            path = urlsplit(self.path).path
+            link = f"{self._base()}{path}?recursive={str(recursive).lower()}&cursor={next_cursor}"
             headers["Link"] = f'<{link}>; rel="next"'
         self._send_json(method, page, headers)
 
@@ -340,75 +384,158 @@ class _Handler(BaseHTTPRequestHandler):
         if entry.lfs:
             headers["X-Linked-Etag"] = f'"{entry.sha256}"'
             headers["X-Linked-Size"] = str(entry.size)
-        start, end = 0, entry.size
-        status = 200
-        range_header = self.headers.get("Range")
-        if range_header and method == "GET":
-            match = _RANGE.match(range_header.strip())
-            if match is None or (not match.group(1) and not match.group(2)):
-                raise HubError(416, None, "Invalid range")
-            if match.group(1):
-                start = int(match.group(1))
-                if match.group(2):
-                    end = min(int(match.group(2)) + 1, entry.size)
-            else:  # suffix range: the last N bytes
-                start = max(entry.size - int(match.group(2)), 0)
-            if start >= entry.size and entry.size > 0:
-                raise HubError(
-                    416, None, "Range not satisfiable", {"Content-Range": f"bytes */{entry.size}"}
-                )
+            if self.server.hub.xet:
+                token_url = f"{self._base()}/api/models/{repo_id}/xet-read-token/{commit}"
+                headers["X-Xet-Hash"] = xet.file_hash(entry.sha256)
+                headers["Link"] = f'<{token_url}>; rel="xet-auth"'
+        start, end, status = 0, entry.size, 200
+        if method == "GET" and self.headers.get("Range"):
+            start, end = self._requested_range(entry.size)
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
         headers["Content-Length"] = str(end - start)
+        self._send_head(status, headers)
+        if method == "HEAD":
+            return
+        with repo.object_path(entry).open("rb") as source:
+            self._send_range(source, start, end, _body_fault(faults))
+
+    def _requested_range(self, size: int) -> tuple[int, int]:
+        """The ``Range`` header's byte range as (start, end exclusive), clipped to ``size``."""
+        match = _RANGE.match(self.headers.get("Range", "").strip())
+        if match is None or (not match.group(1) and not match.group(2)):
+            raise HubError(416, None, "Invalid range")
+        start, end = 0, size
+        if match.group(1):
+            start = int(match.group(1))
+            if match.group(2):
+                end = min(int(match.group(2)) + 1, size)
+        else:  # suffix range: the last N bytes
+            start = max(size - int(match.group(2)), 0)
+        if start >= size and size > 0:
+            raise HubError(416, None, "Range not satisfiable", {"Content-Range": f"bytes */{size}"})
+        return start, end
+
+    # -- Xet ---------------------------------------------------------------------------------
+
+    def _xet_token(self, method: str, repo: Repo, revision: str) -> None:
+        self._commit(repo, revision)
+        token, expiry = self.server.hub.issue_xet_token(repo.repo_id)
+        cas = f"{self._base()}/cas"
+        headers = {
+            "X-Xet-Cas-Url": cas,
+            "X-Xet-Access-Token": token,
+            "X-Xet-Token-Expiration": str(expiry),
+        }
+        self._send_json(method, {"casUrl": cas, "accessToken": token, "exp": expiry}, headers)
+
+    def _cas(self, method: str, parts: list[str], faults: list[Fault]) -> None:
+        if len(parts) == 3 and parts[0] == "v1" and parts[1] == "reconstructions":
+            self._reconstruction(method, parts[2])
+        elif len(parts) == 5 and parts[0] == "xorbs":
+            self._xorb(method, "/".join(parts[1:3]), parts[3], parts[4], faults)
+        else:  # /v2/reconstructions among others: the client then falls back to v1
+            raise HubError(404, None, "Not Found")
+
+    def _reconstruction(self, method: str, file_id: str) -> None:
+        hub = self.server.hub
+        repo_id = hub.xet_token_repo(self._token())
+        if repo_id is None:
+            raise HubError(401, None, "Missing, invalid or expired Xet access token")
+        repo = hub.repo(repo_id)
+        entry = None
+        if repo is not None:
+            entry = _find_file(repo, lambda f: f.lfs and xet.file_hash(f.sha256) == file_id)
+        if repo is None or entry is None:
+            raise HubError(404, None, f"File {file_id} not found")
+        start, end = 0, entry.size
+        if self.headers.get("Range"):
+            start, end = self._requested_range(entry.size)
+        xorbs_url = f"{self._base()}/cas/xorbs/{repo_id}"
+        self._send_json(
+            method, xet.reconstruction(entry.sha256, entry.size, start, end - 1, xorbs_url)
+        )
+
+    def _xorb(
+        self, method: str, repo_id: str, sha256: str, index: str, faults: list[Fault]
+    ) -> None:
+        repo = self.server.hub.repo(repo_id)
+        entry = None if repo is None else _find_file(repo, lambda f: f.sha256 == sha256)
+        if repo is None or entry is None or not index.isdigit():
+            raise HubError(404, None, "No such xorb")
+        if int(index) >= xet.Layout(entry.size).xorbs:
+            raise HubError(404, None, "No such xorb")
+        if not self.headers.get("Range"):
+            # Like the real storage: a xorb is readable only by the ranges a reconstruction grants.
+            raise HubError(403, None, "A Range header is required")
+        with xet.XorbReader(repo.object_path(entry), entry.size, int(index)) as source:
+            start, end = self._requested_range(source.size)
+            self._send_head(
+                206,
+                {
+                    "Content-Type": "application/octet-stream",
+                    "Content-Range": f"bytes {start}-{end - 1}/{source.size}",
+                    "Content-Length": str(end - start),
+                },
+            )
+            if method == "HEAD":
+                return
+            # A corruption hits the first chunk's data, not its header: same length, wrong bytes.
+            self._send_range(source, start, end, _body_fault(faults), corrupt_at=xet.HEADER_SIZE)
+
+    # -- bodies ------------------------------------------------------------------------------
+
+    def _send_head(self, status: int, headers: dict[str, str]) -> None:
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
         self.end_headers()
-        if method == "HEAD":
-            return
-        body_fault = next((f for f in faults if f.kind is not FaultKind.LATENCY), None)
-        self._send_body(repo, entry, start, end, body_fault)
 
-    def _send_body(
-        self, repo: Repo, entry: RepoFile, start: int, end: int, fault: Fault | None
+    def _send_range(
+        self, source: Any, start: int, end: int, fault: Fault | None, corrupt_at: int = 0
     ) -> None:
+        """Send bytes ``start..end`` (exclusive) of ``source``, through ``fault`` if any;
+        ``corrupt_at`` is the byte of the body a corruption changes."""
         hub = self.server.hub
-        with repo.object_path(entry).open("rb") as source:
-            if fault is None:
-                _sendfile(self.connection, source, start, end - start)
-                return
-            if fault.kind is FaultKind.STALL:
-                hub.wait(fault.seconds)
-                self.close_connection = True
-                return
-            stop = end
-            if fault.kind is FaultKind.DROP:
-                stop = min(end, start + fault.after_bytes)
-            elif fault.kind is FaultKind.SHORT_BODY:
-                stop = max(start, end - fault.missing)
-            source.seek(start)
-            position = start
-            chunk_size = _SEND_CHUNK
-            if fault.kind is FaultKind.TRICKLE:
-                chunk_size = max(1, min(_SEND_CHUNK, fault.rate // 10 or 1))
-            began = time.monotonic()
-            while position < stop:
-                chunk = source.read(min(chunk_size, stop - position))
-                if not chunk:
+        if fault is None and hasattr(source, "fileno"):
+            _sendfile(self.connection, source, start, end - start)
+            return
+        if fault is not None and fault.kind is FaultKind.STALL:
+            hub.wait(fault.seconds)
+            self.close_connection = True
+            return
+        stop = end
+        if fault is not None and fault.kind is FaultKind.DROP:
+            stop = min(end, start + fault.after_bytes)
+        elif fault is not None and fault.kind is FaultKind.SHORT_BODY:
+            stop = max(start, end - fault.missing)
+        trickling = fault is not None and fault.kind is FaultKind.TRICKLE
+        rate = max(fault.rate, 1) if fault is not None else 1
+        chunk_size = max(1, min(_SEND_CHUNK, rate // 10 or 1)) if trickling else _SEND_CHUNK
+        source.seek(start)
+        position = start
+        began = time.monotonic()
+        while position < stop:
+            chunk = source.read(min(chunk_size, stop - position))
+            if not chunk:
+                break
+            flip = start + corrupt_at - position
+            if fault is not None and fault.kind is FaultKind.CORRUPT and 0 <= flip < len(chunk):
+                # Flip every bit of one byte of the body: same length, wrong content.
+                chunk = chunk[:flip] + bytes([chunk[flip] ^ 0xFF]) + chunk[flip + 1 :]
+            self.wfile.write(chunk)
+            position += len(chunk)
+            if trickling:
+                due = began + (position - start) / rate
+                if hub.wait(max(0.0, due - time.monotonic())):
                     break
-                if fault.kind is FaultKind.CORRUPT and position == start:
-                    # Flip every bit of the first byte of the body: same length, wrong content.
-                    chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
-                self.wfile.write(chunk)
-                position += len(chunk)
-                if fault.kind is FaultKind.TRICKLE:
-                    due = began + (position - start) / max(fault.rate, 1)
-                    if hub.wait(max(0.0, due - time.monotonic())):
-                        break
-            if stop < end:
-                # The body is cut short: close so the client sees the connection end mid-body.
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
+        if stop < end:
+            # The body is cut short: close so the client sees the connection end mid-body.
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    def _base(self) -> str:
+        return f"http://{self.headers.get('Host', '127.0.0.1')}"
 
     # -- answers -----------------------------------------------------------------------------
 
@@ -438,7 +565,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
 
 
-def _tree_entries(files: dict[str, RepoFile], prefix: str, recursive: bool) -> list[dict[str, Any]]:
+def _body_fault(faults: list[Fault]) -> Fault | None:
+    return next((f for f in faults if f.kind is not FaultKind.LATENCY), None)
+
+
+def _find_file(repo: Repo, wanted: Callable[[RepoFile], bool]) -> RepoFile | None:
+    for files in repo.commits.values():
+        for entry in files.values():
+            if wanted(entry):
+                return entry
+    return None
+
+
+def _tree_entries(
+    files: dict[str, RepoFile], prefix: str, recursive: bool, *, with_xet: bool = False
+) -> list[dict[str, Any]]:
     """Tree entries under ``prefix`` in the Hub's shape: folders first at each level, then files."""
     base = f"{prefix}/" if prefix else ""
     folders: set[str] = set()
@@ -466,6 +607,8 @@ def _tree_entries(files: dict[str, RepoFile], prefix: str, recursive: bool) -> l
                 "size": entry.size,
                 "pointerSize": entry.pointer_size,
             }
+            if with_xet:
+                item["xetHash"] = xet.file_hash(entry.sha256)
         out_files.append(item)
     out_folders = [
         {"type": "directory", "oid": "0" * 40, "size": 0, "path": folder}
@@ -483,11 +626,21 @@ def _sendfile(sock: socket.socket, source: Any, offset: int, count: int) -> None
         count -= sent
 
 
-def serve(repos_dir: Path, host: str, port: int, tokens: set[str], gated_access: set[str]) -> None:
+def serve(
+    repos_dir: Path,
+    host: str,
+    port: int,
+    tokens: set[str],
+    gated_access: set[str],
+    xet: bool = False,
+) -> None:
     """Serve ``repos_dir`` until interrupted (the standalone mode)."""
-    hub = FakeHub(repos_dir, host=host, port=port, tokens=tokens, gated_access=gated_access)
+    hub = FakeHub(
+        repos_dir, host=host, port=port, tokens=tokens, gated_access=gated_access, xet=xet
+    )
     repos = load_repos(repos_dir)
-    print(f"fakehub serving {len(repos)} repos from {repos_dir} at {hub.url}", flush=True)
+    mode = ", LFS files through Xet," if xet else ""
+    print(f"fakehub serving {len(repos)} repos from {repos_dir}{mode} at {hub.url}", flush=True)
     try:
         hub._server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
