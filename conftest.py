@@ -28,9 +28,16 @@ def repos(tmp_path: Path) -> RepoBuilder:
     return RepoBuilder(tmp_path / "repos")
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked ``both_paths`` runs twice: LFS files over plain HTTP, then through Xet."""
+    if "hub" in metafunc.fixturenames and metafunc.definition.get_closest_marker("both_paths"):
+        metafunc.parametrize("hub", ["http", "xet"], indirect=True)
+
+
 @pytest.fixture
-def hub(repos: RepoBuilder) -> Iterator[FakeHub]:
-    with FakeHub(repos.root, tokens={TOKEN}, gated_access={TOKEN}) as server:
+def hub(request: pytest.FixtureRequest, repos: RepoBuilder) -> Iterator[FakeHub]:
+    xet = getattr(request, "param", "http") == "xet"
+    with FakeHub(repos.root, tokens={TOKEN}, gated_access={TOKEN}, xet=xet) as server:
         yield server
 
 

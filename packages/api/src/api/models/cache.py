@@ -9,6 +9,13 @@ Layout (huggingface_hub 2.x)::
     <cache>/models--<ns>--<name>/blobs/<etag>             content; <etag>.<random>.incomplete while
                                                           it downloads
     <cache>/.locks/models--<ns>--<name>/<etag>.lock        held by the process writing that blob
+    <cache>/blobs/<xx>/<xet hash>                          a Xet-downloaded blob, kept once per
+                                                          cache; the repo's blobs/<etag> is then a
+                                                          link to it, listed in <xet hash>.refs
+
+The shared store is the library's (``huggingface_hub.utils._shared_blobs``): its links are told from
+planted ones, and its blobs collected when no repo links them any more, by the library's own
+functions, under its locks.
 
 Everything here is offline and blocking: the manager calls it through ``asyncio.to_thread``.
 """
@@ -24,9 +31,12 @@ import logging
 import os
 import re
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from huggingface_hub.utils._shared_blobs import shared_blob_target, sweep_shared_blob
 
 from api.models.backend import (
     CachedRevision,
@@ -173,12 +183,29 @@ class ModelCache:
         os.replace(tmp, path)
 
     def discard_file(self, repo_id: str, commit: str, rel: str) -> None:
-        """Remove a file of a revision and its blob (a checksum mismatch), so it is fetched again."""
+        """Remove a file of a revision and its blob (a checksum mismatch), so it is fetched again.
+
+        A blob in the shared store goes too: its content is wrong for every repo that links it,
+        and left there the library would link it again instead of downloading.
+        """
         link = self.folder(repo_id) / "snapshots" / commit / rel
-        target = link.resolve()
-        if target.is_relative_to((self.folder(repo_id) / "blobs").resolve()):
-            target.unlink(missing_ok=True)
+        blob = self._blob_behind(repo_id, link)
+        if blob is not None:
+            shared = shared_blob_target(blob, self.root) if blob.is_symlink() else None
+            if shared is not None:
+                shared.unlink(missing_ok=True)
+            blob.unlink(missing_ok=True)
         link.unlink(missing_ok=True)
+
+    def _blob_behind(self, repo_id: str, link: Path) -> Path | None:
+        """The entry of the model's ``blobs/`` a snapshot link names (one hop, not resolved
+        further: it may itself be a link into the shared store), or None."""
+        try:
+            hop = Path(os.path.normpath(link.parent / os.readlink(link)))
+        except OSError:
+            return None  # not a link (a copied file), or gone
+        blobs = self.folder(repo_id) / "blobs"
+        return hop if hop.parent == blobs else None
 
     def verify(
         self, repo_id: str, revision: str, on_bytes: Callable[[int], None] | None = None
@@ -244,11 +271,7 @@ class ModelCache:
     def _revisions_of(self, repo_id: str) -> list[CachedRevision]:
         folder = self.folder(repo_id)
         refs = self._refs(folder)
-        blob_sizes = {
-            p.name: st.st_size
-            for p, st in _iter_stats(folder / "blobs")
-            if not p.name.endswith(INCOMPLETE_SUFFIX)
-        }
+        blob_sizes = self._blob_sizes(folder / "blobs")
         snapshots = folder / "snapshots"
         commits = sorted(p.name for p in _iter_dirs(snapshots) if COMMIT_RE.fullmatch(p.name))
         if not commits:
@@ -273,6 +296,23 @@ class ModelCache:
             names = tuple(sorted(ref for ref, c in refs.items() if c == commit))
             revisions.append(CachedRevision(repo_id, commit, state, size, names))
         return revisions
+
+    def _blob_sizes(self, blobs: Path) -> dict[str, int]:
+        """Size of each complete blob of a model, by name; a link into the shared store counts
+        with the size of the blob it shares."""
+        sizes = {}
+        for path, st in _iter_stats(blobs, links_too=True):
+            if path.name.endswith(INCOMPLETE_SUFFIX):
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                shared = shared_blob_target(path, self.root)
+                if shared is None:
+                    continue
+                with contextlib.suppress(OSError):
+                    sizes[path.name] = shared.stat().st_size
+            else:
+                sizes[path.name] = st.st_size
+        return sizes
 
     @staticmethod
     def _refs(folder: Path) -> dict[str, str]:
@@ -345,10 +385,25 @@ class ModelCache:
 
     def _delete_folder(self, repo_id: str, folder: Path) -> int:
         freed = sum(st.st_size for _, st in _iter_stats(folder))
+        shared = self._shared_targets(folder / "blobs")
         # rmtree removes links, never what they point to.
         shutil.rmtree(folder)
         shutil.rmtree(self.locks_folder(repo_id), ignore_errors=True)
-        return freed
+        return freed + self._sweep(shared)
+
+    def _shared_targets(self, blobs: Path) -> set[Path]:
+        """The shared-store blobs the links among these blobs lead to."""
+        found = set()
+        for path, _ in _iter_stats(blobs, links_too=True):
+            target = shared_blob_target(path, self.root) if path.is_symlink() else None
+            if target is not None:
+                found.add(target)
+        return found
+
+    def _sweep(self, shared: set[Path]) -> int:
+        """Collect the shared blobs no repo links any more (the library checks, under its lock,
+        every reference its manifest lists); return the bytes freed."""
+        return sum(sweep_shared_blob(target, cache_dir=self.root) for target in shared)
 
     def _delete_revision(self, repo_id: str, folder: Path, commit: str) -> int | None:
         snapshots = folder / "snapshots"
@@ -360,13 +415,21 @@ class ModelCache:
         blobs_dir = (folder / "blobs").resolve()
 
         def blobs_of(snap: Path) -> set[Path]:
+            """The blobs (``<folder>/blobs/<name>``) a snapshot's links use; raises UnsafeCachePath
+            for a link that leads anywhere but into the model's folder or, through the model's
+            own ``blobs/`` entry, into the library's shared store."""
             found = set()
             for rel in _relative_files(snap):
                 target = (snap / rel).resolve()
-                if not target.is_relative_to(real_folder):
+                if target.is_relative_to(real_folder):
+                    if target.parent == blobs_dir:
+                        found.add(folder / "blobs" / target.name)
+                    continue
+                blob = self._blob_behind(repo_id, snap / rel)
+                shared = shared_blob_target(blob, self.root) if blob is not None else None
+                if blob is None or shared is None or shared.resolve() != target:
                     raise UnsafeCachePath(repo_id)
-                if target.parent == blobs_dir:
-                    found.add(target)
+                found.add(blob)
             return found
 
         doomed = blobs_of(snapshot) if snapshot.is_dir() else set()
@@ -375,12 +438,14 @@ class ModelCache:
             doomed -= blobs_of(other)
         if not others:
             return self._delete_folder(repo_id, folder)  # the last revision: the whole model
-        freed = sum(p.stat().st_size for p in doomed if p.exists())
+        freed = sum(p.lstat().st_size for p in doomed if p.exists() and not p.is_symlink())
+        shared = {t for p in doomed if (t := shared_blob_target(p, self.root)) is not None}
         # Execute.
         if snapshot.is_dir():
             shutil.rmtree(snapshot)
         for blob in doomed:
             blob.unlink(missing_ok=True)
+        freed += self._sweep(shared)
         tree_file.unlink(missing_ok=True)
         shutil.rmtree(folder / ".no_exist" / commit, ignore_errors=True)
         for ref, target in self._refs(folder).items():

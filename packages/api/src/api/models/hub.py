@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -130,9 +131,47 @@ def classify_error(
             False,
             f"a local error occurred ({errno.errorcode.get(error.errno, error.errno)})",
         )
+    if _is_xet_error(error):
+        return _classify_xet_error(str(error))
     if isinstance(error, ValueError):
         return FailureKind.INVALID, False, "the Hub client rejected the request"
     return FailureKind.UNEXPECTED, False, f"unexpected error ({type(error).__name__})"
+
+
+_XET_STATUS = re.compile(r"HTTP status (?:client|server) error \((\d{3})")
+_XET_MARKERS = ("CAS Client Error", "File reconstruction error", "Task error", "Xet")
+
+
+def _is_xet_error(error: BaseException) -> bool:
+    """hf_xet raises bare RuntimeErrors (and two classes of its own) whose text tells the cause."""
+    if type(error).__name__ in ("XetAuthenticationError", "XetObjectNotFoundError"):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error) for m in _XET_MARKERS)
+
+
+def _classify_xet_error(text: str) -> tuple[FailureKind, bool, str]:
+    """The same policy as on the plain HTTP path, read from the text of a Xet transfer error."""
+    status = _XET_STATUS.search(text)
+    code = int(status.group(1)) if status else None
+    lowered = text.lower()
+    if "no space left" in lowered or "os error 28" in lowered or "quota exceeded" in lowered:
+        return FailureKind.DISK_FULL, False, "the cache's disk is full"
+    if "permission denied" in lowered or "read-only file system" in lowered:
+        return FailureKind.PERMISSION, False, "the cache folder is not writable"
+    if code in _RETRY_STATUS:
+        return FailureKind.NETWORK, True, f"the Xet storage answered HTTP {code}"
+    if code in (401, 403) or "authentication" in lowered:
+        return (
+            FailureKind.UNAUTHORIZED,
+            False,
+            f"the Xet storage refused access{f' (HTTP {code})' if code else ''}: check HF_TOKEN",
+        )
+    if code == 404 or "not found" in lowered:
+        return FailureKind.NOT_FOUND, False, "a file listed by the Hub is missing on its storage"
+    if code is not None:
+        return FailureKind.UNEXPECTED, False, f"the Xet storage answered HTTP {code}"
+    # Connection, timeout, truncated or malformed data: a transfer that may well succeed again.
+    return FailureKind.NETWORK, True, "the Xet transfer failed"
 
 
 def retry_after_seconds(error: BaseException) -> float | None:

@@ -41,6 +41,16 @@ PROGRESS_INTERVAL = 0.25
 CHUNK_SIZE = 1024 * 1024
 
 
+# hf_xet retries a failed range by itself; left at its defaults it retries a persistent 5xx for
+# minutes, under the service's own policy (attempts, backoff, Retry-After, error messages). A few
+# quick retries absorb a blip; then the error comes up to the service. HF_XET_* set in the
+# service's environment win over these.
+XET_DEFAULTS = {
+    "HF_XET_CLIENT_RETRY_MAX_ATTEMPTS": "3",
+    "HF_XET_CLIENT_RETRY_BASE_DELAY": "500ms",
+}
+
+
 class ChecksumMismatch(Exception):
     def __init__(self, path: str) -> None:
         super().__init__(path)
@@ -156,6 +166,7 @@ class Reporter:
         self._lock = threading.Lock()
         self.base_bytes = 0
         self.bytes = 0
+        self.network = 0  # bytes off the network, when the library reports them (Xet)
         self.files = 0
         self.kind = "progress"
         self._last = 0.0
@@ -169,11 +180,13 @@ class Reporter:
     def restart(self, kind: str, base_bytes: int = 0) -> None:
         with self._lock:
             self.kind, self.base_bytes, self.bytes, self.files = kind, base_bytes, 0, 0
+            self.network = 0
 
-    def add(self, nbytes: int = 0, nfiles: int = 0) -> None:
+    def add(self, nbytes: int = 0, nfiles: int = 0, network: int = 0) -> None:
         with self._lock:
             self.bytes += nbytes
             self.files += nfiles
+            self.network += network
             now = time.monotonic()
             if now - self._last < PROGRESS_INTERVAL and not nfiles:
                 return
@@ -184,7 +197,11 @@ class Reporter:
                 "files_done": self.files,
             }
             if kind == "progress":
-                payload["transferred_bytes"] = max(self.bytes, 0)  # fetched by this pass
+                # Fetched by this pass: what came off the network when the library says (on the
+                # Xet path, bytes land on disk a whole xorb range at a time, often megabytes after
+                # they arrived; these messages also keep the stall watchdog fed meanwhile), else
+                # what was written.
+                payload["transferred_bytes"] = max(self.network or self.bytes, 0)
         self.send(kind, **payload)
 
 
@@ -192,8 +209,9 @@ def progress_class(reporter: Reporter) -> type:
     """A tqdm stand-in for ``snapshot_download(tqdm_class=...)`` that feeds the reporter.
 
     snapshot_download makes its bars with this class: the byte bar (``desc`` "Reconstructing...",
-    fed by every file's download) and the file bar of its thread map (``desc`` "Fetching N files").
-    Other bars (the network-transfer bar) are ignored. A test pins this against the library.
+    fed by every file's download with the bytes written), the network bar (``desc`` "Downloading
+    bytes", fed by Xet downloads as bytes arrive) and the file bar of its thread map (``desc``
+    "Fetching N files"). Tests pin this against the library on both paths.
     """
 
     class _Progress:
@@ -201,6 +219,8 @@ def progress_class(reporter: Reporter) -> type:
             desc = str(kwargs.get("desc") or "")
             if desc.startswith("Reconstruct"):
                 self.kind = "bytes"
+            elif desc.startswith("Downloading bytes"):
+                self.kind = "network"
             elif "Fetching" in desc:
                 self.kind = "files"
             else:
@@ -214,6 +234,8 @@ def progress_class(reporter: Reporter) -> type:
             self.n += step
             if self.kind == "bytes":
                 reporter.add(nbytes=step)
+            elif self.kind == "network":
+                reporter.add(network=step)
             elif self.kind == "files":
                 reporter.add(nfiles=step)
 
@@ -385,6 +407,8 @@ def main() -> int:
     # Anything the library prints goes to stderr, never into the event stream.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     constants.DOWNLOAD_CHUNK_SIZE = CHUNK_SIZE
+    for name, value in XET_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     _die_with_parent()
     # Downloads are background work: the API that shares these cores answers first.
     with contextlib.suppress(OSError):
