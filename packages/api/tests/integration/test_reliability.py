@@ -65,6 +65,64 @@ async def test_transient_fault_ends_downloaded_and_verified(
     assert report["files_checked"] == 2
 
 
+XET_WEIGHTS = "/cas/xorbs/org/model/*"
+XET_FILE = "/cas/v1/reconstructions/*"
+
+# On the Xet path the content comes as xorb ranges from the CAS; hf_xet retries a range a few times
+# itself (HF_XET_CLIENT_RETRY_MAX_ATTEMPTS, 3 by the worker's default), then the service retries.
+XET_TRANSIENT: dict[str, Fault] = {
+    "xorb connection dropped mid-body": drop_after(MB, path=XET_WEIGHTS, times=2),
+    "xorb body shorter than announced": short_body(1000, path=XET_WEIGHTS, times=2),
+    "500 on the xorb, past hf_xet's own retries": http_error(500, path=XET_WEIGHTS, times=4),
+    "503 on the reconstruction": http_error(503, path=XET_FILE, times=2),
+    "429 with Retry-After on the reconstruction": rate_limited(0.2, path=XET_FILE, times=2),
+    "503 on the Xet token": http_error(503, path="/api/models/*/xet-read-token/*", times=2),
+    "drops past hf_xet's own retries": drop_after(10, path=XET_WEIGHTS, times=4),
+}
+
+
+@pytest.mark.parametrize("hub", ["xet"], indirect=True)
+@pytest.mark.parametrize("name", list(XET_TRANSIENT))
+async def test_transient_xet_fault_ends_downloaded_and_verified(
+    name: str, client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuilder
+) -> None:
+    repos.commit(
+        "org/model", {"config.json": "{}", "model.safetensors": Generated(3 * MB, seed=21)}
+    )
+    fault = hub.add_fault(XET_TRANSIENT[name])
+    body = {"hf_repo": "org/model"}
+    assert (await client.post("/api/models/download", json=body)).status_code == 202
+    answer = await wait_for_status(client, body, FINAL)
+    assert answer["status"] == "DOWNLOADED", answer
+    assert fault.applied >= 1
+    # The content came through Xet; each faulted range was fetched once more, no more (past
+    # hf_xet's own retries, by the service's next attempt).
+    assert hub.count("GET", XET_WEIGHTS) == (fault.applied + 1 if fault.path == XET_WEIGHTS else 1)
+    report = (await client.post("/api/models/verify", json=body)).json()
+    assert report["verified"] is True
+
+
+@pytest.mark.parametrize("hub", ["xet"], indirect=True)
+@pytest.mark.parametrize(
+    ("status", "message"),
+    [
+        (404, "a file listed by the Hub is missing on its storage"),
+        (401, "the Xet storage refused access (HTTP 401): check HF_TOKEN"),
+    ],
+)
+async def test_xet_errors_that_cannot_succeed_fail_at_once(
+    status: int, message: str, client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuilder
+) -> None:
+    repos.commit("org/model", {"model.safetensors": Generated(MB, seed=22)})
+    hub.add_fault(http_error(status, path=XET_FILE))
+    body = {"hf_repo": "org/model"}
+    await client.post("/api/models/download", json=body)
+    answer = await wait_for_status(client, body, FINAL)
+    assert answer["status"] == "NOT_FOUND"
+    assert answer["error_message"] == f"{message} (attempt 1, not retried)"
+    assert hub.count("GET", XET_FILE) == 1
+
+
 async def test_the_token_never_leaves_the_process(
     settings: Settings,
     hub: FakeHub,
