@@ -146,12 +146,13 @@ async def test_progress_conflict_and_cancel(
     ] == "DOWNLOADED"
 
 
+@pytest.mark.both_paths
 async def test_concurrency_limit_answers_429(
     settings: Settings, hub: FakeHub, repos: RepoBuilder
 ) -> None:
     for name in ("a", "b"):
         repos.commit(f"org/{name}", {"w.bin": Generated(4 * MB, seed=2)})
-    hub.add_fault(trickle(MB, path="*/w.bin"))
+    hub.add_fault(trickle(MB, path=hub.content_path("org/a", "w.bin")))
     async with app_client(settings.model_copy(update={"max_concurrent_downloads": 1})) as client:
         assert (
             await client.post("/api/models/download", json={"hf_repo": "org/a"})
@@ -256,6 +257,7 @@ async def _sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
+@pytest.mark.both_paths
 async def test_models_put_in_the_cache_by_another_tool(
     client: httpx.AsyncClient, hub: FakeHub, commit: str, cache_dir: Path
 ) -> None:
@@ -266,6 +268,15 @@ async def test_models_put_in_the_cache_by_another_tool(
     body = {"hf_repo": "org/model"}
     assert (await client.post("/api/models/status", json=body)).json()["status"] == "DOWNLOADED"
     assert (await client.post("/api/models/verify", json=body)).json()["verified"] is True
+    # A blob cut short on disk (through Xet, the blob in the shared store): no longer complete.
+    blob = (cache_dir / "models--org--model" / "snapshots" / commit / "model.safetensors").resolve()
+    assert blob.is_relative_to(cache_dir / ("blobs" if hub.xet else "models--org--model"))
+    content = blob.read_bytes()
+    os.truncate(blob, MB)
+    assert (await client.post("/api/models/status", json=body)).json()["status"] == "PARTIAL"
+    listed = (await client.get("/api/models/list")).json()["models"]
+    assert [m["status"] for m in listed] == ["PARTIAL"]
+    blob.write_bytes(content)
     # A cache written by an older client has no file list: judged by its links, still offline.
     shutil.rmtree(cache_dir / "models--org--model" / "trees")
     assert (await client.post("/api/models/status", json=body)).json()["status"] == "DOWNLOADED"
