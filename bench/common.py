@@ -74,8 +74,22 @@ def fake_hub(repos: Path) -> Iterator[str]:
     port = free_port()
     # The hub stands for a remote server: at the lowest CPU priority, so that on a small machine
     # its work is not charged to the service (every figure and its baseline share it alike).
+    # BENCH_XET=1: LFS files through Xet (the hub client's Xet path, hf_xet) instead of /resolve.
+    xet = ["--xet"] if os.environ.get("BENCH_XET") == "1" else []
     process = subprocess.Popen(
-        ["nice", "-n", "19", PYTHON, "-m", "fakehub", "--repos", str(repos), "--port", str(port)],
+        [
+            "nice",
+            "-n",
+            "19",
+            PYTHON,
+            "-m",
+            "fakehub",
+            "--repos",
+            str(repos),
+            "--port",
+            str(port),
+            *xet,
+        ],
         stdout=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
@@ -133,6 +147,10 @@ def download_via_service(client: httpx.Client, repo: str, poll: float = 0.05) ->
         if status["status"] != "DOWNLOADING":
             raise RuntimeError(f"download of {repo} ended {status}")
         time.sleep(poll)
+
+
+def transfer_path() -> str:
+    return "Xet (BENCH_XET=1)" if os.environ.get("BENCH_XET") == "1" else "plain HTTP"
 
 
 def median(values: list[float]) -> float:

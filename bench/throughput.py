@@ -20,6 +20,7 @@ from common import (
     make_repos,
     median,
     service,
+    transfer_path,
 )
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
@@ -63,7 +64,7 @@ def main() -> None:
         "bench/large": (["model.safetensors"], 0.95),
         "bench/many": ([f"f/{i:03d}.json" for i in range(300)], 0.9),
     }
-    print(f"throughput, {RUNS} runs each, medians ({machine()})")
+    print(f"throughput, {RUNS} runs each, medians, {transfer_path()} ({machine()})")
     with fake_hub(repos) as hub, service(hub, work / "svc-cache") as svc, svc.client() as client:
         for repo, (files, target) in cases.items():
             times: dict[str, list[float]] = {"service": [], "hf download": [], "curl": []}
