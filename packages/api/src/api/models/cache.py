@@ -191,7 +191,7 @@ class ModelCache:
         link = self.folder(repo_id) / "snapshots" / commit / rel
         blob = self._blob_behind(repo_id, link)
         if blob is not None:
-            shared = shared_blob_target(blob, self.root) if blob.is_symlink() else None
+            shared = shared_blob_target(blob, self.root)  # None unless the library's link
             if shared is not None:
                 shared.unlink(missing_ok=True)
             blob.unlink(missing_ok=True)
@@ -395,7 +395,7 @@ class ModelCache:
         """The shared-store blobs the links among these blobs lead to."""
         found = set()
         for path, _ in _iter_stats(blobs, links_too=True):
-            target = shared_blob_target(path, self.root) if path.is_symlink() else None
+            target = shared_blob_target(path, self.root)
             if target is not None:
                 found.add(target)
         return found
