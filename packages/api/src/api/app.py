@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,35 +31,49 @@ logger = logging.getLogger(__name__)
 
 
 class BodySizeLimit:
-    """Refuse request bodies over ``limit`` bytes with 413, before the route reads them."""
+    """Refuse request bodies over ``limit`` bytes with 413, before the route reads them.
+
+    The body is read here, whole (at most ``limit`` bytes), then handed to the route: a chunked
+    body has no Content-Length to check first, and an error raised while the route reads would
+    reach the client as a 400 of the JSON parser instead."""
 
     def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
         self.app = app
         self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._refuse(send)
             return
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":
+                break  # the client went away: the app sees the disconnect
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.limit:
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await self._refuse(send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
         response = JSONResponse(
@@ -64,8 +84,56 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": response.body})
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _printable(value: object) -> object:
+    """A location part or message as JSON can carry it: text with lone surrogates escaped."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value if isinstance(value, int) else str(value)
+
+
+def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """422 naming the field and the rule, without echoing the input: a value the client sent may
+    not even be encodable (a lone surrogate, NaN, 1e999999), and it is the client's own anyway."""
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {
+            "type": _printable(error.get("type", "value_error")),
+            "loc": [_printable(part) for part in error.get("loc", ())],
+            "msg": _printable(error.get("msg", "invalid value")),
+        }
+        for error in exc.errors()
+    ]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def on_stop_signal(callback: Callable[[], None]) -> Callable[[], None]:
+    """Run ``callback`` on the event loop when SIGTERM or SIGINT arrives, then let the handler
+    that was there (uvicorn's) act as before. Returns the function that puts the handlers back.
+    Signals can only be handled in the main thread: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(callback)
+        before = previous.get(signum)
+        if callable(before):
+            before(signum, frame)
+        elif before != signal.SIG_IGN:  # the default action: stop as if we were not here
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.getsignal(signum)
+        signal.signal(signum, handler)
+
+    def restore() -> None:
+        for signum, before in previous.items():
+            if signal.getsignal(signum) is handler:
+                signal.signal(signum, before)
+
+    return restore
 
 
 def configure_logging(level: str) -> None:
@@ -90,9 +158,14 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
         app.state.model_manager = model_manager
         app.state.metrics = ServiceMetrics(model_manager)
         logger.info("model cache at %s", model_manager.backend.cache_path)
+        # The server waits for open responses before it runs the shutdown below, and an event
+        # stream never ends by itself: end the streams on the stop signal itself.
+        restore = on_stop_signal(model_manager.events.close)
+        await model_manager.start()
         try:
             yield
         finally:
+            restore()
             await model_manager.shutdown()
 
     app = FastAPI(
@@ -105,6 +178,7 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
     app.add_middleware(BodySizeLimit)
     app.add_middleware(RequestTimer)
     app.add_exception_handler(ModelError, model_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:

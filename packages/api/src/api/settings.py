@@ -47,6 +47,24 @@ class Settings(BaseSettings):
     plan_timeout_seconds: float = Field(
         default=10.0, gt=0, description="how long POST /download waits for the file list"
     )
+    max_repo_files: int = Field(
+        default=100_000, ge=1, description="a Hub file list longer than this is refused"
+    )
+    hub_connect_timeout_seconds: float = Field(
+        default=10.0, gt=0, description="connecting to the Hub gives up after this long"
+    )
+    hub_read_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="a Hub answer silent for this long is given up"
+    )
+    max_concurrent_verifications: int = Field(
+        default=2, ge=1, le=64, description="POST /verify beyond this many at once gets 429"
+    )
+    cache_threads: int = Field(
+        default=4, ge=1, le=64, description="threads reading the cache (status, list, space)"
+    )
+    hub_call_slots: int = Field(
+        default=8, ge=1, le=64, description="Hub metadata calls of the service at once"
+    )
     warm_worker: bool = Field(
         default=True, description="keep one download worker started ahead (saves ~0.2 s a download)"
     )

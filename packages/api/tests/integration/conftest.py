@@ -84,6 +84,18 @@ async def wait_for_status(
         await asyncio.sleep(0.05)
 
 
+async def assert_status_and_list_agree(client: httpx.AsyncClient) -> list[dict[str, Any]]:
+    """Every listed revision has the status its own status request answers, and the same error."""
+    listed: list[dict[str, Any]] = (await client.get("/api/models/list")).json()["models"]
+    for item in listed:
+        if item["status"] == "DOWNLOADING" or item["model"]["hf_commit"] is None:
+            continue
+        status = (await client.post("/api/models/status", json=item["model"])).json()
+        assert status["status"] == item["status"], (item, status)
+        assert status["error_message"] == item.get("error_message"), (item, status)
+    return listed
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

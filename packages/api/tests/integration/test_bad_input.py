@@ -113,3 +113,59 @@ def test_repo_rules_agree_with_the_library(repo_id: str) -> None:
     except HFValidationError:
         library_ok = False
     assert (repo_id_problem(repo_id) is None) == library_ok
+
+
+UNENCODABLE = [
+    '{"hf_repo": "org/\\ud800x"}',
+    '{"hf_repo": "org/model", "hf_commit": "\\udfff"}',
+    '{"hf_repo": NaN}',
+    '{"hf_repo": "org/model", "hf_commit": Infinity}',
+    '{"hf_repo": 1e999999}',
+    '{"hf_repo": "org/model", "\\ud800": 1}',
+    '{"hf_repo": -Infinity, "hf_commit": NaN}',
+]
+
+
+@pytest.mark.parametrize(("method", "path"), [*ENDPOINTS, ("POST", "/api/models/verify")])
+@pytest.mark.parametrize("body", UNENCODABLE)
+async def test_values_json_cannot_echo_get_a_clear_422(
+    client: httpx.AsyncClient, hub: FakeHub, method: str, path: str, body: str
+) -> None:
+    """A lone surrogate or a non-finite number cannot be echoed back in JSON: the 422 names the
+    field and the rule without the value (it was a 500 before)."""
+    response = await client.request(
+        method, path, content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail
+    assert all(error["loc"][0] == "body" and error["msg"] for error in detail)
+    assert hub.count() == 0
+
+
+async def test_chunked_oversized_body_is_413(client: httpx.AsyncClient) -> None:
+    """No Content-Length (chunked): still 413, not the JSON parser's 400."""
+
+    async def chunks() -> Any:
+        yield b'{"hf_repo": "org/model", "hf_commit": "'
+        for _ in range(20):
+            yield b"a" * 4096
+        yield b'"}'
+
+    response = await client.post(
+        "/api/models/status", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 413, response.text
+    assert "at most 65536 bytes" in response.json()["detail"]
+
+
+async def test_chunked_small_body_is_read(client: httpx.AsyncClient) -> None:
+    async def chunks() -> Any:
+        yield b'{"hf_repo": '
+        yield b'"org/model"}'
+
+    response = await client.post(
+        "/api/models/status", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "NOT_FOUND"

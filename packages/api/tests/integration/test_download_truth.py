@@ -16,7 +16,13 @@ import pytest
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, corrupt, rate_limited, stall, trickle
 
-from .conftest import app_client, running_service, wait_for_status, worker_processes
+from .conftest import (
+    app_client,
+    assert_status_and_list_agree,
+    running_service,
+    wait_for_status,
+    worker_processes,
+)
 
 MB = 1024 * 1024
 FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
@@ -58,7 +64,10 @@ async def test_corruption_twice_fails_naming_the_file(
     await client.post("/api/models/download", json=body)
     answer = await wait_for_status(client, body, FINAL)
     assert answer["status"] == "PARTIAL"
-    assert "model.safetensors did not match its checksum twice" in answer["error_message"]
+    assert (
+        "model.safetensors did not match its checksum or its listed size twice"
+        in answer["error_message"]
+    )
     assert "not retried" in answer["error_message"]
     assert hub.count("GET", weights(hub)) == 2
 
@@ -272,6 +281,7 @@ async def test_disk_full_mid_download_fails_at_once_and_cleanly(
         assert hub.count("GET", hub.content_path("org/fill", "w.bin")) == 1
         assert (await client.get("/api/health")).status_code == 200
         assert not [p for p in cache.rglob("*") if p.name.endswith(".incomplete")]
+        await assert_status_and_list_agree(client)
         # Too big for what is left: refused before the first byte.
         refused = await client.post("/api/models/download", json=body)
         assert refused.status_code == 507

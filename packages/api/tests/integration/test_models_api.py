@@ -65,6 +65,7 @@ async def test_full_flow(
             "size_bytes": 4 * MB + len('{"hidden_size": 64}') + len("a\nb\nc\n"),
             "refs": ["main"],
             "progress": None,
+            "error_message": None,
         }
     ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,7 +26,7 @@ def make_revision(
     snapshot = folder / "snapshots" / commit
     tree = {}
     for rel, data in files.items():
-        etag = f"etag-{data.hex()[:16]}-{len(data)}"
+        etag = hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
         (folder / "blobs" / etag).write_bytes(data)
         link = snapshot / rel
         link.parent.mkdir(parents=True, exist_ok=True)

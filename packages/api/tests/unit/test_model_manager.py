@@ -52,7 +52,9 @@ class FakeBackend:
         return "/fake/cache"
 
     async def plan(self, request: DownloadRequest) -> DownloadPlan:
-        plan = self.plans.get(request.repo_id, DownloadPlan(COMMIT, (RemoteFile("a", 10, "e"),)))
+        # `main` (and any branch) points at COMMIT; a commit id is itself.
+        commit = request.revision if len(request.revision) == 40 else COMMIT
+        plan = self.plans.get(request.repo_id, DownloadPlan(commit, (RemoteFile("a", 10, "e"),)))
         if isinstance(plan, DownloadFailed):
             raise plan
         return plan
@@ -100,6 +102,9 @@ class FakeBackend:
 
     def cache_usage(self) -> tuple[int, int]:
         return 10, self.free
+
+    def remove_all_orphans(self) -> int:
+        return 0
 
     def free_bytes(self) -> int:
         return self.free
@@ -152,7 +157,12 @@ async def test_conflict_and_limit(manager: ModelManager) -> None:
     await manager.add_model(Model(hf_repo="org/a"))
     with pytest.raises(DownloadConflict):
         await manager.add_model(Model(hf_repo="org/a"))
-    await manager.add_model(Model(hf_repo="org/a", hf_commit=COMMIT))  # another revision: allowed
+    # The same revision by other names: the branch, the commit it points to.
+    for alias in ("main", COMMIT):
+        with pytest.raises(DownloadConflict) as conflict:
+            await manager.add_model(Model(hf_repo="org/a", hf_commit=alias))
+        assert conflict.value.task_id == "org/a:latest"
+    await manager.add_model(Model(hf_repo="org/a", hf_commit="b" * 40))  # another revision
     with pytest.raises(TooManyDownloads) as info:
         await manager.add_model(Model(hf_repo="org/b"))
     assert info.value.retry_after == 5

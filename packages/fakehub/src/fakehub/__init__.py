@@ -4,6 +4,7 @@ from fakehub import xet
 from fakehub.faults import (
     Fault,
     FaultKind,
+    Lies,
     corrupt,
     drop_after,
     http_error,
@@ -21,6 +22,7 @@ __all__ = [
     "Fault",
     "FaultKind",
     "Generated",
+    "Lies",
     "Repo",
     "RepoBuilder",
     "RepoFile",

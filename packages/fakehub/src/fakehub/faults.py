@@ -82,6 +82,27 @@ class Fault:
             return True
 
 
+@dataclass
+class Lies:
+    """What a hostile or broken Hub (or mirror) says instead of the truth; empty by default.
+
+    - ``sha``: the commit id the repo-info answer gives (``../../victim`` or any text).
+    - ``tree_entries``: raw entries appended to the last page of every tree listing.
+    - ``headers``: headers set on every ``/resolve`` answer (``ETag``, ``X-Linked-Etag``,
+      ``X-Repo-Commit``, ...), replacing the true ones.
+    - ``size_overrides``: the size the tree listing gives a file (by path), whatever it has.
+    - ``endless_tree``: every tree page links to one more, each with new made-up files.
+    - ``looping_tree``: every tree page links back to the first.
+    """
+
+    sha: str | None = None
+    tree_entries: list[dict[str, object]] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+    size_overrides: dict[str, int] = field(default_factory=dict)
+    endless_tree: bool = False
+    looping_tree: bool = False
+
+
 def http_error(status: int = 503, **match: Unpack[Match]) -> Fault:
     """Answer matching requests with ``status`` (500, 502, 503, 504, 408, ...)."""
     return Fault(FaultKind.STATUS, status=status, **match)

@@ -43,7 +43,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from fakehub import xet
-from fakehub.faults import Fault, FaultKind
+from fakehub.faults import Fault, FaultKind, Lies
 from fakehub.repos import Repo, RepoFile, load_repos
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
@@ -90,6 +90,7 @@ class FakeHub:
         self.gated_access = set(gated_access or ())
         self.page_size = page_size
         self.faults: list[Fault] = []
+        self.lies = Lies()  # what this hub says instead of the truth (hostile mode)
         self.requests: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()
         self._repos: dict[str, tuple[tuple[int, int, int], Repo]] = {}
@@ -336,7 +337,7 @@ class _Handler(BaseHTTPRequestHandler):
             "id": repo.repo_id,
             "modelId": repo.repo_id,
             "author": repo.repo_id.split("/")[0],
-            "sha": commit,
+            "sha": commit if self.server.hub.lies.sha is None else self.server.hub.lies.sha,
             "private": repo.private,
             "gated": "auto" if repo.gated else False,
             "disabled": False,
@@ -354,9 +355,23 @@ class _Handler(BaseHTTPRequestHandler):
         )
         if prefix and not entries:
             raise HubError(404, "EntryNotFound", f"{prefix} does not exist on {revision}")
+        lies = self.server.hub.lies
+        entries = entries + list(lies.tree_entries)
+        for item in entries:
+            if item.get("path") in lies.size_overrides:
+                item["size"] = lies.size_overrides[item["path"]]
+                if "lfs" in item:
+                    item["lfs"]["size"] = item["size"]
         page = entries[cursor : cursor + self.server.hub.page_size]
         headers = {}
-        if cursor + len(page) < len(entries):
+        if lies.endless_tree or lies.looping_tree:
+            if lies.endless_tree:
+                page = _made_up_files(cursor, self.server.hub.page_size)
+            next_cursor = cursor + len(page) if lies.endless_tree else 0
+            path = urlsplit(self.path).path
+            link = f"{self._base()}{path}?recursive={str(recursive).lower()}&cursor={next_cursor}"
+            headers["Link"] = f'<{link}>; rel="next"'
+        elif cursor + len(page) < len(entries):
             next_cursor = cursor + len(page)
             path = urlsplit(self.path).path
             link = f"{self._base()}{path}?recursive={str(recursive).lower()}&cursor={next_cursor}"
@@ -388,6 +403,7 @@ class _Handler(BaseHTTPRequestHandler):
                 token_url = f"{self._base()}/api/models/{repo_id}/xet-read-token/{commit}"
                 headers["X-Xet-Hash"] = xet.file_hash(entry.sha256)
                 headers["Link"] = f'<{token_url}>; rel="xet-auth"'
+        headers.update(self.server.hub.lies.headers)
         start, end, status = 0, entry.size, 200
         if method == "GET" and self.headers.get("Range"):
             start, end = self._requested_range(entry.size)
@@ -615,6 +631,14 @@ def _tree_entries(
         for folder in sorted(folders)
     ]
     return out_folders + out_files
+
+
+def _made_up_files(start: int, count: int) -> list[dict[str, Any]]:
+    """Tree entries of files that do not exist, for a listing that never ends."""
+    return [
+        {"type": "file", "oid": f"{n:040x}", "size": 1, "path": f"endless/{n:08d}.bin"}
+        for n in range(start, start + count)
+    ]
 
 
 def _sendfile(sock: socket.socket, source: Any, offset: int, count: int) -> None:

@@ -23,6 +23,7 @@ class CacheState(enum.Enum):
 class LocalState:
     state: CacheState
     commit: str | None = None
+    note: str | None = None  # why it is not COMPLETE, when the cache knows (a pending verification)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class CachedRevision:
     state: CacheState
     size_bytes: int
     refs: tuple[str, ...] = ()
+    note: str | None = None  # why it is not COMPLETE, when the cache knows
 
 
 class FailureKind(enum.Enum):
@@ -49,6 +51,7 @@ class FailureKind(enum.Enum):
     TIMEOUT = "timeout"
     STALLED = "stalled"
     CORRUPT = "corrupt"
+    UNTRUSTED = "untrusted_answer"  # the Hub's metadata failed a safety check
     UNEXPECTED = "unexpected"
 
 
@@ -165,6 +168,11 @@ class HubBackend(Protocol):
     def delete(self, repo_id: str, revision: str | None) -> int | None:
         """Delete a revision, or the whole model when ``revision`` is None; return the bytes freed,
         or None when nothing of it was cached (blocking)."""
+        ...
+
+    def remove_all_orphans(self) -> int:
+        """Remove the temporary files no live process writes (what a killed service left);
+        return how many (blocking)."""
         ...
 
     def free_bytes(self) -> int:

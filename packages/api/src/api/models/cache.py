@@ -45,7 +45,8 @@ from api.models.backend import (
     LocalState,
     VerifyReport,
 )
-from api.models.errors import RevisionBusy, UnsafeCachePath
+from api.models.errors import CacheNotWritable, RevisionBusy, UnsafeCachePath
+from api.models.hubguard import GIT_OR_SHA256, path_problem
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class ModelCache:
             data = json.loads(path.read_text(encoding="utf-8"))
             if data.get("format_version") != TREE_FORMAT_VERSION:
                 return None
-            return {
+            tree = {
                 rel: TreeEntry(
                     size=int(info.get("lfs_size") or info["size"]),
                     etag=str(info.get("lfs_sha256") or info["blob_id"]),
@@ -115,28 +116,69 @@ class ModelCache:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             logger.warning("ignoring unreadable file list %s: %s", path, error)
             return None
+        # The file is in the cache, which other tools and users write too: a path or an id that
+        # could lead outside the snapshot makes the whole list untrusted.
+        for rel, entry in tree.items():
+            problem = path_problem(rel)
+            if problem is None and not GIT_OR_SHA256.fullmatch(entry.etag):
+                problem = "a file id is malformed"
+            if problem is None and entry.size < 0:
+                problem = "a size is negative"
+            if problem is not None:
+                logger.warning("ignoring the file list %s: %s", path, problem)
+                return None
+        return tree
 
     def local_state(self, repo_id: str, revision: str) -> LocalState:
-        folder = self.folder(repo_id)
-        if not folder.is_dir():
+        """The state of one revision: the very entry ``list_cached`` gives for it, so that
+        status and list cannot disagree."""
+        if not self.folder(repo_id).is_dir():
             return LocalState(CacheState.ABSENT)
         commit = self.resolve_commit(repo_id, revision)
-        if commit is None:
-            return LocalState(CacheState.PARTIAL if _has_content(folder) else CacheState.ABSENT)
-        if self.revision_busy(repo_id, commit):
-            return LocalState(CacheState.BUSY, commit)
-        snapshot = folder / "snapshots" / commit
-        tree = self.read_tree(repo_id, commit)
-        if tree is None:
-            return LocalState(self._state_without_tree(snapshot), commit)
-        missing = missing_files(tree, lambda rel: _size_of(snapshot / rel))
-        if not missing and not self._has_temp_files(repo_id, {e.etag for e in tree.values()}):
-            return LocalState(CacheState.COMPLETE, commit)
-        if len(missing) == len(tree) and not _has_content(folder):
-            # Only metadata (a ref, the file list): a download that failed before any content,
-            # such as a gated repo. Nothing of the model itself is here.
-            return LocalState(CacheState.ABSENT, commit)
-        return LocalState(CacheState.PARTIAL, commit)
+        try:
+            revisions = self._revisions_of(repo_id)
+        except (OSError, ValueError) as error:
+            revisions = [_unreadable(repo_id, error, commit)]
+        for found in revisions:
+            if found.commit == commit:
+                return LocalState(found.state, commit, found.note)
+        return LocalState(CacheState.ABSENT, commit)
+
+    # -- the journal of unverified revisions -------------------------------------------------
+
+    def unverified_marker(self, repo_id: str, commit: str) -> Path:
+        return self.locks_folder(repo_id) / f"{commit}.unverified"
+
+    def mark_unverified(self, repo_id: str, commit: str, reason: str, files: list[str]) -> None:
+        """Record, durably, that the revision's content is not known good: written before a
+        download's first byte and kept until every file is verified (a stop at any moment leaves
+        it), or by a verification that found bad files (``files``, fetched again first)."""
+        path = self.unverified_marker(repo_id, commit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with tmp.open("w", encoding="utf-8") as out:
+            json.dump({"reason": reason, "files": files}, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+
+    def clear_unverified(self, repo_id: str, commit: str) -> None:
+        self.unverified_marker(repo_id, commit).unlink(missing_ok=True)
+
+    def read_unverified(self, repo_id: str, commit: str) -> tuple[str, list[str]] | None:
+        """(reason, files known bad) when the revision is marked unverified, else None."""
+        path = self.unverified_marker(repo_id, commit)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            logger.warning("unreadable verification journal %s: %s", path, error)
+            return ("the revision's verification journal is unreadable", [])
+        if not isinstance(data, dict):
+            return ("the revision's verification journal is unreadable", [])
+        files = [f for f in data.get("files") or [] if isinstance(f, str) and not path_problem(f)]
+        return str(data.get("reason") or "the revision is not verified"), files
 
     def revision_lock(self, repo_id: str, commit: str) -> Path:
         return self.locks_folder(repo_id) / f"{commit}.download.lock"
@@ -159,14 +201,6 @@ class ModelCache:
         with _lock_if_free(self.revision_lock(repo_id, commit)) as free:
             return not free
 
-    def _has_temp_files(self, repo_id: str, etags: set[str]) -> bool:
-        """Whether a temporary file of one of these blobs is in the cache (a download of it is
-        running, or died and left it)."""
-        return any(
-            p.name.endswith(INCOMPLETE_SUFFIX) and p.name.split(".", 1)[0] in etags
-            for p in _iter_files(self.folder(repo_id) / "blobs")
-        )
-
     def missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
         """Bytes of the plan's files whose blob is not yet complete in the cache."""
         blobs = self.folder(repo_id) / "blobs"
@@ -188,6 +222,8 @@ class ModelCache:
         A blob in the shared store goes too: its content is wrong for every repo that links it,
         and left there the library would link it again instead of downloading.
         """
+        if path_problem(rel) is not None or not COMMIT_RE.fullmatch(commit):
+            raise ValueError("not a path inside a snapshot")  # the callers check it first
         link = self.folder(repo_id) / "snapshots" / commit / rel
         blob = self._blob_behind(repo_id, link)
         if blob is not None:
@@ -234,12 +270,30 @@ class ModelCache:
                 missing.append(rel)
             elif not content_matches(path, etag, on_bytes):
                 mismatched.append(rel)
+        self._record_verification(repo_id, commit, missing, mismatched)
         return VerifyReport(
             commit=commit,
             files_checked=len(expected) - len(missing),
             missing=tuple(missing),
             mismatched=tuple(mismatched),
         )
+
+    def _record_verification(
+        self, repo_id: str, commit: str, missing: list[str], mismatched: list[str]
+    ) -> None:
+        """Bad files go into the journal (status says PARTIAL and names them; a download fetches
+        them first); a clean result clears it. A cache that cannot be written keeps its journal
+        as it is: the answer of the verification itself is what counts then."""
+        try:
+            if missing or mismatched:
+                counts = [f"{len(mismatched)} mismatched"] if mismatched else []
+                counts += [f"{len(missing)} missing"] if missing else []
+                reason = f"verification found {' and '.join(counts)} file(s)"
+                self.mark_unverified(repo_id, commit, reason, missing + mismatched)
+            elif not self.revision_busy(repo_id, commit):
+                self.clear_unverified(repo_id, commit)  # every file checked good: verified
+        except OSError as error:
+            logger.warning("cannot record the verification of %s: %s", repo_id, error)
 
     @staticmethod
     def _state_without_tree(snapshot: Path) -> CacheState:
@@ -265,44 +319,69 @@ class ModelCache:
             repo_id = repo_id_from_folder(entry.name)
             if repo_id is None or not entry.is_dir(follow_symlinks=False):
                 continue
-            out.extend(self._revisions_of(repo_id))
+            try:
+                out.extend(self._revisions_of(repo_id))
+            except (OSError, ValueError) as error:
+                # One model's folder that cannot be read must not hide the others.
+                out.append(_unreadable(repo_id, error))
         return out
 
     def _revisions_of(self, repo_id: str) -> list[CachedRevision]:
+        """Every revision of one model found in the cache, and its state: the one rule behind
+        both status and list. A revision is known by its snapshot folder or its file list; it is
+        COMPLETE when every listed file is there with its size, no temporary file of its blobs
+        remains and no verification is pending (the journal); BUSY while a download worker holds
+        it; not listed at all when nothing of its content is here (a failed start)."""
         folder = self.folder(repo_id)
         refs = self._refs(folder)
-        blob_sizes = self._blob_sizes(folder / "blobs")
+        blob_sizes, temp_blobs = self._blob_sizes(folder / "blobs")
         snapshots = folder / "snapshots"
-        commits = sorted(p.name for p in _iter_dirs(snapshots) if COMMIT_RE.fullmatch(p.name))
-        if not commits:
-            if not _has_content(folder):
-                return []  # metadata only (a failed start): nothing of the model to list
-            # A download that stopped before its first file: the model is there only in part.
-            trace = sum(st.st_size for _, st in _iter_stats(folder / "blobs"))
-            commit = refs.get("main") or next(iter(refs.values()), None)
-            return [CachedRevision(repo_id, commit, CacheState.PARTIAL, trace, ())]
+        commits = {p.name for p in _iter_dirs(snapshots) if COMMIT_RE.fullmatch(p.name)}
+        for path in _iter_files(folder / "trees"):
+            if path.suffix == ".json" and COMMIT_RE.fullmatch(path.stem):
+                commits.add(path.stem)
         revisions = []
-        for commit in commits:
+        for commit in sorted(commits):
             snapshot = snapshots / commit
             tree = self.read_tree(repo_id, commit)
             linked = {rel: _blob_name(snapshot / rel) for rel in _relative_files(snapshot)}
             size = sum(blob_sizes.get(name or "", 0) for name in set(linked.values()))
+            etags = {e.etag for e in tree.values()} if tree is not None else set()
+            note = None
             if self.revision_busy(repo_id, commit):
                 state = CacheState.BUSY
+            elif not linked and not (etags & (blob_sizes.keys() | temp_blobs)):
+                continue  # only metadata (a ref, a file list): nothing of the model itself
             elif tree is None:
                 state = self._state_without_tree(snapshot)
             else:
                 state = _state_from_links(tree, snapshot, linked, blob_sizes)
+                if state is CacheState.COMPLETE and etags & temp_blobs:
+                    state = CacheState.PARTIAL  # a download of one of its blobs ran, or died
+                if not linked:
+                    size = sum(blob_sizes.get(etag, 0) for etag in etags)
+            if state is not CacheState.BUSY:
+                pending = self.read_unverified(repo_id, commit)
+                if pending is not None:
+                    state = CacheState.PARTIAL
+                    note = _journal_note(*pending)
             names = tuple(sorted(ref for ref, c in refs.items() if c == commit))
-            revisions.append(CachedRevision(repo_id, commit, state, size, names))
+            revisions.append(CachedRevision(repo_id, commit, state, size, names, note))
+        if not revisions and (any(_iter_files(folder / "blobs")) or temp_blobs):
+            # A download that stopped before its first file: the model is there only in part.
+            trace = sum(st.st_size for _, st in _iter_stats(folder / "blobs"))
+            known = refs.get("main") or next(iter(refs.values()), None)
+            revisions.append(CachedRevision(repo_id, known, CacheState.PARTIAL, trace, ()))
         return revisions
 
-    def _blob_sizes(self, blobs: Path) -> dict[str, int]:
-        """Size of each complete blob of a model, by name; a link into the shared store counts
-        with the size of the blob it shares."""
+    def _blob_sizes(self, blobs: Path) -> tuple[dict[str, int], set[str]]:
+        """Size of each complete blob of a model, by name (a link into the shared store counts
+        with the size of the blob it shares), and the names of blobs with a temporary file."""
         sizes = {}
+        temporary = set()
         for path, st in _iter_stats(blobs, links_too=True):
             if path.name.endswith(INCOMPLETE_SUFFIX):
+                temporary.add(path.name.split(".", 1)[0])
                 continue
             if stat.S_ISLNK(st.st_mode):
                 shared = shared_blob_target(path, self.root)
@@ -312,7 +391,7 @@ class ModelCache:
                     sizes[path.name] = shared.stat().st_size
             else:
                 sizes[path.name] = st.st_size
-        return sizes
+        return sizes, temporary
 
     @staticmethod
     def _refs(folder: Path) -> dict[str, str]:
@@ -356,6 +435,22 @@ class ModelCache:
             logger.info("removed %d orphaned temporary file(s) of %s", removed, repo_id)
         return removed
 
+    def remove_all_orphans(self) -> int:
+        """``remove_orphans`` for every model of the cache (at start-up: what a killed service
+        left); a folder that cannot be read is skipped."""
+        removed = 0
+        try:
+            with os.scandir(self.root) as scan:
+                names = [e.name for e in scan if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return 0
+        for name in names:
+            repo_id = repo_id_from_folder(name)
+            if repo_id is not None:
+                with contextlib.suppress(OSError):
+                    removed += self.remove_orphans(repo_id)
+        return removed
+
     def delete(self, repo_id: str, revision: str | None) -> int | None:
         """Delete one revision, or the whole model when ``revision`` is None.
 
@@ -368,6 +463,16 @@ class ModelCache:
         folder = self.folder(repo_id)
         if not folder.is_dir() or folder.is_symlink():
             return None
+        if not os.access(self.root, os.W_OK) or not os.access(folder, os.W_OK):
+            raise CacheNotWritable(repo_id)
+        try:
+            return self._delete(repo_id, folder, revision)
+        except OSError as error:
+            if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise CacheNotWritable(repo_id, partly=True) from None
+            raise
+
+    def _delete(self, repo_id: str, folder: Path, revision: str | None) -> int | None:
         busy = [
             p.name.split(".", 1)[0]
             for p in _iter_files(self.locks_folder(repo_id))
@@ -388,8 +493,32 @@ class ModelCache:
         shared = self._shared_targets(folder / "blobs")
         # rmtree removes links, never what they point to.
         shutil.rmtree(folder)
-        shutil.rmtree(self.locks_folder(repo_id), ignore_errors=True)
+        self._remove_inside(self.locks_folder(repo_id))
         return freed + self._sweep(shared)
+
+    def _remove_inside(self, path: Path) -> None:
+        """Remove a folder of the cache's own (a model's locks, a revision's ``.no_exist``) only
+        where it really is inside the cache: a link planted on the way (``.locks`` itself, or
+        ``.no_exist``, linked elsewhere) is removed, never followed."""
+        real_root = self.root.resolve()
+        try:
+            real_parent = path.parent.resolve()
+        except OSError:
+            return
+        lexical = real_root / path.parent.relative_to(self.root)
+        if real_parent != lexical:
+            # A link among the parents leads elsewhere: remove that link, nothing behind it.
+            for parent in [path.parent, *path.parent.parents]:
+                if parent == self.root:
+                    break
+                if parent.is_symlink():
+                    parent.unlink(missing_ok=True)
+                    break
+            return
+        if path.is_symlink():
+            path.unlink(missing_ok=True)
+        elif path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
     def _shared_targets(self, blobs: Path) -> set[Path]:
         """The shared-store blobs the links among these blobs lead to."""
@@ -409,6 +538,8 @@ class ModelCache:
         snapshots = folder / "snapshots"
         snapshot = snapshots / commit
         tree_file = folder / "trees" / f"{commit}.json"
+        if snapshot.is_symlink():
+            raise UnsafeCachePath(repo_id)  # a planted link in place of the revision's folder
         if not snapshot.is_dir() and not tree_file.exists():
             return None
         real_folder = folder.resolve()
@@ -436,7 +567,14 @@ class ModelCache:
         others = [p for p in _iter_dirs(snapshots) if p.name != commit]
         for other in others:
             doomed -= blobs_of(other)
-        if not others:
+        # Another revision may be between its start and its first file: its file list (and its
+        # lock) is all there is of it yet, and taking the whole folder would remove them.
+        starting = [
+            p
+            for p in _iter_files(folder / "trees")
+            if p.suffix == ".json" and p.stem != commit and COMMIT_RE.fullmatch(p.stem)
+        ]
+        if not others and not starting:
             return self._delete_folder(repo_id, folder)  # the last revision: the whole model
         freed = sum(p.lstat().st_size for p in doomed if p.exists() and not p.is_symlink())
         shared = {t for p in doomed if (t := shared_blob_target(p, self.root)) is not None}
@@ -447,11 +585,31 @@ class ModelCache:
             blob.unlink(missing_ok=True)
         freed += self._sweep(shared)
         tree_file.unlink(missing_ok=True)
-        shutil.rmtree(folder / ".no_exist" / commit, ignore_errors=True)
+        self.clear_unverified(repo_id, commit)
+        self._remove_inside(folder / ".no_exist" / commit)
         for ref, target in self._refs(folder).items():
             if target == commit:
                 (folder / "refs" / ref).unlink(missing_ok=True)
         return freed
+
+
+def _unreadable(repo_id: str, error: BaseException, commit: str | None = None) -> CachedRevision:
+    """What the cache can say of a model folder it cannot read: PARTIAL, and why."""
+    reason = type(error).__name__
+    if isinstance(error, OSError) and error.errno is not None:
+        reason = errno.errorcode.get(error.errno, str(error.errno))
+    logger.warning("cannot read the cache folder of %s: %s", repo_id, error)
+    note = f"the cache folder of {repo_id} cannot be read ({reason}); delete it or fix its files"
+    return CachedRevision(repo_id, commit, CacheState.PARTIAL, 0, (), note)
+
+
+def _journal_note(reason: str, files: list[str]) -> str:
+    """The status's words for a revision the journal holds as not verified."""
+    named = ""
+    if files:
+        shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        named = f": {shown}"
+    return f"{reason}{named}; POST /api/models/download verifies it and fetches what is bad"
 
 
 def missing_files(tree: dict[str, TreeEntry], size_of: Callable[[str], int | None]) -> list[str]:
@@ -501,11 +659,6 @@ def content_matches(path: Path, etag: str, on_bytes: Callable[[int], None] | Non
             if on_bytes is not None:
                 on_bytes(len(chunk))
     return digest.hexdigest() == etag
-
-
-def _has_content(folder: Path) -> bool:
-    """Any blob (complete or temporary) or snapshot entry: a trace of the model's content."""
-    return any(_iter_files(folder / "blobs")) or any(_iter_files(folder / "snapshots"))
 
 
 def _size_of(path: Path) -> int | None:
@@ -568,8 +721,8 @@ def _iter_dirs(root: Path) -> Iterator[Path]:
 def _lock_if_free(lock_path: Path) -> Iterator[bool]:
     """Hold ``lock_path`` (the hub client's flock) if nobody does; yield whether we got it."""
     try:
-        fd = os.open(lock_path, os.O_RDWR)
-    except FileNotFoundError:
+        fd = os.open(lock_path, os.O_RDONLY)  # flock needs no write access: a read-only cache works
+    except (FileNotFoundError, NotADirectoryError):
         yield True  # no lock file: no process ever locked this blob here
         return
     try:

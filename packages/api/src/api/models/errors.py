@@ -14,10 +14,28 @@ class DownloadConflict(ModelError):
         self.task_id = task_id
 
 
+class DownloadCancelled(ModelError):
+    """A DELETE cancelled the download while it was starting: nothing was downloaded."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"{task_id} was cancelled while it was starting; nothing was downloaded")
+        self.task_id = task_id
+
+
 class TooManyDownloads(ModelError):
     def __init__(self, limit: int, retry_after: int) -> None:
         super().__init__(
             f"all {limit} download slots are busy; retry in {retry_after} s or cancel a download"
+        )
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+class TooManyVerifications(ModelError):
+    def __init__(self, limit: int, retry_after: int) -> None:
+        super().__init__(
+            f"{limit} verification(s) already running (MODELS_MAX_CONCURRENT_VERIFICATIONS);"
+            f" retry in {retry_after} s"
         )
         self.limit = limit
         self.retry_after = retry_after
@@ -58,3 +76,15 @@ class RevisionBusy(ModelError):
         )
         self.repo_id = repo_id
         self.commit = commit
+
+
+class CacheNotWritable(ModelError):
+    """The cache (or the model's folder) is read-only or not ours to change."""
+
+    def __init__(self, repo_id: str, partly: bool = False) -> None:
+        done = "some of its files may already be gone" if partly else "nothing was deleted"
+        super().__init__(
+            f"the cache folder of {repo_id} is not writable (read-only file system or"
+            f" permissions); {done}"
+        )
+        self.repo_id = repo_id

@@ -24,6 +24,32 @@ class EventBus:
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
         self._queues: set[asyncio.Queue[DownloadEvent]] = set()
+        self._closed = asyncio.Event()
+
+    def close(self) -> None:
+        """End every subscriber's stream (the service is stopping); idempotent."""
+        self._closed.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def next(self, queue: asyncio.Queue[DownloadEvent]) -> DownloadEvent | None:
+        """The subscriber's next event, or None once the bus is closed."""
+        if self._closed.is_set():
+            return None
+        if not queue.empty():
+            return queue.get_nowait()
+        getter = asyncio.ensure_future(queue.get())
+        closing = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait({getter, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (getter, closing):
+                waiter.cancel()
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        return None
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)

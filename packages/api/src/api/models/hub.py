@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx2
 from huggingface_hub import HfApi
@@ -39,6 +41,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from api.models import hubguard
 from api.models.backend import (
     CachedRevision,
     DownloadFailed,
@@ -51,11 +54,13 @@ from api.models.backend import (
     VerifyReport,
 )
 from api.models.cache import ModelCache
+from api.models.hubguard import COMMIT_ID, GIT_OR_SHA256, UntrustedAnswer, path_problem
 
 if TYPE_CHECKING:  # the worker imports this module: keep pydantic-settings out of its start
     from api.settings import Settings
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _NO_RETRY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -70,6 +75,13 @@ def classify_error(
     metadata call in ``LocalEntryNotFoundError`` and its HTTP errors subclass ``OSError``, so a
     "retry every OSError" policy would retry 404s, gated repos and full disks.
     """
+    untrusted = _untrusted(error)
+    if untrusted is not None:
+        return (
+            FailureKind.UNTRUSTED,
+            False,
+            f"the Hub's answer was refused, nothing was written: {untrusted}",
+        )
     if isinstance(error, GatedRepoError):
         return (
             FailureKind.GATED,
@@ -138,6 +150,17 @@ def classify_error(
     return FailureKind.UNEXPECTED, False, f"unexpected error ({type(error).__name__})"
 
 
+def _untrusted(error: BaseException | None) -> UntrustedAnswer | None:
+    """The guard's refusal, also when the library wrapped it in an error of its own."""
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, UntrustedAnswer):
+            return error
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
+
+
 _XET_STATUS = re.compile(r"HTTP status (?:client|server) error \((\d{3})")
 _XET_MARKERS = ("CAS Client Error", "File reconstruction error", "Task error", "Xet")
 
@@ -200,11 +223,12 @@ class AttemptFailed(Exception):
 
 
 def fetch_plan(repo_id: str, revision: str, endpoint: str, token: str | bool) -> DownloadPlan:
-    """Resolve the revision and list its files (blocking; two small metadata requests)."""
+    """Resolve the revision and list its files (blocking; two small metadata requests). The
+    guard has checked each answer; the plan is checked again as a whole (``check_plan``)."""
     api = HfApi(endpoint=endpoint, token=token)
     commit = api.repo_info(repo_id, revision=revision).sha
     if commit is None:
-        raise ValueError("the Hub answered without a commit id")
+        raise UntrustedAnswer("the Hub answered without a commit id")
     files = tuple(
         RemoteFile(
             path=f.path,
@@ -214,7 +238,26 @@ def fetch_plan(repo_id: str, revision: str, endpoint: str, token: str | bool) ->
         for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
         if isinstance(f, RepoFile)
     )
-    return DownloadPlan(commit=commit, files=files)
+    return check_plan(DownloadPlan(commit=commit, files=files))
+
+
+def check_plan(plan: DownloadPlan) -> DownloadPlan:
+    """The plan, when its commit id, every path, size and ETag is safe to use; raises
+    ``UntrustedAnswer`` otherwise."""
+    if not COMMIT_ID.fullmatch(plan.commit):
+        raise UntrustedAnswer("the Hub sent a malformed commit id")
+    seen: set[str] = set()
+    for entry in plan.files:
+        if (problem := path_problem(entry.path)) is not None:
+            raise UntrustedAnswer(f"{problem}: {entry.path[:60]!r}")
+        if entry.path in seen:
+            raise UntrustedAnswer(f"the Hub's file list names {entry.path[:60]!r} twice")
+        seen.add(entry.path)
+        if not GIT_OR_SHA256.fullmatch(entry.etag):
+            raise UntrustedAnswer(f"the Hub's file list gives a malformed id for {entry.path!r}")
+        if isinstance(entry.size, bool) or not 0 <= entry.size < 1 << 50:
+            raise UntrustedAnswer(f"the Hub's file list gives no valid size for {entry.path!r}")
+    return plan
 
 
 def plan_to_json(plan: DownloadPlan) -> dict[str, Any]:
@@ -222,9 +265,20 @@ def plan_to_json(plan: DownloadPlan) -> dict[str, Any]:
 
 
 def plan_from_json(data: dict[str, Any]) -> DownloadPlan:
-    return DownloadPlan(
-        commit=str(data["commit"]),
-        files=tuple(RemoteFile(str(p), int(n), str(e)) for p, n, e in data["files"]),
+    return check_plan(
+        DownloadPlan(
+            commit=str(data["commit"]),
+            files=tuple(RemoteFile(str(p), int(n), str(e)) for p, n, e in data["files"]),
+        )
+    )
+
+
+def hub_limits(settings: Settings) -> hubguard.Limits:
+    return hubguard.Limits(
+        max_files=settings.max_repo_files,
+        connect_timeout=settings.hub_connect_timeout_seconds,
+        read_timeout=settings.hub_read_timeout_seconds,
+        json_deadline=settings.plan_timeout_seconds * 6,
     )
 
 
@@ -234,6 +288,8 @@ class HubCacheBackend:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cache = ModelCache(settings.cache_dir)
+        hubguard.install(hub_limits(settings))
+        self._hub_slots = asyncio.Semaphore(settings.hub_call_slots)
         # A worker started ahead, idle until a download takes it: saves the interpreter start and
         # library imports (about 0.2 s) on each download.
         self._spare: asyncio.Task[asyncio.subprocess.Process] | None = None
@@ -248,6 +304,36 @@ class HubCacheBackend:
         except Exception:
             return
         await _kill(process)
+
+    async def _hub_call(self, function: Callable[..., _T], *args: Any) -> _T:
+        """Run a blocking Hub call in a daemon thread of its own, at most ``hub_call_slots`` at
+        once, so that no Hub call ever waits behind the cache's threads or holds them.
+
+        A cancelled caller returns at once and its slot is free again; the abandoned thread
+        ends by itself within the guard's timeouts (every Hub call has them) and, a daemon
+        thread, never holds up the process's exit."""
+        async with self._hub_slots:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[_T] = loop.create_future()
+
+            def settle(result: Any, error: BaseException | None) -> None:
+                if future.done():
+                    return  # the caller was cancelled and has gone
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+
+            def run() -> None:
+                try:
+                    outcome: tuple[Any, BaseException | None] = (function(*args), None)
+                except BaseException as error:
+                    outcome = (None, error)
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(settle, *outcome)
+
+            threading.Thread(target=run, name="hub call", daemon=True).start()
+            return await future
 
     async def _spawn_worker(self) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
@@ -302,6 +388,9 @@ class HubCacheBackend:
 
     def free_bytes(self) -> int:
         return self.cache.free_bytes()
+
+    def remove_all_orphans(self) -> int:
+        return self.cache.remove_all_orphans()
 
     def missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
         return self.cache.missing_bytes(repo_id, plan)
@@ -375,7 +464,7 @@ class HubCacheBackend:
 
     async def _plan_attempt(self, request: DownloadRequest) -> DownloadPlan:
         try:
-            return await asyncio.to_thread(
+            return await self._hub_call(
                 fetch_plan,
                 request.repo_id,
                 request.revision,
@@ -420,6 +509,7 @@ class HubCacheBackend:
             "cache_dir": str(self.settings.cache_dir),
             "endpoint": self.settings.hf_endpoint,
             "plan": plan_to_json(plan),
+            "limits": dataclasses.asdict(hub_limits(self.settings)),
         }
         process = await self._take_worker()
         assert process.stdin is not None

@@ -11,8 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from api.models.backend import (
     CachedRevision,
@@ -25,10 +30,12 @@ from api.models.backend import (
     HubBackend,
 )
 from api.models.errors import (
+    DownloadCancelled,
     DownloadConflict,
     InsufficientStorage,
     ModelNotFound,
     TooManyDownloads,
+    TooManyVerifications,
 )
 from api.models.events import EventBus, log_event
 from api.models.types import (
@@ -49,6 +56,7 @@ from api.models.types import (
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 _STATE_TO_STATUS = {
     CacheState.COMPLETE: ModelStatus.DOWNLOADED,
@@ -210,31 +218,49 @@ class ModelManager:
         self._download_tasks: dict[str, asyncio.Task[None]] = {}
         self._jobs: dict[str, DownloadJob] = {}
         self._errors: dict[str, str] = {}  # task id -> why its last download failed
-        self._starting: set[str] = set()  # task ids between the checks and the task's start
+        self._starting: dict[str, _Start] = {}  # between the checks and the task's start
         self.events = EventBus()
         self.events.add_listener(log_event)
+        # Threads of their own for cache reads (status, list, space, delete) and for hashing
+        # (verify): neither waits behind the other, nor behind the Hub calls (the backend's).
+        self._cache_pool = ThreadPoolExecutor(
+            max_workers=settings.cache_threads, thread_name_prefix="cache"
+        )
+        self._verify_slots = asyncio.Semaphore(settings.max_concurrent_verifications)
+        self._hash_pool = ThreadPoolExecutor(
+            max_workers=settings.max_concurrent_verifications,
+            thread_name_prefix="hash",
+            initializer=_lower_thread_priority,
+            initargs=(settings.worker_nice,),
+        )
+
+    async def _on_cache_pool(self, function: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._cache_pool, function, *args)
 
     # -- queries -----------------------------------------------------------------------------
 
     async def is_model_exist(self, model: Model) -> bool:
         """True when every file of the revision is in the cache (offline)."""
-        state = await asyncio.to_thread(self.backend.local_state, model.hf_repo, model.revision)
+        state = await self._on_cache_pool(self.backend.local_state, model.hf_repo, model.revision)
         return state.state is CacheState.COMPLETE
 
     async def get_model_status(self, model: Model) -> ModelStatusResponse:
-        job = self._jobs.get(model.task_id)
+        job = self._job_for(model)
         if job is not None:
-            return job.status()
-        local = await asyncio.to_thread(self.backend.local_state, model.hf_repo, model.revision)
+            return job.status().model_copy(update={"model": model})  # as it was asked
+        local = await self._on_cache_pool(self.backend.local_state, model.hf_repo, model.revision)
         status = _STATE_TO_STATUS[local.state]
-        error = None if status is ModelStatus.DOWNLOADED else self._errors.get(model.task_id)
+        error = None
+        if status is not ModelStatus.DOWNLOADED:
+            error = self._errors.get(model.task_id) or self._error_of(model.hf_repo, local.commit)
+            error = error or local.note
         return ModelStatusResponse(
             model=model, status=status, error_message=error, commit=local.commit
         )
 
     async def list_models(self) -> list[ModelListItem]:
         """Every cached model revision (DOWNLOADED or PARTIAL), and every running download."""
-        cached = await asyncio.to_thread(self.backend.list_cached)
+        cached = await self._on_cache_pool(self.backend.list_cached)
         jobs = list(self._jobs.values())
         items: list[ModelListItem] = []
         covered: set[int] = set()
@@ -253,6 +279,9 @@ class ModelManager:
                     size_bytes=revision.size_bytes,
                     refs=list(revision.refs),
                     progress=job.progress() if job is not None else None,
+                    error_message=None
+                    if job is not None or revision.state is CacheState.COMPLETE
+                    else self._error_of(revision.repo_id, revision.commit) or revision.note,
                 )
             )
         for job in jobs:
@@ -264,8 +293,12 @@ class ModelManager:
                 )
         return items
 
+    def _error_of(self, repo_id: str, commit: str | None) -> str | None:
+        """Why the last download of this exact revision failed, whatever name it was asked by."""
+        return self._errors.get(f"{repo_id}:{commit}") if commit is not None else None
+
     async def get_disk_space(self) -> DiskSpaceInfo:
-        used, free = await asyncio.to_thread(self.backend.cache_usage)
+        used, free = await self._on_cache_pool(self.backend.cache_usage)
         return DiskSpaceInfo(
             cache_size_bytes=used, available_bytes=free, cache_path=self.backend.cache_path
         )
@@ -277,18 +310,27 @@ class ModelManager:
 
         Returns status DOWNLOADED (and starts nothing, with no network traffic) when the revision
         is already complete in the cache, else DOWNLOADING with the task id.
-        Raises ``DownloadConflict`` when it is already downloading and ``TooManyDownloads`` when
-        every download slot is taken.
+        Raises ``DownloadConflict`` when the same revision is already downloading, under any of
+        its names (``org/name``, ``org/name`` at ``main``, and the commit ``main`` points to are
+        one revision), ``TooManyDownloads`` when every download slot is taken, and
+        ``DownloadCancelled`` when a DELETE cancelled it while it was starting.
         """
         task_id = model.task_id
-        self._check_can_start(task_id)
+        self._check_can_start(model)
         if await self.is_model_exist(model):
             return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADED)
         # Checked again after the await, then the slot is held while the file list is fetched.
-        self._check_can_start(task_id)
-        self._starting.add(task_id)
+        self._check_can_start(model)
+        start = _Start(model)
+        self._starting[task_id] = start
         try:
             plan = await self._plan_with_space_check(model)
+            if isinstance(plan, DownloadPlan):
+                # Now the commit is known: one revision, one job, whatever it was asked as.
+                start.commit = plan.commit
+                self._check_no_other_job(model, plan.commit)
+            if start.cancelled:
+                raise DownloadCancelled(task_id)
             job = DownloadJob(model=model, bus=self.events)
             if isinstance(plan, DownloadPlan):
                 # Known before the first byte: the status shows the totals at once.
@@ -296,17 +338,36 @@ class ModelManager:
                 job.total_bytes = plan.total_bytes
                 job.files_total = len(plan.files)
             self._errors.pop(task_id, None)
+            if job.commit is not None:
+                self._errors.pop(f"{model.hf_repo}:{job.commit}", None)
             self._jobs[task_id] = job
             job.task = asyncio.create_task(self._run(job, plan), name=f"download {task_id}")
             self._download_tasks[task_id] = job.task
         finally:
-            self._starting.discard(task_id)
+            self._starting.pop(task_id, None)
         job.publish(DownloadEventType.STARTED)
         return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADING)
 
-    def _check_can_start(self, task_id: str) -> None:
-        if task_id in self._download_tasks or task_id in self._starting:
-            raise DownloadConflict(task_id)
+    def _running_as(self, model: Model) -> str | None:
+        """The task id under which this revision already downloads or starts, if it does: the
+        same task id, the same branch (``latest`` is ``main``), or the same commit."""
+        commit = model.hf_commit if model.hf_commit and _is_commit(model.hf_commit) else None
+        entries: list[tuple[str, Model, str | None]] = [
+            (task_id, job.model, job.commit) for task_id, job in self._jobs.items()
+        ]
+        entries += [(task_id, st.model, st.commit) for task_id, st in self._starting.items()]
+        for task_id, other, other_commit in entries:
+            if other.hf_repo != model.hf_repo:
+                continue
+            if task_id == model.task_id or other.revision == model.revision:
+                return task_id
+            if commit is not None and commit in (other_commit, other.hf_commit):
+                return task_id
+        return None
+
+    def _check_can_start(self, model: Model) -> None:
+        if (running := self._running_as(model)) is not None:
+            raise DownloadConflict(running)
         if (
             len(self._download_tasks) + len(self._starting)
             >= self.settings.max_concurrent_downloads
@@ -314,6 +375,23 @@ class ModelManager:
             raise TooManyDownloads(
                 self.settings.max_concurrent_downloads, self.settings.retry_after_seconds
             )
+
+    def _check_no_other_job(self, model: Model, commit: str) -> None:
+        for task_id, job in self._jobs.items():
+            if job.model.hf_repo == model.hf_repo and job.commit == commit:
+                raise DownloadConflict(task_id)
+        for task_id, start in self._starting.items():
+            if (
+                task_id != model.task_id
+                and start.model.hf_repo == model.hf_repo
+                and start.commit == commit
+            ):
+                raise DownloadConflict(task_id)
+
+    def _job_for(self, model: Model) -> DownloadJob | None:
+        """The running job of this revision, under any of its names."""
+        running = self._running_as(model)
+        return self._jobs.get(running) if running is not None else None
 
     async def _plan_with_space_check(self, model: Model) -> DownloadPlan | DownloadFailed | None:
         """Fetch the file list and refuse (``InsufficientStorage``) a download that cannot fit:
@@ -329,9 +407,9 @@ class ModelManager:
             return failure  # the job reports it, or waits as asked and retries it
         except TimeoutError:
             return None
-        needed = await asyncio.to_thread(self.backend.missing_bytes, model.hf_repo, plan)
+        needed = await self._on_cache_pool(self.backend.missing_bytes, model.hf_repo, plan)
         # Only the free space: walking the whole cache for its size would slow every start.
-        free = await asyncio.to_thread(self.backend.free_bytes)
+        free = await self._on_cache_pool(self.backend.free_bytes)
         reserved = sum(
             max((job.total_bytes or 0) - (job.downloaded_bytes or 0), 0)
             for job in self._jobs.values()
@@ -377,6 +455,8 @@ class ModelManager:
             job.publish(DownloadEventType.COMPLETED)
         else:
             self._errors[job.task_id] = str(failure)
+            if job.commit is not None:
+                self._errors[f"{job.model.hf_repo}:{job.commit}"] = str(failure)
             job.publish(DownloadEventType.FAILED, error_message=str(failure))
 
     def _finish(self, job: DownloadJob) -> None:
@@ -386,7 +466,11 @@ class ModelManager:
     async def cancel_download(self, model: Model) -> bool:
         """Stop a running download and wait until its worker is gone and its temporary files are
         removed. Files already complete stay (the model is then PARTIAL). False when not running."""
-        task = self._download_tasks.get(model.task_id)
+        running = self._running_as(model)
+        if running is not None and running in self._starting:
+            self._starting[running].cancelled = True  # it will not start
+            return True
+        task = self._download_tasks.get(running) if running is not None else None
         if task is None:
             return False
         task.cancel()
@@ -405,10 +489,14 @@ class ModelManager:
         if await self.cancel_download(model):
             return DeleteResponse(status=DeleteStatus.CANCELLED)
         if model.hf_commit is None:
-            for task_id, job in self._jobs.items():
-                if job.model.hf_repo == model.hf_repo:
+            # The whole model: not while another of its revisions downloads or starts here.
+            for task_id, other in [
+                *((t, j.model) for t, j in self._jobs.items()),
+                *((t, st.model) for t, st in self._starting.items()),
+            ]:
+                if other.hf_repo == model.hf_repo:
                     raise DownloadConflict(task_id)
-        freed = await asyncio.to_thread(self.backend.delete, model.hf_repo, model.hf_commit)
+        freed = await self._on_cache_pool(self.backend.delete, model.hf_repo, model.hf_commit)
         if freed is None:
             raise ModelNotFound(model.task_id)
         self._errors.pop(model.task_id, None)
@@ -425,9 +513,16 @@ class ModelManager:
         """Hash every file of the cached revision against its ETag, off the event loop.
 
         Raises ``DownloadConflict`` while it downloads and ``ModelNotFound`` when not cached."""
-        if model.task_id in self._download_tasks:
-            raise DownloadConflict(model.task_id)
-        report = await asyncio.to_thread(self.backend.verify, model.hf_repo, model.revision)
+        if (running := self._running_as(model)) is not None:
+            raise DownloadConflict(running)
+        if self._verify_slots.locked():
+            raise TooManyVerifications(
+                self.settings.max_concurrent_verifications, self.settings.retry_after_seconds
+            )
+        async with self._verify_slots:
+            report = await asyncio.get_running_loop().run_in_executor(
+                self._hash_pool, self.backend.verify, model.hf_repo, model.revision
+            )
         if report is None:
             raise ModelNotFound(model.task_id)
         verified = not report.missing and not report.mismatched
@@ -452,13 +547,42 @@ class ModelManager:
         """Every running download with its progress."""
         return [job.status() for job in self._jobs.values()]
 
+    async def start(self) -> None:
+        """At start-up: remove what a killed service left (temporary files whose lock is free),
+        so that list and space agree from the first request."""
+        removed = await self._on_cache_pool(self.backend.remove_all_orphans)
+        if removed:
+            logger.info("event=orphans_removed count=%d", removed)
+
     async def shutdown(self) -> None:
         """Stop every running download and wait for each (no worker outlives the service)."""
+        self.events.close()  # event streams end: the server can close their connections
         tasks = list(self._download_tasks.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.backend.aclose()
+        for pool in (self._cache_pool, self._hash_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class _Start:
+    """A download between its checks and its task: its file list is being fetched."""
+
+    model: Model
+    commit: str | None = None
+    cancelled: bool = False
+
+
+def _is_commit(revision: str) -> bool:
+    return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
+
+
+def _lower_thread_priority(nice: int) -> None:
+    """Hashing is background work: on Linux a thread has a niceness of its own."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 def _same_revision(job: DownloadJob, revision: CachedRevision) -> bool:

@@ -10,12 +10,15 @@ from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.models.errors import (
+    CacheNotWritable,
+    DownloadCancelled,
     DownloadConflict,
     InsufficientStorage,
     ModelError,
     ModelNotFound,
     RevisionBusy,
     TooManyDownloads,
+    TooManyVerifications,
     UnsafeCachePath,
 )
 from api.models.manager import ModelManager
@@ -38,11 +41,14 @@ from api.models.types import (
 # One table from domain errors to HTTP codes.
 ERROR_STATUS: dict[type[ModelError], int] = {
     DownloadConflict: status.HTTP_409_CONFLICT,
+    DownloadCancelled: status.HTTP_409_CONFLICT,
     TooManyDownloads: status.HTTP_429_TOO_MANY_REQUESTS,
+    TooManyVerifications: status.HTTP_429_TOO_MANY_REQUESTS,
     ModelNotFound: status.HTTP_404_NOT_FOUND,
     InsufficientStorage: status.HTTP_507_INSUFFICIENT_STORAGE,
     UnsafeCachePath: status.HTTP_409_CONFLICT,
     RevisionBusy: status.HTTP_409_CONFLICT,
+    CacheNotWritable: status.HTTP_409_CONFLICT,
 }
 
 
@@ -53,7 +59,11 @@ def model_error_handler(request: Request, exc: Exception) -> JSONResponse:
         (ERROR_STATUS[cls] for cls in type(exc).__mro__ if cls in ERROR_STATUS),
         status.HTTP_500_INTERNAL_SERVER_ERROR,
     )
-    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, TooManyDownloads) else None
+    headers = (
+        {"Retry-After": str(exc.retry_after)}
+        if isinstance(exc, (TooManyDownloads, TooManyVerifications))
+        else None
+    )
     return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
 
 
@@ -135,7 +145,8 @@ async def model_status(model: ModelBody, manager: ManagerDep) -> ModelStatusResp
         },
         202: {"description": "Download started in the background; poll /status for progress"},
         409: _error(
-            "This model and revision is already downloading",
+            "This revision is already downloading (the task id named may be another name of it:"
+            " the branch, or the commit it points to), or a DELETE cancelled it while it started",
             f"{REPO_EXAMPLE}:latest is already downloading; poll POST /api/models/status",
         ),
         **_BODY_ERRORS,
@@ -188,7 +199,8 @@ async def download_model(
         ),
         409: _error(
             "Deleting the whole model while another of its revisions downloads (here or in another"
-            " process sharing the cache), or a link in the model's folder leads outside it",
+            " process sharing the cache), a link in the model's folder leads outside it, or the"
+            " cache is not writable",
             f"{REPO_EXAMPLE}:{COMMIT_EXAMPLE} is already downloading; poll POST /api/models/status",
         ),
         **_BODY_ERRORS,
@@ -216,6 +228,17 @@ async def delete_model(model: ModelBody, manager: ManagerDep) -> DeleteResponse:
             "The revision is not in the cache",
             f"{REPO_EXAMPLE}:latest is neither downloading nor in the cache",
         ),
+        429: {
+            **_error(
+                "MODELS_MAX_CONCURRENT_VERIFICATIONS verifications already run; the Retry-After"
+                " header says when to try again",
+                "2 verification(s) already running (MODELS_MAX_CONCURRENT_VERIFICATIONS);"
+                " retry in 5 s",
+            ),
+            "headers": {
+                "Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}
+            },
+        },
         409: _error(
             "The model is downloading: it is verified when it completes",
             f"{REPO_EXAMPLE}:latest is already downloading; poll POST /api/models/status",
@@ -271,7 +294,7 @@ async def download_events(
 ) -> AsyncIterator[ServerSentEvent]:
     """Server-Sent Events of downloads: `started`, `progress` (at most every 0.5 s per download,
     with the byte figures), `retrying`, `verifying`, `completed`, `failed` (with
-    `error_message`) and `cancelled`. Each event's `data` is a `DownloadEvent` (JSON); FastAPI
+    `error_message`) and `cancelled`. The stream ends when the service stops. Each event's `data` is a `DownloadEvent` (JSON); FastAPI
     sends a keep-alive comment when the stream is idle.
 
     `curl -N localhost:8000/api/models/events?hf_repo=meta-llama/Llama-2-7b-hf`
@@ -284,8 +307,7 @@ async def download_events(
     """
     with manager.events.subscribe() as queue:
         yield ServerSentEvent(comment="connected")
-        while True:
-            event = await queue.get()
+        while (event := await manager.events.next(queue)) is not None:
             if hf_repo is None or event.model.hf_repo == hf_repo:
                 yield ServerSentEvent(
                     event=event.type.value, data=event.model_dump(mode="json"), id=event.task_id

@@ -185,6 +185,10 @@ class ModelListItem(BaseModel):
     size_bytes: int | None = Field(default=None, description="Bytes on disk (addition)")
     refs: list[str] = Field(default_factory=list, description="Branches/tags cached (addition)")
     progress: DownloadProgress | None = None
+    error_message: str | None = Field(
+        default=None,
+        description="Why it is not DOWNLOADED, when known: the same words as its status (addition)",
+    )
 
 
 class ModelListResponse(BaseModel):

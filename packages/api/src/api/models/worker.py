@@ -31,6 +31,7 @@ from typing import Any, BinaryIO
 
 from huggingface_hub import constants, snapshot_download
 
+from api.models import hubguard
 from api.models.backend import DownloadPlan, FailureKind, RemoteFile
 from api.models.cache import INCOMPLETE_SUFFIX, ModelCache, content_matches
 from api.models.hub import classify_error, plan_from_json, retry_after_seconds
@@ -294,7 +295,18 @@ def download_and_verify(spec: dict[str, Any], reporter: Reporter) -> None:
     # as the library does, so the cache knows the revision while it downloads.
     cache.write_ref(repo_id, revision, plan.commit)
     with cache.hold_revision(repo_id, plan.commit):
+        # The journal: until every file is verified the revision is not DOWNLOADED, whatever
+        # stops this process and when (the library moves a blob into place before we check it).
+        pending = cache.read_unverified(repo_id, plan.commit)
+        planned = {f.path for f in plan.files}
+        for path in pending[1] if pending is not None else []:
+            if path in planned:
+                cache.discard_file(repo_id, plan.commit, path)  # known bad: fetched afresh
+        cache.mark_unverified(
+            repo_id, plan.commit, "a download of this revision stopped before it was verified", []
+        )
         _download_and_verify(cache, spec, plan, reporter)
+        cache.clear_unverified(repo_id, plan.commit)
 
 
 def _download_and_verify(
@@ -359,6 +371,13 @@ def verify(
         if only is not None and entry.path not in only:
             continue
         path = snapshot / entry.path
+        size = _size(path)
+        if size is not None and size != entry.size:
+            # Hash-valid content of another size than the Hub listed: the listing and the file
+            # disagree, so status (which compares sizes) would never say DOWNLOADED.
+            bad.append(entry.path)
+            reporter.add(nfiles=1)
+            continue
         known = (streamed or {}).get(entry.etag)
         if known is not None and known[1] and _inode(path) == known[0]:
             reporter.add(nbytes=entry.size, nfiles=1)
@@ -367,6 +386,13 @@ def verify(
             bad.append(entry.path)
         reporter.add(nfiles=1)
     return bad
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def _inode(path: Path) -> int | None:
@@ -383,7 +409,8 @@ def run(spec: dict[str, Any], reporter: Reporter) -> int:
         reporter.send(
             "failed",
             kind=FailureKind.CORRUPT.value,
-            message=f"{mismatch.path} did not match its checksum twice; it was deleted",
+            message=f"{mismatch.path} did not match its checksum or its listed size twice;"
+            " it was deleted",
             retryable=False,
             retry_after=None,
         )
@@ -428,6 +455,7 @@ def main() -> int:
         )
         return 2
     _exit_on_stdin_eof()
+    hubguard.install(hubguard.Limits(**spec.get("limits", {})))
     return run(spec, reporter)
 
 

@@ -1,0 +1,45 @@
+"""The hook the guard relies on: huggingface_hub 2.x builds its shared client with the factory a
+process sets (``set_client_factory``), and the guard's transport sits in it."""
+
+from __future__ import annotations
+
+import httpx2
+import pytest
+from huggingface_hub.utils import get_session
+
+from api.models import hubguard
+from api.models.hubguard import GuardedTransport, UntrustedAnswer, check_headers
+
+
+def test_the_library_uses_the_guarded_client() -> None:
+    hubguard.install(hubguard.Limits(max_files=7))
+    try:
+        transport = get_session()._transport
+        assert isinstance(transport, GuardedTransport)
+        assert transport.limits.max_files == 7
+    finally:
+        hubguard.install(hubguard.Limits())  # what a service of default settings installs
+
+
+@pytest.mark.parametrize(
+    ("headers", "ok"),
+    [
+        ({"X-Repo-Commit": "a" * 40, "ETag": '"' + "b" * 40 + '"'}, True),
+        ({"X-Linked-Etag": '"' + "c" * 64 + '"', "ETag": '"anything-goes"'}, True),
+        ({"ETag": 'W/"' + "d" * 64 + '"'}, True),
+        ({"X-Repo-Commit": "../../x"}, False),
+        ({"X-Repo-Commit": "A" * 40}, False),
+        ({"ETag": '"../../x"'}, False),
+        ({"X-Linked-Etag": '"' + "c" * 40 + '"'}, False),
+        ({"X-Xet-Hash": "../x"}, False),
+    ],
+)
+def test_headers_the_library_makes_file_names_of(headers: dict[str, str], ok: bool) -> None:
+    def check() -> None:
+        check_headers("/org/m/resolve/main/f", 200, httpx2.Headers(headers))
+
+    if ok:
+        check()
+    else:
+        with pytest.raises(UntrustedAnswer):
+            check()
