@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy packages/api/src packages/fakehub/src
+	$(VENV)/bin/mypy packages/api/src packages/fakehub/src packages/api/tests packages/fakehub/tests bench conftest.py
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q

@@ -56,7 +56,7 @@ def main() -> None:
             client.post("/api/models/download", json=body).raise_for_status()
             while downloaded(client, body) < 200 * 1024 * 1024:
                 time.sleep(0.01)
-            stop, growth = threading.Event(), []
+            stop, growth = threading.Event(), list[float]()
             watcher = threading.Thread(target=watch, args=(cache, stop, growth))
             watcher.start()
             time.sleep(0.05)

@@ -6,6 +6,7 @@ import hashlib
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -106,7 +107,7 @@ def test_range_requests(hub: FakeHub, model: str) -> None:
 def test_errors_as_the_hub_sends_them(
     repos: RepoBuilder, hub: FakeHub, model: str, cache_dir: Path
 ) -> None:
-    kwargs = {"endpoint": hub.url, "cache_dir": cache_dir}
+    kwargs: dict[str, Any] = {"endpoint": hub.url, "cache_dir": cache_dir}
     with pytest.raises(RepositoryNotFoundError):
         snapshot_download("org/missing", token=False, **kwargs)
     with pytest.raises(RevisionNotFoundError):

@@ -19,6 +19,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.metrics import RequestTimer, ServiceMetrics
 from api.models.errors import ModelError
+from api.models.events import log_event
+from api.models.hub.adapter import HubCacheBackend
 from api.models.manager import ModelManager
 from api.models.routes import model_error_handler
 from api.models.routes import router as models_router
@@ -153,10 +155,18 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model_manager = manager or ModelManager(settings or Settings())
+        # The composition root: the one place that picks the backend and wires the listeners.
+        if manager is None:
+            service_settings = settings or Settings()
+            model_manager = ModelManager(service_settings, HubCacheBackend(service_settings))
+        else:
+            model_manager = manager
         configure_logging(model_manager.settings.log_level)
+        metrics = ServiceMetrics(model_manager)
+        model_manager.events.add_listener(log_event)
+        model_manager.events.add_listener(metrics.on_event)
         app.state.model_manager = model_manager
-        app.state.metrics = ServiceMetrics(model_manager)
+        app.state.metrics = metrics
         logger.info("model cache at %s", model_manager.backend.cache_path)
         # The server waits for open responses before it runs the shutdown below, and an event
         # stream never ends by itself: end the streams on the stop signal itself.

@@ -18,6 +18,7 @@ from typing import Annotated, Any, NoReturn
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -28,6 +29,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 OK, FAILURE, USAGE, NOT_FOUND, BUSY = 0, 1, 2, 3, 4
 _EXIT_BY_STATUS = {404: NOT_FOUND, 409: BUSY, 429: BUSY, 422: USAGE, 400: USAGE, 413: USAGE}
@@ -38,14 +40,17 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-out = Console()
-err = Console(stderr=True)
+# No emoji codes (a commit named "fire" printed as an emoji); values from the user or the Hub are
+# escaped (``_plain``) wherever markup is on.
+out = Console(emoji=False, highlight=False)
+err = Console(stderr=True, emoji=False, highlight=False)
 
 
 @dataclass
 class Context:
     url: str
     timeout: float
+    as_json: bool = False
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the API's answer as JSON")]
@@ -62,13 +67,36 @@ def _options(
         str, typer.Option(envvar="MODELCTL_URL", help="Base URL of the API server")
     ] = "http://127.0.0.1:8000",
     timeout: Annotated[float, typer.Option(help="Seconds to wait for each answer")] = 60.0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the API's answer as JSON (any command)")
+    ] = False,
 ) -> None:
-    ctx.obj = Context(url=url.rstrip("/"), timeout=timeout)
+    ctx.obj = Context(url=_base_url(url), timeout=timeout, as_json=as_json)
+
+
+def _base_url(url: str) -> str:
+    """``localhost:8000`` means ``http://localhost:8000``; anything else must be an http(s) URL."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        _fail(f"--url must be like http://127.0.0.1:8000 (got {url!r})", USAGE)
+    return url
+
+
+def _plain(value: object) -> str:
+    """A value from the user or the Hub, safe inside markup."""
+    return escape(str(value))
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}")
+    err.print(f"[red]error:[/red] {_plain(message)}")
     raise typer.Exit(code)
+
+
+def _json_wanted(ctx: typer.Context, as_json: bool) -> bool:
+    return as_json or (isinstance(ctx.obj, Context) and ctx.obj.as_json)
 
 
 @contextmanager
@@ -114,6 +142,11 @@ def _model(repo: str, commit: str | None) -> dict[str, str]:
     return {"hf_repo": repo} if commit is None else {"hf_repo": repo, "hf_commit": commit}
 
 
+def _say(line: str) -> None:
+    """A line of data (names, messages from the API) printed as it is: no markup, no emoji."""
+    out.print(line, markup=False, emoji=False, highlight=False)
+
+
 def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
@@ -154,11 +187,12 @@ def download(
     as_json: JsonOpt = False,
 ) -> None:
     """Start downloading a model; with --wait, follow it to its end."""
+    as_json = _json_wanted(ctx, as_json)
     body = _model(repo, commit)
     with _client(ctx) as client:
         if not wait:
             answer = _call(client, "POST", "/api/models/download", body)
-            _show(answer, as_json, lambda: out.print(f"{answer['task_id']}: {answer['status']}"))
+            _show(answer, as_json, lambda: _say(f"{answer['task_id']}: {answer['status']}"))
             return
         # Subscribe before starting, so that no event is missed.
         with client.stream(
@@ -175,7 +209,16 @@ def download(
                 final = _call(client, "POST", "/api/models/status", body)
                 _finish(final, as_json)
                 return
-            _follow(stream, answer["task_id"], as_json)
+            try:
+                _follow(stream, answer["task_id"], as_json)
+            except KeyboardInterrupt:
+                # Ctrl-C stops the watching, not the download: say so, and how to stop it.
+                again = f"modelctl cancel {repo}" + (f" --commit {commit}" if commit else "")
+                err.print(
+                    f"detached: {_plain(answer['task_id'])} goes on downloading in the service;"
+                    f" `{_plain(again)}` stops it"
+                )
+                raise typer.Exit(130) from None
         final = _call(client, "POST", "/api/models/status", body)
         _finish(final, as_json)
 
@@ -202,15 +245,15 @@ def _follow(stream: httpx.Response, task_id: str, as_json: bool) -> None:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=err, disable=as_json, transient=False) as bar:
-        task = bar.add_task(task_id, total=None)
+        task = bar.add_task(_plain(task_id), total=None)
         for event, data in _events(stream):
             if data.get("task_id") != task_id:
                 continue
             progress = data.get("progress") or {}
             if event == "verifying":
-                bar.update(task, description=f"{task_id} (verifying)")
+                bar.update(task, description=f"{_plain(task_id)} (verifying)")
             elif event == "retrying":
-                err.print(f"retrying: {data.get('retry_reason')}")
+                err.print(f"retrying: {_plain(data.get('retry_reason'))}")
             if progress.get("total_bytes") is not None:
                 done = progress.get("downloaded_bytes") or 0
                 bar.update(task, total=progress["total_bytes"], completed=done)
@@ -221,7 +264,7 @@ def _follow(stream: httpx.Response, task_id: str, as_json: bool) -> None:
 
 
 def _finish(final: dict[str, Any], as_json: bool) -> None:
-    _show(final, as_json, lambda: out.print(_status_line(final)))
+    _show(final, as_json, lambda: _say(_status_line(final)))
     if final["status"] != "DOWNLOADED":
         raise typer.Exit(FAILURE)
 
@@ -231,8 +274,9 @@ def status(
     ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
 ) -> None:
     """A model's status (exit 3 when NOT_FOUND)."""
+    as_json = _json_wanted(ctx, as_json)
     answer = _ask(ctx, "POST", "/api/models/status", _model(repo, commit))
-    _show(answer, as_json, lambda: out.print(_status_line(answer)))
+    _show(answer, as_json, lambda: _say(_status_line(answer)))
     if answer["status"] == "NOT_FOUND":
         raise typer.Exit(NOT_FOUND)
 
@@ -240,6 +284,7 @@ def status(
 @app.command("ls")
 def list_models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Every cached model and every running download."""
+    as_json = _json_wanted(ctx, as_json)
     answer = _ask(ctx, "GET", "/api/models/list")
     if as_json:
         _print_json(answer)
@@ -251,11 +296,11 @@ def list_models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         if item["status"] == "DOWNLOADING" and item.get("progress"):
             size = item["progress"].get("downloaded_bytes")
         table.add_row(
-            item["model"]["hf_repo"],
-            commit[:12],
-            item["status"],
+            Text(item["model"]["hf_repo"]),
+            Text(commit[:12]),
+            Text(item["status"]),
             _size(size),
-            ",".join(item.get("refs") or []) or "-",
+            Text(",".join(item.get("refs") or []) or "-"),
         )
     out.print(table)
 
@@ -267,13 +312,19 @@ def remove(
     """Delete a model from the cache, or cancel its download."""
     answer = _ask(ctx, "DELETE", "/api/models", _model(repo, commit))
     freed = answer.get("freed_bytes")
-    _show(
-        answer,
-        as_json,
-        lambda: out.print(
-            f"{repo}: {answer['status']}" + (f" ({_size(freed)} freed)" if freed else "")
-        ),
-    )
+
+    def human() -> None:
+        if answer["status"] == "cancelled":
+            # A DELETE of a running download only stops it: what it fetched stays (PARTIAL).
+            again = f"modelctl rm {repo}" + (f" --commit {commit}" if commit else "")
+            _say(
+                f"{repo}: download cancelled; the files it fetched stay in the cache (PARTIAL)."
+                f" Run `{again}` again to delete them."
+            )
+        else:
+            _say(f"{repo}: {answer['status']}" + (f" ({_size(freed)} freed)" if freed else ""))
+
+    _show(answer, _json_wanted(ctx, as_json), human)
 
 
 @app.command()
@@ -287,7 +338,7 @@ def cancel(
         if current["status"] != "DOWNLOADING" or current.get("progress") is None:
             _fail(f"{repo} is not downloading in this service ({current['status']})", NOT_FOUND)
         answer = _call(client, "DELETE", "/api/models", body)
-    _show(answer, as_json, lambda: out.print(f"{repo}: {answer['status']}"))
+    _show(answer, _json_wanted(ctx, as_json), lambda: _say(f"{repo}: {answer['status']}"))
 
 
 @app.command()
@@ -295,16 +346,17 @@ def verify(
     ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Check every cached file against its checksum (exit 1 if not)."""
+    as_json = _json_wanted(ctx, as_json)
     answer = _ask(ctx, "POST", "/api/models/verify", _model(repo, commit))
 
     def human() -> None:
         verdict = "verified" if answer["verified"] else "NOT verified"
         checked = answer["files_checked"]
-        out.print(f"{repo}@{answer['commit'][:12]}: {verdict}, {checked} files checked")
+        _say(f"{repo}@{answer['commit'][:12]}: {verdict}, {checked} files checked")
         for path in answer["missing"]:
-            out.print(f"  missing:    {path}")
+            _say(f"  missing:    {path}")
         for path in answer["mismatched"]:
-            out.print(f"  mismatched: {path}")
+            _say(f"  mismatched: {path}")
 
     _show(answer, as_json, human)
     if not answer["verified"]:
@@ -314,11 +366,12 @@ def verify(
 @app.command()
 def space(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Bytes used by the cache and free on its disk."""
+    as_json = _json_wanted(ctx, as_json)
     answer = _ask(ctx, "GET", "/api/models/space")
     _show(
         answer,
         as_json,
-        lambda: out.print(
+        lambda: _say(
             f"cache {answer['cache_path']}: {_size(answer['cache_size_bytes'])} used,"
             f" {_size(answer['available_bytes'])} free"
         ),

@@ -48,7 +48,6 @@ class ServiceMetrics:
         for result in _ENDED.values():
             self.downloads.labels(result)
         self._transferred_seen: dict[str, int] = {}
-        manager.events.add_listener(self.on_event)
 
     def on_event(self, event: DownloadEvent) -> None:
         if event.type is DownloadEventType.STARTED:

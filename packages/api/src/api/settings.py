@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     under their usual names; the service's own settings carry the ``MODELS_`` prefix.
     """
 
-    model_config = SettingsConfigDict(env_prefix="MODELS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MODELS_", extra="ignore", populate_by_name=True)
 
     cache_dir: Path = Field(default_factory=default_cache_dir)
     hf_endpoint: str = Field(default=DEFAULT_ENDPOINT, validation_alias="HF_ENDPOINT")
@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     )
     space_margin_bytes: int = Field(
         default=512 * 1024 * 1024, ge=0, description="free space kept beyond what downloads need"
+    )
+    worker_start_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="a download worker that has not taken its job after this long is restarted"
+        " (the stall watchdog counts from then)",
     )
     plan_timeout_seconds: float = Field(
         default=10.0, gt=0, description="how long POST /download waits for the file list"

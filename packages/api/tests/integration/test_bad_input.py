@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 import pytest
 from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils._validators import validate_repo_id
 
 from api.models.types import repo_id_problem
 from fakehub import FakeHub

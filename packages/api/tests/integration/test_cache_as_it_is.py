@@ -12,13 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.models.hubguard import path_problem
+from api.models.hub.guard import path_problem
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder
-
-from .conftest import app_client, wait_for_status
-
-FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
+from tests.helpers import FINAL, app_client, wait_for_status
 
 
 @pytest.fixture

@@ -15,17 +15,16 @@ import pytest
 
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, corrupt, rate_limited, stall, trickle
-
-from .conftest import (
+from tests.helpers import (
+    FINAL,
+    MB,
     app_client,
     assert_status_and_list_agree,
     running_service,
     wait_for_status,
     worker_processes,
+    workers_using,
 )
-
-MB = 1024 * 1024
-FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
 
 pytestmark = pytest.mark.both_paths
 
@@ -103,8 +102,12 @@ async def test_a_model_that_cannot_fit_is_refused_before_the_first_byte(
         refused = await client.post("/api/models/download", json={"hf_repo": "org/model"})
     assert refused.status_code == 507
     assert refused.json()["detail"].startswith(
-        f"not enough free space in the cache: {3 * MB + 2} bytes needed, 0 available"
+        f"not enough free space in the cache: {3 * MB + 2} bytes (3.0 MiB) needed, 0 (0 B)"
+        " available: "
     )
+    # Which setting took the space, in units people read.
+    assert "kept free (MODELS_SPACE_MARGIN_BYTES)" in refused.json()["detail"]
+    assert "GiB free" in refused.json()["detail"] or "TiB free" in refused.json()["detail"]
     assert hub.count(None, "*/resolve/*") == 0
     assert hub.count(None, "/cas/*") == 0
     assert not (cache_dir / "models--org--model" / "blobs").exists()
@@ -190,21 +193,6 @@ async def test_byte_progress_moves_in_small_steps(
     assert len([b for b in moving if 0 < b < 6 * MB]) >= 3
 
 
-def _workers_using(cache_dir: Path) -> list[int]:
-    """Download workers on this machine, whatever their parent, working on ``cache_dir``."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if (
-                b"api.models.worker" in (proc / "cmdline").read_bytes()
-                and str(cache_dir).encode() in (proc / "environ").read_bytes()
-            ):
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
-
-
 async def test_kill_9_of_the_service_then_restart(
     hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path
 ) -> None:
@@ -222,7 +210,7 @@ async def test_kill_9_of_the_service_then_restart(
     # The worker dies with the service: nothing writes to the cache any more.
     blobs = cache_dir / "models--org--big" / "blobs"
     await asyncio.sleep(1.0)
-    assert _workers_using(cache_dir) == []
+    assert workers_using(cache_dir) == []
     sizes = {p.name: p.stat().st_size for p in blobs.iterdir()}
     await asyncio.sleep(1.0)
     assert {p.name: p.stat().st_size for p in blobs.iterdir()} == sizes
@@ -330,3 +318,27 @@ async def test_two_services_sharing_one_cache(
             final = (await observer.post("/api/models/status", json=body)).json()
             assert final["status"] == "DOWNLOADED"
             assert (await observer.post("/api/models/verify", json=body)).json()["verified"] is True
+
+
+async def test_a_slow_starting_worker_is_not_a_stall(
+    settings: Settings,
+    hub: FakeHub,
+    commit: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a busy machine a fresh worker takes seconds to import the library. The stall watchdog
+    counts from the worker's first message (it has its job), not from the process start."""
+    slow = tmp_path / "slow-start"
+    slow.mkdir()
+    # Imported by every new interpreter that finds it on its path: the worker starts 2.5 s late.
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(2.5)\n")
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))
+    )
+    body = {"hf_repo": "org/model"}
+    strict = settings.model_copy(update={"stall_timeout_seconds": 1.0, "retry_attempts": 1})
+    async with app_client(strict) as client:
+        await client.post("/api/models/download", json=body)
+        answer = await wait_for_status(client, body, FINAL)
+    assert answer["status"] == "DOWNLOADED", answer

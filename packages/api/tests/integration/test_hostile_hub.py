@@ -18,10 +18,8 @@ import pytest
 
 from api.settings import Settings
 from fakehub import FakeHub, Generated, Lies, RepoBuilder, latency
+from tests.helpers import FINAL, app_client, wait_for_status
 
-from .conftest import app_client, wait_for_status
-
-FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
 BODY = {"hf_repo": "org/model"}
 
 

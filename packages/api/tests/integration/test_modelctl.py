@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fakehub import FakeHub, Generated, RepoBuilder, trickle
-
-from .conftest import running_service
-
-MB = 1024 * 1024
+from tests.helpers import MB, running_service
 
 
 @pytest.fixture
@@ -97,3 +96,51 @@ def test_unreachable_service_is_a_failure() -> None:
     result = modelctl("http://127.0.0.1:9", "ls")
     assert result.returncode == 1
     assert "cannot reach http://127.0.0.1:9" in result.stderr
+
+
+def test_rough_edges_a_new_user_hits(service_url: str) -> None:
+    # A commit named like an emoji code, a name like markup: printed as they are.
+    fire = modelctl(service_url, "download", "org/model", "--commit", "fire")
+    assert "org/model:fire: DOWNLOADING" in fire.stdout, fire.stdout
+    marked = modelctl(service_url, "status", "org/model", "--commit", "red]x[")
+    assert marked.returncode == 2
+    assert "hf_commit" in marked.stderr
+    # --json before the command, and a URL without its scheme.
+    bare = service_url.removeprefix("http://")
+    listed = modelctl(service_url, "--json", "--url", bare, "ls")
+    assert listed.returncode == 0, listed.stderr
+    assert "models" in json.loads(listed.stdout)
+    wrong = modelctl(service_url, "--url", "ftp://x", "ls")
+    assert wrong.returncode == 2
+    assert "--url must be like http://127.0.0.1:8000" in wrong.stderr
+    # rm of a running download says what it did and what is left.
+    assert modelctl(service_url, "download", "org/slow").returncode == 0
+    removed = modelctl(service_url, "rm", "org/slow")
+    assert removed.returncode == 0
+    assert "download cancelled; the files it fetched stay in the cache (PARTIAL)" in removed.stdout
+
+
+def test_ctrl_c_on_wait_says_the_download_goes_on(service_url: str) -> None:
+    env = {**os.environ, "MODELCTL_URL": service_url, "COLUMNS": "120"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "download", "org/slow", "--wait"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while (
+        modelctl(service_url, "status", "org/slow", "--json").returncode != 0
+        or json.loads(modelctl(service_url, "status", "org/slow", "--json").stdout)["status"]
+        != "DOWNLOADING"
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert "goes on downloading in the service" in stderr
+    assert "modelctl cancel org/slow" in stderr
+    status = json.loads(modelctl(service_url, "status", "org/slow", "--json").stdout)
+    assert status["status"] == "DOWNLOADING"

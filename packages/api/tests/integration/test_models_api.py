@@ -13,10 +13,7 @@ import pytest
 from api.app import create_app
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, http_error, trickle
-
-from .conftest import app_client, wait_for_status, worker_processes
-
-MB = 1024 * 1024
+from tests.helpers import MB, app_client, wait_for_status, worker_processes
 
 
 @pytest.fixture

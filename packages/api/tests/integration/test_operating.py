@@ -15,11 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fakehub import FakeHub, Generated, RepoBuilder, http_error, trickle
-
-from .conftest import running_service, wait_for_status
-
-MB = 1024 * 1024
-FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
+from tests.helpers import FINAL, MB, running_service, wait_for_status
 
 
 async def sse(client: httpx.AsyncClient, url: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:

@@ -13,11 +13,7 @@ import pytest
 
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, latency, trickle
-
-from .conftest import app_client, wait_for_status
-
-MB = 1024 * 1024
-FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
+from tests.helpers import FINAL, MB, app_client, wait_for_status
 
 
 @pytest.fixture

@@ -25,11 +25,8 @@ from fakehub import (
     short_body,
     trickle,
 )
+from tests.helpers import FINAL, MB, app_client, wait_for_status
 
-from .conftest import app_client, wait_for_status
-
-MB = 1024 * 1024
-FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
 WEIGHTS = "*/resolve/*/model.safetensors"
 
 TRANSIENT: dict[str, Fault] = {
@@ -174,7 +171,7 @@ async def test_api_answers_under_load(
 
 
 def test_settings_repr_hides_the_token(tmp_path: Path) -> None:
-    settings = Settings(cache_dir=tmp_path, hf_token=TOKEN)
+    settings = Settings(cache_dir=tmp_path, hf_token=SecretStr(TOKEN))
     assert TOKEN not in repr(settings)
     assert TOKEN not in str(settings.model_dump())
     assert settings.token == TOKEN

@@ -15,11 +15,8 @@ import httpx
 import pytest
 
 from fakehub import FakeHub, Generated, RepoBuilder, xet
+from tests.helpers import FINAL, MB, wait_for_status
 
-from .conftest import wait_for_status
-
-MB = 1024 * 1024
-FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
 WEIGHTS = Generated(3 * MB, seed=31)
 
 pytestmark = pytest.mark.parametrize("hub", ["xet"], indirect=True)

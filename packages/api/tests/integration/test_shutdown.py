@@ -10,8 +10,7 @@ from pathlib import Path
 import httpx
 
 from fakehub import FakeHub
-
-from .conftest import running_service
+from tests.helpers import running_service
 
 
 def test_sigterm_with_event_streams_open_exits_within_seconds(

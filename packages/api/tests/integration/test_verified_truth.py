@@ -12,16 +12,15 @@ import pytest
 
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, corrupt, drop_after
-
-from .conftest import (
+from tests.helpers import (
+    FINAL,
+    MB,
     app_client,
     assert_status_and_list_agree,
     wait_for_status,
     worker_processes,
 )
 
-MB = 1024 * 1024
-FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
 BODY = {"hf_repo": "org/model"}
 
 

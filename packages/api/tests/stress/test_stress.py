@@ -14,26 +14,22 @@ from schemathesis import GenerationMode
 
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, trickle
-
-from ..integration.conftest import app_client, running_service, wait_for_status
-from ..integration.test_download_truth import _workers_using
-from ..integration.test_hostile_input import _fuzz, server  # noqa: F401 - a fixture
+from tests.helpers import FINAL, MB, app_client, running_service, wait_for_status, workers_using
+from tests.integration.test_hostile_input import _ok, fuzz_operation, server  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.stress
-MB = 1024 * 1024
-FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
 
 
 def test_fuzz_every_endpoint_longer(server: tuple[str, Path, Path]) -> None:  # noqa: F811
     url, root, cache = server
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
-    for operation in (result.ok() for result in schema.get_all_operations()):
+    for operation in (_ok(result) for result in schema.get_all_operations()):
         if operation.path == "/api/models/events":
             continue  # never ends by design
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             if mode is GenerationMode.NEGATIVE and operation.method.upper() == "GET":
                 continue
-            _fuzz(operation, mode, url, root, cache, examples=500)
+            fuzz_operation(operation, mode, url, root, cache, examples=500)
 
 
 async def test_repeated_kill_9_and_restart(
@@ -55,7 +51,7 @@ async def test_repeated_kill_9_and_restart(
             service.send_signal(signal.SIGKILL)
             service.wait()
         await asyncio.sleep(0.5)
-        assert _workers_using(cache_dir) == []
+        assert workers_using(cache_dir) == []
     hub.clear_faults()
     async with app_client(Settings(cache_dir=cache_dir, hf_endpoint=hub.url)) as client:
         await client.post("/api/models/download", json=body)

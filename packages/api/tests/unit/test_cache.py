@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from api.models.backend import CacheState
-from api.models.cache import ModelCache
 from api.models.errors import UnsafeCachePath
+from api.models.hub.cache import ModelCache
 
 C1, C2 = "1" * 40, "2" * 40
 

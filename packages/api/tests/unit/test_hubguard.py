@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import httpx2
 import pytest
-from huggingface_hub.utils import get_session
+from huggingface_hub import get_session
 
-from api.models import hubguard
-from api.models.hubguard import GuardedTransport, UntrustedAnswer, check_headers
+from api.models.hub import guard
+from api.models.hub.guard import GuardedTransport, UntrustedAnswer, check_headers
 
 
 def test_the_library_uses_the_guarded_client() -> None:
-    hubguard.install(hubguard.Limits(max_files=7))
+    guard.install(guard.Limits(max_files=7))
     try:
         transport = get_session()._transport
         assert isinstance(transport, GuardedTransport)
         assert transport.limits.max_files == 7
     finally:
-        hubguard.install(hubguard.Limits())  # what a service of default settings installs
+        guard.install(guard.Limits())  # what a service of default settings installs
 
 
 @pytest.mark.parametrize(

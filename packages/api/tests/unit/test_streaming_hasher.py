@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 from api.models.backend import RemoteFile
-from api.models.worker import StreamingHasher
-
-MB = 1024 * 1024
+from api.models.hub.worker import StreamingHasher
+from tests.helpers import MB
 
 
 def write_like_the_library(blobs: Path, etag: str, data: bytes, pause: float = 0.06) -> Path:

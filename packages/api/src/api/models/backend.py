@@ -1,7 +1,7 @@
 """The interface between the manager and the Hub/cache adapter, and the data that crosses it.
 
 The manager owns state and policy and knows nothing of ``huggingface_hub``; an adapter implements
-``HubBackend`` (the real one is ``api.models.hub.HubCacheBackend``; unit tests use a fake).
+``HubBackend`` (the real one is ``api.models.hub.adapter.HubCacheBackend``; unit tests use a fake).
 """
 
 from __future__ import annotations
@@ -10,6 +10,10 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
+
+from api.models.errors import DownloadFailed, FailureKind
+
+__all__ = ["DownloadFailed", "FailureKind"]  # re-exported: the interface's failure type
 
 
 class CacheState(enum.Enum):
@@ -36,41 +40,6 @@ class CachedRevision:
     size_bytes: int
     refs: tuple[str, ...] = ()
     note: str | None = None  # why it is not COMPLETE, when the cache knows
-
-
-class FailureKind(enum.Enum):
-    NOT_FOUND = "not_found"
-    GATED = "gated"
-    UNAUTHORIZED = "unauthorized"
-    REVISION_NOT_FOUND = "revision_not_found"
-    DISK_FULL = "disk_full"
-    PERMISSION = "permission"
-    NETWORK = "network"
-    INVALID = "invalid"
-    CRASHED = "crashed"
-    TIMEOUT = "timeout"
-    STALLED = "stalled"
-    CORRUPT = "corrupt"
-    UNTRUSTED = "untrusted_answer"  # the Hub's metadata failed a safety check
-    UNEXPECTED = "unexpected"
-
-
-class DownloadFailed(Exception):
-    """A download ended without the model. ``str(error)`` is safe to show a client."""
-
-    def __init__(
-        self,
-        kind: FailureKind,
-        message: str,
-        attempts: int = 1,
-        retryable: bool = False,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.attempts = attempts
-        self.retryable = retryable  # whether another attempt could succeed
-        self.retry_after = retry_after  # what the Hub asked to wait, when it did
 
 
 @dataclass

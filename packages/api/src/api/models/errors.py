@@ -3,6 +3,8 @@ HTTP codes in one table (``api.models.routes.ERROR_STATUS``)."""
 
 from __future__ import annotations
 
+import enum
+
 
 class ModelError(Exception):
     """Base class: ``str(error)`` is a message safe to show a client (no URL, path or token)."""
@@ -48,12 +50,33 @@ class ModelNotFound(ModelError):
 
 
 class InsufficientStorage(ModelError):
-    def __init__(self, needed: int, available: int) -> None:
+    """The files still missing do not fit: ``available`` is the free space less what running
+    downloads still need (``reserved``) and less the margin kept free (``margin``)."""
+
+    def __init__(
+        self, needed: int, available: int, free: int = 0, reserved: int = 0, margin: int = 0
+    ) -> None:
         super().__init__(
-            f"not enough free space in the cache: {needed} bytes needed, {available} available"
+            f"not enough free space in the cache: {needed} bytes ({human_bytes(needed)}) needed,"
+            f" {available} ({human_bytes(available)}) available: {human_bytes(free)} free, less"
+            f" {human_bytes(reserved)} that running downloads still need, less"
+            f" {human_bytes(margin)} kept free (MODELS_SPACE_MARGIN_BYTES)"
         )
         self.needed = needed
         self.available = available
+        self.free = free
+        self.reserved = reserved
+        self.margin = margin
+
+
+def human_bytes(count: int) -> str:
+    """``1.5 GiB``: sizes as people read them (binary units, one decimal)."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
 
 
 class UnsafeCachePath(ModelError):
@@ -88,3 +111,40 @@ class CacheNotWritable(ModelError):
             f" permissions); {done}"
         )
         self.repo_id = repo_id
+
+
+class FailureKind(enum.Enum):
+    NOT_FOUND = "not_found"
+    GATED = "gated"
+    UNAUTHORIZED = "unauthorized"
+    REVISION_NOT_FOUND = "revision_not_found"
+    DISK_FULL = "disk_full"
+    PERMISSION = "permission"
+    NETWORK = "network"
+    INVALID = "invalid"
+    CRASHED = "crashed"
+    TIMEOUT = "timeout"
+    STALLED = "stalled"
+    CORRUPT = "corrupt"
+    UNTRUSTED = "untrusted_answer"  # the Hub's metadata failed a safety check
+    UNEXPECTED = "unexpected"
+
+
+class DownloadFailed(Exception):
+    """A download (or one attempt of it) ended without the model: the one failure type of the
+    adapter and the manager. ``str(error)`` is safe to show a client. Not a ``ModelError``: it
+    becomes a status's ``error_message``, never an HTTP error."""
+
+    def __init__(
+        self,
+        kind: FailureKind,
+        message: str,
+        attempts: int = 1,
+        retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.attempts = attempts
+        self.retryable = retryable  # whether another attempt could succeed
+        self.retry_after = retry_after  # what the Hub asked to wait, when it did

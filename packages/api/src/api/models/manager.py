@@ -37,7 +37,7 @@ from api.models.errors import (
     TooManyDownloads,
     TooManyVerifications,
 )
-from api.models.events import EventBus, log_event
+from api.models.events import EventBus
 from api.models.types import (
     DeleteResponse,
     DeleteStatus,
@@ -208,19 +208,14 @@ class DownloadJob:
 class ModelManager:
     """Fetch, watch, check, list and remove models in the local Hugging Face cache."""
 
-    def __init__(self, settings: Settings, backend: HubBackend | None = None) -> None:
-        if backend is None:
-            from api.models.hub import HubCacheBackend
-
-            backend = HubCacheBackend(settings)
+    def __init__(self, settings: Settings, backend: HubBackend) -> None:
         self.settings = settings
         self.backend = backend
         self._download_tasks: dict[str, asyncio.Task[None]] = {}
         self._jobs: dict[str, DownloadJob] = {}
         self._errors: dict[str, str] = {}  # task id -> why its last download failed
         self._starting: dict[str, _Start] = {}  # between the checks and the task's start
-        self.events = EventBus()
-        self.events.add_listener(log_event)
+        self.events = EventBus()  # listeners (logs, metrics) are wired by the app
         # Threads of their own for cache reads (status, list, space, delete) and for hashing
         # (verify): neither waits behind the other, nor behind the Hub calls (the backend's).
         self._cache_pool = ThreadPoolExecutor(
@@ -416,7 +411,9 @@ class ModelManager:
         )
         available = max(free - reserved - self.settings.space_margin_bytes, 0)
         if needed > available:
-            raise InsufficientStorage(needed, available)
+            raise InsufficientStorage(
+                needed, available, free, reserved, self.settings.space_margin_bytes
+            )
         return plan
 
     async def _run(self, job: DownloadJob, plan: DownloadPlan | DownloadFailed | None) -> None:

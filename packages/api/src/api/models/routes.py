@@ -153,7 +153,9 @@ async def model_status(model: ModelBody, manager: ManagerDep) -> ModelStatusResp
         507: _error(
             "The files still missing do not fit in the cache's free space (less what running"
             " downloads need and a margin); nothing was written",
-            "not enough free space in the cache: 16000000000 bytes needed, 5000000000 available",
+            "not enough free space in the cache: 16000000000 bytes (14.9 GiB) needed, 5000000000"
+            " (4.7 GiB) available: 6.0 GiB free, less 766.8 MiB that running downloads still"
+            " need, less 512.0 MiB kept free (MODELS_SPACE_MARGIN_BYTES)",
         ),
         429: {
             **_error(

@@ -32,6 +32,8 @@ from typing import Any
 
 import httpx2
 
+from api.models.backend import DownloadPlan
+
 COMMIT_ID = re.compile(r"[0-9a-f]{40}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 GIT_OR_SHA256 = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
@@ -340,3 +342,22 @@ def install(limits: Limits) -> None:
 
         set_client_factory(factory)
         _INSTALLED = limits
+
+
+def check_plan(plan: DownloadPlan) -> DownloadPlan:
+    """The plan, when its commit id, every path, size and ETag is safe to use; raises
+    ``UntrustedAnswer`` otherwise."""
+    if not COMMIT_ID.fullmatch(plan.commit):
+        raise UntrustedAnswer("the Hub sent a malformed commit id")
+    seen: set[str] = set()
+    for entry in plan.files:
+        if (problem := path_problem(entry.path)) is not None:
+            raise UntrustedAnswer(f"{problem}: {_excerpt(entry.path)}")
+        if entry.path in seen:
+            raise UntrustedAnswer(f"the Hub's file list names {entry.path[:60]!r} twice")
+        seen.add(entry.path)
+        if not GIT_OR_SHA256.fullmatch(entry.etag):
+            raise UntrustedAnswer(f"the Hub's file list gives a malformed id for {entry.path!r}")
+        if isinstance(entry.size, bool) or not 0 <= entry.size < 1 << 50:
+            raise UntrustedAnswer(f"the Hub's file list gives no valid size for {entry.path!r}")
+    return plan

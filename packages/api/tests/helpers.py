@@ -1,4 +1,5 @@
-"""The API with its lifespan running, downloading through the real client from the fake hub."""
+"""What the tests share that is not a fixture: constants, the app with its lifespan, waits with
+deadlines, the service as a process, and checks used by several test files."""
 
 from __future__ import annotations
 
@@ -9,32 +10,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from api.app import create_app
 from api.settings import Settings
-from fakehub import FakeHub
 
-MakeClient = Callable[..., Any]
-
-
-@pytest.fixture
-def settings(hub: FakeHub, cache_dir: Path) -> Settings:
-    # Short backoffs keep the retry tests fast; the policy itself is the production one.
-    return Settings(
-        cache_dir=cache_dir,
-        hf_endpoint=hub.url,
-        retry_min_backoff_seconds=0.05,
-        retry_max_backoff_seconds=0.2,
-        # No spare worker here, so that tests can count the workers of downloads exactly;
-        # test_warm_worker covers the spare.
-        warm_worker=False,
-    )
+MB = 1024 * 1024
+FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
 
 
 @contextlib.asynccontextmanager
@@ -45,12 +31,6 @@ async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
     ):
-        yield c
-
-
-@pytest.fixture
-async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    async with app_client(settings) as c:
         yield c
 
 
@@ -66,7 +46,7 @@ def worker_processes() -> list[int]:
             cmdline = (status.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if fields.get("PPid", "").strip() == me and b"api.models.worker" in cmdline:
+        if fields.get("PPid", "").strip() == me and b"api.models.hub.worker" in cmdline:
             found.append(int(status.parent.name))
     return found
 
@@ -139,3 +119,18 @@ def running_service(
         if process.poll() is None:
             process.terminate()
         process.wait(timeout=30)
+
+
+def workers_using(cache_dir: Path) -> list[int]:
+    """Download workers on this machine, whatever their parent, working on ``cache_dir``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (
+                b"api.models.hub.worker" in (proc / "cmdline").read_bytes()
+                and str(cache_dir).encode() in (proc / "environ").read_bytes()
+            ):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found

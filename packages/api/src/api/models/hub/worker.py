@@ -1,17 +1,15 @@
-"""The download worker: ``python -m api.models.worker``, one process per download attempt.
+"""The download worker: ``python -m api.models.hub.worker``, one process per download attempt.
 
-Reads one JSON line on stdin (repo, revision, cache, endpoint and the plan: the commit and its
-files with sizes and ETags; the token comes in the ``HF_TOKEN`` environment variable), runs
-``snapshot_download`` for the commit, then checks every file against its ETag. Writes JSON lines on
-stdout:
-
-- ``{"type": "progress", "downloaded_bytes", "files_done"}`` (at most every 0.25 s)
-- ``{"type": "verifying", "downloaded_bytes", "files_done"}`` while hashing
-- ``{"type": "done"}`` or ``{"type": "failed", "kind", "message", "retryable", "retry_after"}``
+Reads one ``protocol.Job`` on stdin (repo, revision, cache, endpoint, the Hub limits and the plan:
+the commit and its files with sizes and ETags; the token comes in the ``HF_TOKEN`` environment
+variable), runs ``snapshot_download`` for the commit, then checks every file against its ETag.
+Writes ``protocol`` messages on stdout: ``Started``, ``Progress`` (at most every 0.25 s),
+``Verifying`` while hashing, then ``Done`` or ``Failed``.
 
 A file whose content does not match its ETag is deleted and fetched once more; a second mismatch
 fails the download. The worker exits when its stdin closes (the service died) and, on Linux, when
-its parent dies. It may be started ahead of time: it then waits for its input, imports done. Retries across attempts are the service's (``api.models.hub``).
+its parent dies. It may be started ahead of time: it then waits for its input, imports done.
+Retries across attempts are the service's (``api.models.hub.adapter``).
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
-import json
 import logging
 import os
 import signal
@@ -31,10 +28,11 @@ from typing import Any, BinaryIO
 
 from huggingface_hub import constants, snapshot_download
 
-from api.models import hubguard
-from api.models.backend import DownloadPlan, FailureKind, RemoteFile
-from api.models.cache import INCOMPLETE_SUFFIX, ModelCache, content_matches
-from api.models.hub import classify_error, plan_from_json, retry_after_seconds
+from api.models.backend import DownloadPlan, RemoteFile
+from api.models.errors import DownloadFailed, FailureKind
+from api.models.hub import guard, protocol
+from api.models.hub.cache import INCOMPLETE_SUFFIX, ModelCache, content_matches
+from api.models.hub.classify import failure_of
 
 PROGRESS_INTERVAL = 0.25
 # The library reads its HTTP body in chunks of this size and reports progress per chunk (10 MiB by
@@ -172,8 +170,8 @@ class Reporter:
         self.kind = "progress"
         self._last = 0.0
 
-    def send(self, type_: str, **fields: Any) -> None:
-        line = json.dumps({"type": type_, **fields}).encode() + b"\n"
+    def send(self, message: protocol.WorkerMessage) -> None:
+        line = protocol.encode(message)
         with self._lock:
             self._out.write(line)
             self._out.flush()
@@ -192,18 +190,22 @@ class Reporter:
             if now - self._last < PROGRESS_INTERVAL and not nfiles:
                 return
             self._last = now
-            kind = self.kind
-            payload = {
-                "downloaded_bytes": self.base_bytes + max(self.bytes, 0),
-                "files_done": self.files,
-            }
-            if kind == "progress":
-                # Fetched by this pass: what came off the network when the library says (on the
-                # Xet path, bytes land on disk a whole xorb range at a time, often megabytes after
-                # they arrived; these messages also keep the stall watchdog fed meanwhile), else
-                # what was written.
-                payload["transferred_bytes"] = max(self.network or self.bytes, 0)
-        self.send(kind, **payload)
+            message = self.snapshot()
+        self.send(message)
+
+    def snapshot(self) -> protocol.Progress | protocol.Verifying:
+        """The counters as the message of the current pass (called under the lock)."""
+        if self.kind == "verifying":
+            return protocol.Verifying(verified_bytes=max(self.bytes, 0), files_done=self.files)
+        # Fetched by this pass: what came off the network when the library says (on the Xet
+        # path, bytes land on disk a whole xorb range at a time, often megabytes after they
+        # arrived; these messages also keep the stall watchdog fed meanwhile), else what was
+        # written.
+        return protocol.Progress(
+            downloaded_bytes=self.base_bytes + max(self.bytes, 0),
+            files_done=self.files,
+            transferred_bytes=max(self.network or self.bytes, 0),
+        )
 
 
 def progress_class(reporter: Reporter) -> type:
@@ -283,17 +285,15 @@ def _exit_on_stdin_eof() -> None:
     threading.Thread(target=watch, daemon=True, name="stdin-watch").start()
 
 
-def download_and_verify(spec: dict[str, Any], reporter: Reporter) -> None:
+def download_and_verify(job: protocol.Job, reporter: Reporter) -> None:
     """One attempt, holding the revision so that other processes sharing the cache see it as
     downloading until it is verified."""
-    repo_id: str = spec["repo_id"]
-    revision: str = spec["revision"]
-    plan = plan_from_json(spec["plan"])
-    cache = ModelCache(Path(spec["cache_dir"]))
+    repo_id, plan = job.repo_id, job.plan
+    cache = ModelCache(Path(job.cache_dir))
     # The library writes refs/<branch> only when asked for the branch; we pass the commit the
     # plan resolved (no second resolution, no race with a moving branch) and record the ref first,
     # as the library does, so the cache knows the revision while it downloads.
-    cache.write_ref(repo_id, revision, plan.commit)
+    cache.write_ref(repo_id, job.revision, plan.commit)
     with cache.hold_revision(repo_id, plan.commit):
         # The journal: until every file is verified the revision is not DOWNLOADED, whatever
         # stops this process and when (the library moves a blob into place before we check it).
@@ -305,26 +305,24 @@ def download_and_verify(spec: dict[str, Any], reporter: Reporter) -> None:
         cache.mark_unverified(
             repo_id, plan.commit, "a download of this revision stopped before it was verified", []
         )
-        _download_and_verify(cache, spec, plan, reporter)
+        _download_and_verify(cache, job, reporter)
         cache.clear_unverified(repo_id, plan.commit)
 
 
-def _download_and_verify(
-    cache: ModelCache, spec: dict[str, Any], plan: DownloadPlan, reporter: Reporter
-) -> None:
+def _download_and_verify(cache: ModelCache, job: protocol.Job, reporter: Reporter) -> None:
     """Fetch what is missing, verify everything, fetch a bad file once more."""
-    repo_id: str = spec["repo_id"]
+    repo_id, plan = job.repo_id, job.plan
     token: str | bool = os.environ.get("HF_TOKEN") or False
 
     def fetch() -> None:
         present = plan.total_bytes - cache.missing_bytes(repo_id, plan)
         reporter.restart("progress", present)
-        reporter.send("progress", downloaded_bytes=present, files_done=0)
+        reporter.send(protocol.Progress(present, 0, 0))
         snapshot_download(
             repo_id,
             revision=plan.commit,
-            cache_dir=spec["cache_dir"],
-            endpoint=spec["endpoint"],
+            cache_dir=job.cache_dir,
+            endpoint=job.endpoint,
             token=token,
             tqdm_class=progress_class(reporter),
         )
@@ -365,7 +363,7 @@ def verify(
     inode and matched; everything else is hashed from disk."""
     snapshot = cache.folder(repo_id) / "snapshots" / plan.commit
     reporter.restart("verifying")
-    reporter.send("verifying", downloaded_bytes=0, files_done=0)
+    reporter.send(protocol.Verifying(0, 0))
     bad = []
     for entry in plan.files:
         if only is not None and entry.path not in only:
@@ -402,30 +400,26 @@ def _inode(path: Path) -> int | None:
         return None
 
 
-def run(spec: dict[str, Any], reporter: Reporter) -> int:
+def run(job: protocol.Job, reporter: Reporter) -> int:
     try:
-        download_and_verify(spec, reporter)
+        download_and_verify(job, reporter)
     except ChecksumMismatch as mismatch:
         reporter.send(
-            "failed",
-            kind=FailureKind.CORRUPT.value,
-            message=f"{mismatch.path} did not match its checksum or its listed size twice;"
-            " it was deleted",
-            retryable=False,
-            retry_after=None,
+            protocol.Failed(
+                FailureKind.CORRUPT,
+                f"{mismatch.path} did not match its checksum or its listed size twice;"
+                " it was deleted",
+                retryable=False,
+            )
         )
         return 1
     except BaseException as error:  # report every failure, then exit non-zero
-        kind, retryable, message = classify_error(error, spec["repo_id"], spec["revision"])
+        failure = failure_of(error, job.repo_id, job.revision)
         reporter.send(
-            "failed",
-            kind=kind.value,
-            message=message,
-            retryable=retryable,
-            retry_after=retry_after_seconds(error),
+            protocol.Failed(failure.kind, str(failure), failure.retryable, failure.retry_after)
         )
         return 1
-    reporter.send("done")
+    reporter.send(protocol.Done())
     return 0
 
 
@@ -444,19 +438,18 @@ def main() -> int:
     line = sys.stdin.buffer.readline()
     reporter = Reporter(out)
     try:
-        spec = json.loads(line)
-    except ValueError:
-        reporter.send(
-            "failed",
-            kind=FailureKind.UNEXPECTED.value,
-            message="bad worker input",
-            retryable=False,
-            retry_after=None,
-        )
+        job = protocol.parse_job(line)
+    except (protocol.ProtocolError, guard.UntrustedAnswer) as error:
+        # A plan that fails the guard is the Hub's fault; anything else is ours (a crash).
+        failure = failure_of(error, "?", "?")
+        if isinstance(error, protocol.ProtocolError):
+            failure = DownloadFailed(FailureKind.CRASHED, "bad worker input", retryable=True)
+        reporter.send(protocol.Failed(failure.kind, str(failure), failure.retryable))
         return 2
+    reporter.send(protocol.Started())
     _exit_on_stdin_eof()
-    hubguard.install(hubguard.Limits(**spec.get("limits", {})))
-    return run(spec, reporter)
+    guard.install(job.limits)
+    return run(job, reporter)
 
 
 if __name__ == "__main__":

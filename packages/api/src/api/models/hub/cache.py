@@ -46,7 +46,7 @@ from api.models.backend import (
     VerifyReport,
 )
 from api.models.errors import CacheNotWritable, RevisionBusy, UnsafeCachePath
-from api.models.hubguard import GIT_OR_SHA256, path_problem
+from api.models.hub.guard import GIT_OR_SHA256, path_problem
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,132 @@
+"""The messages between the service (``adapter``) and a download worker (``worker``), typed.
+
+One JSON object a line: the service writes one ``Job`` on the worker's stdin; the worker writes
+``Started`` when it has the job, then ``Progress`` and ``Verifying`` as it goes, and last ``Done`` or
+``Failed`` on its stdout. Both ends encode and parse with this module only; a line that does not
+parse raises ``ProtocolError``, which the service treats as a crash of the worker (retryable).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from api.models.backend import DownloadPlan, RemoteFile
+from api.models.errors import FailureKind
+from api.models.hub.guard import Limits, check_plan
+
+
+class ProtocolError(Exception):
+    """A line from the other end that is not a message of this protocol."""
+
+
+@dataclass(frozen=True)
+class Job:
+    repo_id: str
+    revision: str
+    cache_dir: str
+    endpoint: str
+    plan: DownloadPlan
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class Started:
+    """The worker has its job; from now on the stall watchdog counts."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    downloaded_bytes: int  # of the plan's files on disk (those already there included)
+    files_done: int  # by this pass
+    transferred_bytes: int  # fetched by this pass (network bytes where the library reports them)
+
+
+@dataclass(frozen=True)
+class Verifying:
+    verified_bytes: int
+    files_done: int
+
+
+@dataclass(frozen=True)
+class Done:
+    pass
+
+
+@dataclass(frozen=True)
+class Failed:
+    kind: FailureKind
+    message: str
+    retryable: bool
+    retry_after: float | None = None
+
+
+WorkerMessage = Started | Progress | Verifying | Done | Failed
+_TYPES: dict[str, type[WorkerMessage]] = {
+    "started": Started,
+    "progress": Progress,
+    "verifying": Verifying,
+    "done": Done,
+    "failed": Failed,
+}
+_NAMES = {cls: name for name, cls in _TYPES.items()}
+
+
+def encode(message: WorkerMessage) -> bytes:
+    fields: dict[str, Any] = asdict(message)
+    if isinstance(message, Failed):
+        fields["kind"] = message.kind.value
+    return json.dumps({"type": _NAMES[type(message)], **fields}).encode() + b"\n"
+
+
+def parse(raw: bytes) -> WorkerMessage:
+    data = _object(raw)
+    cls = _TYPES.get(str(data.pop("type", "")))
+    if cls is None:
+        raise ProtocolError("unknown message type")
+    try:
+        if cls is Failed:
+            data["kind"] = FailureKind(data["kind"])
+        for name in ("downloaded_bytes", "files_done", "transferred_bytes", "verified_bytes"):
+            if name in data and (not isinstance(data[name], int) or isinstance(data[name], bool)):
+                raise ProtocolError(f"{name} is not an integer")
+        return cls(**data)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ProtocolError(f"malformed {cls.__name__} message") from error
+
+
+def encode_job(job: Job) -> bytes:
+    plan = {"commit": job.plan.commit, "files": [[f.path, f.size, f.etag] for f in job.plan.files]}
+    fields = {**asdict(job), "plan": plan, "limits": asdict(job.limits)}
+    return json.dumps(fields).encode() + b"\n"
+
+
+def parse_job(raw: bytes) -> Job:
+    """The job, its plan checked again (``check_plan``: it crossed a pipe, and it names paths)."""
+    data = _object(raw)
+    try:
+        plan = DownloadPlan(
+            commit=str(data["plan"]["commit"]),
+            files=tuple(RemoteFile(str(p), int(n), str(e)) for p, n, e in data["plan"]["files"]),
+        )
+        return Job(
+            repo_id=str(data["repo_id"]),
+            revision=str(data["revision"]),
+            cache_dir=str(data["cache_dir"]),
+            endpoint=str(data["endpoint"]),
+            plan=check_plan(plan),
+            limits=Limits(**data["limits"]),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise ProtocolError("malformed job") from error
+
+
+def _object(raw: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except ValueError as error:
+        raise ProtocolError("not JSON") from error
+    if not isinstance(data, dict):
+        raise ProtocolError("not a JSON object")
+    return data
