@@ -3,13 +3,15 @@
 PYTHON ?= python3
 HOST ?= 127.0.0.1
 PORT ?= 8000
+HUB_PORT ?= 8900
 UV_VERSION ?= 0.13.9
 BOOT := .bootstrap
 UV := $(BOOT)/bin/uv
 VENV := .venv
 STAMP := $(VENV)/.synced
+RUN_STAMP := $(VENV)/.synced-runtime
 
-.PHONY: run test lint typecheck unit stress demo bench clean
+.PHONY: run install test lint typecheck unit steady stress demo bench clean
 
 $(UV):
 	$(PYTHON) -m venv $(BOOT)
@@ -19,32 +21,47 @@ $(STAMP): $(UV) uv.lock pyproject.toml packages/api/pyproject.toml packages/fake
 	$(UV) sync --frozen --python $(PYTHON)
 	@touch $(STAMP)
 
-run: $(STAMP)
+# `make run` installs what the service needs to run and nothing more (no test tools); it leaves
+# a test environment that is already there as it is.
+$(RUN_STAMP): $(UV) uv.lock pyproject.toml packages/api/pyproject.toml packages/fakehub/pyproject.toml
+	$(UV) sync --frozen --no-dev --inexact --python $(PYTHON)
+	@touch $(RUN_STAMP)
+
+run: $(RUN_STAMP)
 	$(VENV)/bin/uvicorn api.app:app --host $(HOST) --port $(PORT)
+
+# A production machine: the package and its runtime dependencies only, exactly (removes the rest).
+install: $(UV)
+	$(UV) sync --frozen --no-dev --python $(PYTHON)
+	@rm -f $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy packages/api/src packages/fakehub/src packages/api/tests packages/fakehub/tests bench conftest.py
+	$(VENV)/bin/mypy packages/api/src packages/fakehub/src packages/api/tests packages/fakehub/tests bench scripts conftest.py
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest -q
 
 test: lint typecheck unit
 
+# Steadiness: the whole suite 5 times in a row while two busy loops keep both cores loaded.
+steady: $(STAMP)
+	@(while :; do :; done) & hog1=$$!; (while :; do :; done) & hog2=$$!; \
+	  trap "kill $$hog1 $$hog2" EXIT; \
+	  for run in 1 2 3 4 5; do echo "== run $$run of 5, both cores kept busy"; \
+	    $(VENV)/bin/pytest -q || exit 1; done
+
 # Slow tests (longer fuzzing, repeated kill -9, heavier load): not part of `make test`.
 stress: $(STAMP)
-	$(VENV)/bin/pytest -q -m stress packages/api/tests/stress
+	$(VENV)/bin/pytest -q -n 0 -m stress packages/api/tests/stress
 
-# An offline demo: the fake hub with sample repos on :8900 and the service pointed at it on :8000.
+# An offline demo: the fake hub with sample repos on :$(HUB_PORT) and the service pointed at it on
+# :$(PORT); a busy port fails loudly, and both stop together (scripts/demo.py).
 demo: $(STAMP)
-	@mkdir -p .demo
-	$(VENV)/bin/python -m fakehub --repos .demo/repos --port 8900 --samples & \
-	  trap "kill $$!" EXIT; sleep 2; \
-	  HF_ENDPOINT=http://127.0.0.1:8900 HF_HUB_CACHE=$(CURDIR)/.demo/cache \
-	  $(VENV)/bin/uvicorn api.app:app --host $(HOST) --port $(PORT)
+	$(VENV)/bin/python scripts/demo.py --host $(HOST) --port $(PORT) --hub-port $(HUB_PORT)
 
 # Benchmarks (not part of `make test`): each prints medians and ratios against a baseline measured
 # in the same run. The first run makes the benchmark repos (about 3 GiB) in bench/.data.

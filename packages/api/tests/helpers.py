@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from api.app import create_app
 from api.settings import Settings
@@ -134,3 +135,21 @@ def workers_using(cache_dir: Path) -> list[int]:
         except OSError:
             continue
     return found
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``mount_point`` (made here), unmounted at the end; the
+    test is skipped where mounting is not permitted."""
+    mount_point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -101,7 +101,7 @@ def test_cas_protocol(xet_hub: FakeHub, repos: RepoBuilder, model: str) -> None:
         {"start": 3, "end": 1024},
         {"start": 0, "end": 17},
     ]
-    rebuilt = b""
+    rebuilt = bytearray()
     for term in plan["terms"]:
         (fetch,) = plan["fetch_info"][term["hash"]]
         assert httpx.get(fetch["url"]).status_code == 403  # a xorb is read by ranges only
@@ -118,17 +118,18 @@ def test_cas_protocol(xet_hub: FakeHub, repos: RepoBuilder, model: str) -> None:
 
 def _decode_chunks(data: bytes, unpacked_length: int) -> bytes:
     """Chunks as spec/xorb.md lays them out: an 8-byte header, then the (here uncompressed) data."""
-    out, position = b"", 0
+    out, position = bytearray(), 0
+    view = memoryview(data)
     while position < len(data):
         header = data[position : position + xet.HEADER_SIZE]
         assert header[0] == 0
         assert header[4] == xet.SCHEME_NONE
         size = int.from_bytes(header[1:4], "little")
         assert size == int.from_bytes(header[5:8], "little")
-        out += data[position + xet.HEADER_SIZE : position + xet.HEADER_SIZE + size]
+        out += view[position + xet.HEADER_SIZE : position + xet.HEADER_SIZE + size]
         position += xet.HEADER_SIZE + size
     assert len(out) == unpacked_length
-    return out
+    return bytes(out)
 
 
 def test_a_dropped_xorb_range_is_retried_by_hf_xet(

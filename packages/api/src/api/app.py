@@ -13,9 +13,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from swagger_ui_bundle import swagger_ui_path
 
 from api.metrics import RequestTimer, ServiceMetrics
 from api.models.errors import ModelError
@@ -184,7 +187,23 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
         " in the local cache.",
         version="0.1.0",
         lifespan=lifespan,
+        # Swagger UI is served from the package (below), never from a CDN: GPU servers are
+        # often air-gapped. ReDoc has no packaged copy here: off.
+        docs_url=None,
+        redoc_url=None,
     )
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
+
     app.add_middleware(BodySizeLimit)
     app.add_middleware(RequestTimer)
     app.add_exception_handler(ModelError, model_error_handler)

@@ -15,25 +15,14 @@ import pytest
 from api.models.hub.guard import path_problem
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder
-from tests.helpers import FINAL, app_client, wait_for_status
+from tests.helpers import FINAL, app_client, tmpfs, wait_for_status
 
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A tmpfs of our own, to remount read-only; skipped where mounting is not permitted."""
-    mount_point = tmp_path / "fs"
-    mount_point.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    """A filesystem of our own, to remount read-only."""
+    with tmpfs(tmp_path / "fs", "64m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 async def test_a_read_only_cache_answers_clearly(

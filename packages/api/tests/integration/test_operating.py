@@ -163,3 +163,42 @@ async def test_metrics(client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuild
         )
         >= 2
     )
+
+
+async def test_a_reconnecting_stream_gets_what_it_missed(
+    hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path
+) -> None:
+    """SSE ids are event numbers: a client that reconnects with Last-Event-ID gets the events it
+    missed first. The `completed` event says phase `completed`."""
+    for name in ("org/a", "org/b"):
+        repos.commit(name, {"config.json": "{}"})
+    with running_service(cache_dir, hub.url, tmp_path / "service.log") as (base, _):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+            for name in ("org/a", "org/b"):
+                body = {"hf_repo": name}
+                await client.post("/api/models/download", json=body)
+                assert (await wait_for_status(client, body, FINAL))["status"] == "DOWNLOADED"
+            # Nobody was listening: reconnect as if the last event seen was the first one.
+            found: list[tuple[int, str, dict[str, Any]]] = []
+            headers = {"Last-Event-ID": "1"}
+            async with client.stream("GET", "/api/models/events", headers=headers) as response:
+                fields: dict[str, str] = {}
+                async for line in response.aiter_lines():
+                    if line and not line.startswith(":"):
+                        name, _, value = line.partition(":")
+                        fields[name] = value.strip()
+                        continue
+                    if "data" not in fields:
+                        continue
+                    data = json.loads(fields["data"])
+                    found.append((int(fields["id"]), fields["event"], data))
+                    fields = {}
+                    if found[-1][1] == "completed" and data["model"]["hf_repo"] == "org/b":
+                        break
+    numbers = [n for n, _, _ in found]
+    assert numbers == list(range(2, 2 + len(found)))  # every event after the first, in order
+    assert found[0][1] != "started" or found[0][2]["model"]["hf_repo"] != "org/a"
+    completed = [d for _, e, d in found if e == "completed"]
+    assert {d["model"]["hf_repo"] for d in completed} == {"org/a", "org/b"}
+    assert all(d["progress"]["phase"] == "completed" for d in completed)
+    assert all(d["seq"] == n for n, _, d in found)

@@ -50,7 +50,7 @@ class DownloadUpdate:
     total_bytes: int | None = None
     files_total: int | None = None
     downloaded_bytes: int | None = None
-    transferred_bytes: int | None = None  # fetched by the current pass (restarts at 0 each pass)
+    transferred_bytes: int | None = None  # fetched by this download so far, all attempts
     files_done: int | None = None
     attempt: int | None = None
     retry_reason: str | None = None

@@ -4,6 +4,7 @@ the logs. Publishing happens on the event loop thread and never blocks."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
@@ -25,6 +26,9 @@ class EventBus:
         self._listeners: list[Listener] = []
         self._queues: set[asyncio.Queue[DownloadEvent]] = set()
         self._closed = asyncio.Event()
+        self._seq = 0
+        # The latest events, for a client that reconnects with Last-Event-ID.
+        self._recent: collections.deque[DownloadEvent] = collections.deque(maxlen=QUEUE_SIZE)
 
     def close(self) -> None:
         """End every subscriber's stream (the service is stopping); idempotent."""
@@ -55,25 +59,38 @@ class EventBus:
         self._listeners.append(listener)
 
     def publish(self, event: DownloadEvent) -> None:
+        self._seq += 1
+        event = event.model_copy(update={"seq": self._seq})
+        self._recent.append(event)
         for listener in self._listeners:
             try:
                 listener(event)
             except Exception:  # a listener's bug must not stop a download
                 logger.exception("event listener failed on %s", event.type.value)
         for queue in self._queues:
-            if queue.full():
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    queue.get_nowait()
-            queue.put_nowait(event)
+            _put(queue, event)
 
     @contextlib.contextmanager
-    def subscribe(self) -> Iterator[asyncio.Queue[DownloadEvent]]:
+    def subscribe(self, after: int | None = None) -> Iterator[asyncio.Queue[DownloadEvent]]:
+        """A queue of the events to come; with ``after`` (a ``seq`` the subscriber saw last),
+        first the ones it missed that are still held (the latest 1000)."""
         queue: asyncio.Queue[DownloadEvent] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        if after is not None:
+            for event in self._recent:
+                if event.seq is not None and event.seq > after:
+                    _put(queue, event)
         self._queues.add(queue)
         try:
             yield queue
         finally:
             self._queues.discard(queue)
+
+
+def _put(queue: asyncio.Queue[DownloadEvent], event: DownloadEvent) -> None:
+    if queue.full():
+        with contextlib.suppress(asyncio.QueueEmpty):
+            queue.get_nowait()
+    queue.put_nowait(event)
 
 
 def _logfmt_value(value: object) -> str:

@@ -13,10 +13,9 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from api.models.backend import (
@@ -25,7 +24,6 @@ from api.models.backend import (
     DownloadFailed,
     DownloadPlan,
     DownloadRequest,
-    DownloadUpdate,
     FailureKind,
     HubBackend,
 )
@@ -38,14 +36,13 @@ from api.models.errors import (
     TooManyVerifications,
 )
 from api.models.events import EventBus
+from api.models.job import DownloadJob
 from api.models.types import (
     DeleteResponse,
     DeleteStatus,
     DiskSpaceInfo,
-    DownloadEvent,
     DownloadEventType,
     DownloadPhase,
-    DownloadProgress,
     DownloadStartedResponse,
     Model,
     ModelListItem,
@@ -64,145 +61,6 @@ _STATE_TO_STATUS = {
     CacheState.ABSENT: ModelStatus.NOT_FOUND,
     CacheState.BUSY: ModelStatus.DOWNLOADING,  # by another process sharing the cache
 }
-_RATE_SMOOTHING = 0.3  # weight of the newest sample in the speed average
-PROGRESS_EVENT_INTERVAL = 0.5  # seconds between two progress events of one download
-
-
-@dataclass
-class DownloadJob:
-    """One running download: what it is, how far it got, and the task that runs it."""
-
-    model: Model
-    start_time: float = field(default_factory=time.time)
-    started: float = field(default_factory=time.monotonic)
-    phase: DownloadPhase = DownloadPhase.RESOLVING
-    commit: str | None = None
-    total_bytes: int | None = None
-    downloaded_bytes: int | None = None
-    files_total: int | None = None
-    files_done: int | None = None
-    verified_bytes: int | None = None
-    transferred_bytes: int = 0
-    _pass_transferred: int = 0
-    attempt: int = 1
-    bytes_per_second: float | None = None
-    _sample: tuple[float, int] | None = None
-    _last_progress_event: float = 0.0
-    task: asyncio.Task[None] | None = None
-    bus: EventBus | None = None
-
-    @property
-    def task_id(self) -> str:
-        return self.model.task_id
-
-    def event(self, type_: DownloadEventType, **fields: str | None) -> DownloadEvent:
-        return DownloadEvent(
-            type=type_,
-            task_id=self.task_id,
-            model=self.model,
-            time=time.time(),
-            commit=self.commit,
-            progress=self.progress(),
-            **fields,
-        )
-
-    def publish(self, type_: DownloadEventType, **fields: str | None) -> None:
-        if self.bus is not None:
-            self.bus.publish(self.event(type_, **fields))
-
-    def apply(self, update: DownloadUpdate) -> None:
-        """Take an update from the backend (on the event loop thread) and publish what changed."""
-        phase_before = self.phase
-        if update.commit is not None:
-            self.commit = update.commit
-        if update.total_bytes is not None:
-            self.total_bytes = update.total_bytes
-            self.phase = DownloadPhase.DOWNLOADING
-        if update.files_total is not None:
-            self.files_total = update.files_total
-        if update.attempt is not None and update.attempt != self.attempt:
-            self.attempt = update.attempt
-            self._sample = None  # a new attempt: the speed starts over
-        if update.retry_reason is not None:
-            self.publish(
-                DownloadEventType.RETRYING,
-                retry_reason=update.retry_reason,
-                retry_kind=update.retry_kind,
-            )
-        if update.verifying:
-            self.phase = DownloadPhase.VERIFYING
-            self.verified_bytes = update.downloaded_bytes
-        else:
-            if update.files_done is not None:
-                self.files_done = update.files_done
-            if update.transferred_bytes is not None:
-                # Each pass of the worker counts from 0 again: add what this one added.
-                if update.transferred_bytes < self._pass_transferred:
-                    self._pass_transferred = 0
-                self.transferred_bytes += update.transferred_bytes - self._pass_transferred
-                self._pass_transferred = update.transferred_bytes
-            if update.downloaded_bytes is not None:
-                self.phase = DownloadPhase.DOWNLOADING
-                self._measure(update.downloaded_bytes)
-                self.downloaded_bytes = update.downloaded_bytes
-        now = time.monotonic()
-        if self.phase is DownloadPhase.VERIFYING and phase_before is not DownloadPhase.VERIFYING:
-            self.publish(DownloadEventType.VERIFYING)
-            self._last_progress_event = now
-        elif now - self._last_progress_event >= PROGRESS_EVENT_INTERVAL:
-            self.publish(DownloadEventType.PROGRESS)
-            self._last_progress_event = now
-
-    def _measure(self, downloaded: int) -> None:
-        now = time.monotonic()
-        if self._sample is not None:
-            then, before = self._sample
-            if now - then >= 0.2 and downloaded >= before:
-                rate = (downloaded - before) / (now - then)
-                self.bytes_per_second = (
-                    rate
-                    if self.bytes_per_second is None
-                    else _RATE_SMOOTHING * rate + (1 - _RATE_SMOOTHING) * self.bytes_per_second
-                )
-                self._sample = (now, downloaded)
-        else:
-            self._sample = (now, downloaded)
-
-    def status(self) -> ModelStatusResponse:
-        return ModelStatusResponse(
-            model=self.model,
-            status=ModelStatus.DOWNLOADING,
-            progress=self.progress(),
-            commit=self.commit,
-        )
-
-    def progress(self) -> DownloadProgress:
-        percent = eta = None
-        if self.total_bytes is not None and self.downloaded_bytes is not None:
-            percent = (
-                100.0 if self.total_bytes == 0 else 100.0 * self.downloaded_bytes / self.total_bytes
-            )
-            percent = round(min(percent, 100.0), 2)
-            if self.bytes_per_second:
-                remaining = max(self.total_bytes - self.downloaded_bytes, 0)
-                eta = round(remaining / self.bytes_per_second, 1)
-        return DownloadProgress(
-            start_time=self.start_time,
-            elapsed_seconds=round(time.monotonic() - self.started, 3),
-            phase=self.phase,
-            downloaded_bytes=self.downloaded_bytes,
-            total_bytes=self.total_bytes,
-            percent=percent,
-            bytes_per_second=None
-            if self.bytes_per_second is None
-            else round(self.bytes_per_second, 1),
-            eta_seconds=eta,
-            files_done=self.files_done,
-            files_total=self.files_total,
-            verified_bytes=self.verified_bytes,
-            transferred_bytes=self.transferred_bytes,
-            attempt=self.attempt,
-        )
 
 
 class ModelManager:
@@ -319,15 +177,16 @@ class ModelManager:
         start = _Start(model)
         self._starting[task_id] = start
         try:
-            plan = await self._plan_with_space_check(model)
-            if isinstance(plan, DownloadPlan):
+            planned = await self._plan_with_space_check(model)
+            plan = planned if isinstance(planned, DownloadPlan) else None
+            if plan is not None:
                 # Now the commit is known: one revision, one job, whatever it was asked as.
                 start.commit = plan.commit
                 self._check_no_other_job(model, plan.commit)
             if start.cancelled:
                 raise DownloadCancelled(task_id)
             job = DownloadJob(model=model, bus=self.events)
-            if isinstance(plan, DownloadPlan):
+            if plan is not None:
                 # Known before the first byte: the status shows the totals at once.
                 job.commit = plan.commit
                 job.total_bytes = plan.total_bytes
@@ -335,8 +194,16 @@ class ModelManager:
             self._errors.pop(task_id, None)
             if job.commit is not None:
                 self._errors.pop(f"{model.hf_repo}:{job.commit}", None)
+            if isinstance(planned, DownloadFailed) and not planned.retryable:
+                # Fail now: no retry can mend it (not found, gated, a refused answer).
+                job.publish(DownloadEventType.STARTED)
+                self._end(job, planned)
+                return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADING)
+            # Or start, with the plan, or without it after waiting what the Hub asked: the
+            # download then fetches the file list itself, with its retries.
+            delay = (planned.retry_after or 0.0) if isinstance(planned, DownloadFailed) else 0.0
             self._jobs[task_id] = job
-            job.task = asyncio.create_task(self._run(job, plan), name=f"download {task_id}")
+            job.task = asyncio.create_task(self._run(job, plan, delay), name=f"download {task_id}")
             self._download_tasks[task_id] = job.task
         finally:
             self._starting.pop(task_id, None)
@@ -388,20 +255,18 @@ class ModelManager:
         running = self._running_as(model)
         return self._jobs.get(running) if running is not None else None
 
-    async def _plan_with_space_check(self, model: Model) -> DownloadPlan | DownloadFailed | None:
+    async def _plan_with_space_check(self, model: Model) -> DownloadPlan | DownloadFailed:
         """Fetch the file list and refuse (``InsufficientStorage``) a download that cannot fit:
         the bytes still missing against the free space, less what running downloads still need,
-        less a margin. A failure to fetch the list is returned for the job: one that no retry can
-        mend (not found, gated) is reported at once; after any other the job waits what the Hub
-        asked (``Retry-After``), then fetches the list itself, with its retries."""
+        less a margin. A failure to fetch the list is returned (a slow list is a retryable one)."""
         request = DownloadRequest(repo_id=model.hf_repo, revision=model.revision)
         try:
             async with asyncio.timeout(self.settings.plan_timeout_seconds):
                 plan = await self.backend.plan(request)
         except DownloadFailed as failure:
-            return failure  # the job reports it, or waits as asked and retries it
+            return failure
         except TimeoutError:
-            return None
+            return DownloadFailed(FailureKind.NETWORK, "the file list is slow", retryable=True)
         needed = await self._on_cache_pool(self.backend.missing_bytes, model.hf_repo, plan)
         # Only the free space: walking the whole cache for its size would slow every start.
         free = await self._on_cache_pool(self.backend.free_bytes)
@@ -416,17 +281,11 @@ class ModelManager:
             )
         return plan
 
-    async def _run(self, job: DownloadJob, plan: DownloadPlan | DownloadFailed | None) -> None:
+    async def _run(self, job: DownloadJob, plan: DownloadPlan | None, delay: float) -> None:
         request = DownloadRequest(repo_id=job.model.hf_repo, revision=job.model.revision)
         failure: DownloadFailed | None = None
         try:
-            if isinstance(plan, DownloadFailed):
-                if not plan.retryable:
-                    raise plan
-                await asyncio.sleep(
-                    min(plan.retry_after or 0.0, self.settings.retry_max_backoff_seconds)
-                )
-                plan = None  # the download fetches the file list itself, with its retries
+            await asyncio.sleep(min(delay, self.settings.retry_max_backoff_seconds))
             async with asyncio.timeout(self.settings.download_timeout_seconds):
                 job.commit = await self.backend.download(request, plan, job.apply)
         except TimeoutError:
@@ -445,10 +304,14 @@ class ModelManager:
             failure = DownloadFailed(
                 FailureKind.UNEXPECTED, f"internal error ({type(error).__name__})"
             )
-        # The job leaves the table before its last event: whoever reacts to it and asks for the
-        # status gets the cache's answer (DOWNLOADED, or PARTIAL with the error).
+        self._end(job, failure)
+
+    def _end(self, job: DownloadJob, failure: DownloadFailed | None) -> None:
+        """The job leaves the table before its last event: whoever reacts to it and asks for the
+        status gets the cache's answer (DOWNLOADED, or PARTIAL with the error)."""
         self._finish(job)
         if failure is None:
+            job.phase = DownloadPhase.COMPLETED
             job.publish(DownloadEventType.COMPLETED)
         else:
             self._errors[job.task_id] = str(failure)

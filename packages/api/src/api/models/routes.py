@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query, Request, Response, status
+from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
@@ -28,6 +28,7 @@ from api.models.types import (
     REPO_JSON_PATTERN,
     DeleteResponse,
     DiskSpaceInfo,
+    DownloadEvent,
     DownloadListResponse,
     DownloadStartedResponse,
     ErrorResponse,
@@ -92,10 +93,24 @@ def _error(description: str, example: str) -> dict[str, Any]:
     }
 
 
-_INVALID = _error(
-    "The body is not a valid Model: the message names the field and the rule",
-    "hf_repo must be 'namespace/name' with exactly one '/', e.g. 'meta-llama/Llama-2-7b-hf'",
-)
+_INVALID: dict[str, Any] = {
+    "model": ErrorResponse,
+    "description": "The body is not a valid Model: each error names the field and the rule",
+    "content": {
+        "application/json": {
+            "example": {
+                "detail": [
+                    {
+                        "type": "value_error",
+                        "loc": ["body", "hf_repo"],
+                        "msg": "Value error, hf_repo must be 'namespace/name' with exactly one"
+                        " '/', e.g. 'meta-llama/Llama-2-7b-hf'",
+                    }
+                ]
+            }
+        }
+    },
+}
 # What every endpoint that takes a Model body can answer before it reaches the manager.
 _BODY_ERRORS: dict[int | str, dict[str, Any]] = {
     400: _error("The body could not be read as JSON text", "There was an error parsing the body"),
@@ -282,9 +297,25 @@ async def disk_space(manager: ManagerDep) -> DiskSpaceInfo:
     return await manager.get_disk_space()
 
 
-@router.get("/events", response_class=EventSourceResponse)
+@router.get(
+    "/events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "model": DownloadEvent,
+            "description": "A stream of Server-Sent Events; the data of each is a DownloadEvent",
+        }
+    },
+)
 async def download_events(
     manager: ManagerDep,
+    last_event_id: Annotated[
+        str | None,
+        Header(
+            alias="Last-Event-ID",
+            description="The id of the last event received: the missed ones come first",
+        ),
+    ] = None,
     hf_repo: Annotated[
         str | None,
         Query(
@@ -307,12 +338,13 @@ async def download_events(
            "time":1795548651.4,"commit":"01c7f7...","progress":{"downloaded_bytes":555745337,...}}
     ```
     """
-    with manager.events.subscribe() as queue:
+    after = int(last_event_id) if last_event_id and last_event_id.isdigit() else None
+    with manager.events.subscribe(after) as queue:
         yield ServerSentEvent(comment="connected")
         while (event := await manager.events.next(queue)) is not None:
             if hf_repo is None or event.model.hf_repo == hf_repo:
                 yield ServerSentEvent(
-                    event=event.type.value, data=event.model_dump(mode="json"), id=event.task_id
+                    event=event.type.value, data=event.model_dump(mode="json"), id=str(event.seq)
                 )
 
 

@@ -126,6 +126,7 @@ class DownloadPhase(StrEnum):
     RESOLVING = "resolving"
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
+    COMPLETED = "completed"  # in the `completed` event
 
 
 class DownloadProgress(BaseModel):
@@ -235,6 +236,11 @@ class DownloadEvent(BaseModel):
     error_message: str | None = Field(default=None, description="Why it failed (failed)")
     retry_reason: str | None = Field(default=None, description="Why it retries (retrying)")
     retry_kind: str | None = Field(default=None, description="Class of that failure (retrying)")
+    seq: int | None = Field(
+        default=None,
+        description="Number of the event in this service (the SSE id): send it back as"
+        " Last-Event-ID on reconnect to get the events missed meanwhile",
+    )
 
 
 class DownloadListResponse(BaseModel):

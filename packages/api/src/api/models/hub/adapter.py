@@ -232,6 +232,7 @@ class HubCacheBackend:
             )
 
         number = 0
+        fetched = _Fetched()  # what the attempts before this one fetched: totals go up only
         try:
             async for attempt in AsyncRetrying(
                 stop=stop_after_attempt(s.retry_attempts),
@@ -244,7 +245,10 @@ class HubCacheBackend:
                     number = attempt.retry_state.attempt_number
                     if plan is None:
                         plan = await self._plan_attempt(request)
-                    return await self._attempt(request, plan, number, on_update)
+                    try:
+                        return await self._attempt(request, plan, number, on_update, fetched)
+                    finally:
+                        fetched.attempt_ended()
         except DownloadFailed as failure:
             if failure.retryable:
                 message = f"{failure}; gave up after {number} attempts"
@@ -281,6 +285,7 @@ class HubCacheBackend:
         plan: DownloadPlan,
         number: int,
         on_update: Callable[[DownloadUpdate], None],
+        fetched: _Fetched,
     ) -> str:
         """One attempt in one worker process, watched: no message for ``stall_timeout_seconds``
         (no byte, no file, no hashing progress) kills it as stalled."""
@@ -333,7 +338,7 @@ class HubCacheBackend:
                 if isinstance(message, (protocol.Done, protocol.Failed)):
                     outcome = message
                 elif isinstance(message, (protocol.Progress, protocol.Verifying)):
-                    on_update(_update_from(message, number))
+                    on_update(_update_from(message, number, fetched))
             await process.wait()
         except protocol.ProtocolError as error:
             await _kill(process)
@@ -377,14 +382,29 @@ async def _kill(process: asyncio.subprocess.Process) -> None:
     await asyncio.shield(process.wait())
 
 
-def _update_from(message: protocol.Progress | protocol.Verifying, attempt: int) -> DownloadUpdate:
+class _Fetched:
+    """Bytes fetched by a download across its attempts: the worker counts one attempt."""
+
+    def __init__(self) -> None:
+        self.before = 0  # by the attempts that ended
+        self.current = 0  # by the attempt under way
+
+    def attempt_ended(self) -> None:
+        self.before += self.current
+        self.current = 0
+
+
+def _update_from(
+    message: protocol.Progress | protocol.Verifying, attempt: int, fetched: _Fetched
+) -> DownloadUpdate:
     if isinstance(message, protocol.Verifying):
         return DownloadUpdate(
             downloaded_bytes=message.verified_bytes, attempt=attempt, verifying=True
         )
+    fetched.current = message.transferred_bytes
     return DownloadUpdate(
         downloaded_bytes=message.downloaded_bytes,
-        transferred_bytes=message.transferred_bytes,
+        transferred_bytes=fetched.before + message.transferred_bytes,
         files_done=message.files_done,
         attempt=attempt,
     )

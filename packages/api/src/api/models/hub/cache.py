@@ -35,6 +35,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub.utils._shared_blobs import shared_blob_target, sweep_shared_blob
 
@@ -381,7 +382,7 @@ class ModelCache:
         temporary = set()
         for path, st in _iter_stats(blobs, links_too=True):
             if path.name.endswith(INCOMPLETE_SUFFIX):
-                temporary.add(path.name.split(".", 1)[0])
+                temporary.add(blob_name(path.name))
                 continue
             if stat.S_ISLNK(st.st_mode):
                 shared = shared_blob_target(path, self.root)
@@ -426,7 +427,7 @@ class ModelCache:
         for path in _iter_files(self.folder(repo_id) / "blobs"):
             if not path.name.endswith(INCOMPLETE_SUFFIX):
                 continue
-            etag = path.name.split(".", 1)[0]
+            etag = blob_name(path.name)
             with _lock_if_free(self.locks_folder(repo_id) / f"{etag}.lock") as free:
                 if free:
                     path.unlink(missing_ok=True)
@@ -474,10 +475,9 @@ class ModelCache:
 
     def _delete(self, repo_id: str, folder: Path, revision: str | None) -> int | None:
         busy = [
-            p.name.split(".", 1)[0]
+            blob_name(p.name)
             for p in _iter_files(self.locks_folder(repo_id))
-            if p.name.endswith(".download.lock")
-            and self.revision_busy(repo_id, p.name.split(".", 1)[0])
+            if p.name.endswith(".download.lock") and self.revision_busy(repo_id, blob_name(p.name))
         ]
         if busy and (revision is None or self.resolve_commit(repo_id, revision) in busy):
             raise RevisionBusy(repo_id, busy[0])
@@ -635,6 +635,24 @@ def _state_from_links(
 _HASH_CHUNK = 8 * 1024 * 1024
 
 
+def new_digest(etag: str, size: int) -> Any:
+    """The hash an ETag is of: sha256 for a 64-hex ETag (LFS/Xet files); for a 40-hex one
+    (regular files) the git blob id, sha1 of ``blob <size>\\0`` + content, so it needs the size.
+    None for anything else."""
+    if len(etag) == 64:
+        return hashlib.sha256()
+    if len(etag) == 40:
+        return hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
+    return None
+
+
+def blob_name(file_name: str) -> str:
+    """The blob (or commit) a file of ``blobs/`` or ``.locks/`` belongs to:
+    ``<etag>.<random>.incomplete``, ``<etag>.lock``, ``<commit>.download.lock`` -> the part
+    before the first dot."""
+    return file_name.split(".", 1)[0]
+
+
 def content_matches(path: Path, etag: str, on_bytes: Callable[[int], None] | None = None) -> bool:
     """Whether the file's content hashes to ``etag``: sha256 for a 64-hex ETag (LFS/Xet files),
     the git blob id (sha1 of ``blob <size>\\0`` + content) for a 40-hex one (regular files)."""
@@ -643,11 +661,8 @@ def content_matches(path: Path, etag: str, on_bytes: Callable[[int], None] | Non
         size = path.stat().st_size
     except FileNotFoundError:
         return False  # gone (another process sharing the cache discarded it): not a match
-    if len(etag) == 64:
-        digest = hashlib.sha256()
-    elif len(etag) == 40:
-        digest = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
-    else:
+    digest = new_digest(etag, size)
+    if digest is None:
         return False  # not an ETag the Hub serves: cannot be vouched for
     try:
         source = path.open("rb")
@@ -658,7 +673,7 @@ def content_matches(path: Path, etag: str, on_bytes: Callable[[int], None] | Non
             digest.update(chunk)  # hashlib releases the GIL on large buffers
             if on_bytes is not None:
                 on_bytes(len(chunk))
-    return digest.hexdigest() == etag
+    return bool(digest.hexdigest() == etag)
 
 
 def _size_of(path: Path) -> int | None:

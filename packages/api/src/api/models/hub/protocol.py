@@ -40,7 +40,7 @@ class Started:
 class Progress:
     downloaded_bytes: int  # of the plan's files on disk (those already there included)
     files_done: int  # by this pass
-    transferred_bytes: int  # fetched by this pass (network bytes where the library reports them)
+    transferred_bytes: int  # fetched by this attempt so far (network bytes where reported)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import logging
 import os
 import signal
@@ -31,7 +30,13 @@ from huggingface_hub import constants, snapshot_download
 from api.models.backend import DownloadPlan, RemoteFile
 from api.models.errors import DownloadFailed, FailureKind
 from api.models.hub import guard, protocol
-from api.models.hub.cache import INCOMPLETE_SUFFIX, ModelCache, content_matches
+from api.models.hub.cache import (
+    INCOMPLETE_SUFFIX,
+    ModelCache,
+    blob_name,
+    content_matches,
+    new_digest,
+)
 from api.models.hub.classify import failure_of
 
 PROGRESS_INTERVAL = 0.25
@@ -98,7 +103,7 @@ class StreamingHasher(threading.Thread):
         """Open new temporary files, hash what was written since; True when there was work."""
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.blobs):
-                etag = entry.name.split(".", 1)[0]
+                etag = blob_name(entry.name)
                 if (
                     entry.name.endswith(INCOMPLETE_SUFFIX)
                     and etag in self.wanted
@@ -109,7 +114,7 @@ class StreamingHasher(threading.Thread):
                         source = open(entry.path, "rb")  # noqa: SIM115 - kept open across steps
                         self._open[etag] = (
                             source,
-                            _new_digest(self.wanted[etag]),
+                            new_digest(etag, self.wanted[etag].size),
                             os.fstat(source.fileno()).st_ino,
                         )
         busy = False
@@ -138,14 +143,6 @@ class StreamingHasher(threading.Thread):
         return busy
 
 
-def _new_digest(entry: RemoteFile) -> Any:
-    """sha256 for LFS/Xet files (64-hex ETag); the git blob id, whose header needs the size, for
-    regular files: the expected size is used, and a file of another size fails the size check."""
-    if len(entry.etag) == 64:
-        return hashlib.sha256()
-    return hashlib.sha1(b"blob %d\0" % entry.size, usedforsecurity=False)
-
-
 class _ResumeWatch(logging.Handler):
     """Flags any warning of the library's file downloads (it logs each resume or restart)."""
 
@@ -168,6 +165,7 @@ class Reporter:
         self.network = 0  # bytes off the network, when the library reports them (Xet)
         self.files = 0
         self.kind = "progress"
+        self.carried = 0  # fetched by the passes before this one
         self._last = 0.0
 
     def send(self, message: protocol.WorkerMessage) -> None:
@@ -178,8 +176,17 @@ class Reporter:
 
     def restart(self, kind: str, base_bytes: int = 0) -> None:
         with self._lock:
+            if self.kind == "progress":
+                self.carried += self._pass_transferred()  # a total across the passes
             self.kind, self.base_bytes, self.bytes, self.files = kind, base_bytes, 0, 0
             self.network = 0
+
+    def _pass_transferred(self) -> int:
+        # Fetched by this pass: what came off the network when the library says (on the Xet
+        # path, bytes land on disk a whole xorb range at a time, often megabytes after they
+        # arrived; these messages also keep the stall watchdog fed meanwhile), else what was
+        # written.
+        return max(self.network or self.bytes, 0)
 
     def add(self, nbytes: int = 0, nfiles: int = 0, network: int = 0) -> None:
         with self._lock:
@@ -197,14 +204,10 @@ class Reporter:
         """The counters as the message of the current pass (called under the lock)."""
         if self.kind == "verifying":
             return protocol.Verifying(verified_bytes=max(self.bytes, 0), files_done=self.files)
-        # Fetched by this pass: what came off the network when the library says (on the Xet
-        # path, bytes land on disk a whole xorb range at a time, often megabytes after they
-        # arrived; these messages also keep the stall watchdog fed meanwhile), else what was
-        # written.
         return protocol.Progress(
             downloaded_bytes=self.base_bytes + max(self.bytes, 0),
             files_done=self.files,
-            transferred_bytes=max(self.network or self.bytes, 0),
+            transferred_bytes=self.carried + self._pass_transferred(),
         )
 
 
@@ -317,7 +320,7 @@ def _download_and_verify(cache: ModelCache, job: protocol.Job, reporter: Reporte
     def fetch() -> None:
         present = plan.total_bytes - cache.missing_bytes(repo_id, plan)
         reporter.restart("progress", present)
-        reporter.send(protocol.Progress(present, 0, 0))
+        reporter.send(protocol.Progress(present, 0, reporter.carried))
         snapshot_download(
             repo_id,
             revision=plan.commit,

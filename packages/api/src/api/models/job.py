@@ -1,0 +1,161 @@
+"""``DownloadJob``: one running download, its progress counters and its task.
+
+Progress changes only on the event loop thread (``apply``, from the backend's updates, which carry
+absolute counters); routes read snapshots (``status``, ``progress``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from api.models.backend import DownloadUpdate
+from api.models.events import EventBus
+from api.models.types import (
+    DownloadEvent,
+    DownloadEventType,
+    DownloadPhase,
+    DownloadProgress,
+    Model,
+    ModelStatus,
+    ModelStatusResponse,
+)
+
+_RATE_SMOOTHING = 0.3  # weight of the newest sample in the speed average
+PROGRESS_EVENT_INTERVAL = 0.5  # seconds between two progress events of one download
+
+
+@dataclass
+class DownloadJob:
+    """One running download: what it is, how far it got, and the task that runs it."""
+
+    model: Model
+    start_time: float = field(default_factory=time.time)
+    started: float = field(default_factory=time.monotonic)
+    phase: DownloadPhase = DownloadPhase.RESOLVING
+    commit: str | None = None
+    total_bytes: int | None = None
+    downloaded_bytes: int | None = None
+    files_total: int | None = None
+    files_done: int | None = None
+    verified_bytes: int | None = None
+    transferred_bytes: int = 0
+    attempt: int = 1
+    bytes_per_second: float | None = None
+    _sample: tuple[float, int] | None = None
+    _last_progress_event: float = 0.0
+    task: asyncio.Task[None] | None = None
+    bus: EventBus | None = None
+
+    @property
+    def task_id(self) -> str:
+        return self.model.task_id
+
+    def event(self, type_: DownloadEventType, **fields: str | None) -> DownloadEvent:
+        """The event, ``fields`` being its texts (``error_message``, ``retry_reason``...)."""
+        return DownloadEvent.model_validate(
+            {
+                "type": type_,
+                "task_id": self.task_id,
+                "model": self.model,
+                "time": time.time(),
+                "commit": self.commit,
+                "progress": self.progress(),
+                **fields,
+            }
+        )
+
+    def publish(self, type_: DownloadEventType, **fields: str | None) -> None:
+        if self.bus is not None:
+            self.bus.publish(self.event(type_, **fields))
+
+    def apply(self, update: DownloadUpdate) -> None:
+        """Take an update from the backend (on the event loop thread) and publish what changed."""
+        phase_before = self.phase
+        if update.commit is not None:
+            self.commit = update.commit
+        if update.total_bytes is not None:
+            self.total_bytes = update.total_bytes
+            self.phase = DownloadPhase.DOWNLOADING
+        if update.files_total is not None:
+            self.files_total = update.files_total
+        if update.attempt is not None and update.attempt != self.attempt:
+            self.attempt = update.attempt
+            self._sample = None  # a new attempt: the speed starts over
+        if update.retry_reason is not None:
+            self.publish(
+                DownloadEventType.RETRYING,
+                retry_reason=update.retry_reason,
+                retry_kind=update.retry_kind,
+            )
+        if update.verifying:
+            self.phase = DownloadPhase.VERIFYING
+            self.verified_bytes = update.downloaded_bytes
+        else:
+            if update.files_done is not None:
+                self.files_done = update.files_done
+            if update.transferred_bytes is not None:
+                self.transferred_bytes = update.transferred_bytes  # a total: all attempts
+            if update.downloaded_bytes is not None:
+                self.phase = DownloadPhase.DOWNLOADING
+                self._measure(update.downloaded_bytes)
+                self.downloaded_bytes = update.downloaded_bytes
+        now = time.monotonic()
+        if self.phase is DownloadPhase.VERIFYING and phase_before is not DownloadPhase.VERIFYING:
+            self.publish(DownloadEventType.VERIFYING)
+            self._last_progress_event = now
+        elif now - self._last_progress_event >= PROGRESS_EVENT_INTERVAL:
+            self.publish(DownloadEventType.PROGRESS)
+            self._last_progress_event = now
+
+    def _measure(self, downloaded: int) -> None:
+        now = time.monotonic()
+        if self._sample is not None:
+            then, before = self._sample
+            if now - then >= 0.2 and downloaded >= before:
+                rate = (downloaded - before) / (now - then)
+                self.bytes_per_second = (
+                    rate
+                    if self.bytes_per_second is None
+                    else _RATE_SMOOTHING * rate + (1 - _RATE_SMOOTHING) * self.bytes_per_second
+                )
+                self._sample = (now, downloaded)
+        else:
+            self._sample = (now, downloaded)
+
+    def status(self) -> ModelStatusResponse:
+        return ModelStatusResponse(
+            model=self.model,
+            status=ModelStatus.DOWNLOADING,
+            progress=self.progress(),
+            commit=self.commit,
+        )
+
+    def progress(self) -> DownloadProgress:
+        percent = eta = None
+        if self.total_bytes is not None and self.downloaded_bytes is not None:
+            percent = (
+                100.0 if self.total_bytes == 0 else 100.0 * self.downloaded_bytes / self.total_bytes
+            )
+            percent = round(min(percent, 100.0), 2)
+            if self.bytes_per_second:
+                remaining = max(self.total_bytes - self.downloaded_bytes, 0)
+                eta = round(remaining / self.bytes_per_second, 1)
+        return DownloadProgress(
+            start_time=self.start_time,
+            elapsed_seconds=round(time.monotonic() - self.started, 3),
+            phase=self.phase,
+            downloaded_bytes=self.downloaded_bytes,
+            total_bytes=self.total_bytes,
+            percent=percent,
+            bytes_per_second=None
+            if self.bytes_per_second is None
+            else round(self.bytes_per_second, 1),
+            eta_seconds=eta,
+            files_done=self.files_done,
+            files_total=self.files_total,
+            verified_bytes=self.verified_bytes,
+            transferred_bytes=self.transferred_bytes,
+            attempt=self.attempt,
+        )

@@ -1,0 +1,145 @@
+"""``make demo``: the fake hub with sample repos and the service pointed at it, both on 127.0.0.1,
+started and stopped together.
+
+Each port is checked first (a busy one fails loudly: the service would otherwise talk to whatever
+listens there); both servers die with this process (Ctrl-C, SIGTERM from make, kill -9); when one
+of them exits, the other is stopped too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _wait_http(url: str, process: subprocess.Popen[bytes], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        if process.poll() is not None:
+            raise SystemExit(f"demo: {url} exited before it answered (code {process.returncode})")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"demo: {url} did not answer within {seconds:g} s") from None
+            time.sleep(0.1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="the service's port")
+    parser.add_argument("--hub-port", type=int, default=8900, help="the fake hub's port")
+    parser.add_argument("--folder", type=Path, default=ROOT / ".demo")
+    args = parser.parse_args()
+    for name, host, port in (
+        ("hub", "127.0.0.1", args.hub_port),
+        ("service", args.host, args.port),
+    ):
+        if not _port_free(host, port):
+            print(
+                f"demo: port {port} ({name}) is in use; pick another with"
+                f" {'HUB_PORT' if name == 'hub' else 'PORT'}=... make demo",
+                file=sys.stderr,
+            )
+            return 1
+    args.folder.mkdir(exist_ok=True)
+    hub_url = f"http://127.0.0.1:{args.hub_port}"
+    hub = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fakehub",
+            "--repos",
+            str(args.folder / "repos"),
+            "--port",
+            str(args.hub_port),
+            "--samples",
+        ],
+        preexec_fn=_die_with_parent,
+    )
+    children = [hub]
+
+    def stop() -> None:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        for child in children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=10)
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt  # the same end as Ctrl-C: stop both (below)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        _wait_http(f"{hub_url}/api/models/demo/tiny-model", hub, 120)
+        env = {
+            **os.environ,
+            "HF_ENDPOINT": hub_url,
+            "HF_HUB_CACHE": str(args.folder / "cache"),
+        }
+        service = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.app:app",
+                "--host",
+                args.host,
+                "--port",
+                str(args.port),
+            ],
+            env=env,
+            preexec_fn=_die_with_parent,
+        )
+        children.append(service)
+        _wait_http(f"http://{args.host}:{args.port}/api/health", service, 60)
+        print(
+            f"demo: the service is at http://{args.host}:{args.port} (Swagger UI at /docs),"
+            f" the fake hub at {hub_url}; Ctrl-C stops both",
+            file=sys.stderr,
+            flush=True,
+        )
+        while all(child.poll() is None for child in children):
+            time.sleep(0.2)
+        print("demo: one server exited; stopping the other", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
