@@ -13,6 +13,7 @@ import pytest
 from api.models.backend import CacheState
 from api.models.errors import UnsafeCachePath
 from api.models.hub.cache import ModelCache
+from api.models.hub.deletion import delete, plan_delete
 
 C1, C2 = "1" * 40, "2" * 40
 
@@ -79,15 +80,15 @@ def test_delete_revision_keeps_shared_blobs(tmp_path: Path) -> None:
     make_revision(tmp_path, "org/m", C1, {"shared.bin": b"same", "old.txt": b"old"}, ref=None)
     folder = make_revision(tmp_path, "org/m", C2, {"shared.bin": b"same", "new.txt": b"new"})
     cache = ModelCache(tmp_path)
-    freed = cache.delete("org/m", C1)
+    freed = delete(cache, "org/m", C1)
     assert freed == len(b"old")
     assert cache.local_state("org/m", C2).state is CacheState.COMPLETE
     assert cache.local_state("org/m", C1).state is CacheState.ABSENT
     assert not (folder / "trees" / f"{C1}.json").exists()
-    assert cache.delete("org/m", C1) is None
+    assert delete(cache, "org/m", C1) is None
     # Deleting the branch deletes the commit it points to; the last revision takes the folder.
     tree_bytes = len((folder / "trees" / f"{C2}.json").read_bytes())
-    assert cache.delete("org/m", "main") == len(b"same") + len(b"new") + 40 + tree_bytes
+    assert delete(cache, "org/m", "main") == len(b"same") + len(b"new") + 40 + tree_bytes
     assert not folder.exists()
 
 
@@ -99,11 +100,11 @@ def test_planted_link_never_leads_a_delete_outside(tmp_path: Path) -> None:
     (folder / "snapshots" / C1 / "evil").symlink_to(outside)
     cache = ModelCache(cache_root)
     with pytest.raises(UnsafeCachePath):
-        cache.delete("org/m", C1)
+        delete(cache, "org/m", C1)
     assert outside.read_text() == "keep me"
     assert (folder / "snapshots" / C1 / "a.txt").exists()  # nothing was deleted
     # The whole model: links are removed, never followed.
-    cache.delete("org/m", None)
+    delete(cache, "org/m", None)
     assert outside.read_text() == "keep me"
     assert not folder.exists()
 
@@ -150,3 +151,27 @@ def test_metadata_without_content_is_not_found(tmp_path: Path) -> None:
     cache = ModelCache(tmp_path)
     assert cache.local_state("org/m", "main").state is CacheState.ABSENT
     assert cache.list_cached() == []
+
+
+def test_a_delete_plan_removes_nothing_until_executed(tmp_path: Path) -> None:
+    """The plan names what goes and what it frees; only ``execute`` removes anything."""
+    make_revision(tmp_path, "org/m", C1, {"shared.bin": b"same", "old.txt": b"old"}, ref=None)
+    folder = make_revision(tmp_path, "org/m", C2, {"shared.bin": b"same", "new.txt": b"new"})
+    cache = ModelCache(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    plan = plan_delete(cache, "org/m", C1)
+    assert plan is not None
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    assert plan.trees == (folder / "snapshots" / C1,)
+    old_blob = (folder / "snapshots" / C1 / "old.txt").resolve()
+    assert old_blob in plan.files
+    assert (folder / "snapshots" / C2 / "shared.bin").resolve() not in plan.files  # shared
+    assert plan.freed_bytes == len(b"old")
+    assert plan.execute() == len(b"old")
+    assert not old_blob.exists()
+    assert (folder / "snapshots" / C2 / "shared.bin").read_bytes() == b"same"
+    whole = plan_delete(cache, "org/m", None)
+    assert whole is not None
+    assert whole.trees == (folder,)
+    files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert whole.freed_bytes == sum(p.stat().st_size for p in files)

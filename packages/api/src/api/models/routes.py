@@ -304,7 +304,11 @@ async def disk_space(manager: ManagerDep) -> DiskSpaceInfo:
         200: {
             "model": DownloadEvent,
             "description": "A stream of Server-Sent Events; the data of each is a DownloadEvent",
-        }
+        },
+        422: {
+            "model": ErrorResponse,
+            "description": "hf_repo is not 'namespace/name'",
+        },
     },
 )
 async def download_events(

@@ -134,15 +134,22 @@ class DownloadProgress(BaseModel):
     byte and file figures are additions (null until the file list is known)."""
 
     start_time: float = Field(description="Unix time the download started")
-    elapsed_seconds: float
-    phase: DownloadPhase | None = None
-    downloaded_bytes: int | None = None
-    total_bytes: int | None = None
-    percent: float | None = None
-    bytes_per_second: float | None = None
-    eta_seconds: float | None = None
-    files_done: int | None = None
-    files_total: int | None = None
+    elapsed_seconds: float = Field(description="Seconds since it started")
+    phase: DownloadPhase | None = Field(
+        default=None, description="resolving, downloading, verifying (completed in that event)"
+    )
+    downloaded_bytes: int | None = Field(
+        default=None,
+        description="Bytes of the revision's files on disk, those already cached included",
+    )
+    total_bytes: int | None = Field(default=None, description="Bytes of every file of the revision")
+    percent: float | None = Field(
+        default=None, description="downloaded_bytes of total_bytes, 0-100"
+    )
+    bytes_per_second: float | None = Field(default=None, description="Recent speed (smoothed)")
+    eta_seconds: float | None = Field(default=None, description="Seconds left at that speed")
+    files_done: int | None = Field(default=None, description="Files fetched by the current pass")
+    files_total: int | None = Field(default=None, description="Files of the revision")
     verified_bytes: int | None = Field(
         default=None, description="Bytes checked against their ETags so far (phase verifying)"
     )
@@ -156,18 +163,29 @@ class DownloadProgress(BaseModel):
 
 
 class ModelStatusResponse(BaseModel):
-    model: Model
-    status: ModelStatus
-    progress: DownloadProgress | None = None
-    error_message: str | None = None
+    model: Model = Field(description="The model as it was asked")
+    status: ModelStatus = Field(
+        description="DOWNLOADED (complete and verified), DOWNLOADING, PARTIAL (part of it, or not"
+        " verified: error_message says why) or NOT_FOUND"
+    )
+    progress: DownloadProgress | None = Field(default=None, description="While DOWNLOADING")
+    error_message: str | None = Field(
+        default=None, description="Why it is not DOWNLOADED, in plain words, when known"
+    )
     commit: str | None = Field(
         default=None, description="The commit the status refers to, when known (addition)"
     )
 
 
 class DownloadStartedResponse(BaseModel):
-    task_id: str = Field(examples=[f"{REPO_EXAMPLE}:latest"])
-    status: ModelStatus = Field(examples=[ModelStatus.DOWNLOADING])
+    task_id: str = Field(
+        description="org/name:latest, or org/name:<commit or branch>",
+        examples=[f"{REPO_EXAMPLE}:latest"],
+    )
+    status: ModelStatus = Field(
+        description="DOWNLOADING (started), or DOWNLOADED (already complete: nothing started)",
+        examples=[ModelStatus.DOWNLOADING],
+    )
 
 
 class DeleteStatus(StrEnum):
@@ -176,13 +194,15 @@ class DeleteStatus(StrEnum):
 
 
 class DeleteResponse(BaseModel):
-    status: DeleteStatus
+    status: DeleteStatus = Field(
+        description="cancelled (a download was stopped; what it fetched stays) or deleted"
+    )
     freed_bytes: int | None = Field(default=None, description="Bytes removed from disk (addition)")
 
 
 class ModelListItem(BaseModel):
-    model: Model
-    status: ModelStatus
+    model: Model = Field(description="The repo and the cached commit")
+    status: ModelStatus = Field(description="The same status POST /status gives this revision")
     size_bytes: int | None = Field(default=None, description="Bytes on disk (addition)")
     refs: list[str] = Field(default_factory=list, description="Branches/tags cached (addition)")
     progress: DownloadProgress | None = None
@@ -197,21 +217,27 @@ class ModelListResponse(BaseModel):
 
 
 class DiskSpaceInfo(BaseModel):
-    cache_size_bytes: int = Field(examples=[13958643712])
-    available_bytes: int = Field(examples=[500000000000])
-    cache_path: str = Field(examples=["/root/.cache/huggingface/hub"])
+    cache_size_bytes: int = Field(
+        description="Bytes of every file in the cache", examples=[13958643712]
+    )
+    available_bytes: int = Field(
+        description="Bytes free on the cache's filesystem", examples=[500000000000]
+    )
+    cache_path: str = Field(
+        description="The cache folder", examples=["/root/.cache/huggingface/hub"]
+    )
 
 
 class VerifyResponse(BaseModel):
     """The result of checking every file of a cached revision against its ETag (sha256 for LFS
     files, git blob id for regular files)."""
 
-    model: Model
-    commit: str
+    model: Model = Field(description="The model as it was asked")
+    commit: str = Field(description="The commit checked")
     verified: bool = Field(description="True when every file is present and matches")
-    files_checked: int
-    missing: list[str]
-    mismatched: list[str]
+    files_checked: int = Field(description="Files present and hashed")
+    missing: list[str] = Field(description="Files of the revision that are not there")
+    mismatched: list[str] = Field(description="Files whose content does not match their ETag")
 
 
 class DownloadEventType(StrEnum):

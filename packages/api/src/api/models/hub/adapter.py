@@ -37,7 +37,7 @@ from api.models.backend import (
     VerifyReport,
 )
 from api.models.errors import DownloadFailed, FailureKind
-from api.models.hub import guard, protocol
+from api.models.hub import deletion, guard, protocol
 from api.models.hub.cache import ModelCache
 from api.models.hub.classify import failure_of
 from api.models.hub.guard import UntrustedAnswer, check_plan
@@ -176,7 +176,7 @@ class HubCacheBackend:
         return self.cache.list_cached()
 
     def delete(self, repo_id: str, revision: str | None) -> int | None:
-        return self.cache.delete(repo_id, revision)
+        return deletion.delete(self.cache, repo_id, revision)
 
     def cache_usage(self) -> tuple[int, int]:
         return self.cache.usage()

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub.utils._shared_blobs import shared_blob_target, sweep_shared_blob
+from huggingface_hub.utils._shared_blobs import shared_blob_target
 
 from api.models.backend import (
     CachedRevision,
@@ -46,7 +46,6 @@ from api.models.backend import (
     LocalState,
     VerifyReport,
 )
-from api.models.errors import CacheNotWritable, RevisionBusy, UnsafeCachePath
 from api.models.hub.guard import GIT_OR_SHA256, path_problem
 
 logger = logging.getLogger(__name__)
@@ -452,145 +451,13 @@ class ModelCache:
                     removed += self.remove_orphans(repo_id)
         return removed
 
-    def delete(self, repo_id: str, revision: str | None) -> int | None:
-        """Delete one revision, or the whole model when ``revision`` is None.
+    def blob_behind(self, repo_id: str, link: Path) -> Path | None:
+        """The entry of the model's ``blobs/`` a snapshot link names (one hop, not resolved
+        further: it may itself be a link into the shared store), or None."""
+        return self._blob_behind(repo_id, link)
 
-        A revision that a download worker of another process holds is never deleted
-        (``RevisionBusy``). Plan first, then execute: the plan lists every path to remove and checks that each one,
-        links resolved, lies inside the model's own folder; a planted link that leads outside
-        raises ``UnsafeCachePath`` before anything is removed. Blobs still used by another cached
-        revision are kept. Returns the bytes freed, or None when nothing of it was cached.
-        """
-        folder = self.folder(repo_id)
-        if not folder.is_dir() or folder.is_symlink():
-            return None
-        if not os.access(self.root, os.W_OK) or not os.access(folder, os.W_OK):
-            raise CacheNotWritable(repo_id)
-        try:
-            return self._delete(repo_id, folder, revision)
-        except OSError as error:
-            if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-                raise CacheNotWritable(repo_id, partly=True) from None
-            raise
-
-    def _delete(self, repo_id: str, folder: Path, revision: str | None) -> int | None:
-        busy = [
-            blob_name(p.name)
-            for p in _iter_files(self.locks_folder(repo_id))
-            if p.name.endswith(".download.lock") and self.revision_busy(repo_id, blob_name(p.name))
-        ]
-        if busy and (revision is None or self.resolve_commit(repo_id, revision) in busy):
-            raise RevisionBusy(repo_id, busy[0])
-        if revision is None:
-            return self._delete_folder(repo_id, folder)
-        commit = self.resolve_commit(repo_id, revision)
-        if commit is None:
-            return None
-        return self._delete_revision(repo_id, folder, commit)
-
-    def _delete_folder(self, repo_id: str, folder: Path) -> int:
-        freed = sum(st.st_size for _, st in _iter_stats(folder))
-        shared = self._shared_targets(folder / "blobs")
-        # rmtree removes links, never what they point to.
-        shutil.rmtree(folder)
-        self._remove_inside(self.locks_folder(repo_id))
-        return freed + self._sweep(shared)
-
-    def _remove_inside(self, path: Path) -> None:
-        """Remove a folder of the cache's own (a model's locks, a revision's ``.no_exist``) only
-        where it really is inside the cache: a link planted on the way (``.locks`` itself, or
-        ``.no_exist``, linked elsewhere) is removed, never followed."""
-        real_root = self.root.resolve()
-        try:
-            real_parent = path.parent.resolve()
-        except OSError:
-            return
-        lexical = real_root / path.parent.relative_to(self.root)
-        if real_parent != lexical:
-            # A link among the parents leads elsewhere: remove that link, nothing behind it.
-            for parent in [path.parent, *path.parent.parents]:
-                if parent == self.root:
-                    break
-                if parent.is_symlink():
-                    parent.unlink(missing_ok=True)
-                    break
-            return
-        if path.is_symlink():
-            path.unlink(missing_ok=True)
-        elif path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-
-    def _shared_targets(self, blobs: Path) -> set[Path]:
-        """The shared-store blobs the links among these blobs lead to."""
-        found = set()
-        for path, _ in _iter_stats(blobs, links_too=True):
-            target = shared_blob_target(path, self.root)
-            if target is not None:
-                found.add(target)
-        return found
-
-    def _sweep(self, shared: set[Path]) -> int:
-        """Collect the shared blobs no repo links any more (the library checks, under its lock,
-        every reference its manifest lists); return the bytes freed."""
-        return sum(sweep_shared_blob(target, cache_dir=self.root) for target in shared)
-
-    def _delete_revision(self, repo_id: str, folder: Path, commit: str) -> int | None:
-        snapshots = folder / "snapshots"
-        snapshot = snapshots / commit
-        tree_file = folder / "trees" / f"{commit}.json"
-        if snapshot.is_symlink():
-            raise UnsafeCachePath(repo_id)  # a planted link in place of the revision's folder
-        if not snapshot.is_dir() and not tree_file.exists():
-            return None
-        real_folder = folder.resolve()
-        blobs_dir = (folder / "blobs").resolve()
-
-        def blobs_of(snap: Path) -> set[Path]:
-            """The blobs (``<folder>/blobs/<name>``) a snapshot's links use; raises UnsafeCachePath
-            for a link that leads anywhere but into the model's folder or, through the model's
-            own ``blobs/`` entry, into the library's shared store."""
-            found = set()
-            for rel in _relative_files(snap):
-                target = (snap / rel).resolve()
-                if target.is_relative_to(real_folder):
-                    if target.parent == blobs_dir:
-                        found.add(folder / "blobs" / target.name)
-                    continue
-                blob = self._blob_behind(repo_id, snap / rel)
-                shared = shared_blob_target(blob, self.root) if blob is not None else None
-                if blob is None or shared is None or shared.resolve() != target:
-                    raise UnsafeCachePath(repo_id)
-                found.add(blob)
-            return found
-
-        doomed = blobs_of(snapshot) if snapshot.is_dir() else set()
-        others = [p for p in _iter_dirs(snapshots) if p.name != commit]
-        for other in others:
-            doomed -= blobs_of(other)
-        # Another revision may be between its start and its first file: its file list (and its
-        # lock) is all there is of it yet, and taking the whole folder would remove them.
-        starting = [
-            p
-            for p in _iter_files(folder / "trees")
-            if p.suffix == ".json" and p.stem != commit and COMMIT_RE.fullmatch(p.stem)
-        ]
-        if not others and not starting:
-            return self._delete_folder(repo_id, folder)  # the last revision: the whole model
-        freed = sum(p.lstat().st_size for p in doomed if p.exists() and not p.is_symlink())
-        shared = {t for p in doomed if (t := shared_blob_target(p, self.root)) is not None}
-        # Execute.
-        if snapshot.is_dir():
-            shutil.rmtree(snapshot)
-        for blob in doomed:
-            blob.unlink(missing_ok=True)
-        freed += self._sweep(shared)
-        tree_file.unlink(missing_ok=True)
-        self.clear_unverified(repo_id, commit)
-        self._remove_inside(folder / ".no_exist" / commit)
-        for ref, target in self._refs(folder).items():
-            if target == commit:
-                (folder / "refs" / ref).unlink(missing_ok=True)
-        return freed
+    def refs(self, repo_id: str) -> dict[str, str]:
+        return self._refs(self.folder(repo_id))
 
 
 def _unreadable(repo_id: str, error: BaseException, commit: str | None = None) -> CachedRevision:
