@@ -118,7 +118,7 @@ async def test_stall_trips_the_watchdog_and_the_retry_completes(
 ) -> None:
     hub.add_fault(stall(30, path=weights(hub), method="GET", times=1))
     body = {"hf_repo": "org/model"}
-    async with app_client(settings.model_copy(update={"stall_timeout_seconds": 1.0})) as client:
+    async with app_client(settings.model_copy(update={"stall_timeout_seconds": 2.0})) as client:
         await client.post("/api/models/download", json=body)
         answer = await wait_for_status(client, body, FINAL)
     assert answer["status"] == "DOWNLOADED"
@@ -129,13 +129,13 @@ async def test_a_trickle_is_a_stall_only_when_no_byte_is_reported(
     settings: Settings, hub: FakeHub, repos: RepoBuilder
 ) -> None:
     """The watchdog hears what the library reports. Over plain HTTP that is each 1 MiB read, so
-    a trickle of less than 1 MiB per watchdog period is a stall; through Xet the network bytes are
-    reported as they arrive (the file is written a xorb range at a time), so a trickle that moves
-    is not killed."""
+    a trickle of less than 1 MiB per watchdog period is a stall (here 1 MiB takes 4 s, the period
+    is 3 s); through Xet the network bytes are reported as they arrive (the file is written a xorb
+    range at a time), so a trickle that moves is not killed, even on a busy machine."""
     repos.commit("org/slow", {"w.bin": Generated(MB, seed=9)})
     hub.add_fault(trickle(250_000, path=hub.content_path("org/slow", "w.bin")))
     body = {"hf_repo": "org/slow"}
-    slow = settings.model_copy(update={"stall_timeout_seconds": 1.0, "retry_attempts": 2})
+    slow = settings.model_copy(update={"stall_timeout_seconds": 3.0, "retry_attempts": 2})
     async with app_client(slow) as client:
         await client.post("/api/models/download", json=body)
         answer = await wait_for_status(client, body, FINAL)
@@ -143,7 +143,7 @@ async def test_a_trickle_is_a_stall_only_when_no_byte_is_reported(
         assert answer["status"] == "DOWNLOADED", answer
     else:
         assert answer["status"] == "NOT_FOUND"
-        assert answer["error_message"] == "no data for 1 s (stalled); gave up after 2 attempts"
+        assert answer["error_message"] == "no data for 3 s (stalled); gave up after 2 attempts"
     assert worker_processes() == []
 
 
@@ -325,13 +325,13 @@ async def test_a_slow_starting_worker_is_not_a_stall(
     counts from the worker's first message (it has its job), not from the process start."""
     slow = tmp_path / "slow-start"
     slow.mkdir()
-    # Imported by every new interpreter that finds it on its path: the worker starts 2.5 s late.
-    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(2.5)\n")
+    # Imported by every new interpreter that finds it on its path: the worker starts 4 s late.
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(4)\n")
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))
     )
     body = {"hf_repo": "org/model"}
-    strict = settings.model_copy(update={"stall_timeout_seconds": 1.0, "retry_attempts": 1})
+    strict = settings.model_copy(update={"stall_timeout_seconds": 2.0, "retry_attempts": 1})
     async with app_client(strict) as client:
         await client.post("/api/models/download", json=body)
         answer = await wait_for_status(client, body, FINAL)
