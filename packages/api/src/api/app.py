@@ -171,10 +171,10 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
         app.state.model_manager = model_manager
         app.state.metrics = metrics
         logger.info("model cache at %s", model_manager.backend.cache_path)
+        await model_manager.start()
         # The server waits for open responses before it runs the shutdown below, and an event
         # stream never ends by itself: end the streams on the stop signal itself.
         restore = on_stop_signal(model_manager.events.close)
-        await model_manager.start()
         try:
             yield
         finally:

@@ -34,9 +34,12 @@ def test_the_library_uses_the_guarded_client() -> None:
         ({"X-Xet-Hash": "../x"}, False),
     ],
 )
-def test_headers_the_library_makes_file_names_of(headers: dict[str, str], ok: bool) -> None:
+@pytest.mark.parametrize("path", ["/org/m/resolve/main/f", "/api/resolve-cache/models/org/m/abc/f"])
+def test_headers_the_library_makes_file_names_of(
+    headers: dict[str, str], ok: bool, path: str
+) -> None:
     def check() -> None:
-        check_headers("/org/m/resolve/main/f", 200, httpx2.Headers(headers))
+        check_headers(path, 200, httpx2.Headers(headers))
 
     if ok:
         check()

@@ -254,7 +254,7 @@ def check_headers(path: str, status: int, headers: httpx2.Headers) -> None:
         raise UntrustedAnswer(f"the Hub sent a malformed X-Xet-Hash {_excerpt(xet_hash)}")
     etag = headers.get("ETag")
     if (
-        "/resolve/" in path
+        "/resolve" in path  # /resolve/ and /api/resolve-cache/ (the library follows both)
         and status < 400
         and linked is None
         and etag is not None
