@@ -34,10 +34,6 @@ class EventBus:
         """End every subscriber's stream (the service is stopping); idempotent."""
         self._closed.set()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed.is_set()
-
     async def next(self, queue: asyncio.Queue[DownloadEvent]) -> DownloadEvent | None:
         """The subscriber's next event, or None once the bus is closed."""
         if self._closed.is_set():

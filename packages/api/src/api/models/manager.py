@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -38,6 +38,7 @@ from api.models.errors import (
 from api.models.events import EventBus
 from api.models.job import DownloadJob
 from api.models.types import (
+    COMMIT_PATTERN,
     DeleteResponse,
     DeleteStatus,
     DiskSpaceInfo,
@@ -182,7 +183,8 @@ class ModelManager:
             if plan is not None:
                 # Now the commit is known: one revision, one job, whatever it was asked as.
                 start.commit = plan.commit
-                self._check_no_other_job(model, plan.commit)
+                if (running := self._running_as(model, plan.commit, besides=task_id)) is not None:
+                    raise DownloadConflict(running)
             if start.cancelled:
                 raise DownloadCancelled(task_id)
             job = DownloadJob(model=model, bus=self.events)
@@ -210,16 +212,24 @@ class ModelManager:
         job.publish(DownloadEventType.STARTED)
         return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADING)
 
-    def _running_as(self, model: Model) -> str | None:
+    def _running(self) -> Iterator[tuple[str, Model, str | None]]:
+        """(task id, model, commit when known) of every download that runs or starts here."""
+        for task_id, job in self._jobs.items():
+            yield task_id, job.model, job.commit
+        for task_id, start in self._starting.items():
+            yield task_id, start.model, start.commit
+
+    def _running_as(
+        self, model: Model, commit: str | None = None, besides: str | None = None
+    ) -> str | None:
         """The task id under which this revision already downloads or starts, if it does: the
-        same task id, the same branch (``latest`` is ``main``), or the same commit."""
-        commit = model.hf_commit if model.hf_commit and _is_commit(model.hf_commit) else None
-        entries: list[tuple[str, Model, str | None]] = [
-            (task_id, job.model, job.commit) for task_id, job in self._jobs.items()
-        ]
-        entries += [(task_id, st.model, st.commit) for task_id, st in self._starting.items()]
-        for task_id, other, other_commit in entries:
-            if other.hf_repo != model.hf_repo:
+        same task id, the same branch (``latest`` is ``main``), or the same commit (``commit``,
+        once the plan has resolved it; else ``hf_commit`` when it is one). ``besides``: a task
+        id not to count (the start asking)."""
+        if commit is None and model.hf_commit and COMMIT_PATTERN.fullmatch(model.hf_commit):
+            commit = model.hf_commit
+        for task_id, other, other_commit in self._running():
+            if other.hf_repo != model.hf_repo or task_id == besides:
                 continue
             if task_id == model.task_id or other.revision == model.revision:
                 return task_id
@@ -237,18 +247,6 @@ class ModelManager:
             raise TooManyDownloads(
                 self.settings.max_concurrent_downloads, self.settings.retry_after_seconds
             )
-
-    def _check_no_other_job(self, model: Model, commit: str) -> None:
-        for task_id, job in self._jobs.items():
-            if job.model.hf_repo == model.hf_repo and job.commit == commit:
-                raise DownloadConflict(task_id)
-        for task_id, start in self._starting.items():
-            if (
-                task_id != model.task_id
-                and start.model.hf_repo == model.hf_repo
-                and start.commit == commit
-            ):
-                raise DownloadConflict(task_id)
 
     def _job_for(self, model: Model) -> DownloadJob | None:
         """The running job of this revision, under any of its names."""
@@ -350,10 +348,7 @@ class ModelManager:
             return DeleteResponse(status=DeleteStatus.CANCELLED)
         if model.hf_commit is None:
             # The whole model: not while another of its revisions downloads or starts here.
-            for task_id, other in [
-                *((t, j.model) for t, j in self._jobs.items()),
-                *((t, st.model) for t, st in self._starting.items()),
-            ]:
+            for task_id, other, _ in self._running():
                 if other.hf_repo == model.hf_repo:
                     raise DownloadConflict(task_id)
         freed = await self._on_cache_pool(self.backend.delete, model.hf_repo, model.hf_commit)
@@ -433,10 +428,6 @@ class _Start:
     model: Model
     commit: str | None = None
     cancelled: bool = False
-
-
-def _is_commit(revision: str) -> bool:
-    return len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
 
 
 def _lower_thread_priority(nice: int) -> None:

@@ -199,9 +199,11 @@ class HubCacheBackend:
         try:
             return await self._plan_attempt(request)
         except DownloadFailed as failure:
-            if not failure.retryable:
-                failure.args = (f"{failure} (attempt 1, not retried)",)
-            raise
+            if failure.retryable:
+                raise
+            raise DownloadFailed(
+                failure.kind, f"{failure} (attempt 1, not retried)", retry_after=failure.retry_after
+            ) from None
 
     async def download(
         self,

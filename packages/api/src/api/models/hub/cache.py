@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 from collections.abc import Callable, Iterator
@@ -44,13 +43,13 @@ from api.models.backend import (
     CacheState,
     DownloadPlan,
     LocalState,
+    RemoteFile,
     VerifyReport,
 )
-from api.models.hub.guard import GIT_OR_SHA256, path_problem
+from api.models.hub.guard import COMMIT_ID, UntrustedAnswer, check_plan, path_problem
 
 logger = logging.getLogger(__name__)
 
-COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 TREE_FORMAT_VERSION = 1
 INCOMPLETE_SUFFIX = ".incomplete"
 
@@ -88,13 +87,13 @@ class ModelCache:
 
     def resolve_commit(self, repo_id: str, revision: str) -> str | None:
         """The commit of a revision from the cache alone: the id itself, or the ref's content."""
-        if COMMIT_RE.fullmatch(revision):
+        if COMMIT_ID.fullmatch(revision):
             return revision
         try:
             commit = (self.folder(repo_id) / "refs" / revision).read_text().strip()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
-        return commit if COMMIT_RE.fullmatch(commit) else None
+        return commit if COMMIT_ID.fullmatch(commit) else None
 
     def read_tree(self, repo_id: str, commit: str) -> dict[str, TreeEntry] | None:
         """The revision's file list as the hub client cached it (``trees/<commit>.json``), or None."""
@@ -117,16 +116,14 @@ class ModelCache:
             logger.warning("ignoring unreadable file list %s: %s", path, error)
             return None
         # The file is in the cache, which other tools and users write too: a path or an id that
-        # could lead outside the snapshot makes the whole list untrusted.
-        for rel, entry in tree.items():
-            problem = path_problem(rel)
-            if problem is None and not GIT_OR_SHA256.fullmatch(entry.etag):
-                problem = "a file id is malformed"
-            if problem is None and entry.size < 0:
-                problem = "a size is negative"
-            if problem is not None:
-                logger.warning("ignoring the file list %s: %s", path, problem)
-                return None
+        # could lead outside the snapshot makes the whole list untrusted (the rule a plan from
+        # the Hub passes).
+        files = tuple(RemoteFile(rel, entry.size, entry.etag) for rel, entry in tree.items())
+        try:
+            check_plan(DownloadPlan(commit, files))
+        except UntrustedAnswer as problem:
+            logger.warning("ignoring the file list %s: %s", path, problem)
+            return None
         return tree
 
     def local_state(self, repo_id: str, revision: str) -> LocalState:
@@ -178,7 +175,9 @@ class ModelCache:
         if not isinstance(data, dict):
             return ("the revision's verification journal is unreadable", [])
         files = [f for f in data.get("files") or [] if isinstance(f, str) and not path_problem(f)]
-        return str(data.get("reason") or "the revision is not verified"), files
+        # The file is in the cache, which others can write: its text reaches status answers, so
+        # it is bounded.
+        return str(data.get("reason") or "the revision is not verified")[:300], files[:1000]
 
     def revision_lock(self, repo_id: str, commit: str) -> Path:
         return self.locks_folder(repo_id) / f"{commit}.download.lock"
@@ -208,7 +207,7 @@ class ModelCache:
 
     def write_ref(self, repo_id: str, revision: str, commit: str) -> None:
         """Record that ``revision`` (a branch or tag) points at ``commit``, atomically."""
-        if COMMIT_RE.fullmatch(revision):
+        if COMMIT_ID.fullmatch(revision):
             return
         path = self.folder(repo_id) / "refs" / revision
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,10 +221,10 @@ class ModelCache:
         A blob in the shared store goes too: its content is wrong for every repo that links it,
         and left there the library would link it again instead of downloading.
         """
-        if path_problem(rel) is not None or not COMMIT_RE.fullmatch(commit):
+        if path_problem(rel) is not None or not COMMIT_ID.fullmatch(commit):
             raise ValueError("not a path inside a snapshot")  # the callers check it first
         link = self.folder(repo_id) / "snapshots" / commit / rel
-        blob = self._blob_behind(repo_id, link)
+        blob = self.blob_behind(repo_id, link)
         if blob is not None:
             shared = shared_blob_target(blob, self.root)  # None unless the library's link
             if shared is not None:
@@ -233,7 +232,7 @@ class ModelCache:
             blob.unlink(missing_ok=True)
         link.unlink(missing_ok=True)
 
-    def _blob_behind(self, repo_id: str, link: Path) -> Path | None:
+    def blob_behind(self, repo_id: str, link: Path) -> Path | None:
         """The entry of the model's ``blobs/`` a snapshot link names (one hop, not resolved
         further: it may itself be a link into the shared store), or None."""
         try:
@@ -336,9 +335,9 @@ class ModelCache:
         refs = self._refs(folder)
         blob_sizes, temp_blobs = self._blob_sizes(folder / "blobs")
         snapshots = folder / "snapshots"
-        commits = {p.name for p in _iter_dirs(snapshots) if COMMIT_RE.fullmatch(p.name)}
+        commits = {p.name for p in _iter_dirs(snapshots) if COMMIT_ID.fullmatch(p.name)}
         for path in _iter_files(folder / "trees"):
-            if path.suffix == ".json" and COMMIT_RE.fullmatch(path.stem):
+            if path.suffix == ".json" and COMMIT_ID.fullmatch(path.stem):
                 commits.add(path.stem)
         revisions = []
         for commit in sorted(commits):
@@ -450,11 +449,6 @@ class ModelCache:
                 with contextlib.suppress(OSError):
                     removed += self.remove_orphans(repo_id)
         return removed
-
-    def blob_behind(self, repo_id: str, link: Path) -> Path | None:
-        """The entry of the model's ``blobs/`` a snapshot link names (one hop, not resolved
-        further: it may itself be a link into the shared store), or None."""
-        return self._blob_behind(repo_id, link)
 
     def refs(self, repo_id: str) -> dict[str, str]:
         return self._refs(self.folder(repo_id))

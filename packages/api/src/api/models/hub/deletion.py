@@ -19,7 +19,6 @@ from huggingface_hub.utils._shared_blobs import shared_blob_target, sweep_shared
 
 from api.models.errors import CacheNotWritable, RevisionBusy, UnsafeCachePath
 from api.models.hub.cache import (
-    COMMIT_RE,
     ModelCache,
     _iter_dirs,
     _iter_files,
@@ -27,6 +26,7 @@ from api.models.hub.cache import (
     _relative_files,
     blob_name,
 )
+from api.models.hub.guard import COMMIT_ID
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def _one_revision(cache: ModelCache, repo_id: str, commit: str) -> DeletePlan | 
     starting = [
         p
         for p in _iter_files(folder / "trees")
-        if p.suffix == ".json" and p.stem != commit and COMMIT_RE.fullmatch(p.stem)
+        if p.suffix == ".json" and p.stem != commit and COMMIT_ID.fullmatch(p.stem)
     ]
     if not others and not starting:
         return _whole_model(cache, repo_id)  # the last revision: the whole model
