@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from api.models.backend import FilesPreset
+
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
 
@@ -76,6 +78,12 @@ class Settings(BaseSettings):
     )
     worker_nice: int = Field(
         default=10, ge=0, le=19, description="CPU niceness of download workers (API answers first)"
+    )
+    default_files: FilesPreset = Field(
+        default=FilesPreset.ALL,
+        description="the files of a revision downloaded without a selection, and of one no"
+        " download of the service recorded a selection for: 'all' (every file) or 'vllm' (what"
+        " vLLM's default loader reads)",
     )
     log_level: str = Field(
         default="INFO", pattern=r"^(?i:debug|info|warning|error|critical)$", description="log level"

@@ -63,6 +63,8 @@ async def test_full_flow(
             "refs": ["main"],
             "progress": None,
             "error_message": None,
+            # Downloaded without a selection: the default (every file), recorded.
+            "selection": [{"files": "all", "allow_patterns": [], "ignore_patterns": []}],
         }
     ]
 

@@ -16,6 +16,7 @@ from api.models.backend import (
     DownloadRequest,
     DownloadUpdate,
     FailureKind,
+    FileSelection,
     LocalState,
     RemoteFile,
     VerifyReport,
@@ -85,7 +86,9 @@ class FakeBackend:
         self.states[(request.repo_id, request.revision)] = CacheState.COMPLETE
         return commit
 
-    def local_state(self, repo_id: str, revision: str) -> LocalState:
+    def local_state(
+        self, repo_id: str, revision: str, selection: FileSelection | None = None
+    ) -> LocalState:
         return LocalState(self.states.get((repo_id, revision), CacheState.ABSENT))
 
     def list_cached(self) -> list[CachedRevision]:

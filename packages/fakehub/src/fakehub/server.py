@@ -92,6 +92,7 @@ class FakeHub:
         self.faults: list[Fault] = []
         self.lies = Lies()  # what this hub says instead of the truth (hostile mode)
         self.requests: Counter[tuple[str, str]] = Counter()
+        self.body_bytes: Counter[str] = Counter()  # content bytes sent, by decoded path
         self._lock = threading.Lock()
         self._repos: dict[str, tuple[tuple[int, int, int], Repo]] = {}
         self._xet_tokens: dict[str, tuple[str, float]] = {}  # access token -> (repo id, expiry)
@@ -159,9 +160,22 @@ class FakeHub:
                 if (method is None or m == method) and fnmatch.fnmatchcase(p, pattern)
             )
 
+    def served(self, pattern: str = "*") -> int:
+        """Bytes of file content (``/resolve`` bodies, Xet xorb ranges) sent to paths matching
+        ``pattern``: what clients actually fetched."""
+        import fnmatch
+
+        with self._lock:
+            return sum(n for p, n in self.body_bytes.items() if fnmatch.fnmatchcase(p, pattern))
+
     def reset_counts(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.body_bytes.clear()
+
+    def _count_body(self, path: str, nbytes: int) -> None:
+        with self._lock:
+            self.body_bytes[path] += nbytes
 
     def _record(self, method: str, path: str) -> list[Fault]:
         with self._lock:
@@ -513,8 +527,9 @@ class _Handler(BaseHTTPRequestHandler):
         """Send bytes ``start..end`` (exclusive) of ``source``, through ``fault`` if any;
         ``corrupt_at`` is the byte of the body a corruption changes."""
         hub = self.server.hub
+        path = unquote(urlsplit(self.path).path)
         if fault is None and hasattr(source, "fileno"):
-            _sendfile(self.connection, source, start, end - start)
+            hub._count_body(path, _sendfile(self.connection, source, start, end - start))
             return
         if fault is not None and fault.kind is FaultKind.STALL:
             hub.wait(fault.seconds)
@@ -540,6 +555,7 @@ class _Handler(BaseHTTPRequestHandler):
                 # Flip every bit of one byte of the body: same length, wrong content.
                 chunk = chunk[:flip] + bytes([chunk[flip] ^ 0xFF]) + chunk[flip + 1 :]
             self.wfile.write(chunk)
+            hub._count_body(path, len(chunk))
             position += len(chunk)
             if trickling:
                 due = began + (position - start) / rate
@@ -641,13 +657,17 @@ def _made_up_files(start: int, count: int) -> list[dict[str, Any]]:
     ]
 
 
-def _sendfile(sock: socket.socket, source: Any, offset: int, count: int) -> None:
+def _sendfile(sock: socket.socket, source: Any, offset: int, count: int) -> int:
+    """Send ``count`` bytes of ``source`` from ``offset``; return how many were sent."""
+    total = 0
     while count > 0:
         sent = os.sendfile(sock.fileno(), source.fileno(), offset, min(count, 1 << 30))
         if sent == 0:
             break
         offset += sent
         count -= sent
+        total += sent
+    return total
 
 
 def serve(

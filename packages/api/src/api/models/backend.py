@@ -23,11 +23,71 @@ class CacheState(enum.Enum):
     BUSY = "busy"  # another process (a service sharing the cache) is downloading it now
 
 
+class FilesPreset(enum.StrEnum):
+    """A named set of a revision's files (the request's ``files``)."""
+
+    ALL = "all"  # every file (the spec's "fully downloaded")
+    VLLM = "vllm"  # what vLLM's default loader reads (api.models.hub.selection)
+
+
+@dataclass(frozen=True)
+class FileSelection:
+    """Which files of a revision are wanted: the preset's files, plus those an allow pattern
+    matches (only those when there is no preset), less those an ignore pattern matches. Patterns
+    are huggingface_hub's (``snapshot_download``'s ``allow_patterns``/``ignore_patterns``)."""
+
+    preset: FilesPreset | None = FilesPreset.ALL
+    allow: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    @property
+    def is_everything(self) -> bool:
+        return self.preset is FilesPreset.ALL and not self.ignore
+
+    def or_preset(self, default: FilesPreset) -> FileSelection:
+        """This selection, with ``default`` as its preset when it names neither a preset nor an
+        allow pattern (ignore patterns alone narrow the default)."""
+        if self.preset is None and not self.allow:
+            return FileSelection(default, (), self.ignore)
+        return self
+
+    def describe(self) -> str:
+        """In a few words, for messages: ``vllm``, ``all``, ``allow ['*.gguf']``..."""
+        parts = [f"files: {self.preset.value}"] if self.preset is not None else []
+        if self.allow:
+            parts.append(f"allow_patterns {list(self.allow)}")
+        if self.ignore:
+            parts.append(f"ignore_patterns {list(self.ignore)}")
+        return ", ".join(parts) or "nothing"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "files": self.preset.value if self.preset is not None else None,
+            "allow_patterns": list(self.allow),
+            "ignore_patterns": list(self.ignore),
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> FileSelection:
+        """Raises ValueError for anything but what ``to_json`` writes."""
+        if not isinstance(data, dict):
+            raise ValueError("a selection is not an object")
+        preset = data.get("files")
+        allow, ignore = data.get("allow_patterns") or [], data.get("ignore_patterns") or []
+        if not all(isinstance(p, str) for p in [*allow, *ignore]):
+            raise ValueError("a pattern is not a string")
+        return cls(FilesPreset(preset) if preset is not None else None, tuple(allow), tuple(ignore))
+
+
+EVERYTHING = FileSelection()
+
+
 @dataclass(frozen=True)
 class LocalState:
     state: CacheState
     commit: str | None = None
     note: str | None = None  # why it is not COMPLETE, when the cache knows (a pending verification)
+    selections: tuple[FileSelection, ...] = ()  # recorded by the downloads of the revision
 
 
 @dataclass(frozen=True)
@@ -40,6 +100,7 @@ class CachedRevision:
     size_bytes: int
     refs: tuple[str, ...] = ()
     note: str | None = None  # why it is not COMPLETE, when the cache knows
+    selections: tuple[FileSelection, ...] = ()  # recorded by the downloads of the revision
 
 
 @dataclass
@@ -62,6 +123,7 @@ class DownloadUpdate:
 class DownloadRequest:
     repo_id: str
     revision: str
+    selection: FileSelection | None = None  # None: the recorded selection, else the default
 
 
 @dataclass(frozen=True)
@@ -75,15 +137,40 @@ class RemoteFile:
 
 
 @dataclass(frozen=True)
+class WeightGroup:
+    """Weight files of one format (and, for GGUF, one quantization) in one folder."""
+
+    format: str  # safetensors, bin, pt, pth, gguf, ...
+    quantization: str | None  # GGUF: Q4_K_M, Q8_0, F16...
+    folder: str  # "" for the top of the repo, else "original/"...
+    pattern: str  # an allow pattern that selects the group
+    files: tuple[str, ...]
+    size: int
+
+
+@dataclass(frozen=True)
 class DownloadPlan:
-    """What a revision is made of, fetched from the Hub before the first byte of content."""
+    """What a revision is made of, fetched from the Hub before the first byte of content, and
+    which of its files are wanted (``selected``; None: every file)."""
 
     commit: str
     files: tuple[RemoteFile, ...]
+    selected: frozenset[str] | None = None
+    selections: tuple[FileSelection, ...] = (EVERYTHING,)  # what ``selected`` was resolved from
+    problem: str | None = None  # why the selection cannot be downloaded, when it cannot
+    weights: tuple[WeightGroup, ...] = ()
+
+    @property
+    def wanted(self) -> tuple[RemoteFile, ...]:
+        """The files to fetch and verify."""
+        if self.selected is None:
+            return self.files
+        return tuple(f for f in self.files if f.path in self.selected)
 
     @property
     def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
+        """Bytes of the wanted files."""
+        return sum(f.size for f in self.wanted)
 
 
 @dataclass(frozen=True)
@@ -100,7 +187,8 @@ class HubBackend(Protocol):
     """Talks to the Hub and the cache. Blocking methods are called off the event loop."""
 
     async def plan(self, request: DownloadRequest) -> DownloadPlan:
-        """Resolve the revision and list its files on the Hub. Raises ``DownloadFailed`` (with
+        """Resolve the revision, list its files on the Hub and resolve the request's selection
+        (``problem`` says when it cannot be downloaded). Raises ``DownloadFailed`` (with
         ``retryable`` set, and a message saying whether it will be retried)."""
         ...
 
@@ -126,8 +214,11 @@ class HubBackend(Protocol):
         (blocking)."""
         ...
 
-    def local_state(self, repo_id: str, revision: str) -> LocalState:
-        """The cache's state for a revision, offline (blocking)."""
+    def local_state(
+        self, repo_id: str, revision: str, selection: FileSelection | None = None
+    ) -> LocalState:
+        """The cache's state for a revision and the files ``selection`` selects (None: those of
+        the recorded selection, else the default), offline (blocking)."""
         ...
 
     def list_cached(self) -> list[CachedRevision]:

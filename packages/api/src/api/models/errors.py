@@ -113,6 +113,20 @@ class CacheNotWritable(ModelError):
         self.repo_id = repo_id
 
 
+class SelectionUnusable(ModelError):
+    """The files asked for cannot be downloaded as asked: the selection matches no file of the
+    revision, or ``files: vllm`` finds no weights vLLM's default loader reads."""
+
+
+class HubAnswer(ModelError):
+    """The Hub could not give a revision's file list (``POST /plan``): the failure, by kind."""
+
+    def __init__(self, failure: DownloadFailed) -> None:
+        super().__init__(str(failure))
+        self.kind = failure.kind
+        self.retry_after = failure.retry_after
+
+
 class FailureKind(enum.Enum):
     NOT_FOUND = "not_found"
     GATED = "gated"

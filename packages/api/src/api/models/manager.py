@@ -25,13 +25,16 @@ from api.models.backend import (
     DownloadPlan,
     DownloadRequest,
     FailureKind,
+    FileSelection,
     HubBackend,
 )
 from api.models.errors import (
     DownloadCancelled,
     DownloadConflict,
+    HubAnswer,
     InsufficientStorage,
     ModelNotFound,
+    SelectionUnusable,
     TooManyDownloads,
     TooManyVerifications,
 )
@@ -47,9 +50,14 @@ from api.models.types import (
     DownloadStartedResponse,
     Model,
     ModelListItem,
+    ModelRequest,
     ModelStatus,
     ModelStatusResponse,
+    PlanFile,
+    PlanResponse,
+    SelectionInfo,
     VerifyResponse,
+    WeightChoice,
 )
 from api.settings import Settings
 
@@ -99,17 +107,27 @@ class ModelManager:
         return state.state is CacheState.COMPLETE
 
     async def get_model_status(self, model: Model) -> ModelStatusResponse:
+        """The status of the revision for the files asked (``ModelRequest``'s selection), else
+        for those it was downloaded with, else for the default selection."""
+        asked = model.selection if isinstance(model, ModelRequest) else None
         job = self._job_for(model)
         if job is not None:
-            return job.status().model_copy(update={"model": model})  # as it was asked
-        local = await self._on_cache_pool(self.backend.local_state, model.hf_repo, model.revision)
+            return job.status().model_copy(update={"model": _spec_part(model)})  # as asked
+        local = await self._on_cache_pool(
+            self.backend.local_state, model.hf_repo, model.revision, asked
+        )
         status = _STATE_TO_STATUS[local.state]
         error = None
         if status is not ModelStatus.DOWNLOADED:
             error = self._errors.get(model.task_id) or self._error_of(model.hf_repo, local.commit)
             error = error or local.note
+        chosen = (asked,) if asked is not None else local.selections
         return ModelStatusResponse(
-            model=model, status=status, error_message=error, commit=local.commit
+            model=_spec_part(model),
+            status=status,
+            error_message=error,
+            commit=local.commit,
+            selection=[SelectionInfo.of(s) for s in chosen] or None,
         )
 
     async def list_models(self) -> list[ModelListItem]:
@@ -136,6 +154,7 @@ class ModelManager:
                     error_message=None
                     if job is not None or revision.state is CacheState.COMPLETE
                     else self._error_of(revision.repo_id, revision.commit) or revision.note,
+                    selection=[SelectionInfo.of(s) for s in revision.selections] or None,
                 )
             )
         for job in jobs:
@@ -170,15 +189,19 @@ class ModelManager:
         ``DownloadCancelled`` when a DELETE cancelled it while it was starting.
         """
         task_id = model.task_id
+        asked = model.selection if isinstance(model, ModelRequest) else None
         self._check_can_start(model)
-        if await self.is_model_exist(model):
+        local = await self._on_cache_pool(
+            self.backend.local_state, model.hf_repo, model.revision, asked
+        )
+        if local.state is CacheState.COMPLETE:
             return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADED)
         # Checked again after the await, then the slot is held while the file list is fetched.
         self._check_can_start(model)
         start = _Start(model)
         self._starting[task_id] = start
         try:
-            planned = await self._plan_with_space_check(model)
+            planned = await self._plan_with_space_check(model, asked)
             plan = planned if isinstance(planned, DownloadPlan) else None
             if plan is not None:
                 # Now the commit is known: one revision, one job, whatever it was asked as.
@@ -192,7 +215,7 @@ class ModelManager:
                 # Known before the first byte: the status shows the totals at once.
                 job.commit = plan.commit
                 job.total_bytes = plan.total_bytes
-                job.files_total = len(plan.files)
+                job.files_total = len(plan.wanted)
             self._errors.pop(task_id, None)
             if job.commit is not None:
                 self._errors.pop(f"{model.hf_repo}:{job.commit}", None)
@@ -205,7 +228,9 @@ class ModelManager:
             # download then fetches the file list itself, with its retries.
             delay = (planned.retry_after or 0.0) if isinstance(planned, DownloadFailed) else 0.0
             self._jobs[task_id] = job
-            job.task = asyncio.create_task(self._run(job, plan, delay), name=f"download {task_id}")
+            job.task = asyncio.create_task(
+                self._run(job, plan, asked, delay), name=f"download {task_id}"
+            )
             self._download_tasks[task_id] = job.task
         finally:
             self._starting.pop(task_id, None)
@@ -253,19 +278,24 @@ class ModelManager:
         running = self._running_as(model)
         return self._jobs.get(running) if running is not None else None
 
-    async def _plan_with_space_check(self, model: Model) -> DownloadPlan | DownloadFailed:
-        """Fetch the file list and refuse (``InsufficientStorage``) a download that cannot fit:
-        the bytes still missing against the free space, less what running downloads still need,
-        less a margin. A failure to fetch the list is returned (a slow list is a retryable one)."""
-        request = DownloadRequest(repo_id=model.hf_repo, revision=model.revision)
+    async def _fetch_plan(
+        self, model: Model, asked: FileSelection | None
+    ) -> DownloadPlan | DownloadFailed:
+        """The revision's file list with the selection resolved; a failure to fetch it is
+        returned (a slow list is a retryable one)."""
+        request = DownloadRequest(model.hf_repo, model.revision, asked)
         try:
             async with asyncio.timeout(self.settings.plan_timeout_seconds):
-                plan = await self.backend.plan(request)
+                return await self.backend.plan(request)
         except DownloadFailed as failure:
             return failure
         except TimeoutError:
             return DownloadFailed(FailureKind.NETWORK, "the file list is slow", retryable=True)
-        needed = await self._on_cache_pool(self.backend.missing_bytes, model.hf_repo, plan)
+
+    async def _space_for(self, repo_id: str, plan: DownloadPlan) -> _Space:
+        """What a download of the plan would still fetch, and the room for it: the free space
+        less what running downloads still need, less the margin (the 507 check's figures)."""
+        needed = await self._on_cache_pool(self.backend.missing_bytes, repo_id, plan)
         # Only the free space: walking the whole cache for its size would slow every start.
         free = await self._on_cache_pool(self.backend.free_bytes)
         reserved = sum(
@@ -273,14 +303,75 @@ class ModelManager:
             for job in self._jobs.values()
         )
         available = max(free - reserved - self.settings.space_margin_bytes, 0)
-        if needed > available:
+        return _Space(needed, available, free, reserved)
+
+    async def _plan_with_space_check(
+        self, model: Model, asked: FileSelection | None
+    ) -> DownloadPlan | DownloadFailed:
+        """Fetch the file list and refuse a selection that cannot be downloaded
+        (``SelectionUnusable``) and a download that cannot fit (``InsufficientStorage``)."""
+        plan = await self._fetch_plan(model, asked)
+        if isinstance(plan, DownloadFailed):
+            return plan
+        if plan.problem is not None:
+            raise SelectionUnusable(plan.problem)
+        space = await self._space_for(model.hf_repo, plan)
+        if not space.fits:
             raise InsufficientStorage(
-                needed, available, free, reserved, self.settings.space_margin_bytes
+                space.needed,
+                space.available,
+                space.free,
+                space.reserved,
+                self.settings.space_margin_bytes,
             )
         return plan
 
-    async def _run(self, job: DownloadJob, plan: DownloadPlan | None, delay: float) -> None:
-        request = DownloadRequest(repo_id=job.model.hf_repo, revision=job.model.revision)
+    async def plan_model(self, model: ModelRequest) -> PlanResponse:
+        """What a download of ``model`` would fetch, from the Hub's file list, writing nothing.
+
+        Raises ``HubAnswer`` when the Hub cannot give the list (missing, private or gated repo,
+        no answer)."""
+        plan = await self._fetch_plan(model, model.selection)
+        if isinstance(plan, DownloadFailed):
+            raise HubAnswer(plan)
+        space = await self._space_for(model.hf_repo, plan)
+        wanted = {f.path for f in plan.wanted}
+        return PlanResponse(
+            model=_spec_part(model),
+            commit=plan.commit,
+            selection=[SelectionInfo.of(s) for s in plan.selections],
+            files=[
+                PlanFile(path=f.path, size=f.size, selected=f.path in wanted)
+                for f in sorted(plan.files, key=lambda f: f.path)
+            ],
+            selected_files=len(wanted),
+            selected_bytes=plan.total_bytes,
+            missing_bytes=space.needed,
+            available_bytes=space.available,
+            fits=space.fits,
+            weights=[
+                WeightChoice(
+                    format=g.format,
+                    quantization=g.quantization,
+                    folder=g.folder,
+                    pattern=g.pattern,
+                    files=list(g.files),
+                    size_bytes=g.size,
+                    selected=all(p in wanted for p in g.files),
+                )
+                for g in plan.weights
+            ],
+            note=plan.problem,
+        )
+
+    async def _run(
+        self,
+        job: DownloadJob,
+        plan: DownloadPlan | None,
+        asked: FileSelection | None,
+        delay: float,
+    ) -> None:
+        request = DownloadRequest(job.model.hf_repo, job.model.revision, asked)
         failure: DownloadFailed | None = None
         try:
             await asyncio.sleep(min(delay, self.settings.retry_max_backoff_seconds))
@@ -419,6 +510,23 @@ class ModelManager:
         await self.backend.aclose()
         for pool in (self._cache_pool, self._hash_pool):
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass(frozen=True)
+class _Space:
+    needed: int  # bytes a download would still fetch
+    available: int  # room for it
+    free: int
+    reserved: int  # what running downloads still need
+
+    @property
+    def fits(self) -> bool:
+        return self.needed <= self.available
+
+
+def _spec_part(model: Model) -> Model:
+    """The spec's part of a request (``model`` in answers)."""
+    return model.as_model() if isinstance(model, ModelRequest) else model
 
 
 @dataclass

@@ -13,10 +13,13 @@ from api.models.errors import (
     CacheNotWritable,
     DownloadCancelled,
     DownloadConflict,
+    FailureKind,
+    HubAnswer,
     InsufficientStorage,
     ModelError,
     ModelNotFound,
     RevisionBusy,
+    SelectionUnusable,
     TooManyDownloads,
     TooManyVerifications,
     UnsafeCachePath,
@@ -34,8 +37,10 @@ from api.models.types import (
     ErrorResponse,
     Model,
     ModelListResponse,
+    ModelRequest,
     ModelStatus,
     ModelStatusResponse,
+    PlanResponse,
     VerifyResponse,
 )
 
@@ -50,6 +55,16 @@ ERROR_STATUS: dict[type[ModelError], int] = {
     UnsafeCachePath: status.HTTP_409_CONFLICT,
     RevisionBusy: status.HTTP_409_CONFLICT,
     CacheNotWritable: status.HTTP_409_CONFLICT,
+    SelectionUnusable: status.HTTP_422_UNPROCESSABLE_CONTENT,
+}
+# Why the Hub gave no file list (POST /plan): the repo's own answer, or a gateway's.
+HUB_ANSWER_STATUS: dict[FailureKind, int] = {
+    FailureKind.NOT_FOUND: status.HTTP_404_NOT_FOUND,
+    FailureKind.REVISION_NOT_FOUND: status.HTTP_404_NOT_FOUND,
+    FailureKind.UNAUTHORIZED: status.HTTP_401_UNAUTHORIZED,
+    FailureKind.GATED: status.HTTP_403_FORBIDDEN,
+    FailureKind.UNTRUSTED: status.HTTP_502_BAD_GATEWAY,
+    FailureKind.UNEXPECTED: status.HTTP_500_INTERNAL_SERVER_ERROR,  # a bug of ours
 }
 
 
@@ -65,6 +80,11 @@ def model_error_handler(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, (TooManyDownloads, TooManyVerifications))
         else None
     )
+    if isinstance(exc, HubAnswer):
+        # Anything else (no answer, a 5xx, a timeout) is the Hub's side not answering in time.
+        code = HUB_ANSWER_STATUS.get(exc.kind, status.HTTP_504_GATEWAY_TIMEOUT)
+        if exc.retry_after is not None:
+            headers = {"Retry-After": str(max(int(exc.retry_after), 1))}
     return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
 
 
@@ -83,6 +103,18 @@ _MODEL_EXAMPLES: dict[str, Any] = {
     },
 }
 ModelBody = Annotated[Model, Body(openapi_examples=_MODEL_EXAMPLES)]
+_REQUEST_EXAMPLES: dict[str, Any] = {
+    **_MODEL_EXAMPLES,
+    "vllm": {
+        "summary": "What vLLM loads (one weight format, config, tokenizer)",
+        "value": {"hf_repo": REPO_EXAMPLE, "files": "vllm"},
+    },
+    "gguf": {
+        "summary": "One GGUF quantization",
+        "value": {"hf_repo": "org/model-GGUF", "allow_patterns": ["*Q4_K_M*.gguf"]},
+    },
+}
+RequestBody = Annotated[ModelRequest, Body(openapi_examples=_REQUEST_EXAMPLES)]
 
 
 def _error(description: str, example: str) -> dict[str, Any]:
@@ -120,6 +152,16 @@ _BODY_ERRORS: dict[int | str, dict[str, Any]] = {
     ),
     422: _INVALID,
 }
+# What a body with a file selection can answer besides.
+_SELECTION_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_BODY_ERRORS,
+    422: {
+        **_INVALID,
+        "description": "The body is not valid (each error names the field and the rule), or its"
+        " selection cannot be downloaded (it matches no file, or files: vllm finds no weights"
+        " vLLM reads): detail then says so in words",
+    },
+}
 
 router = APIRouter(prefix="/models", tags=["Models"])
 
@@ -127,12 +169,14 @@ router = APIRouter(prefix="/models", tags=["Models"])
 @router.post(
     "/status",
     response_model=ModelStatusResponse,
-    responses=_BODY_ERRORS,
+    responses=_SELECTION_ERRORS,
 )
-async def model_status(model: ModelBody, manager: ManagerDep) -> ModelStatusResponse:
+async def model_status(model: RequestBody, manager: ManagerDep) -> ModelStatusResponse:
     """Status of a model in the cache, checked offline.
 
-    `DOWNLOADED` when every file of the revision is in the cache with its size, `DOWNLOADING`
+    For the files selected: those the request names (`files`, `allow_patterns`,
+    `ignore_patterns`), else those the revision was downloaded with, else `MODELS_DEFAULT_FILES`.
+    `DOWNLOADED` when every selected file is in the cache with its size and verified, `DOWNLOADING`
     (with byte progress) while a download runs, `PARTIAL` when only part of it is there (a failed
     or cancelled download, with `error_message` when it failed), `NOT_FOUND` when nothing is.
 
@@ -164,7 +208,7 @@ async def model_status(model: ModelBody, manager: ManagerDep) -> ModelStatusResp
             " the branch, or the commit it points to), or a DELETE cancelled it while it started",
             f"{REPO_EXAMPLE}:latest is already downloading; poll POST /api/models/status",
         ),
-        **_BODY_ERRORS,
+        **_SELECTION_ERRORS,
         507: _error(
             "The files still missing do not fit in the cache's free space (less what running"
             " downloads need and a margin); nothing was written",
@@ -184,9 +228,14 @@ async def model_status(model: ModelBody, manager: ManagerDep) -> ModelStatusResp
     },
 )
 async def download_model(
-    model: ModelBody, manager: ManagerDep, response: Response
+    model: RequestBody, manager: ManagerDep, response: Response
 ) -> DownloadStartedResponse:
     """Start downloading a model in the background (non-blocking).
+
+    The files fetched are those the request selects (`files`: `all` or `vllm`, `allow_patterns`,
+    `ignore_patterns`), else those the revision was downloaded with before, else
+    `MODELS_DEFAULT_FILES`; files already in the cache are not fetched again. The selection is
+    recorded with the revision when it is verified.
 
     Request: `{"hf_repo": "meta-llama/Llama-2-7b-hf"}`
 
@@ -198,6 +247,55 @@ async def download_model(
     if started.status is ModelStatus.DOWNLOADED:
         response.status_code = status.HTTP_200_OK
     return started
+
+
+@router.post(
+    "/plan",
+    response_model=PlanResponse,
+    responses={
+        401: _error(
+            "The Hub wants a token for this repo (private, or HF_TOKEN is wrong)",
+            "org/private-model needs a valid token: set HF_TOKEN (HTTP 401) (attempt 1, not"
+            " retried)",
+        ),
+        403: _error(
+            "The repo is gated and the token has not been granted access",
+            "org/gated-model is gated: request access on the Hub (attempt 1, not retried)",
+        ),
+        404: _error(
+            "No such repo or revision on the Hub",
+            "org/missing-model was not found on the Hub (attempt 1, not retried)",
+        ),
+        502: _error(
+            "The Hub (or the mirror at HF_ENDPOINT) answered something unsafe or malformed",
+            "the Hub's answer was refused, nothing was written: a file path is absolute",
+        ),
+        504: _error(
+            "The Hub did not answer in time (MODELS_PLAN_TIMEOUT_SECONDS), or answered with an"
+            " error that may pass: try again",
+            "the file list is slow",
+        ),
+        **_BODY_ERRORS,
+    },
+)
+async def plan_download(model: RequestBody, manager: ManagerDep) -> PlanResponse:
+    """What a download would fetch, before the first byte: nothing is downloaded or written.
+
+    Every file of the revision with its size and whether the selection takes it, the bytes
+    selected and those still missing from the cache, the room for them (free space less what
+    running downloads need and the margin) and whether a download would pass the 507 check, and
+    the weight files grouped by format and GGUF quantization, each with a pattern that selects it.
+    `note` says why a download of this selection would be refused (422), when it would.
+
+    Request: `{"hf_repo": "meta-llama/Llama-2-7b-hf", "files": "vllm"}`
+
+    Response: `{"model": {...}, "commit": "01c7f7...", "selection": [{"files": "vllm", ...}],
+    "files": [{"path": "config.json", "size": 614, "selected": true}, ...], "selected_files": 9,
+    "selected_bytes": 13477189828, "missing_bytes": 13477189828, "available_bytes": 500000000000,
+    "fits": true, "weights": [{"format": "safetensors", "pattern": "*.safetensors", ...}],
+    "note": null}`
+    """
+    return await manager.plan_model(model)
 
 
 @router.delete(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from api.models.backend import FileSelection, FilesPreset
 
 # The Hub's repo id rules (huggingface_hub.utils.validate_repo_id), restricted to `namespace/name`:
 # ASCII letters, digits, '-', '_' and '.', each part 1-96 characters, starting and ending with a
@@ -115,6 +118,103 @@ class Model(BaseModel):
         return f"{self.hf_repo}:{self.hf_commit or 'latest'}"
 
 
+MAX_PATTERNS = 64
+MAX_PATTERN_LENGTH = 256
+
+
+def patterns_problem(name: str, patterns: list[str]) -> str | None:
+    """Why a list of glob patterns is refused, or None: at most 64 patterns of 1 to 256
+    characters, none with a control character."""
+    if len(patterns) > MAX_PATTERNS:
+        return f"{name} takes at most {MAX_PATTERNS} patterns ({len(patterns)} given)"
+    for index, pattern in enumerate(patterns):
+        if not pattern:
+            return f"{name}[{index}] is empty: a pattern needs at least one character"
+        if len(pattern) > MAX_PATTERN_LENGTH:
+            return f"{name}[{index}] is longer than {MAX_PATTERN_LENGTH} characters"
+        if any(unicodedata.category(c) == "Cc" for c in pattern):
+            return f"{name}[{index}] contains a control character (a tab, a newline, NUL...)"
+    return None
+
+
+class ModelRequest(Model):
+    """A model and, optionally, which of its files are wanted (additions to the spec's body).
+
+    Without ``files``, ``allow_patterns`` and ``ignore_patterns``: the selection the revision was
+    downloaded with, else ``MODELS_DEFAULT_FILES``. Otherwise a file is selected when the ``files``
+    preset selects it or an allow pattern matches it (only the pattern's files when ``files`` is
+    not given), and no ignore pattern matches it."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"hf_repo": REPO_EXAMPLE, "files": "vllm"},
+                {"hf_repo": "org/model-GGUF", "allow_patterns": ["*Q4_K_M*.gguf", "*.json"]},
+            ]
+        },
+    )
+
+    files: FilesPreset | None = Field(
+        default=None,
+        description="A named set: 'all' (every file) or 'vllm' (what vLLM's default loader reads:"
+        " one weight format, the config and tokenizer files, nothing under original/)",
+    )
+    allow_patterns: list[str] | None = Field(
+        default=None,
+        max_length=MAX_PATTERNS,
+        description="Glob patterns (huggingface_hub's allow_patterns): files matching one are"
+        " selected (beside the 'files' preset when one is given)",
+        examples=[["*.safetensors", "*.json"]],
+    )
+    ignore_patterns: list[str] | None = Field(
+        default=None,
+        max_length=MAX_PATTERNS,
+        description="Glob patterns (huggingface_hub's ignore_patterns): files matching one are not"
+        " selected",
+        examples=[["original/*"]],
+    )
+
+    @field_validator("allow_patterns", "ignore_patterns")
+    @classmethod
+    def _check_patterns(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if value is not None and (problem := patterns_problem(str(info.field_name), value)):
+            raise ValueError(problem)
+        return value
+
+    @property
+    def selection(self) -> FileSelection | None:
+        """The selection asked for, or None when the request names none (the revision's
+        recorded selection applies, else the default)."""
+        if self.files is None and self.allow_patterns is None and self.ignore_patterns is None:
+            return None
+        return FileSelection(
+            preset=self.files,
+            allow=tuple(self.allow_patterns or ()),
+            ignore=tuple(self.ignore_patterns or ()),
+        )
+
+    def as_model(self) -> Model:
+        """The spec's part (``model`` in answers)."""
+        return Model.model_construct(hf_repo=self.hf_repo, hf_commit=self.hf_commit)
+
+
+class SelectionInfo(BaseModel):
+    """A file selection as a request names it."""
+
+    files: FilesPreset | None = Field(default=None, description="The preset, if any")
+    allow_patterns: list[str] = Field(default_factory=list)
+    ignore_patterns: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def of(cls, selection: FileSelection) -> SelectionInfo:
+        return cls(
+            files=selection.preset,
+            allow_patterns=list(selection.allow),
+            ignore_patterns=list(selection.ignore),
+        )
+
+
 class ModelStatus(StrEnum):
     DOWNLOADED = "DOWNLOADED"
     DOWNLOADING = "DOWNLOADING"
@@ -175,6 +275,11 @@ class ModelStatusResponse(BaseModel):
     commit: str | None = Field(
         default=None, description="The commit the status refers to, when known (addition)"
     )
+    selection: list[SelectionInfo] | None = Field(
+        default=None,
+        description="The selection the status answers for: the one asked, else those the revision"
+        " was downloaded with (their union); null: MODELS_DEFAULT_FILES (addition)",
+    )
 
 
 class DownloadStartedResponse(BaseModel):
@@ -210,6 +315,11 @@ class ModelListItem(BaseModel):
         default=None,
         description="Why it is not DOWNLOADED, when known: the same words as its status (addition)",
     )
+    selection: list[SelectionInfo] | None = Field(
+        default=None,
+        description="The selections the revision was downloaded with (status checks their union);"
+        " null when none was recorded: MODELS_DEFAULT_FILES applies (addition)",
+    )
 
 
 class ModelListResponse(BaseModel):
@@ -225,6 +335,55 @@ class DiskSpaceInfo(BaseModel):
     )
     cache_path: str = Field(
         description="The cache folder", examples=["/root/.cache/huggingface/hub"]
+    )
+
+
+class PlanFile(BaseModel):
+    path: str = Field(description="Path in the repo")
+    size: int = Field(description="Bytes")
+    selected: bool = Field(description="Whether the selection takes it")
+
+
+class WeightChoice(BaseModel):
+    """Weight files of one format (and one quantization, for GGUF) in one folder: one of the
+    choices a repo offers."""
+
+    format: str = Field(description="safetensors, bin, pt, pth, gguf, ...", examples=["gguf"])
+    quantization: str | None = Field(
+        default=None, description="GGUF quantization, from the file names", examples=["Q4_K_M"]
+    )
+    folder: str = Field(description="'' for the top of the repo, else e.g. 'original/'")
+    pattern: str = Field(
+        description="An allow pattern that selects these files", examples=["*Q4_K_M*.gguf"]
+    )
+    files: list[str] = Field(description="Its files")
+    size_bytes: int = Field(description="Bytes of its files")
+    selected: bool = Field(description="Whether the selection takes every one of its files")
+
+
+class PlanResponse(BaseModel):
+    """What a download would fetch, computed from the Hub's file list without writing anything."""
+
+    model: Model = Field(description="The model as it was asked")
+    commit: str = Field(description="The commit the revision resolves to now")
+    selection: list[SelectionInfo] = Field(description="The selection applied")
+    files: list[PlanFile] = Field(description="Every file of the revision")
+    selected_files: int = Field(description="How many files the selection takes")
+    selected_bytes: int = Field(description="Bytes of the selected files")
+    missing_bytes: int = Field(
+        description="Bytes a download of the selection would still fetch (the rest is cached)"
+    )
+    available_bytes: int = Field(
+        description="Free space for it: free bytes less what running downloads still need and the"
+        " margin (MODELS_SPACE_MARGIN_BYTES)"
+    )
+    fits: bool = Field(description="Whether a download would pass the 507 check")
+    weights: list[WeightChoice] = Field(
+        description="The weight files grouped by format and quantization, to choose from"
+    )
+    note: str | None = Field(
+        default=None,
+        description="Why POST /download would refuse this selection (422), when it would",
     )
 
 

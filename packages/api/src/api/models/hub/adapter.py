@@ -15,9 +15,10 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, hf_hub_url
 from huggingface_hub.hf_api import RepoFile
 from tenacity import (
     AsyncRetrying,
@@ -32,12 +33,14 @@ from api.models.backend import (
     DownloadPlan,
     DownloadRequest,
     DownloadUpdate,
+    FileSelection,
     LocalState,
     RemoteFile,
     VerifyReport,
 )
 from api.models.errors import DownloadFailed, FailureKind
 from api.models.hub import deletion, guard, protocol
+from api.models.hub import selection as selecting
 from api.models.hub.cache import ModelCache
 from api.models.hub.classify import failure_of
 from api.models.hub.guard import UntrustedAnswer, check_plan
@@ -50,10 +53,16 @@ _T = TypeVar("_T")
 
 
 def fetch_plan(repo_id: str, revision: str, endpoint: str, token: str | bool) -> DownloadPlan:
-    """Resolve the revision and list its files (blocking; two small metadata requests). The
-    guard has checked each answer; the plan is checked again as a whole (``check_plan``)."""
+    """Resolve the revision and list its files (blocking; two small metadata requests, and a
+    third for a gated repo). The guard has checked each answer; the plan is checked again as a
+    whole (``check_plan``).
+
+    A gated repo lists its files to anyone; only its content is refused. So for a gated repo the
+    metadata of one file is asked too (a HEAD): a token without access fails here, before the
+    first byte, as ``GatedRepoError``."""
     api = HfApi(endpoint=endpoint, token=token)
-    commit = api.repo_info(repo_id, revision=revision).sha
+    info = api.repo_info(repo_id, revision=revision)
+    commit = info.sha
     if commit is None:
         raise UntrustedAnswer("the Hub answered without a commit id")
     files = tuple(
@@ -65,7 +74,12 @@ def fetch_plan(repo_id: str, revision: str, endpoint: str, token: str | bool) ->
         for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
         if isinstance(f, RepoFile)
     )
-    return check_plan(DownloadPlan(commit=commit, files=files))
+    plan = check_plan(DownloadPlan(commit=commit, files=files))
+    if info.gated and files:
+        api.get_hf_file_metadata(
+            url=hf_hub_url(repo_id, files[0].path, revision=commit, endpoint=endpoint)
+        )
+    return plan
 
 
 def hub_limits(settings: Settings) -> guard.Limits:
@@ -82,7 +96,7 @@ class HubCacheBackend:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.cache = ModelCache(settings.cache_dir)
+        self.cache = ModelCache(settings.cache_dir, FileSelection(settings.default_files))
         guard.install(hub_limits(settings))
         self._hub_slots = asyncio.Semaphore(settings.hub_call_slots)
         # A worker started ahead, idle until a download takes it: saves the interpreter start and
@@ -169,8 +183,10 @@ class HubCacheBackend:
 
     # -- cache (blocking) --------------------------------------------------------------------
 
-    def local_state(self, repo_id: str, revision: str) -> LocalState:
-        return self.cache.local_state(repo_id, revision)
+    def local_state(
+        self, repo_id: str, revision: str, selection: FileSelection | None = None
+    ) -> LocalState:
+        return self.cache.local_state(repo_id, revision, selection)
 
     def list_cached(self) -> list[CachedRevision]:
         return self.cache.list_cached()
@@ -247,6 +263,8 @@ class HubCacheBackend:
                     number = attempt.retry_state.attempt_number
                     if plan is None:
                         plan = await self._plan_attempt(request)
+                        if plan.problem is not None:
+                            raise DownloadFailed(FailureKind.INVALID, plan.problem)
                     try:
                         return await self._attempt(request, plan, number, on_update, fetched)
                     finally:
@@ -261,7 +279,7 @@ class HubCacheBackend:
 
     async def _plan_attempt(self, request: DownloadRequest) -> DownloadPlan:
         try:
-            return await self._hub_call(
+            listing = await self._hub_call(
                 fetch_plan,
                 request.repo_id,
                 request.revision,
@@ -270,6 +288,21 @@ class HubCacheBackend:
             )
         except Exception as error:
             raise failure_of(error, request.repo_id, request.revision) from None
+        return await asyncio.to_thread(self.select, request, listing)
+
+    def select(self, request: DownloadRequest, listing: DownloadPlan) -> DownloadPlan:
+        """The listing with the request's selection resolved (none asked: the revision's recorded
+        selection, else the default), and its weight files grouped (blocking: reads the record)."""
+        selections = self.cache.selections_for(request.repo_id, listing.commit, request.selection)
+        resolved = selecting.resolve_all(selections, listing.files)
+        everything = len(resolved.paths) == len(listing.files)
+        return replace(
+            listing,
+            selected=None if everything else resolved.paths,
+            selections=selections,
+            problem=resolved.problem,
+            weights=tuple(selecting.weight_groups(listing.files)),
+        )
 
     def worker_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
@@ -296,7 +329,7 @@ class HubCacheBackend:
             DownloadUpdate(
                 commit=plan.commit,
                 total_bytes=plan.total_bytes,
-                files_total=len(plan.files),
+                files_total=len(plan.wanted),
                 attempt=number,
             )
         )

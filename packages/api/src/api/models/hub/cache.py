@@ -39,13 +39,17 @@ from typing import Any
 from huggingface_hub.utils._shared_blobs import shared_blob_target
 
 from api.models.backend import (
+    EVERYTHING,
     CachedRevision,
     CacheState,
     DownloadPlan,
+    FileSelection,
+    FilesPreset,
     LocalState,
     RemoteFile,
     VerifyReport,
 )
+from api.models.hub import selection as selecting
 from api.models.hub.guard import COMMIT_ID, UntrustedAnswer, check_plan, path_problem
 
 logger = logging.getLogger(__name__)
@@ -71,11 +75,17 @@ class TreeEntry:
     lfs: bool
 
 
-class ModelCache:
-    """One cache folder: where each model lives, and its state."""
+SELECTION_FORMAT_VERSION = 1
+MAX_RECORDED_SELECTIONS = 32
 
-    def __init__(self, root: Path) -> None:
+
+class ModelCache:
+    """One cache folder: where each model lives, and its state. ``default``: the selection of a
+    revision no download of the service recorded one for (``MODELS_DEFAULT_FILES``)."""
+
+    def __init__(self, root: Path, default: FileSelection = EVERYTHING) -> None:
         self.root = root
+        self.default = default
 
     def folder(self, repo_id: str) -> Path:
         return self.root / repo_folder_name(repo_id)
@@ -126,20 +136,78 @@ class ModelCache:
             return None
         return tree
 
-    def local_state(self, repo_id: str, revision: str) -> LocalState:
-        """The state of one revision: the very entry ``list_cached`` gives for it, so that
-        status and list cannot disagree."""
+    def local_state(
+        self, repo_id: str, revision: str, asked: FileSelection | None = None
+    ) -> LocalState:
+        """The state of one revision for the selection ``asked`` (None: the recorded one, else
+        the default): the very entry ``list_cached`` gives for it, so that status and list cannot
+        disagree."""
         if not self.folder(repo_id).is_dir():
             return LocalState(CacheState.ABSENT)
         commit = self.resolve_commit(repo_id, revision)
         try:
-            revisions = self._revisions_of(repo_id)
+            revisions = self._revisions_of(repo_id, asked)
         except (OSError, ValueError) as error:
             revisions = [_unreadable(repo_id, error, commit)]
         for found in revisions:
             if found.commit == commit:
-                return LocalState(found.state, commit, found.note)
+                return LocalState(found.state, commit, found.note, found.selections)
         return LocalState(CacheState.ABSENT, commit)
+
+    # -- the selection each revision was downloaded with -------------------------------------
+
+    def selection_record(self, repo_id: str, commit: str) -> Path:
+        """Beside the journal, in the library's ``.locks`` folder: ``scan_cache_dir`` and
+        ``hf cache`` skip it (a test pins that)."""
+        return self.locks_folder(repo_id) / f"{commit}.selection.json"
+
+    def read_selections(self, repo_id: str, commit: str) -> tuple[FileSelection, ...]:
+        """The selections the revision's downloads recorded (none when none did)."""
+        path = self.selection_record(repo_id, commit)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("format_version") != SELECTION_FORMAT_VERSION:
+                raise ValueError("unknown format")
+            found = tuple(FileSelection.from_json(s) for s in data["selections"])
+        except FileNotFoundError:
+            return ()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            # The cache is written by others too: a record that does not parse counts as none
+            # (the default applies), never as a selection of our guessing.
+            logger.warning("ignoring the selection record %s: %s", path, error)
+            return ()
+        return found[:MAX_RECORDED_SELECTIONS]
+
+    def record_selection(self, repo_id: str, commit: str, selection: FileSelection) -> None:
+        """Add ``selection`` to the revision's record (written after its files are verified):
+        the revision is then kept as the union of what its downloads asked for."""
+        recorded = self.read_selections(repo_id, commit)
+        if selection.is_everything:
+            merged: tuple[FileSelection, ...] = (selection,)  # everything covers the others
+        elif selection in recorded or any(s.is_everything for s in recorded):
+            return
+        else:
+            merged = (*recorded, selection)[-MAX_RECORDED_SELECTIONS:]
+        path = self.selection_record(repo_id, commit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        body = {
+            "format_version": SELECTION_FORMAT_VERSION,
+            "selections": [s.to_json() for s in merged],
+        }
+        with tmp.open("w", encoding="utf-8") as out:
+            json.dump(body, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+
+    def selections_for(
+        self, repo_id: str, commit: str, asked: FileSelection | None
+    ) -> tuple[FileSelection, ...]:
+        """What a status or a download of the revision is for: ``asked``, else the recorded
+        selections, else the default."""
+        recorded = () if asked is not None else self.read_selections(repo_id, commit)
+        return self._selections(asked, recorded)
 
     # -- the journal of unverified revisions -------------------------------------------------
 
@@ -201,9 +269,9 @@ class ModelCache:
             return not free
 
     def missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
-        """Bytes of the plan's files whose blob is not yet complete in the cache."""
+        """Bytes of the plan's wanted files whose blob is not yet complete in the cache."""
         blobs = self.folder(repo_id) / "blobs"
-        return sum(f.size for f in plan.files if _size_of(blobs / f.etag) != f.size)
+        return sum(f.size for f in plan.wanted if _size_of(blobs / f.etag) != f.size)
 
     def write_ref(self, repo_id: str, revision: str, commit: str) -> None:
         """Record that ``revision`` (a branch or tag) points at ``commit``, atomically."""
@@ -247,8 +315,9 @@ class ModelCache:
     ) -> VerifyReport | None:
         """Hash every file of a cached revision and compare it with its ETag, offline.
 
-        The expected ETag comes from the revision's file list; a blob's name is its ETag too, so
-        a revision without a file list is checked against the names of the blobs it links to.
+        The files are those of the revision's selection (recorded, else the default); the
+        expected ETag comes from the revision's file list. A blob's name is its ETag too, so a
+        revision without a file list is checked against the names of the blobs it links to.
         Returns None when the revision is not in the cache.
         """
         commit = self.resolve_commit(repo_id, revision)
@@ -261,7 +330,8 @@ class ModelCache:
                 return None
             expected = {rel: _blob_name(snapshot / rel) or "" for rel in _relative_files(snapshot)}
         else:
-            expected = {rel: entry.etag for rel, entry in tree.items()}
+            wanted = self._wanted(tree, None, self.read_selections(repo_id, commit)).paths
+            expected = {rel: entry.etag for rel, entry in tree.items() if rel in wanted}
         missing, mismatched = [], []
         for rel, etag in sorted(expected.items()):
             path = snapshot / rel
@@ -325,12 +395,32 @@ class ModelCache:
                 out.append(_unreadable(repo_id, error))
         return out
 
-    def _revisions_of(self, repo_id: str) -> list[CachedRevision]:
+    def _wanted(
+        self,
+        tree: dict[str, TreeEntry],
+        asked: FileSelection | None,
+        recorded: tuple[FileSelection, ...],
+    ) -> selecting.Resolved:
+        """The files of the revision a status answers for (``selections_for``)."""
+        files = [RemoteFile(rel, entry.size, entry.etag) for rel, entry in tree.items()]
+        return selecting.resolve_all(self._selections(asked, recorded), files)
+
+    def _selections(
+        self, asked: FileSelection | None, recorded: tuple[FileSelection, ...]
+    ) -> tuple[FileSelection, ...]:
+        if asked is not None:
+            return (asked.or_preset(self.default.preset or FilesPreset.ALL),)
+        return recorded or (self.default,)
+
+    def _revisions_of(
+        self, repo_id: str, asked: FileSelection | None = None
+    ) -> list[CachedRevision]:
         """Every revision of one model found in the cache, and its state: the one rule behind
         both status and list. A revision is known by its snapshot folder or its file list; it is
-        COMPLETE when every listed file is there with its size, no temporary file of its blobs
-        remains and no verification is pending (the journal); BUSY while a download worker holds
-        it; not listed at all when nothing of its content is here (a failed start)."""
+        COMPLETE when every selected file (``asked``, else the recorded selection, else the
+        default) is there with its size, no temporary file of their blobs remains and no
+        verification is pending (the journal); BUSY while a download worker holds it; not listed
+        at all when nothing of its content is here (a failed start)."""
         folder = self.folder(repo_id)
         refs = self._refs(folder)
         blob_sizes, temp_blobs = self._blob_sizes(folder / "blobs")
@@ -347,6 +437,7 @@ class ModelCache:
             size = sum(blob_sizes.get(name or "", 0) for name in set(linked.values()))
             etags = {e.etag for e in tree.values()} if tree is not None else set()
             note = None
+            recorded = self.read_selections(repo_id, commit)
             if self.revision_busy(repo_id, commit):
                 state = CacheState.BUSY
             elif not linked and not (etags & (blob_sizes.keys() | temp_blobs)):
@@ -354,9 +445,18 @@ class ModelCache:
             elif tree is None:
                 state = self._state_without_tree(snapshot)
             else:
-                state = _state_from_links(tree, snapshot, linked, blob_sizes)
-                if state is CacheState.COMPLETE and etags & temp_blobs:
+                wanted = self._wanted(tree, asked, recorded)
+                selected = {rel: e for rel, e in tree.items() if rel in wanted.paths}
+                state = _state_from_links(selected, snapshot, linked, blob_sizes)
+                if (
+                    state is CacheState.COMPLETE
+                    and {e.etag for e in selected.values()} & temp_blobs
+                ):
                     state = CacheState.PARTIAL  # a download of one of its blobs ran, or died
+                if wanted.problem is not None:
+                    note = wanted.problem
+                    if state is CacheState.COMPLETE:
+                        state = CacheState.PARTIAL
                 if not linked:
                     size = sum(blob_sizes.get(etag, 0) for etag in etags)
             if state is not CacheState.BUSY:
@@ -365,7 +465,7 @@ class ModelCache:
                     state = CacheState.PARTIAL
                     note = _journal_note(*pending)
             names = tuple(sorted(ref for ref, c in refs.items() if c == commit))
-            revisions.append(CachedRevision(repo_id, commit, state, size, names, note))
+            revisions.append(CachedRevision(repo_id, commit, state, size, names, note, recorded))
         if not revisions and (any(_iter_files(folder / "blobs")) or temp_blobs):
             # A download that stopped before its first file: the model is there only in part.
             trace = sum(st.st_size for _, st in _iter_stats(folder / "blobs"))

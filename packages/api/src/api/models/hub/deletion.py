@@ -142,7 +142,13 @@ def _one_revision(cache: ModelCache, repo_id: str, commit: str) -> DeletePlan | 
         repo_id=repo_id,
         commit=commit,
         trees=(snapshot,) if snapshot.is_dir() else (),
-        files=(*blobs, tree_file, cache.unverified_marker(repo_id, commit), *refs),
+        files=(
+            *blobs,
+            tree_file,
+            cache.unverified_marker(repo_id, commit),
+            cache.selection_record(repo_id, commit),
+            *refs,
+        ),
         own_folders=(folder / ".no_exist" / commit,),
         shared=tuple(
             sorted({t for p in blobs if (t := shared_blob_target(p, cache.root)) is not None})

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from api.models.backend import DownloadPlan, RemoteFile
+from api.models.backend import DownloadPlan, FileSelection, RemoteFile
 from api.models.errors import FailureKind
 from api.models.hub.guard import Limits, check_plan
 
@@ -97,7 +97,12 @@ def parse(raw: bytes) -> WorkerMessage:
 
 
 def encode_job(job: Job) -> bytes:
-    plan = {"commit": job.plan.commit, "files": [[f.path, f.size, f.etag] for f in job.plan.files]}
+    plan = {
+        "commit": job.plan.commit,
+        "files": [[f.path, f.size, f.etag] for f in job.plan.files],
+        "selected": sorted(job.plan.selected) if job.plan.selected is not None else None,
+        "selections": [s.to_json() for s in job.plan.selections],
+    }
     fields = {**asdict(job), "plan": plan, "limits": asdict(job.limits)}
     return json.dumps(fields).encode() + b"\n"
 
@@ -106,9 +111,18 @@ def parse_job(raw: bytes) -> Job:
     """The job, its plan checked again (``check_plan``: it crossed a pipe, and it names paths)."""
     data = _object(raw)
     try:
+        raw_plan = data["plan"]
+        files = tuple(RemoteFile(str(p), int(n), str(e)) for p, n, e in raw_plan["files"])
+        selected = raw_plan["selected"]
+        if selected is not None:
+            selected = frozenset(str(p) for p in selected)
+            if not selected <= {f.path for f in files}:
+                raise ValueError("a selected path is not a file of the plan")
         plan = DownloadPlan(
-            commit=str(data["plan"]["commit"]),
-            files=tuple(RemoteFile(str(p), int(n), str(e)) for p, n, e in data["plan"]["files"]),
+            commit=str(raw_plan["commit"]),
+            files=files,
+            selected=selected,
+            selections=tuple(FileSelection.from_json(s) for s in raw_plan["selections"]),
         )
         return Job(
             repo_id=str(data["repo_id"]),

@@ -38,6 +38,7 @@ from api.models.hub.cache import (
     new_digest,
 )
 from api.models.hub.classify import failure_of
+from api.models.hub.selection import exact_patterns
 
 PROGRESS_INTERVAL = 0.25
 # The library reads its HTTP body in chunks of this size and reports progress per chunk (10 MiB by
@@ -301,7 +302,7 @@ def download_and_verify(job: protocol.Job, reporter: Reporter) -> None:
         # The journal: until every file is verified the revision is not DOWNLOADED, whatever
         # stops this process and when (the library moves a blob into place before we check it).
         pending = cache.read_unverified(repo_id, plan.commit)
-        planned = {f.path for f in plan.files}
+        planned = {f.path for f in plan.wanted}
         for path in pending[1] if pending is not None else []:
             if path in planned:
                 cache.discard_file(repo_id, plan.commit, path)  # known bad: fetched afresh
@@ -309,6 +310,9 @@ def download_and_verify(job: protocol.Job, reporter: Reporter) -> None:
             repo_id, plan.commit, "a download of this revision stopped before it was verified", []
         )
         _download_and_verify(cache, job, reporter)
+        # Verified: the revision is now kept (and its status answers) for these selections too.
+        for selection in plan.selections:
+            cache.record_selection(repo_id, plan.commit, selection)
         cache.clear_unverified(repo_id, plan.commit)
 
 
@@ -316,6 +320,8 @@ def _download_and_verify(cache: ModelCache, job: protocol.Job, reporter: Reporte
     """Fetch what is missing, verify everything, fetch a bad file once more."""
     repo_id, plan = job.repo_id, job.plan
     token: str | bool = os.environ.get("HF_TOKEN") or False
+    # The selection, resolved to exact paths (the plan's): the library fetches those only.
+    allow = exact_patterns(plan.selected) if plan.selected is not None else None
 
     def fetch() -> None:
         present = plan.total_bytes - cache.missing_bytes(repo_id, plan)
@@ -327,10 +333,11 @@ def _download_and_verify(cache: ModelCache, job: protocol.Job, reporter: Reporte
             cache_dir=job.cache_dir,
             endpoint=job.endpoint,
             token=token,
+            allow_patterns=allow,
             tqdm_class=progress_class(reporter),
         )
 
-    hasher = StreamingHasher(cache.folder(repo_id) / "blobs", plan.files)
+    hasher = StreamingHasher(cache.folder(repo_id) / "blobs", plan.wanted)
     watch = _ResumeWatch(hasher.resumed)
     library_log = logging.getLogger("huggingface_hub.file_download")
     library_log.addHandler(watch)
@@ -368,7 +375,7 @@ def verify(
     reporter.restart("verifying")
     reporter.send(protocol.Verifying(0, 0))
     bad = []
-    for entry in plan.files:
+    for entry in plan.wanted:
         if only is not None and entry.path not in only:
             continue
         path = snapshot / entry.path
