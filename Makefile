@@ -71,6 +71,7 @@ bench: $(STAMP)
 	cd bench && ../$(VENV)/bin/python status_list.py
 	cd bench && ../$(VENV)/bin/python cancel.py
 	cd bench && ../$(VENV)/bin/python memory.py
+	cd bench && ../$(VENV)/bin/python selection.py
 
 clean:
 	rm -rf $(BOOT) $(VENV) .demo bench/.data .mypy_cache .ruff_cache .pytest_cache

@@ -58,6 +58,27 @@ CommitOpt = Annotated[
     str | None, typer.Option("--commit", "-c", help="Commit id or branch/tag (default: main)")
 ]
 RepoArg = Annotated[str, typer.Argument(help="Repo id, 'namespace/name'")]
+IncludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--include", "-i", help="Glob of files to take (repeatable), as hf download --include"
+    ),
+]
+ExcludeOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exclude", "-x", help="Glob of files to leave (repeatable), as hf download --exclude"
+    ),
+]
+FilesOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--files",
+        "-f",
+        help="'all' (every file) or 'vllm' (what vLLM loads: one weight format, config,"
+        " tokenizer; nothing under original/)",
+    ),
+]
 
 
 @app.callback()
@@ -142,6 +163,39 @@ def _model(repo: str, commit: str | None) -> dict[str, str]:
     return {"hf_repo": repo} if commit is None else {"hf_repo": repo, "hf_commit": commit}
 
 
+def _request(
+    repo: str,
+    commit: str | None,
+    include: list[str] | None,
+    exclude: list[str] | None,
+    files: str | None,
+) -> dict[str, Any]:
+    """A model and the files chosen (the API's allow_patterns, ignore_patterns and files)."""
+    body: dict[str, Any] = _model(repo, commit)
+    if include:
+        body["allow_patterns"] = include
+    if exclude:
+        body["ignore_patterns"] = exclude
+    if files is not None:
+        body["files"] = files
+    return body
+
+
+def _selection_words(selection: list[dict[str, Any]] | None) -> str:
+    """``vllm``, ``all``, ``*.gguf - original/*``...: a selection in a few words."""
+    if not selection:
+        return "default"
+    words = []
+    for one in selection:
+        parts = [one["files"]] if one.get("files") else []
+        parts += list(one.get("allow_patterns") or [])
+        word = " + ".join(parts)
+        if one.get("ignore_patterns"):
+            word += " - " + " - ".join(one["ignore_patterns"])
+        words.append(word)
+    return ", ".join(words)
+
+
 def _say(line: str) -> None:
     """A line of data (names, messages from the API) printed as it is: no markup, no emoji."""
     out.print(line, markup=False, emoji=False, highlight=False)
@@ -170,6 +224,8 @@ def _status_line(answer: dict[str, Any]) -> str:
     if progress and progress.get("percent") is not None:
         line += f" {progress['percent']:.1f}% ({_size(progress.get('downloaded_bytes'))}"
         line += f" of {_size(progress.get('total_bytes'))}, {progress.get('phase')})"
+    if answer.get("selection"):
+        line += f" [files: {_selection_words(answer['selection'])}]"
     if answer.get("error_message"):
         line += f" - {answer['error_message']}"
     return line
@@ -184,11 +240,15 @@ def download(
         bool,
         typer.Option("--wait", "-w", help="Follow the download to its end, with a progress bar"),
     ] = False,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    files: FilesOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Start downloading a model; with --wait, follow it to its end."""
+    """Start downloading a model (its files chosen with --files, --include, --exclude); with
+    --wait, follow it to its end."""
     as_json = _json_wanted(ctx, as_json)
-    body = _model(repo, commit)
+    body = _request(repo, commit, include, exclude, files)
     with _client(ctx) as client:
         if not wait:
             answer = _call(client, "POST", "/api/models/download", body)
@@ -271,11 +331,19 @@ def _finish(final: dict[str, Any], as_json: bool) -> None:
 
 @app.command()
 def status(
-    ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
+    ctx: typer.Context,
+    repo: RepoArg,
+    commit: CommitOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    files: FilesOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """A model's status (exit 3 when NOT_FOUND)."""
+    """A model's status, for the files it was downloaded with or those chosen (exit 3 when
+    NOT_FOUND)."""
     as_json = _json_wanted(ctx, as_json)
-    answer = _ask(ctx, "POST", "/api/models/status", _model(repo, commit))
+    body = _request(repo, commit, include, exclude, files)
+    answer = _ask(ctx, "POST", "/api/models/status", body)
     _show(answer, as_json, lambda: _say(_status_line(answer)))
     if answer["status"] == "NOT_FOUND":
         raise typer.Exit(NOT_FOUND)
@@ -289,7 +357,7 @@ def list_models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(answer)
         return
-    table = Table("MODEL", "COMMIT", "STATUS", "SIZE", "REFS")
+    table = Table("MODEL", "COMMIT", "STATUS", "SIZE", "FILES", "REFS")
     for item in answer["models"]:
         commit = item["model"].get("hf_commit") or "-"
         size = item.get("size_bytes")
@@ -300,9 +368,61 @@ def list_models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
             Text(commit[:12]),
             Text(item["status"]),
             _size(size),
+            Text(_selection_words(item.get("selection"))),
             Text(",".join(item.get("refs") or []) or "-"),
         )
     out.print(table)
+
+
+@app.command()
+def plan(
+    ctx: typer.Context,
+    repo: RepoArg,
+    commit: CommitOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    files: FilesOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """What a download would fetch: every file with its size, the chosen ones marked, and
+    whether it fits; nothing is downloaded."""
+    as_json = _json_wanted(ctx, as_json)
+    answer = _ask(ctx, "POST", "/api/models/plan", _request(repo, commit, include, exclude, files))
+
+    def human() -> None:
+        table = Table("", "FILE", "SIZE")
+        for entry in answer["files"]:
+            table.add_row(
+                "*" if entry["selected"] else "", Text(entry["path"]), _size(entry["size"])
+            )
+        out.print(table)
+        if answer["weights"]:
+            choices = Table("WEIGHTS", "FILES", "SIZE", "PATTERN", "")
+            for group in answer["weights"]:
+                name = group["folder"] + group["format"]
+                if group.get("quantization"):
+                    name += f" {group['quantization']}"
+                choices.add_row(
+                    Text(name),
+                    str(len(group["files"])),
+                    _size(group["size_bytes"]),
+                    Text(group["pattern"]),
+                    "chosen" if group["selected"] else "",
+                )
+            out.print(choices)
+        fits = "fits" if answer["fits"] else "does NOT fit"
+        _say(
+            f"{repo}@{answer['commit'][:12]} ({_selection_words(answer['selection'])}):"
+            f" {answer['selected_files']} of {len(answer['files'])} files,"
+            f" {_size(answer['selected_bytes'])}; {_size(answer['missing_bytes'])} to fetch,"
+            f" {_size(answer['available_bytes'])} available: {fits}"
+        )
+        if answer.get("note"):
+            _say(f"note: {answer['note']}")
+
+    _show(answer, as_json, human)
+    if answer.get("note") or not answer["fits"]:
+        raise typer.Exit(FAILURE)
 
 
 @app.command("rm")

@@ -74,6 +74,7 @@ async def test_only_the_selected_files_arrive_and_status_answers_for_what_was_as
     everything = {"hf_repo": "org/llama", "files": "all"}
     wider = (await client.post("/api/models/status", json=everything)).json()
     assert wider["status"] == "PARTIAL"
+    assert wider["error_message"].startswith("5 of the 16 files selected are not in the cache:")
     narrower = {"hf_repo": "org/llama", "allow_patterns": ["*.safetensors"]}
     assert (await client.post("/api/models/status", json=narrower)).json()["status"] == "DOWNLOADED"
     # list: the selection and the bytes on disk; verify: the selected files.

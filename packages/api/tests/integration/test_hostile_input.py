@@ -7,16 +7,18 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, given, settings
-from schemathesis import GenerationMode
-from schemathesis.checks import positive_data_acceptance
 
 from fakehub import FakeHub, RepoBuilder
 from tests.helpers import running_service
+
+if TYPE_CHECKING:
+    # Imported where they are used: schemathesis and hypothesis take about 1.5 s to import, and
+    # every xdist worker imports every test module.
+    import schemathesis
+    from schemathesis import GenerationMode
 
 
 def _snapshot(root: Path, skip: Path) -> dict[str, tuple[int, int]]:
@@ -64,6 +66,9 @@ def fuzz_operation(
     examples: int = 40,
 ) -> int:
     """Run generated requests against one operation; return how many were sent."""
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import positive_data_acceptance
+
     sent = 0
 
     @given(case=operation.as_strategy(generation_mode=mode))
@@ -92,6 +97,9 @@ def _ok(result: Any) -> schemathesis.APIOperation[Any, Any, Any, Any]:
 
 
 def test_every_endpoint_survives_generated_input(server: tuple[str, Path, Path]) -> None:
+    import schemathesis
+    from schemathesis import GenerationMode
+
     url, root, cache = server
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     # The event stream never ends by design: its query validation is tested in test_operating.py.

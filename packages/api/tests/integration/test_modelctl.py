@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fakehub import FakeHub, Generated, RepoBuilder, trickle
+from fakehub.samples import llama_layout
 from tests.helpers import MB, running_service
 
 
@@ -21,6 +22,7 @@ from tests.helpers import MB, running_service
 def service_url(hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path) -> Iterator[str]:
     repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(6 * MB, seed=70)})
     repos.commit("org/slow", {"w.bin": Generated(40 * MB, seed=71)})
+    repos.commit("org/llama", llama_layout(MB, seed=72))
     hub.add_fault(trickle(2 * MB, path="*/org/slow/*"))
     with running_service(cache_dir, hub.url, tmp_path / "service.log") as (url, _):
         yield url
@@ -144,3 +146,28 @@ def test_ctrl_c_on_wait_says_the_download_goes_on(service_url: str) -> None:
     assert "modelctl cancel org/slow" in stderr
     status = json.loads(modelctl(service_url, "status", "org/slow", "--json").stdout)
     assert status["status"] == "DOWNLOADING"
+
+
+def test_choosing_the_files(service_url: str) -> None:
+    plan = modelctl(service_url, "plan", "org/llama", "--files", "vllm")
+    assert plan.returncode == 0, plan.stderr
+    rows = [line.split("│") for line in plan.stdout.splitlines() if line.count("│") == 4]
+    marked = {cells[2].strip() for cells in rows if cells[1].strip() == "*"}
+    assert "model-00001-of-00002.safetensors" in marked
+    assert "pytorch_model-00001-of-00002.bin" not in marked
+    assert "original/consolidated.00.pth" not in marked
+    assert "safetensors" in plan.stdout
+    assert "chosen" in plan.stdout
+    assert "fits" in plan.stdout
+
+    done = modelctl(
+        service_url, "download", "org/llama", "--files", "vllm", "--exclude", "README.md", "--wait"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "[files: vllm - README.md]" in done.stdout
+    table = modelctl(service_url, "ls")
+    assert "vllm - README.md" in table.stdout
+
+    nothing = modelctl(service_url, "download", "org/llama", "--include", "*.gguf")
+    assert nothing.returncode == 2  # 422: the selection matches no file
+    assert "matches no file" in nothing.stderr

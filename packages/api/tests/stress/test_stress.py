@@ -9,8 +9,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import schemathesis
-from schemathesis import GenerationMode
 
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, trickle
@@ -21,6 +19,9 @@ pytestmark = pytest.mark.stress
 
 
 def test_fuzz_every_endpoint_longer(server: tuple[str, Path, Path]) -> None:  # noqa: F811
+    import schemathesis  # here: slow to import, and every test run collects this module
+    from schemathesis import GenerationMode
+
     url, root, cache = server
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     for operation in (_ok(result) for result in schema.get_all_operations()):

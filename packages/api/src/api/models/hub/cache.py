@@ -448,6 +448,10 @@ class ModelCache:
                 wanted = self._wanted(tree, asked, recorded)
                 selected = {rel: e for rel, e in tree.items() if rel in wanted.paths}
                 state = _state_from_links(selected, snapshot, linked, blob_sizes)
+                if state is CacheState.PARTIAL and asked is not None:
+                    # Asked for these files: say which are not here (the usual case: a wider
+                    # selection than the revision was downloaded with).
+                    note = _missing_note(selected, snapshot, linked, blob_sizes)
                 if (
                     state is CacheState.COMPLETE
                     and {e.etag for e in selected.values()} & temp_blobs
@@ -564,6 +568,21 @@ def _unreadable(repo_id: str, error: BaseException, commit: str | None = None) -
     return CachedRevision(repo_id, commit, CacheState.PARTIAL, 0, (), note)
 
 
+def _missing_note(
+    selected: dict[str, TreeEntry],
+    snapshot: Path,
+    linked: dict[str, str | None],
+    blob_sizes: dict[str, int],
+) -> str:
+    """The status's words for selected files that are not in the cache."""
+    missing = sorted(missing_files(selected, _presence(snapshot, linked, blob_sizes)))
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return (
+        f"{len(missing)} of the {len(selected)} files selected are not in the cache: {shown};"
+        " POST /api/models/download with the same selection fetches them"
+    )
+
+
 def _journal_note(reason: str, files: list[str]) -> str:
     """The status's words for a revision the journal holds as not verified."""
     named = ""
@@ -585,12 +604,20 @@ def _state_from_links(
     blob_sizes: dict[str, int],
 ) -> CacheState:
     """Completeness from what a directory walk already found: the blob each link names, sized."""
+    present = _presence(snapshot, linked, blob_sizes)
+    return CacheState.PARTIAL if missing_files(tree, present) else CacheState.COMPLETE
+
+
+def _presence(
+    snapshot: Path, linked: dict[str, str | None], blob_sizes: dict[str, int]
+) -> Callable[[str], int | None]:
+    """The size of a file of the snapshot as found (None when absent)."""
 
     def present(rel: str) -> int | None:
         name = linked.get(rel)
         return blob_sizes.get(name) if name else _size_of(snapshot / rel)
 
-    return CacheState.PARTIAL if missing_files(tree, present) else CacheState.COMPLETE
+    return present
 
 
 _HASH_CHUNK = 8 * 1024 * 1024
