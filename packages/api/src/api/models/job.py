@@ -10,7 +10,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from api.models.backend import DownloadUpdate
+from api.models.backend import DownloadUpdate, FileSelection
 from api.models.events import EventBus
 from api.models.types import (
     DownloadEvent,
@@ -20,6 +20,7 @@ from api.models.types import (
     Model,
     ModelStatus,
     ModelStatusResponse,
+    SelectionInfo,
 )
 
 _RATE_SMOOTHING = 0.3  # weight of the newest sample in the speed average
@@ -45,6 +46,7 @@ class DownloadJob:
     bytes_per_second: float | None = None
     _sample: tuple[float, int] | None = None
     _last_progress_event: float = 0.0
+    selections: tuple[FileSelection, ...] = ()  # what it fetches, once the plan is known
     task: asyncio.Task[None] | None = None
     bus: EventBus | None = None
 
@@ -130,6 +132,7 @@ class DownloadJob:
             status=ModelStatus.DOWNLOADING,
             progress=self.progress(),
             commit=self.commit,
+            selection=[SelectionInfo.of(s) for s in self.selections] or None,
         )
 
     def progress(self) -> DownloadProgress:

@@ -210,10 +210,11 @@ class ModelManager:
                     raise DownloadConflict(running)
             if start.cancelled:
                 raise DownloadCancelled(task_id)
-            job = DownloadJob(model=model, bus=self.events)
+            job = DownloadJob(model=_spec_part(model), bus=self.events)
             if plan is not None:
                 # Known before the first byte: the status shows the totals at once.
                 job.commit = plan.commit
+                job.selections = plan.selections
                 job.total_bytes = plan.total_bytes
                 job.files_total = len(plan.wanted)
             self._errors.pop(task_id, None)
