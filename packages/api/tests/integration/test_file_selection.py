@@ -155,6 +155,11 @@ async def test_a_selection_that_cannot_be_downloaded_is_refused_with_what_to_do(
     refused = await client.post("/api/models/download", json=nothing)
     assert refused.status_code == 422
     assert "matches no file" in refused.json()["detail"]
+    too_many = {"hf_repo": "org/gguf", "allow_patterns": ["*.gguf"] * 65}
+    limited = await client.post("/api/models/download", json=too_many)
+    assert limited.status_code == 422
+    assert "allow_patterns" in limited.text
+    assert "at most 64" in limited.text
     assert not (cache_dir / "models--org--gguf").exists()  # nothing written
     # The plan answers (200) and says the same; it offers the quantizations to choose from.
     plan = await client.post("/api/models/plan", json={"hf_repo": "org/gguf", "files": "vllm"})
