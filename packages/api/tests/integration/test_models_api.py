@@ -230,11 +230,18 @@ async def test_persistent_server_error_gives_up_after_the_attempts(
 async def test_space(client: httpx.AsyncClient, cache_dir: Path) -> None:
     cache_dir.mkdir(parents=True)
     (cache_dir / "x.bin").write_bytes(b"x" * 1000)
+
+    def free() -> int:
+        stat = os.statvfs(cache_dir)
+        return stat.f_bavail * stat.f_frsize
+
+    before = free()
     space = (await client.get("/api/models/space")).json()
+    after = free()
     assert space["cache_size_bytes"] == 1000
-    assert (
-        space["available_bytes"] == os.statvfs(cache_dir).f_bavail * os.statvfs(cache_dir).f_frsize
-    )
+    # The free space of the cache's filesystem; other tests write to it meanwhile.
+    slack = 256 * 1024 * 1024
+    assert min(before, after) - slack <= space["available_bytes"] <= max(before, after) + slack
     assert space["cache_path"] == str(cache_dir)
 
 

@@ -4,12 +4,14 @@ repo comes in, the weight groups, and the request's limits."""
 from __future__ import annotations
 
 import fnmatch
+from pathlib import Path
 
 import pytest
 from huggingface_hub.utils._paths import filter_repo_objects
 from pydantic import ValidationError
 
 from api.models.backend import FileSelection, FilesPreset, RemoteFile
+from api.models.hub.cache import ModelCache
 from api.models.hub.selection import exact_patterns, resolve, resolve_all, weight_groups
 from api.models.types import ModelRequest
 from fakehub.repos import FileContent, Generated
@@ -196,3 +198,44 @@ def test_a_request_without_selection_fields_names_none() -> None:
     assert ModelRequest(hf_repo="org/model").selection is None
     request = ModelRequest.model_validate({"hf_repo": "org/model", "ignore_patterns": ["*.bin"]})
     assert request.selection == FileSelection(None, (), ("*.bin",))
+
+
+def test_the_record_is_a_union_and_all_covers_the_rest(tmp_path: Path) -> None:
+    cache = ModelCache(tmp_path)
+    commit = "a" * 40
+    gguf = FileSelection(None, allow=("*Q8_0*",))
+    cache.record_selection("org/model", commit, VLLM)
+    cache.record_selection("org/model", commit, gguf)
+    cache.record_selection("org/model", commit, VLLM)  # already there: nothing added
+    assert cache.read_selections("org/model", commit) == (VLLM, gguf)
+    cache.record_selection("org/model", commit, FileSelection())
+    assert cache.read_selections("org/model", commit) == (FileSelection(),)
+    cache.record_selection("org/model", commit, gguf)  # covered by everything
+    assert cache.read_selections("org/model", commit) == (FileSelection(),)
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "not json",
+        '{"format_version": 1, "selections": [{"files": "vllm", "allow_patterns": ["*"], "ignore_patterns": 3}]}',
+        '{"format_version": 1, "selections": [{"files": "everything"}]}',
+        '{"format_version": 1, "selections": [{"files": null, "allow_patterns": ["'
+        + "x" * 300
+        + '"]}]}',
+        '{"format_version": 1, "selections": [{"files": null, "allow_patterns": ['
+        + ",".join(['"*"'] * 65)
+        + "]}]}",
+        '{"format_version": 1, "selections": [{"files": null, "allow_patterns": ["a\\u0000b"]}]}',
+        '{"format_version": 2, "selections": []}',
+    ],
+)
+def test_a_record_that_does_not_hold_to_the_rules_counts_as_none(
+    tmp_path: Path, planted: str
+) -> None:
+    cache = ModelCache(tmp_path)
+    commit = "b" * 40
+    record = cache.selection_record("org/model", commit)
+    record.parent.mkdir(parents=True)
+    record.write_text(planted)
+    assert cache.read_selections("org/model", commit) == ()

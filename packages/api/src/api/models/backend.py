@@ -7,6 +7,7 @@ The manager owns state and policy and knows nothing of ``huggingface_hub``; an a
 from __future__ import annotations
 
 import enum
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,6 +22,25 @@ class CacheState(enum.Enum):
     PARTIAL = "partial"  # something of the model is there, not all of it
     ABSENT = "absent"  # nothing of it
     BUSY = "busy"  # another process (a service sharing the cache) is downloading it now
+
+
+MAX_PATTERNS = 64
+MAX_PATTERN_LENGTH = 256
+
+
+def patterns_problem(name: str, patterns: list[str]) -> str | None:
+    """Why a list of glob patterns is refused, or None: at most 64 patterns of 1 to 256
+    characters, none with a control character."""
+    if len(patterns) > MAX_PATTERNS:
+        return f"{name} takes at most {MAX_PATTERNS} patterns ({len(patterns)} given)"
+    for index, pattern in enumerate(patterns):
+        if not pattern:
+            return f"{name}[{index}] is empty: a pattern needs at least one character"
+        if len(pattern) > MAX_PATTERN_LENGTH:
+            return f"{name}[{index}] is longer than {MAX_PATTERN_LENGTH} characters"
+        if any(unicodedata.category(c) == "Cc" for c in pattern):
+            return f"{name}[{index}] contains a control character (a tab, a newline, NUL...)"
+    return None
 
 
 class FilesPreset(enum.StrEnum):
@@ -74,8 +94,14 @@ class FileSelection:
             raise ValueError("a selection is not an object")
         preset = data.get("files")
         allow, ignore = data.get("allow_patterns") or [], data.get("ignore_patterns") or []
+        if not isinstance(allow, list) or not isinstance(ignore, list):
+            raise ValueError("patterns are not lists")
         if not all(isinstance(p, str) for p in [*allow, *ignore]):
             raise ValueError("a pattern is not a string")
+        # Read from the cache, which others write: held to the limits of a request.
+        for name, patterns in (("allow_patterns", allow), ("ignore_patterns", ignore)):
+            if (problem := patterns_problem(name, patterns)) is not None:
+                raise ValueError(problem)
         return cls(FilesPreset(preset) if preset is not None else None, tuple(allow), tuple(ignore))
 
 

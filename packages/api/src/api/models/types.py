@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import re
-import unicodedata
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from api.models.backend import FileSelection, FilesPreset
+from api.models.backend import MAX_PATTERNS, FileSelection, FilesPreset, patterns_problem
 
 # The Hub's repo id rules (huggingface_hub.utils.validate_repo_id), restricted to `namespace/name`:
 # ASCII letters, digits, '-', '_' and '.', each part 1-96 characters, starting and ending with a
@@ -116,25 +115,6 @@ class Model(BaseModel):
     def task_id(self) -> str:
         """``org/name:latest`` when no commit is given, else ``org/name:<commit or branch>``."""
         return f"{self.hf_repo}:{self.hf_commit or 'latest'}"
-
-
-MAX_PATTERNS = 64
-MAX_PATTERN_LENGTH = 256
-
-
-def patterns_problem(name: str, patterns: list[str]) -> str | None:
-    """Why a list of glob patterns is refused, or None: at most 64 patterns of 1 to 256
-    characters, none with a control character."""
-    if len(patterns) > MAX_PATTERNS:
-        return f"{name} takes at most {MAX_PATTERNS} patterns ({len(patterns)} given)"
-    for index, pattern in enumerate(patterns):
-        if not pattern:
-            return f"{name}[{index}] is empty: a pattern needs at least one character"
-        if len(pattern) > MAX_PATTERN_LENGTH:
-            return f"{name}[{index}] is longer than {MAX_PATTERN_LENGTH} characters"
-        if any(unicodedata.category(c) == "Cc" for c in pattern):
-            return f"{name}[{index}] contains a control character (a tab, a newline, NUL...)"
-    return None
 
 
 class ModelRequest(Model):

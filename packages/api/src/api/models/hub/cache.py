@@ -181,25 +181,32 @@ class ModelCache:
     def record_selection(self, repo_id: str, commit: str, selection: FileSelection) -> None:
         """Add ``selection`` to the revision's record (written after its files are verified):
         the revision is then kept as the union of what its downloads asked for."""
-        recorded = self.read_selections(repo_id, commit)
-        if selection.is_everything:
-            merged: tuple[FileSelection, ...] = (selection,)  # everything covers the others
-        elif selection in recorded or any(s.is_everything for s in recorded):
-            return
-        else:
-            merged = (*recorded, selection)[-MAX_RECORDED_SELECTIONS:]
         path = self.selection_record(repo_id, commit)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        body = {
-            "format_version": SELECTION_FORMAT_VERSION,
-            "selections": [s.to_json() for s in merged],
-        }
-        with tmp.open("w", encoding="utf-8") as out:
-            json.dump(body, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
+        # Read, add, replace, under a lock: two processes sharing the cache may finish downloads
+        # of one revision at once, and neither selection may be lost.
+        lock = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o664)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            recorded = self.read_selections(repo_id, commit)
+            if selection.is_everything:
+                merged: tuple[FileSelection, ...] = (selection,)  # everything covers the others
+            elif selection in recorded or any(s.is_everything for s in recorded):
+                return
+            else:
+                merged = (*recorded, selection)[-MAX_RECORDED_SELECTIONS:]
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            body = {
+                "format_version": SELECTION_FORMAT_VERSION,
+                "selections": [s.to_json() for s in merged],
+            }
+            with tmp.open("w", encoding="utf-8") as out:
+                json.dump(body, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        finally:
+            os.close(lock)
 
     def selections_for(
         self, repo_id: str, commit: str, asked: FileSelection | None

@@ -147,6 +147,7 @@ def _one_revision(cache: ModelCache, repo_id: str, commit: str) -> DeletePlan | 
             tree_file,
             cache.unverified_marker(repo_id, commit),
             cache.selection_record(repo_id, commit),
+            cache.selection_record(repo_id, commit).with_suffix(".lock"),
             *refs,
         ),
         own_folders=(folder / ".no_exist" / commit,),
