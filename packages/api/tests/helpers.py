@@ -18,16 +18,31 @@ import httpx
 import pytest
 
 from api.app import create_app
+from api.models.hub.zygote import Zygote
 from api.settings import Settings
 
 MB = 1024 * 1024
 FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
 
 
+_zygote: Zygote | None = None
+
+
+def shared_zygote() -> Zygote:
+    """One zygote for the apps of this test process, as one service has one: a download worker is
+    then forked in milliseconds instead of importing the Hub library (0.5 s of CPU) in every test.
+    Each worker gets the environment of its own test; the zygote ends with this process."""
+    global _zygote
+    if _zygote is None:
+        _zygote = Zygote(dict(os.environ))
+    return _zygote
+
+
 @contextlib.asynccontextmanager
 async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of an app built with ``settings``, its lifespan running (stopped at the end)."""
-    app = create_app(settings)
+    """A client of an app built with ``settings``, its lifespan running (stopped at the end); its
+    workers are forked from this process's shared zygote."""
+    app = create_app(settings, zygote=shared_zygote())
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
@@ -35,9 +50,8 @@ async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-def worker_processes() -> list[int]:
-    """Pids of download workers started by this test process (children still alive)."""
-    me = str(os.getpid())
+def _processes() -> list[tuple[int, int, bytes]]:
+    """(pid, parent pid, command line) of every process of the machine."""
     found = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
@@ -47,9 +61,29 @@ def worker_processes() -> list[int]:
             cmdline = (status.parent / "cmdline").read_bytes()
         except OSError:
             continue
-        if fields.get("PPid", "").strip() == me and b"api.models.hub.worker" in cmdline:
-            found.append(int(status.parent.name))
+        found.append((int(status.parent.name), int(fields.get("PPid", "0").strip()), cmdline))
     return found
+
+
+def zygote_processes(parent: int | None = None) -> list[int]:
+    """Pids of the zygotes (what download workers are forked from) started by ``parent`` (this
+    test process by default)."""
+    parent = os.getpid() if parent is None else parent
+    return [
+        pid
+        for pid, ppid, cmdline in _processes()
+        if ppid == parent and b"api.models.hub.zygote" in cmdline
+    ]
+
+
+def children_of(parent: int) -> list[int]:
+    return [pid for pid, ppid, _ in _processes() if ppid == parent]
+
+
+def worker_processes() -> list[int]:
+    """Pids of download workers started by this test process (forked by its zygotes)."""
+    zygotes = set(zygote_processes())
+    return sorted(pid for pid, ppid, _ in _processes() if ppid in zygotes)
 
 
 async def wait_for_status(
@@ -123,12 +157,13 @@ def running_service(
 
 
 def workers_using(cache_dir: Path) -> list[int]:
-    """Download workers on this machine, whatever their parent, working on ``cache_dir``."""
+    """Download workers and zygotes on this machine, whatever their parent, of a service working
+    on ``cache_dir`` (a forked worker's environment is its zygote's)."""
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             if (
-                b"api.models.hub.worker" in (proc / "cmdline").read_bytes()
+                b"api.models.hub.zygote" in (proc / "cmdline").read_bytes()
                 and str(cache_dir).encode() in (proc / "environ").read_bytes()
             ):
                 found.append(int(proc.name))

@@ -24,6 +24,7 @@ from api.metrics import RequestTimer, ServiceMetrics
 from api.models.errors import ModelError
 from api.models.events import log_event
 from api.models.hub.adapter import HubCacheBackend
+from api.models.hub.zygote import Zygote
 from api.models.manager import ModelManager
 from api.models.routes import model_error_handler
 from api.models.routes import router as models_router
@@ -153,7 +154,11 @@ def configure_logging(level: str) -> None:
     log.setLevel(level.upper())
 
 
-def create_app(settings: Settings | None = None, manager: ModelManager | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    manager: ModelManager | None = None,
+    zygote: Zygote | None = None,
+) -> FastAPI:
     """Build the application. Tests pass their own settings (or a manager with a fake backend)."""
 
     @asynccontextmanager
@@ -161,7 +166,8 @@ def create_app(settings: Settings | None = None, manager: ModelManager | None = 
         # The composition root: the one place that picks the backend and wires the listeners.
         if manager is None:
             service_settings = settings or Settings()
-            model_manager = ModelManager(service_settings, HubCacheBackend(service_settings))
+            backend = HubCacheBackend(service_settings, zygote)
+            model_manager = ModelManager(service_settings, backend)
         else:
             model_manager = manager
         configure_logging(model_manager.settings.log_level)

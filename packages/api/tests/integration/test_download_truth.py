@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from api.app import create_app
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, corrupt, rate_limited, stall, trickle
 from tests.helpers import (
@@ -19,11 +20,14 @@ from tests.helpers import (
     MB,
     app_client,
     assert_status_and_list_agree,
+    children_of,
     running_service,
+    shared_zygote,
     tmpfs,
     wait_for_status,
     worker_processes,
     workers_using,
+    zygote_processes,
 )
 
 pytestmark = pytest.mark.both_paths
@@ -123,6 +127,38 @@ async def test_stall_trips_the_watchdog_and_the_retry_completes(
         answer = await wait_for_status(client, body, FINAL)
     assert answer["status"] == "DOWNLOADED"
     assert hub.count("GET", weights(hub)) == 2
+
+
+async def test_a_zygote_killed_mid_download_is_a_crash_the_retry_mends(
+    settings: Settings, hub: FakeHub, commit: str
+) -> None:
+    """The process workers are forked from dies (OOM killer, an operator): its worker dies with
+    it, the attempt is a crash, and the next attempt forks from a new zygote."""
+    hub.add_fault(trickle(MB, path=weights(hub), method="GET", times=1))
+    body = {"hf_repo": "org/model"}
+    app = create_app(settings)  # a zygote of its own, not the one the other tests share
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+    ):
+        await client.post("/api/models/download", json=body)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not (zygotes := [z for z in zygote_processes() if z != shared_zygote().pid]) or not (
+            children_of(zygotes[0])
+        ):
+            assert loop.time() < deadline, "no worker started"
+            await asyncio.sleep(0.02)
+        [worker] = children_of(zygotes[0])
+        os.kill(zygotes[0], signal.SIGKILL)
+        answer = await wait_for_status(client, body, FINAL)
+        assert answer["status"] == "DOWNLOADED", answer
+        assert (
+            not Path(f"/proc/{worker}/status").exists()
+            or "Z" in Path(f"/proc/{worker}/status").read_text().split("State:")[1][:4]
+        )
+        report = (await client.post("/api/models/verify", json=body)).json()
+        assert report["verified"] is True
 
 
 async def test_a_trickle_is_a_stall_only_when_no_byte_is_reported(

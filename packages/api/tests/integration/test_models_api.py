@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import httpx
@@ -13,7 +14,16 @@ import pytest
 from api.app import create_app
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, http_error, trickle
-from tests.helpers import MB, app_client, wait_for_status, worker_processes
+from tests.helpers import (
+    FINAL,
+    MB,
+    app_client,
+    children_of,
+    shared_zygote,
+    wait_for_status,
+    worker_processes,
+    zygote_processes,
+)
 
 
 @pytest.fixture
@@ -291,25 +301,34 @@ async def test_models_put_in_the_cache_by_another_tool(
     assert hub.count() == 0
 
 
-async def test_warm_worker(settings: Settings, hub: FakeHub, repos: RepoBuilder) -> None:
-    """A spare worker is started after each download begins, used by the next, and stopped with
-    the service."""
-    for name in ("a", "b"):
+async def test_workers_are_forked_from_a_zygote_that_ends_with_the_service(
+    settings: Settings, hub: FakeHub, repos: RepoBuilder
+) -> None:
+    """With warm_worker the service's own zygote starts with it; each download's worker is its
+    child, gone when the download ends; a zygote that died is replaced by the next download; the
+    service stops it when it stops."""
+    for name in ("a", "b", "c"):
         repos.commit(f"org/{name}", {"config.json": name})
+
+    def own_zygotes() -> list[int]:  # not the one the other tests of this process share
+        return [pid for pid in zygote_processes() if pid != shared_zygote().pid]
+
     app = create_app(settings.model_copy(update={"warm_worker": True}))
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
     ):
-        backend = app.state.model_manager.backend
+        [zygote] = own_zygotes()  # started with the service, before any download
         for name in ("a", "b"):
             body = {"hf_repo": f"org/{name}"}
             await client.post("/api/models/download", json=body)
-            assert (await wait_for_status(client, body, {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}))[
-                "status"
-            ] == "DOWNLOADED"
-        spare = await backend._spare
-        assert spare.returncode is None
-        assert worker_processes() == [spare.pid]  # the two used workers are gone, one waits
-    assert worker_processes() == []
-    assert spare.returncode is not None
+            assert (await wait_for_status(client, body, FINAL))["status"] == "DOWNLOADED"
+        assert own_zygotes() == [zygote]  # the same zygote forked both
+        assert not [p for p in worker_processes() if p in children_of(zygote)]
+        os.kill(zygote, signal.SIGKILL)
+        body = {"hf_repo": "org/c"}
+        await client.post("/api/models/download", json=body)
+        assert (await wait_for_status(client, body, FINAL))["status"] == "DOWNLOADED"
+        [replacement] = own_zygotes()
+        assert replacement != zygote
+    assert own_zygotes() == []

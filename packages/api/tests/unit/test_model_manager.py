@@ -86,6 +86,9 @@ class FakeBackend:
         self.states[(request.repo_id, request.revision)] = CacheState.COMPLETE
         return commit
 
+    async def start(self) -> None:
+        pass
+
     def local_state(
         self, repo_id: str, revision: str, selection: FileSelection | None = None
     ) -> LocalState:

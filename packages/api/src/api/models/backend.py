@@ -272,6 +272,10 @@ class HubBackend(Protocol):
     @property
     def cache_path(self) -> str: ...
 
+    async def start(self) -> None:
+        """Get ready for the first download (start what workers are forked from)."""
+        ...
+
     async def aclose(self) -> None:
-        """Release what the backend holds (idle worker processes)."""
+        """Release what the backend holds (worker processes, what they are forked from)."""
         ...

@@ -500,6 +500,7 @@ class ModelManager:
         removed = await self._on_cache_pool(self.backend.remove_all_orphans)
         if removed:
             logger.info("event=orphans_removed count=%d", removed)
+        await self.backend.start()
 
     async def shutdown(self) -> None:
         """Stop every running download and wait for each (no worker outlives the service)."""

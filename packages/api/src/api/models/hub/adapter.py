@@ -1,9 +1,10 @@
 """The Hub/cache adapter: the only place (with ``worker`` and ``cache``) that knows huggingface_hub.
 
-A download runs in its own worker process (``python -m api.models.hub.worker``) so that a cancel stops
-the transfer on every path of the library (plain HTTP and Xet alike): the process is killed, its
-temporary files are removed, and its blob locks die with it. The worker reports progress as JSON
-lines on its stdout; the adapter reads them on the event loop.
+A download attempt runs in its own worker process (``api.models.hub.worker``, forked from the
+zygote, ``zygote.py``) so that a cancel stops the transfer on every path of the library (plain HTTP
+and Xet alike): the process is killed, its temporary files are removed, and its blob locks die with
+it. The worker reports progress as JSON lines on its stdout; the adapter reads them on the event
+loop.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -44,6 +44,7 @@ from api.models.hub import selection as selecting
 from api.models.hub.cache import ModelCache
 from api.models.hub.classify import failure_of
 from api.models.hub.guard import UntrustedAnswer, check_plan
+from api.models.hub.zygote import ForkedWorker, Zygote, ZygoteGone
 
 if TYPE_CHECKING:  # the worker imports this module: keep pydantic-settings out of its start
     from api.settings import Settings
@@ -94,25 +95,28 @@ def hub_limits(settings: Settings) -> guard.Limits:
 class HubCacheBackend:
     """The real ``HubBackend``: downloads in worker processes, reads the cache on disk."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, zygote: Zygote | None = None) -> None:
         self.settings = settings
         self.cache = ModelCache(settings.cache_dir, FileSelection(settings.default_files))
         guard.install(hub_limits(settings))
         self._hub_slots = asyncio.Semaphore(settings.hub_call_slots)
-        # A worker started ahead, idle until a download takes it: saves the interpreter start and
-        # library imports (about 0.2 s) on each download.
-        self._spare: asyncio.Task[asyncio.subprocess.Process] | None = None
+        # Workers are forked from a zygote that has imported them (``zygote.py``): a worker then
+        # starts in milliseconds instead of 0.5 s of CPU, on every attempt. One given here is
+        # shared (its owner stops it); else the backend has its own.
+        self._owns_zygote = zygote is None
+        own_env = {k: v for k, v in self.worker_env().items() if k != "HF_TOKEN"}
+        self._zygote = zygote if zygote is not None else Zygote(own_env)
+
+    async def start(self) -> None:
+        """With ``warm_worker``, start the zygote now, so that the first download does not wait
+        for its imports."""
+        if self.settings.warm_worker:
+            await self._zygote.start()
 
     async def aclose(self) -> None:
-        """Stop the idle spare worker, if any."""
-        spare, self._spare = self._spare, None
-        if spare is None:
-            return
-        try:
-            process = await spare
-        except Exception:
-            return
-        await _kill(process)
+        """Stop the zygote if it is the backend's own (a worker still running dies with it)."""
+        if self._owns_zygote:
+            await self._zygote.aclose()
 
     async def _hub_call(self, function: Callable[..., _T], *args: Any) -> _T:
         """Run a blocking Hub call in a daemon thread of its own, at most ``hub_call_slots`` at
@@ -144,33 +148,15 @@ class HubCacheBackend:
             threading.Thread(target=run, name="hub call", daemon=True).start()
             return await future
 
-    async def _spawn_worker(self) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "api.models.hub.worker",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=self.worker_env(),
-        )
-
-    async def _take_worker(self) -> asyncio.subprocess.Process:
-        spare, self._spare = self._spare, None
-        process = None
-        if spare is not None:
-            with contextlib.suppress(Exception):
-                process = await spare
-            if process is not None and process.returncode is not None:
-                process = None  # it died while idle: start another
-        if process is None:
-            process = await self._spawn_worker()
-        return process
-
-    def _refill_spare(self) -> None:
-        """Start the next spare once a download has ended: started while one runs, its imports
-        would take CPU from the transfer."""
-        if self.settings.warm_worker and self._spare is None:
-            self._spare = asyncio.create_task(self._spawn_worker(), name="spare download worker")
+    async def _take_worker(self) -> ForkedWorker:
+        try:
+            return await self._zygote.spawn(self.worker_env())
+        except ZygoteGone as error:
+            raise DownloadFailed(
+                FailureKind.CRASHED,
+                f"the download worker could not start ({error})",
+                retryable=True,
+            ) from None
 
     @property
     def cache_path(self) -> str:
@@ -392,7 +378,6 @@ class HubCacheBackend:
             with contextlib.suppress(Exception):
                 process.stdin.close()
         await asyncio.to_thread(self.cache.remove_orphans, request.repo_id)
-        self._refill_spare()
         if outcome is None:
             raise DownloadFailed(
                 FailureKind.CRASHED,
@@ -409,7 +394,7 @@ class HubCacheBackend:
         return plan.commit
 
 
-async def _kill(process: asyncio.subprocess.Process) -> None:
+async def _kill(process: ForkedWorker) -> None:
     if process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             process.kill()

@@ -270,7 +270,7 @@ def progress_class(reporter: Reporter) -> type:
     return _Progress
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """On Linux, PR_SET_PDEATHSIG: the kernel kills this process when the service dies."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -440,7 +440,7 @@ def main() -> int:
     constants.DOWNLOAD_CHUNK_SIZE = CHUNK_SIZE
     for name, value in XET_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    _die_with_parent()
+    die_with_parent()
     # Downloads are background work: the API that shares these cores answers first.
     with contextlib.suppress(OSError):
         os.nice(int(os.environ.get("MODELS_WORKER_NICE", "10")))
