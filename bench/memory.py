@@ -16,8 +16,10 @@ LARGE = ["bench/large", "bench/large-2", "bench/large-3"]
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def tree_rss(root_pids: list[int]) -> int:
-    """Resident bytes of these processes and all their descendants."""
+def tree_memory(root_pids: list[int]) -> tuple[int, int]:
+    """(resident bytes, proportional bytes) of these processes and all their descendants. RSS
+    counts a page shared by several processes (a forked worker and its zygote) in each; PSS
+    divides it among them: the memory the tree really holds."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -28,22 +30,34 @@ def tree_rss(root_pids: list[int]) -> int:
         pid = int(stat.parent.name)
         children.setdefault(int(fields[1]), []).append(pid)
         rss[pid] = int(fields[21]) * PAGE
-    total, todo = 0, list(root_pids)
+    total_rss, total_pss, todo = 0, 0, list(root_pids)
     while todo:
         pid = todo.pop()
-        total += rss.get(pid, 0)
+        total_rss += rss.get(pid, 0)
+        total_pss += _pss(pid)
         todo.extend(children.get(pid, []))
-    return total
+    return total_rss, total_pss
+
+
+def _pss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 class PeakSampler(threading.Thread):
     def __init__(self, pids: list[int]) -> None:
         super().__init__(daemon=True)
-        self.pids, self.peak, self.stop_event = pids, 0, threading.Event()
+        self.pids, self.peak, self.peak_pss, self.stop_event = pids, 0, 0, threading.Event()
 
     def run(self) -> None:
         while not self.stop_event.is_set():
-            self.peak = max(self.peak, tree_rss(self.pids))
+            rss, pss = tree_memory(self.pids)
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             time.sleep(0.02)
 
 
@@ -65,7 +79,7 @@ def main() -> None:
                 t.join()
             sampler.stop_event.set()
             sampler.join()
-            service_peak = sampler.peak
+            service_peak, service_pss = sampler.peak, sampler.peak_pss
         hf = str(Path(PYTHON).parent / "hf")
         env = {"HF_ENDPOINT": hub, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PATH": "/usr/bin:/bin"}
         procs = [
@@ -89,6 +103,10 @@ def main() -> None:
     )
     print(
         f"  3 x hf download     peak {sampler.peak / mb:7.1f} MB   ratio {service_peak / sampler.peak:5.2f}"
+    )
+    print(
+        f"  PSS (shared pages divided): service + workers {service_pss / mb:7.1f} MB,"
+        f" 3 x hf download {sampler.peak_pss / mb:7.1f} MB, ratio {service_pss / sampler.peak_pss:5.2f}"
     )
     shutil.rmtree(work, ignore_errors=True)
 
