@@ -17,17 +17,10 @@ from api.models.backend import FilesPreset
 from api.settings import Settings
 from conftest import TOKEN
 from fakehub import FakeHub, RepoBuilder
-from fakehub.samples import gguf_layout, llama_layout
+from fakehub.samples import TEXT_FILES, gguf_layout, llama_layout
 from tests.helpers import FINAL, MB, app_client, assert_status_and_list_agree, wait_for_status
 
-VLLM_FILES = {
-    ".gitattributes",
-    "README.md",
-    "config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
+VLLM_FILES = TEXT_FILES | {
     "model-00001-of-00002.safetensors",
     "model-00002-of-00002.safetensors",
     "model.safetensors.index.json",

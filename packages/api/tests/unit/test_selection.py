@@ -16,6 +16,7 @@ from api.models.hub.selection import exact_patterns, resolve, resolve_all, weigh
 from api.models.types import ModelRequest
 from fakehub.repos import FileContent, Generated
 from fakehub.samples import (
+    TEXT_FILES,
     bin_layout,
     gguf_layout,
     llama_layout,
@@ -25,15 +26,7 @@ from fakehub.samples import (
 )
 
 VLLM = FileSelection(FilesPreset.VLLM)
-TEXT = {
-    ".gitattributes",
-    "README.md",
-    "config.json",
-    "generation_config.json",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-}
+TEXT = TEXT_FILES
 
 
 def listing(layout: dict[str, FileContent]) -> list[RemoteFile]:

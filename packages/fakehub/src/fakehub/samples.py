@@ -18,6 +18,9 @@ _TEXT = {
     "README.md": "# a sample model",
     ".gitattributes": "*.safetensors filter=lfs\n",
 }
+# The text files at the top of every layout below (config, tokenizer, ...): what any selection
+# for vLLM takes besides the weights.
+TEXT_FILES = frozenset(_TEXT)
 
 
 def _index(weights: Mapping[str, FileContent]) -> str:

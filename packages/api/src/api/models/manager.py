@@ -50,7 +50,6 @@ from api.models.types import (
     DownloadStartedResponse,
     Model,
     ModelListItem,
-    ModelRequest,
     ModelStatus,
     ModelStatusResponse,
     PlanFile,
@@ -106,13 +105,14 @@ class ModelManager:
         state = await self._on_cache_pool(self.backend.local_state, model.hf_repo, model.revision)
         return state.state is CacheState.COMPLETE
 
-    async def get_model_status(self, model: Model) -> ModelStatusResponse:
-        """The status of the revision for the files asked (``ModelRequest``'s selection), else
-        for those it was downloaded with, else for the default selection."""
-        asked = model.selection if isinstance(model, ModelRequest) else None
+    async def get_model_status(
+        self, model: Model, asked: FileSelection | None = None
+    ) -> ModelStatusResponse:
+        """The status of the revision for the files ``asked``, else for those it was downloaded
+        with, else for the default selection."""
         job = self._job_for(model)
         if job is not None:
-            return job.status().model_copy(update={"model": _spec_part(model)})  # as asked
+            return job.status().model_copy(update={"model": model})  # as it was asked
         local = await self._on_cache_pool(
             self.backend.local_state, model.hf_repo, model.revision, asked
         )
@@ -123,7 +123,7 @@ class ModelManager:
             error = error or local.note
         chosen = (asked,) if asked is not None else local.selections
         return ModelStatusResponse(
-            model=_spec_part(model),
+            model=model,
             status=status,
             error_message=error,
             commit=local.commit,
@@ -178,8 +178,11 @@ class ModelManager:
 
     # -- downloads ---------------------------------------------------------------------------
 
-    async def add_model(self, model: Model) -> DownloadStartedResponse:
-        """Start downloading ``model`` in the background.
+    async def add_model(
+        self, model: Model, asked: FileSelection | None = None
+    ) -> DownloadStartedResponse:
+        """Start downloading the files ``asked`` of ``model`` (None: those the revision was
+        downloaded with, else the default selection) in the background.
 
         Returns status DOWNLOADED (and starts nothing, with no network traffic) when the revision
         is already complete in the cache, else DOWNLOADING with the task id.
@@ -189,7 +192,6 @@ class ModelManager:
         ``DownloadCancelled`` when a DELETE cancelled it while it was starting.
         """
         task_id = model.task_id
-        asked = model.selection if isinstance(model, ModelRequest) else None
         self._check_can_start(model)
         local = await self._on_cache_pool(
             self.backend.local_state, model.hf_repo, model.revision, asked
@@ -210,7 +212,7 @@ class ModelManager:
                     raise DownloadConflict(running)
             if start.cancelled:
                 raise DownloadCancelled(task_id)
-            job = DownloadJob(model=_spec_part(model), bus=self.events)
+            job = DownloadJob(model=model, bus=self.events)
             if plan is not None:
                 # Known before the first byte: the status shows the totals at once.
                 job.commit = plan.commit
@@ -327,18 +329,19 @@ class ModelManager:
             )
         return plan
 
-    async def plan_model(self, model: ModelRequest) -> PlanResponse:
-        """What a download of ``model`` would fetch, from the Hub's file list, writing nothing.
+    async def plan_model(self, model: Model, asked: FileSelection | None = None) -> PlanResponse:
+        """What a download of the files ``asked`` of ``model`` would fetch, from the Hub's file
+        list, writing nothing.
 
         Raises ``HubAnswer`` when the Hub cannot give the list (missing, private or gated repo,
         no answer)."""
-        plan = await self._fetch_plan(model, model.selection)
+        plan = await self._fetch_plan(model, asked)
         if isinstance(plan, DownloadFailed):
             raise HubAnswer(plan)
         space = await self._space_for(model.hf_repo, plan)
         wanted = {f.path for f in plan.wanted}
         return PlanResponse(
-            model=_spec_part(model),
+            model=model,
             commit=plan.commit,
             selection=[SelectionInfo.of(s) for s in plan.selections],
             files=[
@@ -524,11 +527,6 @@ class _Space:
     @property
     def fits(self) -> bool:
         return self.needed <= self.available
-
-
-def _spec_part(model: Model) -> Model:
-    """The spec's part of a request (``model`` in answers)."""
-    return model.as_model() if isinstance(model, ModelRequest) else model
 
 
 @dataclass

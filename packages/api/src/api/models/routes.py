@@ -185,7 +185,7 @@ async def model_status(model: RequestBody, manager: ManagerDep) -> ModelStatusRe
     Response: `{"model": {...}, "status": "DOWNLOADED", "progress": null, "error_message": null,
     "commit": "01c7f73d771dfac7d292323805ebc428287df4f9"}`
     """
-    return await manager.get_model_status(model)
+    return await manager.get_model_status(model.as_model(), model.selection)
 
 
 @router.post(
@@ -243,7 +243,7 @@ async def download_model(
 
     Response (200, already complete): `{"task_id": "meta-llama/Llama-2-7b-hf:latest", "status": "DOWNLOADED"}`
     """
-    started = await manager.add_model(model)
+    started = await manager.add_model(model.as_model(), model.selection)
     if started.status is ModelStatus.DOWNLOADED:
         response.status_code = status.HTTP_200_OK
     return started
@@ -295,7 +295,7 @@ async def plan_download(model: RequestBody, manager: ManagerDep) -> PlanResponse
     "fits": true, "weights": [{"format": "safetensors", "pattern": "*.safetensors", ...}],
     "note": null}`
     """
-    return await manager.plan_model(model)
+    return await manager.plan_model(model.as_model(), model.selection)
 
 
 @router.delete(
