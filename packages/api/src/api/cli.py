@@ -264,23 +264,37 @@ def download(
             if stream.status_code != 200:
                 stream.read()
                 _fail(stream.text, _EXIT_BY_STATUS.get(stream.status_code, FAILURE))
-            answer = _call(client, "POST", "/api/models/download", body)
-            if answer["status"] == "DOWNLOADED":
-                final = _call(client, "POST", "/api/models/status", body)
-                _finish(final, as_json)
-                return
             try:
+                answer = _call(client, "POST", "/api/models/download", body)
+                if answer["status"] == "DOWNLOADED":
+                    final = _call(client, "POST", "/api/models/status", body)
+                    _finish(final, as_json)
+                    return
                 _follow(stream, answer["task_id"], as_json)
             except KeyboardInterrupt:
-                # Ctrl-C stops the watching, not the download: say so, and how to stop it.
-                again = f"modelctl cancel {repo}" + (f" --commit {commit}" if commit else "")
-                err.print(
-                    f"detached: {_plain(answer['task_id'])} goes on downloading in the service;"
-                    f" `{_plain(again)}` stops it"
-                )
+                # Ctrl-C stops the watching, not the download: say so, and how to stop it. It
+                # may come before the service's answer was read: ask the service what runs.
+                _detached(client, repo, commit, body)
                 raise typer.Exit(130) from None
         final = _call(client, "POST", "/api/models/status", body)
         _finish(final, as_json)
+
+
+def _detached(client: httpx.Client, repo: str, commit: str | None, body: dict[str, Any]) -> None:
+    """After Ctrl-C on ``download --wait``: whether the download goes on, and how to stop it."""
+    try:
+        current = client.post("/api/models/status", json=body, timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        current = {}
+    if current.get("status") == "DOWNLOADING":
+        again = f"modelctl cancel {repo}" + (f" --commit {commit}" if commit else "")
+        task_id = repo + ":" + (commit or "latest")
+        err.print(
+            f"detached: {_plain(task_id)} goes on downloading in the service;"
+            f" `{_plain(again)}` stops it"
+        )
+    else:
+        err.print(f"interrupted; `modelctl status {_plain(repo)}` says what the service has")
 
 
 def _events(stream: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:

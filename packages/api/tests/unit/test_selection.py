@@ -197,14 +197,14 @@ def test_the_record_is_a_union_and_all_covers_the_rest(tmp_path: Path) -> None:
     cache = ModelCache(tmp_path)
     commit = "a" * 40
     gguf = FileSelection(None, allow=("*Q8_0*",))
-    cache.record_selection("org/model", commit, VLLM)
-    cache.record_selection("org/model", commit, gguf)
-    cache.record_selection("org/model", commit, VLLM)  # already there: nothing added
-    assert cache.read_selections("org/model", commit) == (VLLM, gguf)
-    cache.record_selection("org/model", commit, FileSelection())
-    assert cache.read_selections("org/model", commit) == (FileSelection(),)
-    cache.record_selection("org/model", commit, gguf)  # covered by everything
-    assert cache.read_selections("org/model", commit) == (FileSelection(),)
+    cache.records.record_selection("org/model", commit, VLLM)
+    cache.records.record_selection("org/model", commit, gguf)
+    cache.records.record_selection("org/model", commit, VLLM)  # already there: nothing added
+    assert cache.records.read_selections("org/model", commit) == (VLLM, gguf)
+    cache.records.record_selection("org/model", commit, FileSelection())
+    assert cache.records.read_selections("org/model", commit) == (FileSelection(),)
+    cache.records.record_selection("org/model", commit, gguf)  # covered by everything
+    assert cache.records.read_selections("org/model", commit) == (FileSelection(),)
 
 
 @pytest.mark.parametrize(
@@ -228,7 +228,7 @@ def test_a_record_that_does_not_hold_to_the_rules_counts_as_none(
 ) -> None:
     cache = ModelCache(tmp_path)
     commit = "b" * 40
-    record = cache.selection_record("org/model", commit)
+    record = cache.records.selection_record("org/model", commit)
     record.parent.mkdir(parents=True)
     record.write_text(planted)
-    assert cache.read_selections("org/model", commit) == ()
+    assert cache.records.read_selections("org/model", commit) == ()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -34,7 +33,6 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from huggingface_hub.utils._shared_blobs import shared_blob_target
 
@@ -51,6 +49,8 @@ from api.models.backend import (
 )
 from api.models.hub import selection as selecting
 from api.models.hub.guard import COMMIT_ID, UntrustedAnswer, check_plan, path_problem
+from api.models.hub.hashing import content_matches
+from api.models.hub.records import RevisionRecords, journal_note
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +75,6 @@ class TreeEntry:
     lfs: bool
 
 
-SELECTION_FORMAT_VERSION = 1
-MAX_RECORDED_SELECTIONS = 32
-
-
 class ModelCache:
     """One cache folder: where each model lives, and its state. ``default``: the selection of a
     revision no download of the service recorded one for (``MODELS_DEFAULT_FILES``)."""
@@ -86,6 +82,7 @@ class ModelCache:
     def __init__(self, root: Path, default: FileSelection = EVERYTHING) -> None:
         self.root = root
         self.default = default
+        self.records = RevisionRecords(self.locks_folder)
 
     def folder(self, repo_id: str) -> Path:
         return self.root / repo_folder_name(repo_id)
@@ -156,103 +153,13 @@ class ModelCache:
 
     # -- the selection each revision was downloaded with -------------------------------------
 
-    def selection_record(self, repo_id: str, commit: str) -> Path:
-        """Beside the journal, in the library's ``.locks`` folder: ``scan_cache_dir`` and
-        ``hf cache`` skip it (a test pins that)."""
-        return self.locks_folder(repo_id) / f"{commit}.selection.json"
-
-    def read_selections(self, repo_id: str, commit: str) -> tuple[FileSelection, ...]:
-        """The selections the revision's downloads recorded (none when none did)."""
-        path = self.selection_record(repo_id, commit)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if data.get("format_version") != SELECTION_FORMAT_VERSION:
-                raise ValueError("unknown format")
-            found = tuple(FileSelection.from_json(s) for s in data["selections"])
-        except FileNotFoundError:
-            return ()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            # The cache is written by others too: a record that does not parse counts as none
-            # (the default applies), never as a selection of our guessing.
-            logger.warning("ignoring the selection record %s: %s", path, error)
-            return ()
-        return found[:MAX_RECORDED_SELECTIONS]
-
-    def record_selection(self, repo_id: str, commit: str, selection: FileSelection) -> None:
-        """Add ``selection`` to the revision's record (written after its files are verified):
-        the revision is then kept as the union of what its downloads asked for."""
-        path = self.selection_record(repo_id, commit)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Read, add, replace, under a lock: two processes sharing the cache may finish downloads
-        # of one revision at once, and neither selection may be lost.
-        lock = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o664)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            recorded = self.read_selections(repo_id, commit)
-            if selection.is_everything:
-                merged: tuple[FileSelection, ...] = (selection,)  # everything covers the others
-            elif selection in recorded or any(s.is_everything for s in recorded):
-                return
-            else:
-                merged = (*recorded, selection)[-MAX_RECORDED_SELECTIONS:]
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            body = {
-                "format_version": SELECTION_FORMAT_VERSION,
-                "selections": [s.to_json() for s in merged],
-            }
-            with tmp.open("w", encoding="utf-8") as out:
-                json.dump(body, out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        finally:
-            os.close(lock)
-
     def selections_for(
         self, repo_id: str, commit: str, asked: FileSelection | None
     ) -> tuple[FileSelection, ...]:
         """What a status or a download of the revision is for: ``asked``, else the recorded
         selections, else the default."""
-        recorded = () if asked is not None else self.read_selections(repo_id, commit)
+        recorded = () if asked is not None else self.records.read_selections(repo_id, commit)
         return self._selections(asked, recorded)
-
-    # -- the journal of unverified revisions -------------------------------------------------
-
-    def unverified_marker(self, repo_id: str, commit: str) -> Path:
-        return self.locks_folder(repo_id) / f"{commit}.unverified"
-
-    def mark_unverified(self, repo_id: str, commit: str, reason: str, files: list[str]) -> None:
-        """Record, durably, that the revision's content is not known good: written before a
-        download's first byte and kept until every file is verified (a stop at any moment leaves
-        it), or by a verification that found bad files (``files``, fetched again first)."""
-        path = self.unverified_marker(repo_id, commit)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("w", encoding="utf-8") as out:
-            json.dump({"reason": reason, "files": files}, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-
-    def clear_unverified(self, repo_id: str, commit: str) -> None:
-        self.unverified_marker(repo_id, commit).unlink(missing_ok=True)
-
-    def read_unverified(self, repo_id: str, commit: str) -> tuple[str, list[str]] | None:
-        """(reason, files known bad) when the revision is marked unverified, else None."""
-        path = self.unverified_marker(repo_id, commit)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as error:
-            logger.warning("unreadable verification journal %s: %s", path, error)
-            return ("the revision's verification journal is unreadable", [])
-        if not isinstance(data, dict):
-            return ("the revision's verification journal is unreadable", [])
-        files = [f for f in data.get("files") or [] if isinstance(f, str) and not path_problem(f)]
-        # The file is in the cache, which others can write: its text reaches status answers, so
-        # it is bounded.
-        return str(data.get("reason") or "the revision is not verified")[:300], files[:1000]
 
     def revision_lock(self, repo_id: str, commit: str) -> Path:
         return self.locks_folder(repo_id) / f"{commit}.download.lock"
@@ -337,7 +244,7 @@ class ModelCache:
                 return None
             expected = {rel: _blob_name(snapshot / rel) or "" for rel in _relative_files(snapshot)}
         else:
-            wanted = self._wanted(tree, None, self.read_selections(repo_id, commit)).paths
+            wanted = self._wanted(tree, None, self.records.read_selections(repo_id, commit)).paths
             expected = {rel: entry.etag for rel, entry in tree.items() if rel in wanted}
         missing, mismatched = [], []
         for rel, etag in sorted(expected.items()):
@@ -365,9 +272,9 @@ class ModelCache:
                 counts = [f"{len(mismatched)} mismatched"] if mismatched else []
                 counts += [f"{len(missing)} missing"] if missing else []
                 reason = f"verification found {' and '.join(counts)} file(s)"
-                self.mark_unverified(repo_id, commit, reason, missing + mismatched)
+                self.records.mark_unverified(repo_id, commit, reason, missing + mismatched)
             elif not self.revision_busy(repo_id, commit):
-                self.clear_unverified(repo_id, commit)  # every file checked good: verified
+                self.records.clear_unverified(repo_id, commit)  # every file checked good: verified
         except OSError as error:
             logger.warning("cannot record the verification of %s: %s", repo_id, error)
 
@@ -444,7 +351,7 @@ class ModelCache:
             size = sum(blob_sizes.get(name or "", 0) for name in set(linked.values()))
             etags = {e.etag for e in tree.values()} if tree is not None else set()
             note = None
-            recorded = self.read_selections(repo_id, commit)
+            recorded = self.records.read_selections(repo_id, commit)
             if self.revision_busy(repo_id, commit):
                 state = CacheState.BUSY
             elif not linked and not (etags & (blob_sizes.keys() | temp_blobs)):
@@ -471,10 +378,10 @@ class ModelCache:
                 if not linked:
                     size = sum(blob_sizes.get(etag, 0) for etag in etags)
             if state is not CacheState.BUSY:
-                pending = self.read_unverified(repo_id, commit)
+                pending = self.records.read_unverified(repo_id, commit)
                 if pending is not None:
                     state = CacheState.PARTIAL
-                    note = _journal_note(*pending)
+                    note = journal_note(*pending)
             names = tuple(sorted(ref for ref, c in refs.items() if c == commit))
             revisions.append(CachedRevision(repo_id, commit, state, size, names, note, recorded))
         if not revisions and (any(_iter_files(folder / "blobs")) or temp_blobs):
@@ -590,15 +497,6 @@ def _missing_note(
     )
 
 
-def _journal_note(reason: str, files: list[str]) -> str:
-    """The status's words for a revision the journal holds as not verified."""
-    named = ""
-    if files:
-        shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-        named = f": {shown}"
-    return f"{reason}{named}; POST /api/models/download verifies it and fetches what is bad"
-
-
 def missing_files(tree: dict[str, TreeEntry], size_of: Callable[[str], int | None]) -> list[str]:
     """Files of the list that are absent or of the wrong size (``size_of`` gives None if absent)."""
     return [rel for rel, entry in tree.items() if size_of(rel) != entry.size]
@@ -627,48 +525,11 @@ def _presence(
     return present
 
 
-_HASH_CHUNK = 8 * 1024 * 1024
-
-
-def new_digest(etag: str, size: int) -> Any:
-    """The hash an ETag is of: sha256 for a 64-hex ETag (LFS/Xet files); for a 40-hex one
-    (regular files) the git blob id, sha1 of ``blob <size>\\0`` + content, so it needs the size.
-    None for anything else."""
-    if len(etag) == 64:
-        return hashlib.sha256()
-    if len(etag) == 40:
-        return hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
-    return None
-
-
 def blob_name(file_name: str) -> str:
     """The blob (or commit) a file of ``blobs/`` or ``.locks/`` belongs to:
     ``<etag>.<random>.incomplete``, ``<etag>.lock``, ``<commit>.download.lock`` -> the part
     before the first dot."""
     return file_name.split(".", 1)[0]
-
-
-def content_matches(path: Path, etag: str, on_bytes: Callable[[int], None] | None = None) -> bool:
-    """Whether the file's content hashes to ``etag``: sha256 for a 64-hex ETag (LFS/Xet files),
-    the git blob id (sha1 of ``blob <size>\\0`` + content) for a 40-hex one (regular files)."""
-    etag = etag.lower()
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return False  # gone (another process sharing the cache discarded it): not a match
-    digest = new_digest(etag, size)
-    if digest is None:
-        return False  # not an ETag the Hub serves: cannot be vouched for
-    try:
-        source = path.open("rb")
-    except FileNotFoundError:
-        return False
-    with source:
-        while chunk := source.read(_HASH_CHUNK):
-            digest.update(chunk)  # hashlib releases the GIL on large buffers
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-    return bool(digest.hexdigest() == etag)
 
 
 def _size_of(path: Path) -> int | None:

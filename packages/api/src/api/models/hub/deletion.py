@@ -145,9 +145,9 @@ def _one_revision(cache: ModelCache, repo_id: str, commit: str) -> DeletePlan | 
         files=(
             *blobs,
             tree_file,
-            cache.unverified_marker(repo_id, commit),
-            cache.selection_record(repo_id, commit),
-            cache.selection_record(repo_id, commit).with_suffix(".lock"),
+            cache.records.unverified_marker(repo_id, commit),
+            cache.records.selection_record(repo_id, commit),
+            cache.records.selection_record(repo_id, commit).with_suffix(".lock"),
             *refs,
         ),
         own_folders=(folder / ".no_exist" / commit,),

@@ -30,14 +30,9 @@ from huggingface_hub import constants, snapshot_download
 from api.models.backend import DownloadPlan, RemoteFile
 from api.models.errors import DownloadFailed, FailureKind
 from api.models.hub import guard, protocol
-from api.models.hub.cache import (
-    INCOMPLETE_SUFFIX,
-    ModelCache,
-    blob_name,
-    content_matches,
-    new_digest,
-)
+from api.models.hub.cache import INCOMPLETE_SUFFIX, ModelCache, blob_name
 from api.models.hub.classify import failure_of
+from api.models.hub.hashing import content_matches, new_digest
 from api.models.hub.selection import exact_patterns
 
 PROGRESS_INTERVAL = 0.25
@@ -301,19 +296,19 @@ def download_and_verify(job: protocol.Job, reporter: Reporter) -> None:
     with cache.hold_revision(repo_id, plan.commit):
         # The journal: until every file is verified the revision is not DOWNLOADED, whatever
         # stops this process and when (the library moves a blob into place before we check it).
-        pending = cache.read_unverified(repo_id, plan.commit)
+        pending = cache.records.read_unverified(repo_id, plan.commit)
         planned = {f.path for f in plan.wanted}
         for path in pending[1] if pending is not None else []:
             if path in planned:
                 cache.discard_file(repo_id, plan.commit, path)  # known bad: fetched afresh
-        cache.mark_unverified(
+        cache.records.mark_unverified(
             repo_id, plan.commit, "a download of this revision stopped before it was verified", []
         )
         _download_and_verify(cache, job, reporter)
         # Verified: the revision is now kept (and its status answers) for these selections too.
         for selection in plan.selections:
-            cache.record_selection(repo_id, plan.commit, selection)
-        cache.clear_unverified(repo_id, plan.commit)
+            cache.records.record_selection(repo_id, plan.commit, selection)
+        cache.records.clear_unverified(repo_id, plan.commit)
 
 
 def _download_and_verify(cache: ModelCache, job: protocol.Job, reporter: Reporter) -> None:
