@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -100,8 +101,10 @@ def _fork_worker(control: socket.socket, own_fds: tuple[int, int]) -> bool:
             from api.models.hub import worker
 
             code = worker.main()
-            sys.stderr.flush()
+        except BaseException:
+            traceback.print_exc()  # the service sees the worker end without a message: a crash
         finally:
+            sys.stderr.flush()
             os._exit(code)
     for fd in fds:
         os.close(fd)
@@ -198,8 +201,25 @@ class Zygote:
         loop = asyncio.get_running_loop()
         stdin_r, stdin_w = os.pipe()
         stdout_r, stdout_w = os.pipe()
+        fork = asyncio.ensure_future(
+            asyncio.to_thread(self._locked, self._fork, env, stdin_r, stdout_w)
+        )
         try:
-            session, pid = await asyncio.to_thread(self._locked, self._fork, env, stdin_r, stdout_w)
+            session, pid = await asyncio.shield(fork)
+        except asyncio.CancelledError:
+            # The fork goes on in its thread: the worker it makes must not outlive the request.
+            try:
+                with contextlib.suppress(Exception):
+                    session, pid = await fork
+                    ended = self._register(session, pid, loop)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    async with asyncio.timeout(10):
+                        await ended
+            finally:
+                for fd in (stdin_w, stdout_r):
+                    os.close(fd)
+            raise
         except BaseException:
             for fd in (stdin_w, stdout_r):
                 os.close(fd)
@@ -207,14 +227,7 @@ class Zygote:
         finally:
             os.close(stdin_r)
             os.close(stdout_w)
-        ended: asyncio.Future[int] = loop.create_future()
-        with self._table:
-            if pid in session.early:
-                ended.set_result(session.early.pop(pid))
-            elif session.gone:
-                ended.set_result(KILLED)
-            else:
-                session.ended[pid] = ended
+        ended = self._register(session, pid, loop)
         stdout = asyncio.StreamReader(limit=2**20)
         await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(stdout), os.fdopen(stdout_r, "rb", 0)
@@ -224,6 +237,20 @@ class Zygote:
         )
         stdin = asyncio.StreamWriter(transport, protocol, None, loop)
         return ForkedWorker(pid, stdin, stdout, ended)
+
+    def _register(
+        self, session: _Session, pid: int, loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[int]:
+        """The future of a worker's end (its return code)."""
+        ended: asyncio.Future[int] = loop.create_future()
+        with self._table:
+            if pid in session.early:
+                ended.set_result(session.early.pop(pid))
+            elif session.gone:
+                ended.set_result(KILLED)
+            else:
+                session.ended[pid] = ended
+        return ended
 
     async def aclose(self) -> None:
         """Stop the zygote (its workers die with it) and wait for it."""
