@@ -125,7 +125,8 @@ def test_rough_edges_a_new_user_hits(service_url: str) -> None:
 
 
 def test_ctrl_c_on_wait_says_the_download_goes_on(service_url: str) -> None:
-    env = {**os.environ, "MODELCTL_URL": service_url, "COLUMNS": "120"}
+    # PYTHONFAULTHANDLER: should it hang, SIGABRT makes it print where each thread is.
+    env = {**os.environ, "MODELCTL_URL": service_url, "COLUMNS": "120", "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "api.cli", "download", "org/slow", "--wait"],
         env=env,
@@ -143,7 +144,12 @@ def test_ctrl_c_on_wait_says_the_download_goes_on(service_url: str) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=30)
+    try:
+        _, stderr = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _, stderr = process.communicate(timeout=30)
+        pytest.fail(f"modelctl did not exit within 30 s of Ctrl-C:\n{stderr}")
     assert process.returncode == 130
     assert "goes on downloading in the service" in stderr
     assert "modelctl cancel org/slow" in stderr
