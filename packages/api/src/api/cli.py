@@ -9,6 +9,7 @@ answered, as JSON, on stdout.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -318,7 +319,13 @@ def _follow(stream: httpx.Response, task_id: str, as_json: bool) -> None:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err, disable=as_json, transient=False) as bar:
+    bar = Progress(*columns, console=err, disable=as_json, transient=False)
+    # The bar refreshes from a thread of its own. A Ctrl-C the kernel hands to that thread would
+    # wait for the next event to reach the main thread, blocked reading the stream: the thread
+    # is started with SIGINT blocked, so the signal interrupts the read.
+    with _sigint_blocked():
+        bar.start()
+    with bar:
         task = bar.add_task(_plain(task_id), total=None)
         for event, data in _events(stream):
             if data.get("task_id") != task_id:
@@ -335,6 +342,16 @@ def _follow(stream: httpx.Response, task_id: str, as_json: bool) -> None:
                 if event == "completed":
                     bar.update(task, completed=progress.get("total_bytes") or 0)
                 return
+
+
+@contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT blocked in this thread (and the threads it starts) for the ``with`` block."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _finish(final: dict[str, Any], as_json: bool) -> None:
