@@ -147,9 +147,14 @@ def test_ctrl_c_on_wait_says_the_download_goes_on(service_url: str) -> None:
     try:
         _, stderr = process.communicate(timeout=30)
     except subprocess.TimeoutExpired:
+        # Where the signal is: pending, blocked or caught, thread by thread.
+        masks = [
+            " ".join(line for line in status.read_text().splitlines() if line.startswith("Sig"))
+            for status in Path(f"/proc/{process.pid}/task").glob("*/status")
+        ]
         process.send_signal(signal.SIGABRT)
         _, stderr = process.communicate(timeout=30)
-        pytest.fail(f"modelctl did not exit within 30 s of Ctrl-C:\n{stderr}")
+        pytest.fail(f"modelctl did not exit within 30 s of Ctrl-C: {masks}\n{stderr}")
     assert process.returncode == 130
     assert "goes on downloading in the service" in stderr
     assert "modelctl cancel org/slow" in stderr

@@ -336,8 +336,11 @@ class HubCacheBackend:
         # machine) only a crash or a long silence ends it; the stall watchdog counts from then.
         timeout = max(stall, self.settings.worker_start_timeout_seconds)
         try:
-            process.stdin.write(protocol.encode_job(job))
-            await process.stdin.drain()
+            try:
+                process.stdin.write(protocol.encode_job(job))
+                await process.stdin.drain()
+            except ConnectionError:
+                pass  # it died before it read its job: its end, below, says how
             # stdin stays open: the worker exits by itself when it closes (this process died).
             while True:
                 try:
