@@ -163,7 +163,15 @@ _SELECTION_ERRORS: dict[int | str, dict[str, Any]] = {
     },
 }
 
-router = APIRouter(prefix="/models", tags=["Models"])
+# Every endpoint, GETs included, can answer this one (a bug of ours; the log says more).
+_UNEXPECTED: dict[int | str, dict[str, Any]] = {
+    500: _error(
+        "An unexpected error of the service (a bug): nothing was changed by this request; the"
+        " service log has the details",
+        "internal error; see the service log",
+    )
+}
+router = APIRouter(prefix="/models", tags=["Models"], responses=_UNEXPECTED)
 
 
 @router.post(
