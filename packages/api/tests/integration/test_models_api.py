@@ -78,11 +78,17 @@ async def test_full_flow(
         }
     ]
 
-    # Already complete: 200, nothing started, no request to the hub.
+    # Already complete: 200, nothing started. For the branch, one metadata request asks where
+    # it points now (it has not moved); no file is fetched.
     hub.reset_counts()
     again = await client.post("/api/models/download", json=body)
     assert again.status_code == 200
     assert again.json()["status"] == "DOWNLOADED"
+    assert hub.count() == hub.count("GET", "/api/models/org/model/revision/main") == 1
+    # A pinned commit never moves: no request to the hub at all.
+    hub.reset_counts()
+    by_commit = {"hf_repo": "org/model", "hf_commit": commit}
+    assert (await client.post("/api/models/download", json=by_commit)).status_code == 200
     pinned = await client.post(
         "/api/models/status", json={"hf_repo": "org/model", "hf_commit": commit.upper()}
     )

@@ -52,6 +52,9 @@ class FakeBackend:
     def cache_path(self) -> str:
         return "/fake/cache"
 
+    async def resolve(self, repo_id: str, revision: str) -> str:
+        return revision if len(revision) == 40 else COMMIT
+
     async def plan(self, request: DownloadRequest) -> DownloadPlan:
         # `main` (and any branch) points at COMMIT; a commit id is itself.
         commit = request.revision if len(request.revision) == 40 else COMMIT

@@ -218,6 +218,11 @@ class HubBackend(Protocol):
         ``retryable`` set, and a message saying whether it will be retried)."""
         ...
 
+    async def resolve(self, repo_id: str, revision: str) -> str:
+        """The commit a branch or tag points at on the Hub now (one metadata request). Raises
+        ``DownloadFailed``."""
+        ...
+
     def missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
         """Bytes of the plan's files not yet complete in the cache (blocking)."""
         ...

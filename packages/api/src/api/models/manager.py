@@ -27,6 +27,7 @@ from api.models.backend import (
     FailureKind,
     FileSelection,
     HubBackend,
+    LocalState,
 )
 from api.models.errors import (
     DownloadCancelled,
@@ -184,8 +185,11 @@ class ModelManager:
         """Start downloading the files ``asked`` of ``model`` (None: those the revision was
         downloaded with, else the default selection) in the background.
 
-        Returns status DOWNLOADED (and starts nothing, with no network traffic) when the revision
-        is already complete in the cache, else DOWNLOADING with the task id.
+        Returns status DOWNLOADED (and starts nothing) when the revision is already complete in
+        the cache: for a commit id with no network traffic; for a branch or tag after one request
+        that asks the Hub where it points now (when it moved, the new commit is downloaded beside
+        the old one, and the branch moves to it once it is verified; a Hub that cannot answer
+        leaves the cached revision as the answer). Else DOWNLOADING with the task id.
         Raises ``DownloadConflict`` when the same revision is already downloading, under any of
         its names (``org/name``, ``org/name`` at ``main``, and the commit ``main`` points to are
         one revision), ``TooManyDownloads`` when every download slot is taken, and
@@ -196,7 +200,7 @@ class ModelManager:
         local = await self._on_cache_pool(
             self.backend.local_state, model.hf_repo, model.revision, asked
         )
-        if local.state is CacheState.COMPLETE:
+        if local.state is CacheState.COMPLETE and not await self._branch_moved(model, local):
             return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADED)
         # Checked again after the await, then the slot is held while the file list is fetched.
         self._check_can_start(model)
@@ -239,6 +243,25 @@ class ModelManager:
             self._starting.pop(task_id, None)
         job.publish(DownloadEventType.STARTED)
         return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADING)
+
+    async def _branch_moved(self, model: Model, local: LocalState) -> bool:
+        """Whether the branch (or tag) asked for points on the Hub at another commit than the
+        complete one cached: one metadata request. A commit id never moves (no request); a Hub
+        that cannot answer leaves the cached revision as the answer."""
+        if COMMIT_PATTERN.fullmatch(model.revision) or local.commit is None:
+            return False
+        try:
+            async with asyncio.timeout(self.settings.plan_timeout_seconds):
+                commit = await self.backend.resolve(model.hf_repo, model.revision)
+        except (DownloadFailed, TimeoutError) as failure:
+            logger.info(
+                "event=update_check_failed repo=%s revision=%s reason=%s",
+                model.hf_repo,
+                model.revision,
+                failure,
+            )
+            return False
+        return commit != local.commit
 
     def _running(self) -> Iterator[tuple[str, Model, str | None]]:
         """(task id, model, commit when known) of every download that runs or starts here."""

@@ -83,6 +83,14 @@ def fetch_plan(repo_id: str, revision: str, endpoint: str, token: str | bool) ->
     return plan
 
 
+def fetch_commit(repo_id: str, revision: str, endpoint: str, token: str | bool) -> str:
+    """The commit a revision points at on the Hub (blocking; one metadata request, guarded)."""
+    commit = HfApi(endpoint=endpoint, token=token).repo_info(repo_id, revision=revision).sha
+    if commit is None:
+        raise UntrustedAnswer("the Hub answered without a commit id")
+    return commit
+
+
 def hub_limits(settings: Settings) -> guard.Limits:
     return guard.Limits(
         max_files=settings.max_repo_files,
@@ -207,6 +215,14 @@ class HubCacheBackend:
                 failure.kind, f"{failure} (attempt 1, not retried)", retry_after=failure.retry_after
             ) from None
 
+    async def resolve(self, repo_id: str, revision: str) -> str:
+        try:
+            return await self._hub_call(
+                fetch_commit, repo_id, revision, self.settings.hf_endpoint, self._token
+            )
+        except Exception as error:
+            raise failure_of(error, repo_id, revision) from None
+
     async def download(
         self,
         request: DownloadRequest,
@@ -279,7 +295,9 @@ class HubCacheBackend:
     def select(self, request: DownloadRequest, listing: DownloadPlan) -> DownloadPlan:
         """The listing with the request's selection resolved (none asked: the revision's recorded
         selection, else the default), and its weight files grouped (blocking: reads the record)."""
-        selections = self.cache.selections_for(request.repo_id, listing.commit, request.selection)
+        selections = self.cache.selections_for(
+            request.repo_id, listing.commit, request.selection, request.revision
+        )
         resolved = selecting.resolve_all(selections, listing.files)
         everything = len(resolved.paths) == len(listing.files)
         return replace(

@@ -154,11 +154,20 @@ class ModelCache:
     # -- the selection each revision was downloaded with -------------------------------------
 
     def selections_for(
-        self, repo_id: str, commit: str, asked: FileSelection | None
+        self,
+        repo_id: str,
+        commit: str,
+        asked: FileSelection | None,
+        revision: str | None = None,
     ) -> tuple[FileSelection, ...]:
         """What a status or a download of the revision is for: ``asked``, else the recorded
-        selections, else the default."""
+        selections, else (a branch that moved: its update) those of the revision the branch
+        points at in the cache, else the default."""
         recorded = () if asked is not None else self.records.read_selections(repo_id, commit)
+        if not recorded and asked is None and revision is not None:
+            serving = self.resolve_commit(repo_id, revision)
+            if serving is not None and serving != commit:
+                recorded = self.records.read_selections(repo_id, serving)
         return self._selections(asked, recorded)
 
     def revision_lock(self, repo_id: str, commit: str) -> Path:

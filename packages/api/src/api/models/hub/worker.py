@@ -290,9 +290,15 @@ def download_and_verify(job: protocol.Job, reporter: Reporter) -> None:
     repo_id, plan = job.repo_id, job.plan
     cache = ModelCache(Path(job.cache_dir))
     # The library writes refs/<branch> only when asked for the branch; we pass the commit the
-    # plan resolved (no second resolution, no race with a moving branch) and record the ref first,
-    # as the library does, so the cache knows the revision while it downloads.
-    cache.write_ref(repo_id, job.revision, plan.commit)
+    # plan resolved (no second resolution, no race with a moving branch) and record the ref
+    # ourselves. A branch that points at another revision already (an update) keeps pointing
+    # there until this one is verified, then moves in one atomic step: whatever resolves the
+    # branch from the cache (vLLM offline, a restart of it) never sees a revision in the making.
+    # A branch new to the cache points at its revision from the start, so that the cache knows
+    # what a stopped download left (PARTIAL).
+    serving = cache.resolve_commit(repo_id, job.revision)
+    if serving is None or serving == plan.commit:
+        cache.write_ref(repo_id, job.revision, plan.commit)
     with cache.hold_revision(repo_id, plan.commit):
         # The journal: until every file is verified the revision is not DOWNLOADED, whatever
         # stops this process and when (the library moves a blob into place before we check it).
@@ -309,6 +315,7 @@ def download_and_verify(job: protocol.Job, reporter: Reporter) -> None:
         for selection in plan.selections:
             cache.records.record_selection(repo_id, plan.commit, selection)
         cache.records.clear_unverified(repo_id, plan.commit)
+        cache.write_ref(repo_id, job.revision, plan.commit)  # complete and verified: the switch
 
 
 def _download_and_verify(cache: ModelCache, job: protocol.Job, reporter: Reporter) -> None:
