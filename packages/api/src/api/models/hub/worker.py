@@ -8,7 +8,7 @@ Writes ``protocol`` messages on stdout: ``Started``, ``Progress`` (at most every
 
 A file whose content does not match its ETag is deleted and fetched once more; a second mismatch
 fails the download. The worker exits when its stdin closes (the service died) and, on Linux, when
-its parent dies. It may be started ahead of time: it then waits for its input, imports done.
+its parent (the zygote, ``zygote.py``, which forks it with its imports done) dies.
 Retries across attempts are the service's (``api.models.hub.adapter``).
 """
 
@@ -446,7 +446,7 @@ def main() -> int:
     # Downloads are background work: the API that shares these cores answers first.
     with contextlib.suppress(OSError):
         os.nice(int(os.environ.get("MODELS_WORKER_NICE", "10")))
-    # A spare worker waits here, imports done, until the service hands it a download.
+    # Forked from the zygote (imports done), the worker reads its job first.
     line = sys.stdin.buffer.readline()
     reporter = Reporter(out)
     try:
