@@ -68,6 +68,10 @@ async def test_only_the_selected_files_arrive_and_status_answers_for_what_was_as
     wider = (await client.post("/api/models/status", json=everything)).json()
     assert wider["status"] == "PARTIAL"
     assert wider["error_message"].startswith("5 of the 16 files selected are not in the cache:")
+    # Ignore patterns alone narrow the default: the answer names the selection as applied.
+    ignoring = {"hf_repo": "org/llama", "ignore_patterns": ["original/*"]}
+    applied = (await client.post("/api/models/status", json=ignoring)).json()["selection"]
+    assert applied == [{"files": "all", "allow_patterns": [], "ignore_patterns": ["original/*"]}]
     narrower = {"hf_repo": "org/llama", "allow_patterns": ["*.safetensors"]}
     assert (await client.post("/api/models/status", json=narrower)).json()["status"] == "DOWNLOADED"
     # list: the selection and the bytes on disk; verify: the selected files.

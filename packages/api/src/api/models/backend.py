@@ -113,7 +113,7 @@ class LocalState:
     state: CacheState
     commit: str | None = None
     note: str | None = None  # why it is not COMPLETE, when the cache knows (a pending verification)
-    selections: tuple[FileSelection, ...] = ()  # recorded by the downloads of the revision
+    selections: tuple[FileSelection, ...] = ()  # the asked one as applied, else those recorded
 
 
 @dataclass(frozen=True)

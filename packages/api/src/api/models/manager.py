@@ -122,13 +122,12 @@ class ModelManager:
         if status is not ModelStatus.DOWNLOADED:
             error = self._errors.get(model.task_id) or self._error_of(model.hf_repo, local.commit)
             error = error or local.note
-        chosen = (asked,) if asked is not None else local.selections
         return ModelStatusResponse(
             model=model,
             status=status,
             error_message=error,
             commit=local.commit,
-            selection=[SelectionInfo.of(s) for s in chosen] or None,
+            selection=[SelectionInfo.of(s) for s in local.selections] or None,
         )
 
     async def list_models(self) -> list[ModelListItem]:

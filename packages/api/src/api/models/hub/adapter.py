@@ -62,10 +62,7 @@ def fetch_plan(repo_id: str, revision: str, endpoint: str, token: str | bool) ->
     metadata of one file is asked too (a HEAD): a token without access fails here, before the
     first byte, as ``GatedRepoError``."""
     api = HfApi(endpoint=endpoint, token=token)
-    info = api.repo_info(repo_id, revision=revision)
-    commit = info.sha
-    if commit is None:
-        raise UntrustedAnswer("the Hub answered without a commit id")
+    commit, gated = _revision_info(api, repo_id, revision)
     files = tuple(
         RemoteFile(
             path=f.path,
@@ -76,7 +73,7 @@ def fetch_plan(repo_id: str, revision: str, endpoint: str, token: str | bool) ->
         if isinstance(f, RepoFile)
     )
     plan = check_plan(DownloadPlan(commit=commit, files=files))
-    if info.gated and files:
+    if gated and files:
         api.get_hf_file_metadata(
             url=hf_hub_url(repo_id, files[0].path, revision=commit, endpoint=endpoint)
         )
@@ -85,10 +82,16 @@ def fetch_plan(repo_id: str, revision: str, endpoint: str, token: str | bool) ->
 
 def fetch_commit(repo_id: str, revision: str, endpoint: str, token: str | bool) -> str:
     """The commit a revision points at on the Hub (blocking; one metadata request, guarded)."""
-    commit = HfApi(endpoint=endpoint, token=token).repo_info(repo_id, revision=revision).sha
-    if commit is None:
+    return _revision_info(HfApi(endpoint=endpoint, token=token), repo_id, revision)[0]
+
+
+def _revision_info(api: HfApi, repo_id: str, revision: str) -> tuple[str, bool]:
+    """(commit, gated) of a revision on the Hub: one metadata request, its ``sha`` checked by the
+    guard; an answer without one is refused."""
+    info = api.repo_info(repo_id, revision=revision)
+    if info.sha is None:
         raise UntrustedAnswer("the Hub answered without a commit id")
-    return commit
+    return info.sha, bool(info.gated)
 
 
 def hub_limits(settings: Settings) -> guard.Limits:

@@ -50,7 +50,7 @@ from api.models.backend import (
 from api.models.hub import selection as selecting
 from api.models.hub.guard import COMMIT_ID, UntrustedAnswer, check_plan, path_problem
 from api.models.hub.hashing import content_matches
-from api.models.hub.records import RevisionRecords, journal_note
+from api.models.hub.records import RevisionRecords, journal_note, name_some
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +138,11 @@ class ModelCache:
     ) -> LocalState:
         """The state of one revision for the selection ``asked`` (None: the recorded one, else
         the default): the very entry ``list_cached`` gives for it, so that status and list cannot
-        disagree."""
+        disagree. Its ``selections``: the one asked (its preset completed as it was applied),
+        else those recorded (none: the default)."""
+        applied = self._selections(asked, ()) if asked is not None else ()
         if not self.folder(repo_id).is_dir():
-            return LocalState(CacheState.ABSENT)
+            return LocalState(CacheState.ABSENT, selections=applied)
         commit = self.resolve_commit(repo_id, revision)
         try:
             revisions = self._revisions_of(repo_id, asked)
@@ -148,8 +150,8 @@ class ModelCache:
             revisions = [_unreadable(repo_id, error, commit)]
         for found in revisions:
             if found.commit == commit:
-                return LocalState(found.state, commit, found.note, found.selections)
-        return LocalState(CacheState.ABSENT, commit)
+                return LocalState(found.state, commit, found.note, applied or found.selections)
+        return LocalState(CacheState.ABSENT, commit, selections=applied)
 
     # -- the selection each revision was downloaded with -------------------------------------
 
@@ -370,11 +372,17 @@ class ModelCache:
             else:
                 wanted = self._wanted(tree, asked, recorded)
                 selected = {rel: e for rel, e in tree.items() if rel in wanted.paths}
-                state = _state_from_links(selected, snapshot, linked, blob_sizes)
-                if state is CacheState.PARTIAL and asked is not None:
+                # Completeness from what the walk already found: the blob each link names.
+                missing = missing_files(selected, _presence(snapshot, linked, blob_sizes))
+                state = CacheState.PARTIAL if missing else CacheState.COMPLETE
+                if missing and asked is not None:
                     # Asked for these files: say which are not here (the usual case: a wider
                     # selection than the revision was downloaded with).
-                    note = _missing_note(selected, snapshot, linked, blob_sizes)
+                    note = (
+                        f"{len(missing)} of the {len(selected)} files selected are not in the"
+                        f" cache: {name_some(sorted(missing))}; POST /api/models/download with the"
+                        " same selection fetches them"
+                    )
                 if (
                     state is CacheState.COMPLETE
                     and {e.etag for e in selected.values()} & temp_blobs
@@ -491,35 +499,9 @@ def _unreadable(repo_id: str, error: BaseException, commit: str | None = None) -
     return CachedRevision(repo_id, commit, CacheState.PARTIAL, 0, (), note)
 
 
-def _missing_note(
-    selected: dict[str, TreeEntry],
-    snapshot: Path,
-    linked: dict[str, str | None],
-    blob_sizes: dict[str, int],
-) -> str:
-    """The status's words for selected files that are not in the cache."""
-    missing = sorted(missing_files(selected, _presence(snapshot, linked, blob_sizes)))
-    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-    return (
-        f"{len(missing)} of the {len(selected)} files selected are not in the cache: {shown};"
-        " POST /api/models/download with the same selection fetches them"
-    )
-
-
 def missing_files(tree: dict[str, TreeEntry], size_of: Callable[[str], int | None]) -> list[str]:
     """Files of the list that are absent or of the wrong size (``size_of`` gives None if absent)."""
     return [rel for rel, entry in tree.items() if size_of(rel) != entry.size]
-
-
-def _state_from_links(
-    tree: dict[str, TreeEntry],
-    snapshot: Path,
-    linked: dict[str, str | None],
-    blob_sizes: dict[str, int],
-) -> CacheState:
-    """Completeness from what a directory walk already found: the blob each link names, sized."""
-    present = _presence(snapshot, linked, blob_sizes)
-    return CacheState.PARTIAL if missing_files(tree, present) else CacheState.COMPLETE
 
 
 def _presence(

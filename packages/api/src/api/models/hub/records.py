@@ -125,8 +125,11 @@ def _write_durably(path: Path, data: object) -> None:
 
 def journal_note(reason: str, files: list[str]) -> str:
     """The status's words for a revision the journal holds as not verified."""
-    named = ""
-    if files:
-        shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-        named = f": {shown}"
+    named = f": {name_some(files)}" if files else ""
     return f"{reason}{named}; POST /api/models/download verifies it and fetches what is bad"
+
+
+def name_some(paths: list[str], shown: int = 5) -> str:
+    """The first paths, and how many more: for a status's words."""
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more

@@ -206,25 +206,16 @@ class Zygote:
         )
         try:
             session, pid = await asyncio.shield(fork)
-        except asyncio.CancelledError:
-            # The fork goes on in its thread: the worker it makes must not outlive the request.
+        except BaseException as error:
             try:
-                with contextlib.suppress(Exception):
-                    session, pid = await fork
-                    ended = self._register(session, pid, loop)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    async with asyncio.timeout(10):
-                        await ended
+                if isinstance(error, asyncio.CancelledError):
+                    await self._kill_forked(fork, loop)
             finally:
                 for fd in (stdin_w, stdout_r):
                     os.close(fd)
             raise
-        except BaseException:
-            for fd in (stdin_w, stdout_r):
-                os.close(fd)
-            raise
         finally:
+            # After the fork has sent them (a cancel above waits for it): the worker has its own.
             os.close(stdin_r)
             os.close(stdout_w)
         ended = self._register(session, pid, loop)
@@ -237,6 +228,20 @@ class Zygote:
         )
         stdin = asyncio.StreamWriter(transport, protocol, None, loop)
         return ForkedWorker(pid, stdin, stdout, ended)
+
+    async def _kill_forked(
+        self, fork: asyncio.Future[tuple[_Session, int]], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """A request was cancelled while its worker was forked: the fork goes on in its thread,
+        and the worker it makes must not outlive the request. Waits for it, kills it, waits for
+        its end."""
+        with contextlib.suppress(Exception):
+            session, pid = await fork
+            ended = self._register(session, pid, loop)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            async with asyncio.timeout(10):
+                await ended
 
     def _register(
         self, session: _Session, pid: int, loop: asyncio.AbstractEventLoop
