@@ -53,7 +53,10 @@ class Settings(BaseSettings):
         " (the stall watchdog counts from then)",
     )
     plan_timeout_seconds: float = Field(
-        default=10.0, gt=0, description="how long POST /download waits for the file list"
+        default=10.0,
+        gt=0,
+        description="how long POST /download and /plan wait for the file list, and for where a"
+        " cached branch points now",
     )
     max_repo_files: int = Field(
         default=100_000, ge=1, description="a Hub file list longer than this is refused"
