@@ -227,6 +227,13 @@ def _status_line(answer: dict[str, Any]) -> str:
         line += f" of {_size(progress.get('total_bytes'))}, {progress.get('phase')})"
     if answer.get("selection"):
         line += f" [files: {_selection_words(answer['selection'])}]"
+    if answer.get("coming_commit"):
+        line += (
+            f" [update: serves {answer['served_commit'][:12]}, then {answer['coming_commit'][:12]}]"
+        )
+    if answer.get("in_use_by"):
+        users = ", ".join(f"{u['server']} ({u['model']})" for u in answer["in_use_by"])
+        line += f" [in use by {users}]"
     if answer.get("error_message"):
         line += f" - {answer['error_message']}"
     return line
@@ -388,20 +395,26 @@ def list_models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json(answer)
         return
-    table = Table("MODEL", "COMMIT", "STATUS", "SIZE", "FILES", "REFS")
+    watched = any(item.get("in_use_by") is not None for item in answer["models"])
+    columns = ["MODEL", "COMMIT", "STATUS", "SIZE", "FILES", "REFS"]
+    table = Table(*columns, *(["IN USE BY"] if watched else []))
     for item in answer["models"]:
         commit = item["model"].get("hf_commit") or "-"
         size = item.get("size_bytes")
         if item["status"] == "DOWNLOADING" and item.get("progress"):
             size = item["progress"].get("downloaded_bytes")
-        table.add_row(
+        row: list[Text | str] = [
             Text(item["model"]["hf_repo"]),
             Text(commit[:12]),
             Text(item["status"]),
             _size(size),
             Text(_selection_words(item.get("selection"))),
             Text(",".join(item.get("refs") or []) or "-"),
-        )
+        ]
+        if watched:
+            users = item.get("in_use_by") or []
+            row.append(Text(", ".join(f"{u['server']} ({u['model']})" for u in users) or "-"))
+        table.add_row(*row)
     out.print(table)
 
 
@@ -456,12 +469,28 @@ def plan(
         raise typer.Exit(FAILURE)
 
 
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Delete even what a vLLM server (MODELS_VLLM_URLS of the service) serves, or while"
+        " one does not answer",
+    ),
+]
+
+
 @app.command("rm")
 def remove(
-    ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
+    ctx: typer.Context,
+    repo: RepoArg,
+    commit: CommitOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Delete a model from the cache, or cancel its download."""
-    answer = _ask(ctx, "DELETE", "/api/models", _model(repo, commit))
+    """Delete a model from the cache, or cancel its download (exit 4 when a vLLM server serves
+    it: --force deletes it anyway)."""
+    path = "/api/models?force=true" if force else "/api/models"
+    answer = _ask(ctx, "DELETE", path, _model(repo, commit))
     freed = answer.get("freed_bytes")
 
     def human() -> None:
@@ -476,6 +505,113 @@ def remove(
             _say(f"{repo}: {answer['status']}" + (f" ({_size(freed)} freed)" if freed else ""))
 
     _show(answer, _json_wanted(ctx, as_json), human)
+
+
+@app.command()
+def updates(
+    ctx: typer.Context,
+    refresh: Annotated[
+        bool, typer.Option("--refresh", help="Ask the Hub now, not reusing a recent check")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Which cached branches moved on the Hub, and how much an update would fetch (exit 1 when
+    a check failed)."""
+    as_json = _json_wanted(ctx, as_json)
+    answer = _ask(ctx, "GET", "/api/models/updates" + ("?refresh=true" if refresh else ""))
+
+    def human() -> None:
+        table = Table("MODEL", "REF", "CACHED", "HUB", "UPDATE", "TO FETCH")
+        for entry in answer["models"]:
+            hub = entry.get("hub_commit")
+            if entry.get("error"):
+                verdict = Text(f"unknown: {entry['error']}")
+            else:
+                verdict = Text("yes" if entry["update_available"] else "up to date")
+            table.add_row(
+                Text(entry["model"]["hf_repo"]),
+                Text(entry["ref"]),
+                Text(entry["cached_commit"][:12]),
+                Text(hub[:12] if hub else "-"),
+                verdict,
+                _size(entry.get("bytes_to_download")) if entry["update_available"] else "-",
+            )
+        out.print(table)
+        waiting = [e for e in answer["models"] if e["update_available"]]
+        if waiting:
+            first = waiting[0]
+            again = f"modelctl update {first['model']['hf_repo']}"
+            if first["model"].get("hf_commit"):
+                again += f" --commit {first['model']['hf_commit']}"
+            _say(f"{len(waiting)} update(s) available; `{again}` fetches one")
+
+    _show(answer, as_json, human)
+    if any(entry.get("error") for entry in answer["models"]):
+        raise typer.Exit(FAILURE)
+
+
+@app.command()
+def update(
+    ctx: typer.Context,
+    repo: RepoArg,
+    branch: Annotated[
+        str | None, typer.Option("--commit", "-c", help="The branch or tag (default: main)")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download where a branch points on the Hub now, with the files its cached revision has, and
+    follow it to its end; the branch switches to it once verified (vLLM keeps what it loaded)."""
+    if (
+        branch is not None
+        and len(branch) == 40
+        and all(c in "0123456789abcdefABCDEF" for c in branch)
+    ):
+        _fail("a commit id never moves: name a branch or a tag (or none, for main)", USAGE)
+    download(ctx, repo, branch, wait=True, as_json=as_json)
+
+
+@app.command()
+def prune(
+    ctx: typer.Context,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", "-n", help="Only say what would be removed")
+    ] = False,
+    repo: Annotated[
+        str | None, typer.Option("--repo", "-r", help="Only this repo ('namespace/name')")
+    ] = None,
+    partial: Annotated[
+        bool, typer.Option("--partial", help="Also PARTIAL revisions (failed or cancelled)")
+    ] = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove the cached revisions no branch or tag names (what updates left behind), keeping
+    those that download or that a vLLM server serves."""
+    as_json = _json_wanted(ctx, as_json)
+    body: dict[str, Any] = {"dry_run": dry_run, "include_partial": partial}
+    if repo is not None:
+        body["hf_repo"] = repo
+    answer = _ask(ctx, "POST", "/api/models/prune" + ("?force=true" if force else ""), body)
+
+    def human() -> None:
+        verb = "would remove" if dry_run else "removed"
+        for entry in answer["revisions"]:
+            model = entry["model"]
+            _say(
+                f"{verb} {model['hf_repo']}@{(model.get('hf_commit') or '(no revision)')[:12]}"
+                f" ({_size(entry['size_bytes'])})"
+            )
+        for entry in answer["kept"]:
+            model = entry["model"]
+            _say(
+                f"kept {model['hf_repo']}@{(model.get('hf_commit') or '-')[:12]}: {entry['reason']}"
+            )
+        freed = "would free" if dry_run else "freed"
+        _say(f"{len(answer['revisions'])} revision(s), {_size(answer['freed_bytes'])} {freed}")
+        if answer.get("note"):
+            _say(f"note: {answer['note']}")
+
+    _show(answer, as_json, human)
 
 
 @app.command()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.models.backend import FilesPreset
+from api.models.serving import display_url
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -96,6 +99,52 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(
         default=5, ge=1, description="Retry-After sent with a 429 when all download slots are busy"
     )
+    update_check_ttl_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="GET /updates reuses a model's check for this long (unless ?refresh=true)",
+    )
+    update_check_concurrency: int = Field(
+        default=4, ge=1, le=64, description="models GET /updates checks on the Hub at once"
+    )
+    vllm_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated base URLs of the vLLM servers using this cache (their"
+        " GET /v1/models says what they serve: DELETE and prune keep it)",
+    )
+    vllm_api_key: SecretStr | None = Field(
+        default=None, description="the bearer key of those servers (vLLM's --api-key), if any"
+    )
+    vllm_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="a vLLM server that has not answered after this long counts as unreachable",
+    )
+    vllm_check_ttl_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="list and status reuse what the vLLM servers serve for this long (DELETE and"
+        " prune always ask)",
+    )
+
+    @field_validator("vllm_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("vllm_urls")
+    @classmethod
+    def _check_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"MODELS_VLLM_URLS: {display_url(url)!r} is not an http(s) URL with a host,"
+                    " e.g. http://127.0.0.1:8001"
+                )
+        return value
 
     @field_validator("cache_dir")
     @classmethod
@@ -110,3 +159,7 @@ class Settings(BaseSettings):
     @property
     def token(self) -> str | None:
         return self.hf_token.get_secret_value() if self.hf_token else None
+
+    @property
+    def vllm_key(self) -> str | None:
+        return self.vllm_api_key.get_secret_value() if self.vllm_api_key else None

@@ -42,6 +42,8 @@ async def test_a_moved_branch_is_fetched_and_switched_to_only_when_verified(
     while (status := (await client.post("/api/models/status", json=BODY)).json())[
         "status"
     ] == "DOWNLOADING":
+        # Which commit the branch serves now, and which one comes.
+        assert (status["served_commit"], status["coming_commit"]) == (old, new), status
         current = ref(cache_dir)
         seen.add(current)
         if current == new:  # only once it is complete and verified (the journal is gone)

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fakehub import FakeHub, Generated, RepoBuilder, trickle
+from fakehub import FakeHub, FakeVllm, Generated, RepoBuilder, trickle
 from fakehub.samples import llama_layout
 from tests.helpers import MB, running_service
 
@@ -193,3 +193,45 @@ def test_choosing_the_files(service_url: str) -> None:
     nothing = modelctl(service_url, "download", "org/llama", "--include", "*.gguf")
     assert nothing.returncode == 2  # 422: the selection matches no file
     assert "matches no file" in nothing.stderr
+
+
+def test_updates_update_prune_and_a_forced_rm(
+    hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path
+) -> None:
+    old = repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(MB, seed=73)})
+    with (
+        FakeVllm([("served", "org/model")]) as vllm,
+        running_service(
+            cache_dir, hub.url, tmp_path / "service.log", MODELS_VLLM_URLS=vllm.url
+        ) as (url, _),
+    ):
+        assert modelctl(url, "download", "org/model", "--wait").returncode == 0
+        new = repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(MB, seed=74)})
+        listed = modelctl(url, "updates", "--refresh")
+        assert listed.returncode == 0, listed.stderr
+        assert "yes" in listed.stdout
+        assert old[:12] in listed.stdout
+        assert new[:12] in listed.stdout
+        assert "`modelctl update org/model` fetches one" in listed.stdout
+        updated = modelctl(url, "update", "org/model")
+        assert updated.returncode == 0, updated.stderr
+        assert "org/model: DOWNLOADED" in updated.stdout
+        assert "up to date" in modelctl(url, "updates").stdout
+        assert modelctl(url, "update", "org/model", "--commit", old).returncode == 2
+
+        preview = modelctl(url, "prune", "--dry-run")
+        assert f"would remove org/model@{old[:12]}" in preview.stdout
+        assert (cache_dir / "models--org--model" / "snapshots" / old).is_dir()
+        pruned = modelctl(url, "prune")
+        assert f"removed org/model@{old[:12]}" in pruned.stdout
+        assert not (cache_dir / "models--org--model" / "snapshots" / old).exists()
+
+        table = modelctl(url, "ls")
+        assert "IN USE BY" in table.stdout
+        assert "(served)" in table.stdout
+        refused = modelctl(url, "rm", "org/model")
+        assert refused.returncode == 4  # 409: in use
+        assert "in use by the vLLM server" in refused.stderr
+        forced = modelctl(url, "rm", "org/model", "--force")
+        assert forced.returncode == 0, forced.stderr
+        assert "org/model: deleted" in forced.stdout

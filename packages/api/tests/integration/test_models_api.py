@@ -75,6 +75,7 @@ async def test_full_flow(
             "error_message": None,
             # Downloaded without a selection: the default (every file), recorded.
             "selection": [{"files": "all", "allow_patterns": [], "ignore_patterns": []}],
+            "in_use_by": None,  # no vLLM server configured
         }
     ]
 

@@ -18,6 +18,7 @@ from api.models.backend import (
     FailureKind,
     FileSelection,
     LocalState,
+    Pruned,
     RemoteFile,
     VerifyReport,
 )
@@ -47,6 +48,7 @@ class FakeBackend:
         self.plans: dict[str, DownloadPlan | DownloadFailed] = {}
         self.free = 10**12
         self.plans_given: list[DownloadPlan | None] = []
+        self.pruned: list[tuple[str, frozenset[str] | None, bool]] = []
 
     @property
     def cache_path(self) -> str:
@@ -97,8 +99,15 @@ class FakeBackend:
     ) -> LocalState:
         return LocalState(self.states.get((repo_id, revision), CacheState.ABSENT))
 
-    def list_cached(self) -> list[CachedRevision]:
-        return list(self.cached)
+    def list_cached(self, repo_id: str | None = None) -> list[CachedRevision]:
+        return [r for r in self.cached if repo_id is None or r.repo_id == repo_id]
+
+    def revision_at(self, path: str) -> tuple[str, str] | None:
+        return None
+
+    def prune(self, repo_id: str, commits: frozenset[str] | None, dry_run: bool) -> Pruned:
+        self.pruned.append((repo_id, commits, dry_run))
+        return Pruned(repo_id, tuple((c, 1) for c in sorted(commits or [None], key=str)), 1)
 
     def delete(self, repo_id: str, revision: str | None) -> int | None:
         self.deleted.append((repo_id, revision))

@@ -16,9 +16,11 @@ from fakehub.faults import (
 )
 from fakehub.repos import Generated, Repo, RepoBuilder, RepoFile, git_blob_sha1, load_repos
 from fakehub.server import FakeHub
+from fakehub.vllm import FakeVllm
 
 __all__ = [
     "FakeHub",
+    "FakeVllm",
     "Fault",
     "FaultKind",
     "Generated",

@@ -200,6 +200,16 @@ class DownloadPlan:
 
 
 @dataclass(frozen=True)
+class Pruned:
+    """What a prune removed of one model (or would remove: a dry run)."""
+
+    repo_id: str
+    revisions: tuple[tuple[str | None, int], ...] = ()  # (commit, bytes only it held)
+    freed_bytes: int = 0
+    refused: str | None = None  # why nothing of it was removed (busy, unsafe, not writable)
+
+
+@dataclass(frozen=True)
 class VerifyReport:
     """The result of checking a cached revision's files against their ETags."""
 
@@ -252,8 +262,18 @@ class HubBackend(Protocol):
         the recorded selection, else the default), offline (blocking)."""
         ...
 
-    def list_cached(self) -> list[CachedRevision]:
-        """Every model revision in the cache (blocking)."""
+    def list_cached(self, repo_id: str | None = None) -> list[CachedRevision]:
+        """Every model revision in the cache, of ``repo_id`` only when given (blocking)."""
+        ...
+
+    def revision_at(self, path: str) -> tuple[str, str] | None:
+        """The (repo id, commit) of the snapshot folder ``path`` is in, or None (blocking)."""
+        ...
+
+    def prune(self, repo_id: str, commits: frozenset[str] | None, dry_run: bool) -> Pruned:
+        """Delete the revisions ``commits`` of a model (None: its folder, which holds no revision),
+        keeping the blobs its other revisions use; with ``dry_run``, only say what that would free
+        (blocking)."""
         ...
 
     def delete(self, repo_id: str, revision: str | None) -> int | None:

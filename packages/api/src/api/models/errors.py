@@ -113,6 +113,28 @@ class CacheNotWritable(ModelError):
         self.repo_id = repo_id
 
 
+class ModelInUse(ModelError):
+    """A vLLM server serves the revision (its ``GET /v1/models``): nothing was deleted."""
+
+    def __init__(self, what: str, server: str, served_as: str) -> None:
+        super().__init__(
+            f"{what} is in use by the vLLM server at {server} (served as {served_as!r}); nothing"
+            " was deleted. Stop that server first, or add ?force=true to delete it anyway"
+        )
+        self.server = server
+
+
+class InUseUnknown(ModelError):
+    """A configured vLLM server did not answer: whether it serves the revision is not known."""
+
+    def __init__(self, what: str, server: str, why: str) -> None:
+        super().__init__(
+            f"cannot tell whether {what} is in use: the vLLM server at {server} did not answer"
+            f" ({why}); nothing was deleted. Add ?force=true to delete it anyway"
+        )
+        self.server = server
+
+
 class SelectionUnusable(ModelError):
     """The files asked for cannot be downloaded as asked: the selection matches no file of the
     revision, or ``files: vllm`` finds no weights vLLM's default loader reads."""

@@ -36,6 +36,7 @@ class DownloadJob:
     started: float = field(default_factory=time.monotonic)
     phase: DownloadPhase = DownloadPhase.RESOLVING
     commit: str | None = None
+    served_commit: str | None = None  # a branch's update: what its ref names until this is done
     total_bytes: int | None = None
     downloaded_bytes: int | None = None
     files_total: int | None = None
@@ -133,6 +134,8 @@ class DownloadJob:
             progress=self.progress(),
             commit=self.commit,
             selection=[SelectionInfo.of(s) for s in self.selections] or None,
+            served_commit=self.served_commit,
+            coming_commit=self.commit if self.served_commit is not None else None,
         )
 
     def progress(self) -> DownloadProgress:

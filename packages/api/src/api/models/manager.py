@@ -28,12 +28,15 @@ from api.models.backend import (
     FileSelection,
     HubBackend,
     LocalState,
+    Pruned,
 )
 from api.models.errors import (
     DownloadCancelled,
     DownloadConflict,
     HubAnswer,
     InsufficientStorage,
+    InUseUnknown,
+    ModelInUse,
     ModelNotFound,
     SelectionUnusable,
     TooManyDownloads,
@@ -41,6 +44,8 @@ from api.models.errors import (
 )
 from api.models.events import EventBus
 from api.models.job import DownloadJob
+from api.models.revisions import Revision, UpdateChecker, in_use_map
+from api.models.serving import ServedModel, ServedNow, VllmServers
 from api.models.types import (
     COMMIT_PATTERN,
     DeleteResponse,
@@ -49,15 +54,22 @@ from api.models.types import (
     DownloadEventType,
     DownloadPhase,
     DownloadStartedResponse,
+    InUseInfo,
+    KeptRevision,
     Model,
     ModelListItem,
     ModelStatus,
     ModelStatusResponse,
     PlanFile,
     PlanResponse,
+    PrunedRevision,
+    PruneRequest,
+    PruneResponse,
     SelectionInfo,
+    UpdateInfo,
     VerifyResponse,
     WeightChoice,
+    revision_problem,
 )
 from api.settings import Settings
 
@@ -75,9 +87,23 @@ _STATE_TO_STATUS = {
 class ModelManager:
     """Fetch, watch, check, list and remove models in the local Hugging Face cache."""
 
-    def __init__(self, settings: Settings, backend: HubBackend) -> None:
+    def __init__(
+        self, settings: Settings, backend: HubBackend, servers: VllmServers | None = None
+    ) -> None:
         self.settings = settings
         self.backend = backend
+        # What the vLLM servers using this cache serve (MODELS_VLLM_URLS): never deleted unasked.
+        self.servers = servers or VllmServers(
+            settings.vllm_urls, settings.vllm_key, settings.vllm_timeout_seconds
+        )
+        self.updates = UpdateChecker(
+            backend.resolve,
+            self._plan_of_ref,
+            self._missing_bytes,
+            concurrency=settings.update_check_concurrency,
+            timeout=settings.plan_timeout_seconds,
+            ttl=settings.update_check_ttl_seconds,
+        )
         self._download_tasks: dict[str, asyncio.Task[None]] = {}
         self._jobs: dict[str, DownloadJob] = {}
         self._errors: dict[str, str] = {}  # task id -> why its last download failed
@@ -113,26 +139,35 @@ class ModelManager:
         with, else for the default selection."""
         job = self._job_for(model)
         if job is not None:
-            return job.status().model_copy(update={"model": model})  # as it was asked
-        local = await self._on_cache_pool(
-            self.backend.local_state, model.hf_repo, model.revision, asked
-        )
-        status = _STATE_TO_STATUS[local.state]
-        error = None
-        if status is not ModelStatus.DOWNLOADED:
-            error = self._errors.get(model.task_id) or self._error_of(model.hf_repo, local.commit)
-            error = error or local.note
-        return ModelStatusResponse(
-            model=model,
-            status=status,
-            error_message=error,
-            commit=local.commit,
-            selection=[SelectionInfo.of(s) for s in local.selections] or None,
-        )
+            answer = job.status().model_copy(update={"model": model})  # as it was asked
+        else:
+            local = await self._on_cache_pool(
+                self.backend.local_state, model.hf_repo, model.revision, asked
+            )
+            status = _STATE_TO_STATUS[local.state]
+            error = None
+            if status is not ModelStatus.DOWNLOADED:
+                error = self._errors.get(model.task_id)
+                error = error or self._error_of(model.hf_repo, local.commit) or local.note
+            answer = ModelStatusResponse(
+                model=model,
+                status=status,
+                error_message=error,
+                commit=local.commit,
+                selection=[SelectionInfo.of(s) for s in local.selections] or None,
+            )
+        served = answer.served_commit or answer.commit
+        if self.servers.configured and served is not None:
+            users = await self._users(model.hf_repo, fresh=False)
+            answer.in_use_by = _in_use_info(users.get((model.hf_repo, served), []))
+        return answer
 
     async def list_models(self) -> list[ModelListItem]:
         """Every cached model revision (DOWNLOADED or PARTIAL), and every running download."""
         cached = await self._on_cache_pool(self.backend.list_cached)
+        users = None
+        if self.servers.configured:
+            users = await self._users(None, fresh=False, revisions=cached)
         jobs = list(self._jobs.values())
         items: list[ModelListItem] = []
         covered: set[int] = set()
@@ -155,6 +190,9 @@ class ModelManager:
                     if job is not None or revision.state is CacheState.COMPLETE
                     else self._error_of(revision.repo_id, revision.commit) or revision.note,
                     selection=[SelectionInfo.of(s) for s in revision.selections] or None,
+                    in_use_by=None
+                    if users is None or revision.commit is None
+                    else _in_use_info(users.get((revision.repo_id, revision.commit), [])),
                 )
             )
         for job in jobs:
@@ -220,6 +258,10 @@ class ModelManager:
                 # Known before the first byte: the status shows the totals at once.
                 job.commit = plan.commit
                 job.selections = plan.selections
+                if local.commit not in (None, plan.commit) and local.state is not CacheState.ABSENT:
+                    # A branch that moved: its ref names the cached revision until this one is
+                    # complete and verified.
+                    job.served_commit = local.commit
                 job.total_bytes = plan.total_bytes
                 job.files_total = len(plan.wanted)
             self._errors.pop(task_id, None)
@@ -453,13 +495,14 @@ class ModelManager:
             await task
         return True
 
-    async def delete_model(self, model: Model) -> DeleteResponse:
+    async def delete_model(self, model: Model, force: bool = False) -> DeleteResponse:
         """Cancel the download of ``model`` if one runs, else delete it from the cache.
 
         Without ``hf_commit`` the whole model (every cached revision) is deleted; with one, that
         revision only, keeping blobs other revisions share. Raises ``ModelNotFound`` when there is
-        nothing to cancel or delete, and ``DownloadConflict`` when deleting the whole model while
-        another of its revisions downloads.
+        nothing to cancel or delete, ``DownloadConflict`` when deleting the whole model while
+        another of its revisions downloads, and, unless ``force``, ``ModelInUse`` when a vLLM
+        server serves what would be deleted and ``InUseUnknown`` when one does not answer.
         """
         if await self.cancel_download(model):
             return DeleteResponse(status=DeleteStatus.CANCELLED)
@@ -468,6 +511,8 @@ class ModelManager:
             for task_id, other, _ in self._running():
                 if other.hf_repo == model.hf_repo:
                     raise DownloadConflict(task_id)
+        if not force and self.servers.configured:
+            await self._refuse_in_use(model)
         freed = await self._on_cache_pool(self.backend.delete, model.hf_repo, model.hf_commit)
         if freed is None:
             raise ModelNotFound(model.task_id)
@@ -480,6 +525,179 @@ class ModelManager:
             freed,
         )
         return DeleteResponse(status=DeleteStatus.DELETED, freed_bytes=freed)
+
+    async def _refuse_in_use(self, model: Model) -> None:
+        """Raise ``ModelInUse`` when a vLLM server serves a revision a delete of ``model`` would
+        remove (every revision without ``hf_commit``), ``InUseUnknown`` when a server did not
+        answer; asked now, not from a previous answer."""
+        revisions = await self._on_cache_pool(self.backend.list_cached, model.hf_repo)
+        if model.hf_commit is None:
+            targets = [r.commit for r in revisions if r.commit is not None]
+        elif COMMIT_PATTERN.fullmatch(model.hf_commit):
+            targets = [model.hf_commit]
+        else:
+            targets = [r.commit for r in revisions if r.commit and model.hf_commit in r.refs]
+        if not targets:
+            return  # nothing of it cached: the delete says so
+        now = await self.servers.now()
+        users = await self._on_cache_pool(in_use_map, now, revisions, self.backend.revision_at)
+        for commit in targets:
+            for card in users.get((model.hf_repo, commit), []):
+                raise ModelInUse(f"{model.hf_repo} at {commit}", card.server, card.model_id)
+        for server, why in now.unreachable:
+            raise InUseUnknown(model.task_id, server, why)
+
+    async def _users(
+        self,
+        repo_id: str | None,
+        fresh: bool,
+        revisions: list[CachedRevision] | None = None,
+    ) -> dict[Revision, list[ServedModel]]:
+        """Which cached revisions (of ``repo_id``, else all) the vLLM servers serve. Not
+        ``fresh``: an answer up to ``MODELS_VLLM_CHECK_TTL_SECONDS`` old, and a status or a list
+        waits at most a quarter of a second for a new one (past it, the last answer is used)."""
+        if fresh:
+            now = await self.servers.now()
+        else:
+            now = await self.servers.now(self.settings.vllm_check_ttl_seconds, waited=0.25)
+        if revisions is None:
+            revisions = await self._on_cache_pool(self.backend.list_cached, repo_id)
+        return await self._on_cache_pool(in_use_map, now, revisions, self.backend.revision_at)
+
+    # -- revisions: updates and prune ---------------------------------------------------------
+
+    async def check_updates(self, refresh: bool = False) -> list[UpdateInfo]:
+        """For every branch (or tag) cached, whether it points at another commit on the Hub now,
+        and what an update would fetch; a check that fails says why in ``error``."""
+        cached = await self._on_cache_pool(self.backend.list_cached)
+        refs = sorted(
+            {
+                (revision.repo_id, ref, revision.commit)
+                for revision in cached
+                if revision.commit is not None
+                for ref in revision.refs
+                if revision_problem(ref) is None and not COMMIT_PATTERN.fullmatch(ref)
+            }
+        )
+        checks = await self.updates.check_all(refs, refresh)
+        return [
+            UpdateInfo(
+                model=Model.model_construct(
+                    hf_repo=check.repo_id, hf_commit=None if check.ref == "main" else check.ref
+                ),
+                ref=check.ref,
+                cached_commit=check.cached_commit,
+                hub_commit=check.hub_commit,
+                update_available=check.update_available,
+                bytes_to_download=check.bytes_to_download,
+                error=check.error,
+                checked_at=check.checked_at,
+            )
+            for check in checks
+        ]
+
+    async def _plan_of_ref(self, repo_id: str, ref: str) -> DownloadPlan:
+        """The file list of what ``ref`` points at on the Hub, for the selection its cached
+        revision was downloaded with."""
+        return await self.backend.plan(DownloadRequest(repo_id, ref))
+
+    async def _missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
+        return await self._on_cache_pool(self.backend.missing_bytes, repo_id, plan)
+
+    async def prune(self, request: PruneRequest, force: bool = False) -> PruneResponse:
+        """Remove the revisions no ref points to (and, with ``include_partial``, PARTIAL ones),
+        of ``hf_repo`` or of every model, keeping those that download (here or in another process
+        sharing the cache) and, unless ``force``, those a vLLM server serves. Blobs a kept
+        revision uses stay. With ``dry_run``, nothing changes.
+
+        Raises ``InUseUnknown`` (not for a dry run, nor with ``force``) when a vLLM server does
+        not answer: what it serves cannot be kept then."""
+        cached = await self._on_cache_pool(self.backend.list_cached, request.hf_repo)
+        now = ServedNow()
+        if not force and self.servers.configured:
+            now = await self.servers.now()
+            if now.unreachable and not request.dry_run:
+                server, why = now.unreachable[0]
+                raise InUseUnknown("what prune would remove", server, why)
+        users = await self._on_cache_pool(in_use_map, now, cached, self.backend.revision_at)
+        running = {(m.hf_repo, c) for _, m, c in self._running()}
+        starting = {m.hf_repo for _, m, c in self._running() if c is None}
+        kept: list[KeptRevision] = []
+        doomed: dict[str, set[str | None]] = {}
+        for revision in cached:
+            if revision.state is CacheState.PARTIAL:
+                if not request.include_partial:
+                    continue
+            elif revision.refs:
+                continue  # what a branch or a tag names
+            model = Model.model_construct(hf_repo=revision.repo_id, hf_commit=revision.commit)
+            reason = None
+            if (revision.repo_id, revision.commit) in running or revision.repo_id in starting:
+                reason = "it is downloading"
+            elif revision.state is CacheState.BUSY:
+                reason = "another process sharing the cache is downloading it"
+            elif revision.commit is not None and (
+                cards := users.get((revision.repo_id, revision.commit))
+            ):
+                reason = (
+                    f"in use by the vLLM server at {cards[0].server} (as {cards[0].model_id!r})"
+                )
+            if reason is not None:
+                kept.append(KeptRevision(model=model, reason=reason))
+            else:
+                doomed.setdefault(revision.repo_id, set()).add(revision.commit)
+        revisions: list[PrunedRevision] = []
+        freed = 0
+        for repo_id, commits in sorted(doomed.items()):
+            whole = None in commits
+            targets = None if whole else frozenset(c for c in commits if c is not None)
+            pruned: Pruned = await self._on_cache_pool(
+                self.backend.prune, repo_id, targets, request.dry_run
+            )
+            if pruned.refused is not None:
+                kept.extend(
+                    KeptRevision(
+                        model=Model.model_construct(hf_repo=repo_id, hf_commit=c),
+                        reason=pruned.refused,
+                    )
+                    for c in sorted(commits, key=str)
+                )
+                continue
+            freed += pruned.freed_bytes
+            for commit, size in pruned.revisions:
+                revisions.append(
+                    PrunedRevision(
+                        model=Model.model_construct(hf_repo=repo_id, hf_commit=commit),
+                        size_bytes=size,
+                    )
+                )
+            if not request.dry_run:
+                self._forget_errors(repo_id, commits, cached)
+        if not request.dry_run and revisions:
+            logger.info(
+                "event=pruned revisions=%d freed_bytes=%d kept=%d", len(revisions), freed, len(kept)
+            )
+        note = None
+        if now.unreachable:
+            server, why = now.unreachable[0]
+            note = (
+                f"the vLLM server at {server} did not answer ({why}): what it serves is not known,"
+                " and prune without dry_run will refuse unless ?force=true"
+            )
+        return PruneResponse(
+            dry_run=request.dry_run, revisions=revisions, freed_bytes=freed, kept=kept, note=note
+        )
+
+    def _forget_errors(
+        self, repo_id: str, removed: set[str | None], cached: list[CachedRevision]
+    ) -> None:
+        """A removed revision's last error goes with it; a model removed whole takes the errors
+        of every name it was asked by (``org/name:latest``...), as a delete does."""
+        left = {r.commit for r in cached if r.repo_id == repo_id} - removed
+        for key in list(self._errors):
+            name, _, revision = key.rpartition(":")
+            if name == repo_id and (not left or revision in removed):
+                del self._errors[key]
 
     async def verify_model(self, model: Model) -> VerifyResponse:
         """Hash every file of the cached revision against its ETag, off the event loop.
@@ -535,6 +753,7 @@ class ModelManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.backend.aclose()
+        await self.servers.aclose()
         for pool in (self._cache_pool, self._hash_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -564,6 +783,10 @@ def _lower_thread_priority(nice: int) -> None:
     """Hashing is background work: on Linux a thread has a niceness of its own."""
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
+def _in_use_info(cards: list[ServedModel]) -> list[InUseInfo]:
+    return [InUseInfo(server=card.server, model=card.model_id) for card in cards]
 
 
 def _same_revision(job: DownloadJob, revision: CachedRevision) -> bool:

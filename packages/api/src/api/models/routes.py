@@ -16,7 +16,9 @@ from api.models.errors import (
     FailureKind,
     HubAnswer,
     InsufficientStorage,
+    InUseUnknown,
     ModelError,
+    ModelInUse,
     ModelNotFound,
     RevisionBusy,
     SelectionUnusable,
@@ -41,6 +43,9 @@ from api.models.types import (
     ModelStatus,
     ModelStatusResponse,
     PlanResponse,
+    PruneRequest,
+    PruneResponse,
+    UpdatesResponse,
     VerifyResponse,
 )
 
@@ -56,6 +61,8 @@ ERROR_STATUS: dict[type[ModelError], int] = {
     RevisionBusy: status.HTTP_409_CONFLICT,
     CacheNotWritable: status.HTTP_409_CONFLICT,
     SelectionUnusable: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    ModelInUse: status.HTTP_409_CONFLICT,
+    InUseUnknown: status.HTTP_409_CONFLICT,
 }
 # Why the Hub gave no file list (POST /plan): the repo's own answer, or a gateway's.
 HUB_ANSWER_STATUS: dict[FailureKind, int] = {
@@ -94,6 +101,13 @@ def get_manager(request: Request) -> ModelManager:
 
 
 ManagerDep = Annotated[ModelManager, Depends(get_manager)]
+ForceQuery = Annotated[
+    bool,
+    Query(
+        description="Delete even what a vLLM server of MODELS_VLLM_URLS serves, or while one of"
+        " them does not answer"
+    ),
+]
 
 _MODEL_EXAMPLES: dict[str, Any] = {
     "latest": {"summary": "Default branch", "value": {"hf_repo": REPO_EXAMPLE}},
@@ -321,26 +335,109 @@ async def plan_download(model: RequestBody, manager: ManagerDep) -> PlanResponse
             f"{REPO_EXAMPLE}:latest is neither downloading nor in the cache",
         ),
         409: _error(
-            "Deleting the whole model while another of its revisions downloads (here or in another"
-            " process sharing the cache), a link in the model's folder leads outside it, or the"
-            " cache is not writable",
-            f"{REPO_EXAMPLE}:{COMMIT_EXAMPLE} is already downloading; poll POST /api/models/status",
+            "A vLLM server (MODELS_VLLM_URLS) serves what would be deleted, or one did not answer"
+            " (?force=true deletes anyway); deleting the whole model while another of its"
+            " revisions downloads (here or in another process sharing the cache); a link in the"
+            " model's folder leads outside it; or the cache is not writable",
+            f"{REPO_EXAMPLE} at {COMMIT_EXAMPLE} is in use by the vLLM server at"
+            " http://127.0.0.1:8001 (served as 'llama'); nothing was deleted. Stop that server"
+            " first, or add ?force=true to delete it anyway",
         ),
         **_BODY_ERRORS,
     },
 )
-async def delete_model(model: ModelBody, manager: ManagerDep) -> DeleteResponse:
+async def delete_model(
+    model: ModelBody, manager: ManagerDep, force: ForceQuery = False
+) -> DeleteResponse:
     """Cancel the model's download if one runs, otherwise delete it from the cache.
 
     Without `hf_commit`: cancels the `:latest` download, or deletes every cached revision of the
     model. With `hf_commit`: that revision only (blobs shared with other revisions are kept).
     A cancel waits until the transfer has stopped and its temporary files are gone.
 
+    What a vLLM server of `MODELS_VLLM_URLS` serves is not deleted (409), nor anything while one
+    of them does not answer, unless `?force=true`.
+
     Request: `{"hf_repo": "meta-llama/Llama-2-7b-hf"}`
 
     Response: `{"status": "deleted", "freed_bytes": 13958643712}` or `{"status": "cancelled"}`
     """
-    return await manager.delete_model(model)
+    return await manager.delete_model(model, force)
+
+
+_PRUNE_EXAMPLES: dict[str, Any] = {
+    "preview": {"summary": "See what would go", "value": {"dry_run": True}},
+    "one repo": {
+        "summary": "Remove one model's old revisions",
+        "value": {"dry_run": False, "hf_repo": REPO_EXAMPLE},
+    },
+    "leftovers too": {
+        "summary": "Also failed and cancelled downloads",
+        "value": {"dry_run": False, "include_partial": True},
+    },
+}
+
+
+@router.post(
+    "/prune",
+    response_model=PruneResponse,
+    responses={
+        409: _error(
+            "A vLLM server (MODELS_VLLM_URLS) did not answer, so what it serves cannot be kept:"
+            " nothing was removed (?force=true prunes anyway; a dry run answers with a note)",
+            "cannot tell whether what prune would remove is in use: the vLLM server at"
+            " http://127.0.0.1:8001 did not answer (no answer within 5 s); nothing was deleted."
+            " Add ?force=true to delete it anyway",
+        ),
+        **_BODY_ERRORS,
+    },
+)
+async def prune_models(
+    request: Annotated[PruneRequest, Body(openapi_examples=_PRUNE_EXAMPLES)],
+    manager: ManagerDep,
+    force: ForceQuery = False,
+) -> PruneResponse:
+    """Remove the cached revisions no ref (branch or tag) points to: what updates left behind,
+    and revisions downloaded by commit. With `include_partial`, PARTIAL revisions too (failed or
+    cancelled downloads). Kept, and listed in `kept` with the reason: revisions downloading (here
+    or in another process sharing the cache) and, unless `?force=true`, revisions a vLLM server
+    of `MODELS_VLLM_URLS` serves. Blobs a kept revision shares stay. `dry_run: true` changes
+    nothing and answers the same.
+
+    Request: `{"dry_run": true}`
+
+    Response: `{"dry_run": true, "revisions": [{"model": {"hf_repo": "meta-llama/Llama-2-7b-hf",
+    "hf_commit": "01c7f73d771dfac7d292323805ebc428287df4f9"}, "size_bytes": 13476839424}],
+    "freed_bytes": 13476839424, "kept": [], "note": null}`
+    """
+    return await manager.prune(request, force)
+
+
+@router.get("/updates", response_model=UpdatesResponse)
+async def model_updates(
+    manager: ManagerDep,
+    refresh: Annotated[
+        bool,
+        Query(
+            description="Ask the Hub now, not reusing answers of the last"
+            " MODELS_UPDATE_CHECK_TTL_SECONDS"
+        ),
+    ] = False,
+) -> UpdatesResponse:
+    """For every branch or tag cached (refs/main...), whether it points at another commit on the
+    Hub now, and how many bytes an update would fetch (the new revision's files, for the selection
+    the cached one was downloaded with, less those already in the cache). A repo the Hub cannot
+    answer for (gone, gated, down, slow) carries its `error`; the others are answered all the
+    same. Checks run a few at a time (`MODELS_UPDATE_CHECK_CONCURRENCY`), each within
+    `MODELS_PLAN_TIMEOUT_SECONDS`, and are reused for `MODELS_UPDATE_CHECK_TTL_SECONDS`.
+
+    To update: `POST /api/models/download` with the entry's `model`.
+
+    Response: `{"models": [{"model": {"hf_repo": "meta-llama/Llama-2-7b-hf", "hf_commit": null},
+    "ref": "main", "cached_commit": "01c7f7...", "hub_commit": "8cca52...", "update_available":
+    true, "bytes_to_download": 9976576152, "error": null, "checked_at": 1795548651.4}]}`
+    """
+    return UpdatesResponse(models=await manager.check_updates(refresh))
 
 
 @router.post(

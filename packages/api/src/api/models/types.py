@@ -242,6 +242,13 @@ class DownloadProgress(BaseModel):
     )
 
 
+class InUseInfo(BaseModel):
+    """A vLLM server that serves a cached revision (from its ``GET /v1/models``)."""
+
+    server: str = Field(description="The server's base URL", examples=["http://127.0.0.1:8001"])
+    model: str = Field(description="The name it serves the model under (its model card's id)")
+
+
 class ModelStatusResponse(BaseModel):
     model: Model = Field(description="The model as it was asked")
     status: ModelStatus = Field(
@@ -259,6 +266,21 @@ class ModelStatusResponse(BaseModel):
         default=None,
         description="The selection the status answers for: the one asked, else those the revision"
         " was downloaded with (their union); null: MODELS_DEFAULT_FILES (addition)",
+    )
+    served_commit: str | None = Field(
+        default=None,
+        description="While a branch updates: the complete commit its ref still names, which"
+        " whatever resolves the branch from the cache loads now (addition)",
+    )
+    coming_commit: str | None = Field(
+        default=None,
+        description="While a branch updates: the commit being downloaded, which the ref names"
+        " once it is complete and verified (addition)",
+    )
+    in_use_by: list[InUseInfo] | None = Field(
+        default=None,
+        description="The vLLM servers (MODELS_VLLM_URLS) serving this revision; null when none is"
+        " configured (addition)",
     )
 
 
@@ -299,6 +321,11 @@ class ModelListItem(BaseModel):
         default=None,
         description="The selections the revision was downloaded with (status checks their union);"
         " null when none was recorded: MODELS_DEFAULT_FILES applies (addition)",
+    )
+    in_use_by: list[InUseInfo] | None = Field(
+        default=None,
+        description="The vLLM servers (MODELS_VLLM_URLS) serving this revision; null when none is"
+        " configured (addition)",
     )
 
 
@@ -416,3 +443,90 @@ class ErrorResponse(BaseModel):
     """Every 4xx and 5xx answer: what went wrong and what to do about it."""
 
     detail: str | list[dict[str, object]]
+
+
+class UpdateInfo(BaseModel):
+    """Whether a branch (or tag) cached points on the Hub at another commit now."""
+
+    model: Model = Field(
+        description="The model as POST /download takes it to update: the repo and the branch"
+        " (null for main)"
+    )
+    ref: str = Field(description="The branch or tag, as cached (refs/<ref>)", examples=["main"])
+    cached_commit: str = Field(description="The commit the ref names in the cache")
+    hub_commit: str | None = Field(
+        default=None, description="The commit it names on the Hub now; null when unknown (error)"
+    )
+    update_available: bool = Field(description="Whether hub_commit differs from cached_commit")
+    bytes_to_download: int | None = Field(
+        default=None,
+        description="Bytes an update would still fetch: the new revision's files (for the"
+        " selection the cached one was downloaded with) less those already in the cache; 0"
+        " without an update; null when unknown",
+    )
+    error: str | None = Field(
+        default=None, description="Why the Hub could not say, in plain words (gone, gated, down)"
+    )
+    checked_at: float = Field(description="Unix time of the check (answers are reused a while)")
+
+
+class UpdatesResponse(BaseModel):
+    models: list[UpdateInfo]
+
+
+class PruneRequest(BaseModel):
+    """What to prune: revisions no ref points to (and, when asked, partial leftovers)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"dry_run": True}]})
+
+    dry_run: bool = Field(
+        description="true: only say what would be removed; false: remove it (required, so that"
+        " nothing is removed by a body that forgot it)"
+    )
+    hf_repo: str | None = Field(
+        default=None,
+        min_length=3,
+        max_length=193,
+        description="Only this repo ('namespace/name'); all of them when omitted",
+        examples=[REPO_EXAMPLE],
+    )
+    include_partial: bool = Field(
+        default=False,
+        description="Also remove PARTIAL revisions (failed or cancelled downloads), refs or not",
+    )
+
+    @field_validator("hf_repo")
+    @classmethod
+    def _check_repo(cls, value: str | None) -> str | None:
+        if value is not None and (problem := repo_id_problem(value)) is not None:
+            raise ValueError(problem)
+        return value
+
+
+class PrunedRevision(BaseModel):
+    model: Model = Field(description="The repo and the commit (null: a folder with no revision)")
+    size_bytes: int = Field(
+        description="Bytes of the files only this revision held (those shared with a kept"
+        " revision stay)"
+    )
+
+
+class KeptRevision(BaseModel):
+    model: Model = Field(description="The repo and the commit")
+    reason: str = Field(description="Why it was not removed, in plain words")
+
+
+class PruneResponse(BaseModel):
+    dry_run: bool = Field(description="true: nothing was removed")
+    revisions: list[PrunedRevision] = Field(description="Removed (or, dry run, to be removed)")
+    freed_bytes: int = Field(description="Bytes freed (dry run: that would be freed)")
+    kept: list[KeptRevision] = Field(
+        default_factory=list,
+        description="Revisions that would qualify but were kept: in use by vLLM, downloading, or"
+        " refused by the cache (addition)",
+    )
+    note: str | None = Field(
+        default=None,
+        description="What the answer could not take into account (a vLLM server that did not"
+        " answer), when something (addition)",
+    )

@@ -35,10 +35,11 @@ from api.models.backend import (
     DownloadUpdate,
     FileSelection,
     LocalState,
+    Pruned,
     RemoteFile,
     VerifyReport,
 )
-from api.models.errors import DownloadFailed, FailureKind
+from api.models.errors import DownloadFailed, FailureKind, ModelError
 from api.models.hub import deletion, guard, protocol
 from api.models.hub import selection as selecting
 from api.models.hub.cache import ModelCache
@@ -185,11 +186,25 @@ class HubCacheBackend:
     ) -> LocalState:
         return self.cache.local_state(repo_id, revision, selection)
 
-    def list_cached(self) -> list[CachedRevision]:
-        return self.cache.list_cached()
+    def list_cached(self, repo_id: str | None = None) -> list[CachedRevision]:
+        return self.cache.list_cached(repo_id)
+
+    def revision_at(self, path: str) -> tuple[str, str] | None:
+        return self.cache.revision_at(path)
 
     def delete(self, repo_id: str, revision: str | None) -> int | None:
         return deletion.delete(self.cache, repo_id, revision)
+
+    def prune(self, repo_id: str, commits: frozenset[str] | None, dry_run: bool) -> Pruned:
+        try:
+            plan = deletion.plan_prune(self.cache, repo_id, commits)
+            if plan is None:
+                return Pruned(repo_id)
+            freed = plan.expected_freed() if dry_run else deletion.execute(plan)
+        except ModelError as refused:  # busy, a planted link, a read-only folder
+            return Pruned(repo_id, refused=str(refused))
+        revisions: tuple[tuple[str | None, int], ...] = plan.by_revision or ((None, freed),)
+        return Pruned(repo_id, revisions, freed)
 
     def cache_usage(self) -> tuple[int, int]:
         return self.cache.usage()

@@ -302,23 +302,46 @@ class ModelCache:
             return CacheState.COMPLETE
         return CacheState.PARTIAL
 
-    def list_cached(self) -> list[CachedRevision]:
-        """Every model revision in the cache, with its state and size on disk."""
+    def list_cached(self, repo_id: str | None = None) -> list[CachedRevision]:
+        """Every model revision in the cache (of ``repo_id`` only, when given), with its state and
+        size on disk."""
         out: list[CachedRevision] = []
         if not self.root.is_dir():
             return out
         with os.scandir(self.root) as scan:
             entries = sorted(scan, key=lambda e: e.name)
         for entry in entries:
-            repo_id = repo_id_from_folder(entry.name)
-            if repo_id is None or not entry.is_dir(follow_symlinks=False):
+            found = repo_id_from_folder(entry.name)
+            if found is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            if repo_id is not None and found != repo_id:
                 continue
             try:
-                out.extend(self._revisions_of(repo_id))
+                out.extend(self._revisions_of(found))
             except (OSError, ValueError) as error:
                 # One model's folder that cannot be read must not hide the others.
-                out.append(_unreadable(repo_id, error))
+                out.append(_unreadable(found, error))
         return out
+
+    def revision_at(self, path: str) -> tuple[str, str] | None:
+        """The (repo id, commit) whose snapshot folder holds ``path`` (an absolute path, as a vLLM
+        server names what it loaded: the snapshot folder, or a file in it), or None. The path is
+        taken as written and, when it exists here, with its links resolved (a folder linked to a
+        snapshot)."""
+        if not os.path.isabs(path) or "\x00" in path:
+            return None
+        roots = {self.root, Path(os.path.realpath(self.root))}
+        for candidate in {Path(os.path.normpath(path)), Path(os.path.realpath(path))}:
+            for root in roots:
+                if not candidate.is_relative_to(root):
+                    continue
+                parts = candidate.relative_to(root).parts
+                if len(parts) < 3 or parts[1] != "snapshots" or not COMMIT_ID.fullmatch(parts[2]):
+                    continue
+                repo_id = repo_id_from_folder(parts[0])
+                if repo_id is not None:
+                    return repo_id, parts[2]
+        return None
 
     def _wanted(
         self,
