@@ -132,6 +132,8 @@ def _client(ctx: typer.Context) -> Iterator[httpx.Client]:
 
 
 def _call(client: httpx.Client, method: str, path: str, body: Any = None) -> Any:
+    """One request; a 4xx or 5xx exits with the API's words (its ``?force=true`` said as the
+    command's ``--force``) and the exit code the status maps to."""
     response = client.request(method, path, json=body)
     if response.status_code >= 400:
         try:
@@ -142,7 +144,8 @@ def _call(client: httpx.Client, method: str, path: str, body: Any = None) -> Any
             detail = "; ".join(
                 f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail
             )
-        _fail(str(detail), _EXIT_BY_STATUS.get(response.status_code, FAILURE))
+        detail = str(detail).replace("add ?force=true", "run it again with --force")
+        _fail(detail, _EXIT_BY_STATUS.get(response.status_code, FAILURE))
     return response.json()
 
 

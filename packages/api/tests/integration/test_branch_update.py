@@ -80,6 +80,25 @@ async def test_a_failed_update_leaves_the_branch_on_the_complete_revision(
     assert answer["commit"] == old
 
 
+async def test_a_cancelled_update_leaves_the_branch_on_the_complete_revision(
+    client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuilder, cache_dir: Path
+) -> None:
+    old = repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(MB, seed=87)})
+    await client.post("/api/models/download", json=BODY)
+    assert (await wait_for_status(client, BODY, FINAL))["status"] == "DOWNLOADED"
+    new = repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(8 * MB, seed=88)})
+    hub.add_fault(trickle(MB, path=hub.content_path("org/model", "w.bin")))
+    assert (await client.post("/api/models/download", json=BODY)).status_code == 202
+    status = (await client.post("/api/models/status", json=BODY)).json()
+    assert (status["status"], status["coming_commit"]) == ("DOWNLOADING", new)
+    cancelled = await client.request("DELETE", "/api/models", json=BODY)
+    assert cancelled.json()["status"] == "cancelled"
+    assert ref(cache_dir) == old
+    answer = (await client.post("/api/models/status", json=BODY)).json()
+    assert (answer["status"], answer["commit"]) == ("DOWNLOADED", old)
+    assert (answer["served_commit"], answer["coming_commit"]) == (None, None)
+
+
 async def test_the_update_keeps_the_files_the_branch_was_downloaded_with(
     client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuilder, cache_dir: Path
 ) -> None:

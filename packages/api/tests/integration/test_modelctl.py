@@ -232,6 +232,7 @@ def test_updates_update_prune_and_a_forced_rm(
         refused = modelctl(url, "rm", "org/model")
         assert refused.returncode == 4  # 409: in use
         assert "in use by the vLLM server" in refused.stderr
+        assert "run it again with --force" in refused.stderr
         forced = modelctl(url, "rm", "org/model", "--force")
         assert forced.returncode == 0, forced.stderr
         assert "org/model: deleted" in forced.stdout

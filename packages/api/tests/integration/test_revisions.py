@@ -16,6 +16,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from api.models.serving import VllmServers
 from api.settings import Settings
 from fakehub import FakeHub, FakeVllm, Generated, RepoBuilder, http_error, trickle
 from fakehub.repos import FileContent
@@ -130,6 +131,7 @@ async def test_a_repo_the_hub_cannot_answer_for_carries_its_error_and_the_others
 # -- prune ------------------------------------------------------------------------------------
 
 
+@pytest.mark.both_paths
 async def test_prune_removes_what_no_ref_names_and_keeps_the_blobs_a_kept_revision_uses(
     client: httpx.AsyncClient, repos: RepoBuilder, cache_dir: Path
 ) -> None:
@@ -363,3 +365,38 @@ async def test_a_slow_vllm_server_is_asked_once_for_many_statuses_and_not_waited
         # The answers are the last known ones, and one request was made for all of them.
         assert all(s.json()["in_use_by"] == first["in_use_by"] for s in statuses)
         assert vllm.requests - asked <= 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "words"),
+    [
+        ((200, b"<html>a proxy page</html>"), "its answer is not vLLM's /v1/models"),
+        ((200, b'{"data": [{"id": 5}]}'), "its answer is not vLLM's /v1/models"),
+        ((200, b'{"data": []}' + b" " * (2 * 1024 * 1024)), "its answer is larger than"),
+        ((500, b"{}"), "it answered HTTP 500"),
+        ((302, b""), "it answered HTTP 302"),  # not followed: a redirect could lead anywhere
+    ],
+)
+async def test_a_vllm_server_gone_wrong_counts_as_one_that_did_not_answer(
+    vllm: FakeVllm, raw: tuple[int, bytes], words: str
+) -> None:
+    vllm.raw = raw
+    servers = VllmServers([vllm.url], None, timeout=5)
+    try:
+        now = await servers.now()
+    finally:
+        await servers.aclose()
+    assert now.served == ()
+    [(server, why)] = now.unreachable
+    assert server == vllm.url
+    assert why.startswith(words), why
+
+
+async def test_a_vllm_server_slower_than_the_timeout_is_given_up(vllm: FakeVllm) -> None:
+    vllm.delay = 2.0
+    servers = VllmServers([vllm.url], None, timeout=0.2)
+    try:
+        now = await servers.now()
+    finally:
+        await servers.aclose()
+    assert now.unreachable == ((vllm.url, "no answer within 0.2 s"),)

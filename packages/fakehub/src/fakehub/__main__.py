@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fakehub.samples import make_samples
+from fakehub.samples import make_samples, move_main
 from fakehub.server import serve
 
 
@@ -24,7 +24,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--samples", action="store_true", help="create the demo sample repos in --repos first"
     )
+    parser.add_argument(
+        "--move",
+        metavar="REPO",
+        help="add a commit to REPO's main branch (new weights and config) and exit: a release a"
+        " running hub serves at once",
+    )
     args = parser.parse_args(argv)
+    if args.move:
+        print(f"{args.move} main is now {move_main(args.repos, args.move)}", flush=True)
+        return
     if not args.host.startswith("127.") and args.host not in ("localhost", "::1"):
         parser.error("--host must be a loopback address")
     if args.samples:

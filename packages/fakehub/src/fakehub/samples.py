@@ -140,3 +140,22 @@ def make_samples(root: Path) -> dict[str, str]:
     add("demo/llama-like", llama_layout(4 * 1024 * 1024, seed=40))
     add("demo/tiny-gguf", gguf_layout(2 * 1024 * 1024, seed=50))
     return made
+
+
+def move_main(root: Path, repo_id: str) -> str:
+    """A new commit on ``main`` of a repo under ``root``, as a release on the Hub: the same files,
+    with new content for the largest one and a changed ``config.json`` (the other files are shared
+    with the revision before). Returns the new commit."""
+    builder = RepoBuilder(root)
+    repo = builder.repo(repo_id)
+    current = repo.refs.get("main")
+    if current is None:
+        raise KeyError(f"{repo_id} has no main branch under {root}")
+    entries = repo.commits[current]
+    files: dict[str, FileContent] = {
+        path: repo.object_path(entry).read_bytes() for path, entry in entries.items()
+    }
+    largest = max(entries.values(), key=lambda e: e.size)
+    files[largest.path] = Generated(largest.size, seed=len(repo.commits) + 1000)
+    files["config.json"] = json.dumps({"revision": len(repo.commits) + 1})
+    return builder.commit(repo_id, files, lfs={p for p, e in entries.items() if e.lfs})

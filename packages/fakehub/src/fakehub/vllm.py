@@ -26,13 +26,15 @@ class FakeVllm:
         *,
         api_key: str | None = None,
         max_model_len: int = 4096,
+        port: int = 0,
     ) -> None:
         self.models = list(models or [])
         self.api_key = api_key
         self.max_model_len = max_model_len
         self.requests = 0
         self.delay = 0.0  # seconds before each answer (a server that is slow to answer)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.raw: tuple[int, bytes] | None = None  # answer this instead (a server gone wrong)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
         self._server.daemon_threads = True
         self._server.vllm = self  # type: ignore[attr-defined]
         self._thread: threading.Thread | None = None
@@ -107,7 +109,15 @@ class _Handler(BaseHTTPRequestHandler):
         vllm.requests += 1
         if vllm.delay:
             time.sleep(vllm.delay)
-        if (
+        if vllm.raw is not None:
+            code, data = vllm.raw
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            if code in (301, 302, 307, 308):
+                self.send_header("Location", "http://127.0.0.1:9/v1/models")
+            self.end_headers()
+            self.wfile.write(data)
+        elif (
             vllm.api_key is not None
             and self.headers.get("Authorization") != f"Bearer {vllm.api_key}"
         ):
