@@ -32,7 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.move:
-        print(f"{args.move} main is now {move_main(args.repos, args.move)}", flush=True)
+        try:
+            print(f"{args.move} main is now {move_main(args.repos, args.move)}", flush=True)
+        except KeyError as error:
+            parser.error(str(error.args[0]))
         return
     if not args.host.startswith("127.") and args.host not in ("localhost", "::1"):
         parser.error("--host must be a loopback address")

@@ -6,7 +6,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from fakehub.repos import FileContent, Generated, RepoBuilder
+from fakehub.repos import FileContent, Generated, Repo, RepoBuilder
 
 _CONFIG = json.dumps({"architectures": ["DemoForCausalLM"], "hidden_size": 64})
 _TEXT = {
@@ -146,8 +146,10 @@ def move_main(root: Path, repo_id: str) -> str:
     """A new commit on ``main`` of a repo under ``root``, as a release on the Hub: the same files,
     with new content for the largest one and a changed ``config.json`` (the other files are shared
     with the revision before). Returns the new commit."""
+    if not (root / repo_id / "repo.json").is_file():
+        raise KeyError(f"no repo {repo_id} under {root} (run make demo first)")
     builder = RepoBuilder(root)
-    repo = builder.repo(repo_id)
+    repo = Repo.load(root / repo_id)
     current = repo.refs.get("main")
     if current is None:
         raise KeyError(f"{repo_id} has no main branch under {root}")
