@@ -26,6 +26,21 @@ def snapshot(cache_dir: Path, commit: str) -> Path:
     return cache_dir / "models--org--model" / "snapshots" / commit
 
 
+async def cached_then_released(
+    client: httpx.AsyncClient, repos: RepoBuilder, new_size: int, seed: int
+) -> tuple[str, str]:
+    """org/model downloaded, then a new commit on its main (new weights of ``new_size``):
+    (the cached commit, the new one)."""
+    old = repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(MB, seed=seed)})
+    await client.post("/api/models/download", json=BODY)
+    assert (await wait_for_status(client, BODY, FINAL))["status"] == "DOWNLOADED"
+    files: dict[str, FileContent] = {
+        "config.json": "{}",
+        "w.bin": Generated(new_size, seed=seed + 1),
+    }
+    return old, repos.commit("org/model", files)
+
+
 async def test_a_moved_branch_is_fetched_and_switched_to_only_when_verified(
     client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuilder, cache_dir: Path
 ) -> None:
@@ -67,10 +82,7 @@ async def test_a_moved_branch_is_fetched_and_switched_to_only_when_verified(
 async def test_a_failed_update_leaves_the_branch_on_the_complete_revision(
     client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuilder, cache_dir: Path
 ) -> None:
-    old = repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(MB, seed=83)})
-    await client.post("/api/models/download", json=BODY)
-    assert (await wait_for_status(client, BODY, FINAL))["status"] == "DOWNLOADED"
-    new = repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(MB, seed=84)})
+    old, new = await cached_then_released(client, repos, MB, seed=83)
     hub.add_fault(http_error(404, path=f"*/resolve/{new}/w.bin"))
     assert (await client.post("/api/models/download", json=BODY)).status_code == 202
     answer = await wait_for_status(client, BODY, FINAL)
@@ -83,10 +95,7 @@ async def test_a_failed_update_leaves_the_branch_on_the_complete_revision(
 async def test_a_cancelled_update_leaves_the_branch_on_the_complete_revision(
     client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuilder, cache_dir: Path
 ) -> None:
-    old = repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(MB, seed=87)})
-    await client.post("/api/models/download", json=BODY)
-    assert (await wait_for_status(client, BODY, FINAL))["status"] == "DOWNLOADED"
-    new = repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(8 * MB, seed=88)})
+    old, new = await cached_then_released(client, repos, 8 * MB, seed=87)
     hub.add_fault(trickle(MB, path=hub.content_path("org/model", "w.bin")))
     assert (await client.post("/api/models/download", json=BODY)).status_code == 202
     status = (await client.post("/api/models/status", json=BODY)).json()

@@ -44,6 +44,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from fakehub import xet
 from fakehub.faults import Fault, FaultKind, Lies
+from fakehub.loopback import LoopbackServer
 from fakehub.repos import Repo, RepoFile, load_repos
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
@@ -61,7 +62,7 @@ class HubError(Exception):
         self.headers = headers or {}
 
 
-class FakeHub:
+class FakeHub(LoopbackServer):
     """The fake hub: its repos, its faults, and the counts of the requests it served.
 
     Use as a context manager, or ``start()`` / ``stop()``::
@@ -99,34 +100,10 @@ class FakeHub:
         self._stopping = threading.Event()
         self._server = _Server((host, port), _Handler)
         self._server.hub = self
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def start(self) -> FakeHub:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
 
     def stop(self) -> None:
         self._stopping.set()
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> FakeHub:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        super().stop()
 
     # -- faults and counts -------------------------------------------------------------------
 
@@ -685,9 +662,4 @@ def serve(
     repos = load_repos(repos_dir)
     mode = ", LFS files through Xet," if xet else ""
     print(f"fakehub serving {len(repos)} repos from {repos_dir}{mode} at {hub.url}", flush=True)
-    try:
-        hub._server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        hub._server.server_close()
+    hub.serve_until_interrupted()

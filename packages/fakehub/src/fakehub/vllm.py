@@ -11,13 +11,14 @@ a request without ``Authorization: Bearer <key>`` gets 401 ``{"error": "Unauthor
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from fakehub.loopback import LoopbackServer
 
-class FakeVllm:
+
+class FakeVllm(LoopbackServer):
     """Serves ``models``: (served name, root) pairs, changeable while it runs."""
 
     def __init__(
@@ -37,12 +38,6 @@ class FakeVllm:
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
         self._server.daemon_threads = True
         self._server.vllm = self  # type: ignore[attr-defined]
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
 
     def model_list(self) -> dict[str, object]:
         now = int(time.time())
@@ -77,25 +72,6 @@ class FakeVllm:
                 for name, root in self.models
             ],
         }
-
-    def start(self) -> FakeVllm:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> FakeVllm:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -21,12 +21,7 @@ def main(argv: list[str] | None = None) -> None:
         models.append((name, root) if root else (spec, spec))
     server = FakeVllm(models, api_key=args.api_key, port=args.port)
     print(f"stand-in vLLM at {server.url} serving {models}", flush=True)
-    try:
-        server._server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server._server.server_close()
+    server.serve_until_interrupted()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -249,6 +250,15 @@ class InUseInfo(BaseModel):
     model: str = Field(description="The name it serves the model under (its model card's id)")
 
 
+InUseBy = Annotated[
+    list[InUseInfo] | None,
+    Field(
+        description="The vLLM servers (MODELS_VLLM_URLS) serving this revision; null when none is"
+        " configured (addition)"
+    ),
+]
+
+
 class ModelStatusResponse(BaseModel):
     model: Model = Field(description="The model as it was asked")
     status: ModelStatus = Field(
@@ -277,11 +287,7 @@ class ModelStatusResponse(BaseModel):
         description="While a branch updates: the commit being downloaded, which the ref names"
         " once it is complete and verified (addition)",
     )
-    in_use_by: list[InUseInfo] | None = Field(
-        default=None,
-        description="The vLLM servers (MODELS_VLLM_URLS) serving this revision; null when none is"
-        " configured (addition)",
-    )
+    in_use_by: InUseBy = None
 
 
 class DownloadStartedResponse(BaseModel):
@@ -322,11 +328,7 @@ class ModelListItem(BaseModel):
         description="The selections the revision was downloaded with (status checks their union);"
         " null when none was recorded: MODELS_DEFAULT_FILES applies (addition)",
     )
-    in_use_by: list[InUseInfo] | None = Field(
-        default=None,
-        description="The vLLM servers (MODELS_VLLM_URLS) serving this revision; null when none is"
-        " configured (addition)",
-    )
+    in_use_by: InUseBy = None
 
 
 class ModelListResponse(BaseModel):
