@@ -99,6 +99,18 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(
         default=5, ge=1, description="Retry-After sent with a 429 when all download slots are busy"
     )
+    ranged_min_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        description="a file this large or larger, served over plain HTTP, is fetched as parallel"
+        " byte ranges, resumable (0: never)",
+    )
+    ranged_part_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024 * 1024, description="the size of those ranges"
+    )
+    ranged_connections: int = Field(
+        default=8, ge=1, le=64, description="connections per file for them (1: never)"
+    )
     update_check_ttl_seconds: float = Field(
         default=300.0,
         ge=0,

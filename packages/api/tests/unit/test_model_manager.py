@@ -49,6 +49,7 @@ class FakeBackend:
         self.free = 10**12
         self.plans_given: list[DownloadPlan | None] = []
         self.pruned: list[tuple[str, frozenset[str] | None, bool]] = []
+        self.discarded: list[str] = []
 
     @property
     def cache_path(self) -> str:
@@ -122,6 +123,10 @@ class FakeBackend:
         return 10, self.free
 
     def remove_all_orphans(self) -> int:
+        return 0
+
+    def discard_partial(self, repo_id: str) -> int:
+        self.discarded.append(repo_id)
         return 0
 
     def free_bytes(self) -> int:

@@ -17,6 +17,12 @@ With ``FakeHub(..., xet=True)`` every LFS file is stored in Xet, as on the Hub t
 (``/cas/v1/reconstructions/{hash}``, xorb ranges under ``/cas/xorbs/...``). Faults apply to these
 paths like to any other; ``FakeHub.content_path`` names a file's content requests on either path.
 
+With ``FakeHub(..., cdn=True)`` LFS files are served as the Hub serves them over plain HTTP: their
+``/resolve`` URL answers ``302`` to a signed URL on another origin (a second port of 127.0.0.1,
+``/cdn/{repo}/{sha256}?X-Amz-Signature=...``), with the file's headers; the CDN answers ``GET``
+and ``Range`` and records the ``Authorization`` header of every request it gets
+(``FakeHub.cdn_authorizations``): a client must not send it the token.
+
 Errors carry ``X-Error-Code`` as the Hub's do: ``RepoNotFound`` (404; 401 for a private repo without a
 valid token), ``GatedRepo`` (401 without a token, 403 with a token that has no access),
 ``RevisionNotFound`` (404), ``EntryNotFound`` (404).
@@ -83,6 +89,7 @@ class FakeHub(LoopbackServer):
         page_size: int = 1000,
         xet: bool = False,
         xet_token_ttl: float = 3600,
+        cdn: bool = False,
     ) -> None:
         self.repos_dir = repos_dir
         self.xet = xet
@@ -94,15 +101,44 @@ class FakeHub(LoopbackServer):
         self.lies = Lies()  # what this hub says instead of the truth (hostile mode)
         self.requests: Counter[tuple[str, str]] = Counter()
         self.body_bytes: Counter[str] = Counter()  # content bytes sent, by decoded path
+        self._sending = 0  # response bodies being sent now
         self._lock = threading.Lock()
         self._repos: dict[str, tuple[tuple[int, int, int], Repo]] = {}
         self._xet_tokens: dict[str, tuple[str, float]] = {}  # access token -> (repo id, expiry)
         self._stopping = threading.Event()
         self._server = _Server((host, port), _Handler)
         self._server.hub = self
+        # The CDN LFS files are redirected to (cdn=True): another origin, the same content.
+        self.cdn_authorizations: list[str | None] = []
+        self._cdn: _Server | None = None
+        if cdn:
+            self._cdn = _Server((host, 0), _Handler)
+            self._cdn.hub = self
+            self._cdn.is_cdn = True
+        self._cdn_thread: threading.Thread | None = None
+
+    @property
+    def cdn_url(self) -> str | None:
+        if self._cdn is None:
+            return None
+        host, port = self._cdn.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> FakeHub:
+        if self._cdn is not None:
+            self._cdn_thread = threading.Thread(
+                target=self._cdn.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            )
+            self._cdn_thread.start()
+        return super().start()
 
     def stop(self) -> None:
         self._stopping.set()
+        if self._cdn is not None:
+            self._cdn.shutdown()
+            self._cdn.server_close()
+            if self._cdn_thread is not None:
+                self._cdn_thread.join(timeout=5)
         super().stop()
 
     # -- faults and counts -------------------------------------------------------------------
@@ -144,6 +180,16 @@ class FakeHub(LoopbackServer):
 
         with self._lock:
             return sum(n for p, n in self.body_bytes.items() if fnmatch.fnmatchcase(p, pattern))
+
+    def wait_idle(self, seconds: float = 10.0) -> bool:
+        """Wait until no response body is being sent (a client that went away leaves the server
+        writing until its next write fails); whether that happened within ``seconds``."""
+        deadline = time.monotonic() + seconds
+        while self._sending:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def reset_counts(self) -> None:
         with self._lock:
@@ -187,6 +233,8 @@ class FakeHub(LoopbackServer):
             raise KeyError(f"{repo_id}@{revision} has no file {path}")
         if self.xet and entry.lfs:
             return f"/cas/xorbs/{repo_id}/{entry.sha256}/*"
+        if self._cdn is not None and entry.lfs:
+            return f"/cdn/{repo_id}/{entry.sha256}"
         return f"/{repo_id}/resolve/*/{path}"
 
     def issue_xet_token(self, repo_id: str) -> tuple[str, int]:
@@ -216,6 +264,7 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
     hub: FakeHub
+    is_cdn: bool = False
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that goes away mid-body (cancel, timeout) is normal here, not worth a traceback.
@@ -259,7 +308,9 @@ class _Handler(BaseHTTPRequestHandler):
                         headers["Retry-After"] = f"{fault.retry_after:g}"
                     raise HubError(fault.status, None, f"injected {fault.status}", headers)
             query = parse_qs(split.query)
-            if segments[:2] == ["api", "models"] and len(segments) >= 4:
+            if getattr(self.server, "is_cdn", False):
+                self._from_cdn(method, segments, faults)
+            elif segments[:2] == ["api", "models"] and len(segments) >= 4:
                 self._api(method, segments[2:], query)
             elif segments[0] == "cas":
                 self._cas(method, segments[1:], faults)
@@ -395,6 +446,46 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["X-Xet-Hash"] = xet.file_hash(entry.sha256)
                 headers["Link"] = f'<{token_url}>; rel="xet-auth"'
         headers.update(self.server.hub.lies.headers)
+        cdn = self.server.hub.cdn_url
+        if cdn is not None and entry.lfs and not self.server.hub.xet:
+            # As the Hub does: the content is on a CDN, at a signed URL of its own origin.
+            headers["Location"] = f"{cdn}/cdn/{repo_id}/{entry.sha256}?X-Amz-Signature=fake"
+            headers["Content-Length"] = "0"
+            self._send_head(302, headers)
+            return
+        start, end, status = 0, entry.size, 200
+        if method == "GET" and self.headers.get("Range"):
+            start, end = self._requested_range(entry.size)
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
+        headers["Content-Length"] = str(end - start)
+        self._send_head(status, headers)
+        if method == "HEAD":
+            return
+        with repo.object_path(entry).open("rb") as source:
+            self._send_range(source, start, end, _body_fault(faults))
+
+    def _from_cdn(self, method: str, segments: list[str], faults: list[Fault]) -> None:
+        """``/cdn/{repo}/{sha256}``: the content of an LFS object, as a CDN serves it (no token
+        needed: the signature is in the URL)."""
+        hub = self.server.hub
+        with hub._lock:
+            hub.cdn_authorizations.append(self.headers.get("Authorization"))
+        if len(segments) != 4 or segments[0] != "cdn":
+            raise HubError(404, None, "Not Found")
+        repo = hub.repo("/".join(segments[1:3]))
+        entry = next(
+            (
+                e
+                for files in (repo.commits.values() if repo is not None else [])
+                for e in files.values()
+                if e.lfs and e.sha256 == segments[3]
+            ),
+            None,
+        )
+        if repo is None or entry is None:
+            raise HubError(404, None, "NoSuchKey")
+        headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
         start, end, status = 0, entry.size, 200
         if method == "GET" and self.headers.get("Range"):
             start, end = self._requested_range(entry.size)
@@ -503,6 +594,18 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         """Send bytes ``start..end`` (exclusive) of ``source``, through ``fault`` if any;
         ``corrupt_at`` is the byte of the body a corruption changes."""
+        hub = self.server.hub
+        with hub._lock:
+            hub._sending += 1
+        try:
+            self._send_body(source, start, end, fault, corrupt_at)
+        finally:
+            with hub._lock:
+                hub._sending -= 1
+
+    def _send_body(
+        self, source: Any, start: int, end: int, fault: Fault | None, corrupt_at: int
+    ) -> None:
         hub = self.server.hub
         path = unquote(urlsplit(self.path).path)
         if fault is None and hasattr(source, "fileno"):

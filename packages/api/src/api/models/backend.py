@@ -281,6 +281,11 @@ class HubBackend(Protocol):
         or None when nothing of it was cached (blocking)."""
         ...
 
+    def discard_partial(self, repo_id: str) -> int:
+        """Remove what interrupted downloads of the model kept to go on from (a user's cancel);
+        return how many files (blocking)."""
+        ...
+
     def remove_all_orphans(self) -> int:
         """Remove the temporary files no live process writes (what a killed service left);
         return how many (blocking)."""

@@ -37,6 +37,7 @@ class DownloadJob:
     phase: DownloadPhase = DownloadPhase.RESOLVING
     commit: str | None = None
     served_commit: str | None = None  # a branch's update: what its ref names until this is done
+    discard: bool = False  # cancelled by its user: what it fetched for a next attempt goes too
     total_bytes: int | None = None
     downloaded_bytes: int | None = None
     files_total: int | None = None

@@ -454,6 +454,11 @@ class ModelManager:
             failure = error
         except asyncio.CancelledError:
             self._finish(job)
+            if job.discard:
+                # A user's cancel takes the parts kept for a next attempt with it; a shutdown
+                # keeps them, so that the download goes on from there after the restart.
+                with contextlib.suppress(OSError):
+                    await self._on_cache_pool(self.backend.discard_partial, job.model.hf_repo)
             job.publish(DownloadEventType.CANCELLED)
             raise
         except Exception as error:  # a bug: keep the service up, say so in the status
@@ -490,6 +495,8 @@ class ModelManager:
         task = self._download_tasks.get(running) if running is not None else None
         if task is None:
             return False
+        if running is not None and (job := self._jobs.get(running)) is not None:
+            job.discard = True
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

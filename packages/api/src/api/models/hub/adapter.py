@@ -45,6 +45,7 @@ from api.models.hub import selection as selecting
 from api.models.hub.cache import ModelCache
 from api.models.hub.classify import failure_of
 from api.models.hub.guard import UntrustedAnswer, check_plan
+from api.models.hub.ranged import Ranges
 from api.models.hub.zygote import ForkedWorker, Zygote, ZygoteGone
 
 if TYPE_CHECKING:  # the worker imports this module: keep pydantic-settings out of its start
@@ -215,6 +216,9 @@ class HubCacheBackend:
     def remove_all_orphans(self) -> int:
         return self.cache.remove_all_orphans()
 
+    def discard_partial(self, repo_id: str) -> int:
+        return self.cache.discard_ranged(repo_id)
+
     def missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
         return self.cache.missing_bytes(repo_id, plan)
 
@@ -362,6 +366,11 @@ class HubCacheBackend:
             endpoint=self.settings.hf_endpoint,
             plan=plan,
             limits=hub_limits(self.settings),
+            ranges=Ranges(
+                min_bytes=self.settings.ranged_min_bytes,
+                part_bytes=self.settings.ranged_part_bytes,
+                connections=self.settings.ranged_connections,
+            ),
         )
         process = await self._take_worker()
         assert process.stdin is not None

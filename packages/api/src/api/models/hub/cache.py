@@ -56,6 +56,10 @@ logger = logging.getLogger(__name__)
 
 TREE_FORMAT_VERSION = 1
 INCOMPLETE_SUFFIX = ".incomplete"
+# A large file fetched by parallel ranges (``ranged.py``): its partial content, kept across
+# attempts, and the record of how far each part got, beside the blob's lock.
+RANGED_SUFFIX = ".ranged" + INCOMPLETE_SUFFIX
+RECORD_SUFFIX = ".ranged.json"
 
 
 def repo_folder_name(repo_id: str) -> str:
@@ -190,7 +194,7 @@ class ModelCache:
 
     def revision_busy(self, repo_id: str, commit: str) -> bool:
         """Whether a download worker (of any process sharing the cache) holds the revision."""
-        with _lock_if_free(self.revision_lock(repo_id, commit)) as free:
+        with lock_if_free(self.revision_lock(repo_id, commit)) as free:
             return not free
 
     def missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
@@ -480,16 +484,47 @@ class ModelCache:
         cancelled by us) and no later download will reuse it.
         """
         removed = 0
+        locks = self.locks_folder(repo_id)
         for path in _iter_files(self.folder(repo_id) / "blobs"):
             if not path.name.endswith(INCOMPLETE_SUFFIX):
                 continue
             etag = blob_name(path.name)
-            with _lock_if_free(self.locks_folder(repo_id) / f"{etag}.lock") as free:
+            with lock_if_free(locks / f"{etag}.lock") as free:
+                if (
+                    path.name.endswith(RANGED_SUFFIX)
+                    and (locks / f"{etag}{RECORD_SUFFIX}").exists()
+                ):
+                    continue  # the parts received so far: the next attempt goes on from them
                 if free:
                     path.unlink(missing_ok=True)
                     removed += 1
+        blobs = self.folder(repo_id) / "blobs"
+        for record in _iter_files(locks):
+            etag = record.name.removesuffix(RECORD_SUFFIX)
+            if (
+                record.name.endswith(RECORD_SUFFIX)
+                and not (blobs / f"{etag}{RANGED_SUFFIX}").exists()
+            ):
+                record.unlink(missing_ok=True)  # of a partial file that is gone
         if removed:
             logger.info("removed %d orphaned temporary file(s) of %s", removed, repo_id)
+        return removed
+
+    def discard_ranged(self, repo_id: str) -> int:
+        """Remove what ranged downloads of the model kept for their next attempt (the partial
+        files and their records) where no process is writing: a user's cancel takes everything
+        with it. Returns how many files were removed."""
+        locks, blobs = self.locks_folder(repo_id), self.folder(repo_id) / "blobs"
+        removed = 0
+        for record in list(_iter_files(locks)):
+            if not record.name.endswith(RECORD_SUFFIX):
+                continue
+            etag = record.name.removesuffix(RECORD_SUFFIX)
+            with lock_if_free(locks / f"{etag}.lock") as free:
+                if free:
+                    (blobs / f"{etag}{RANGED_SUFFIX}").unlink(missing_ok=True)
+                    record.unlink(missing_ok=True)
+                    removed += 1
         return removed
 
     def remove_all_orphans(self) -> int:
@@ -603,7 +638,7 @@ def _iter_dirs(root: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _lock_if_free(lock_path: Path) -> Iterator[bool]:
+def lock_if_free(lock_path: Path) -> Iterator[bool]:
     """Hold ``lock_path`` (the hub client's flock) if nobody does; yield whether we got it."""
     try:
         fd = os.open(lock_path, os.O_RDONLY)  # flock needs no write access: a read-only cache works

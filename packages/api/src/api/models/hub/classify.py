@@ -34,6 +34,8 @@ def classify_error(
     metadata call in ``LocalEntryNotFoundError`` and its HTTP errors subclass ``OSError``, so a
     "retry every OSError" policy would retry 404s, gated repos and full disks.
     """
+    if isinstance(error, DownloadFailed):  # ours, already classified (a ranged download's)
+        return error.kind, error.retryable, str(error)
     untrusted = _untrusted(error)
     if untrusted is not None:
         return (
@@ -159,9 +161,8 @@ def _classify_xet_error(text: str) -> tuple[FailureKind, bool, str]:
 def failure_of(error: BaseException, repo_id: str, revision: str) -> DownloadFailed:
     """The error of one attempt as the one failure type (not yet worded for its attempts)."""
     kind, retryable, message = classify_error(error, repo_id, revision)
-    return DownloadFailed(
-        kind, message, retryable=retryable, retry_after=retry_after_seconds(error)
-    )
+    after = error.retry_after if isinstance(error, DownloadFailed) else retry_after_seconds(error)
+    return DownloadFailed(kind, message, retryable=retryable, retry_after=after)
 
 
 def retry_after_seconds(error: BaseException) -> float | None:

@@ -9,12 +9,13 @@ parse raises ``ProtocolError``, which the service treats as a crash of the worke
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from api.models.backend import DownloadPlan, FileSelection, RemoteFile
 from api.models.errors import FailureKind
 from api.models.hub.guard import Limits, check_plan
+from api.models.hub.ranged import Ranges
 
 
 class ProtocolError(Exception):
@@ -29,6 +30,7 @@ class Job:
     endpoint: str
     plan: DownloadPlan
     limits: Limits
+    ranges: Ranges = field(default_factory=Ranges)
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,12 @@ def encode_job(job: Job) -> bytes:
         "selected": sorted(job.plan.selected) if job.plan.selected is not None else None,
         "selections": [s.to_json() for s in job.plan.selections],
     }
-    fields = {**asdict(job), "plan": plan, "limits": asdict(job.limits)}
+    fields = {
+        **asdict(job),
+        "plan": plan,
+        "limits": asdict(job.limits),
+        "ranges": asdict(job.ranges),
+    }
     return json.dumps(fields).encode() + b"\n"
 
 
@@ -131,6 +138,7 @@ def parse_job(raw: bytes) -> Job:
             endpoint=str(data["endpoint"]),
             plan=check_plan(plan),
             limits=Limits(**data["limits"]),
+            ranges=Ranges(**data["ranges"]),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ProtocolError("malformed job") from error

@@ -30,9 +30,10 @@ from huggingface_hub import constants, snapshot_download
 from api.models.backend import DownloadPlan, RemoteFile
 from api.models.errors import DownloadFailed, FailureKind
 from api.models.hub import guard, protocol
-from api.models.hub.cache import INCOMPLETE_SUFFIX, ModelCache, blob_name
+from api.models.hub.cache import INCOMPLETE_SUFFIX, RANGED_SUFFIX, ModelCache, blob_name
 from api.models.hub.classify import failure_of
 from api.models.hub.hashing import content_matches, new_digest
+from api.models.hub.ranged import ChecksumMismatch, fetch_large_files
 from api.models.hub.selection import exact_patterns
 
 PROGRESS_INTERVAL = 0.25
@@ -49,12 +50,6 @@ XET_DEFAULTS = {
     "HF_XET_CLIENT_RETRY_MAX_ATTEMPTS": "3",
     "HF_XET_CLIENT_RETRY_BASE_DELAY": "500ms",
 }
-
-
-class ChecksumMismatch(Exception):
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
-        self.path = path
 
 
 class StreamingHasher(threading.Thread):
@@ -102,6 +97,7 @@ class StreamingHasher(threading.Thread):
                 etag = blob_name(entry.name)
                 if (
                     entry.name.endswith(INCOMPLETE_SUFFIX)
+                    and not entry.name.endswith(RANGED_SUFFIX)  # written out of order: hashed there
                     and etag in self.wanted
                     and etag not in self._open
                     and etag not in self.results
@@ -177,6 +173,12 @@ class Reporter:
             self.kind, self.base_bytes, self.bytes, self.files = kind, base_bytes, 0, 0
             self.network = 0
 
+    def found(self, nbytes: int) -> None:
+        """Bytes found on disk for this pass (the parts an earlier attempt fetched): counted as
+        downloaded, not as transferred."""
+        with self._lock:
+            self.base_bytes += nbytes
+
     def _pass_transferred(self) -> int:
         # Fetched by this pass: what came off the network when the library says (on the Xet
         # path, bytes land on disk a whole xorb range at a time, often megabytes after they
@@ -193,6 +195,13 @@ class Reporter:
             if now - self._last < PROGRESS_INTERVAL and not nfiles:
                 return
             self._last = now
+            message = self.snapshot()
+        self.send(message)
+
+    def flush(self) -> None:
+        """Send the counters now (the last bytes of a burst the interval held back)."""
+        with self._lock:
+            self._last = time.monotonic()
             message = self.snapshot()
         self.send(message)
 
@@ -325,10 +334,30 @@ def _download_and_verify(cache: ModelCache, job: protocol.Job, reporter: Reporte
     # The selection, resolved to exact paths (the plan's): the library fetches those only.
     allow = exact_patterns(plan.selected) if plan.selected is not None else None
 
+    ranged: dict[str, tuple[int, bool]] = {}  # etag -> (inode, matched): hashed on the way
+
     def fetch() -> None:
         present = plan.total_bytes - cache.missing_bytes(repo_id, plan)
         reporter.restart("progress", present)
         reporter.send(protocol.Progress(present, 0, reporter.carried))
+        # Large files over plain HTTP first, as parallel ranges (resumed where an earlier
+        # attempt stopped); the library then finds their blobs and only links them.
+        ranged.update(
+            fetch_large_files(
+                repo_id=repo_id,
+                commit=plan.commit,
+                files=list(plan.wanted),
+                folder=cache.folder(repo_id),
+                locks=cache.locks_folder(repo_id),
+                endpoint=job.endpoint,
+                token=token,
+                ranges=job.ranges,
+                limits=job.limits,
+                on_bytes=lambda n: reporter.add(nbytes=n),
+                on_found=reporter.found,
+            )
+        )
+        reporter.flush()
         snapshot_download(
             repo_id,
             revision=plan.commit,
@@ -349,7 +378,8 @@ def _download_and_verify(cache: ModelCache, job: protocol.Job, reporter: Reporte
     finally:
         hasher.stop()
         library_log.removeHandler(watch)
-    streamed = {} if hasher.resumed.is_set() else hasher.results
+    streamed = {} if hasher.resumed.is_set() else dict(hasher.results)
+    streamed.update(ranged)
     bad = verify(cache, repo_id, plan, reporter, streamed=streamed)
     if bad:
         for path in bad:

@@ -1,0 +1,575 @@
+"""Large files over plain HTTP as parallel byte ranges, resumable from what is on disk (issue 17).
+
+In the download worker, before ``snapshot_download``: each wanted file of at least
+``Ranges.min_bytes`` whose blob is not in the cache, and that the Hub serves over plain HTTP (not
+Xet), is fetched here as parts of ``part_bytes`` over ``connections`` connections, into
+``blobs/<etag>.ranged.incomplete`` (preallocated; each part written at its offset), under the
+library's own blob lock (``.locks/<folder>/<etag>.lock``). A record beside the lock,
+``<etag>.ranged.json``, says how many bytes of each part are written; it is rewritten at most every
+``RECORD_INTERVAL`` seconds, so a kill -9 loses at most that much of the transfer. The content is
+hashed in order while the parts arrive; a blob is renamed to ``blobs/<etag>`` only when it matches
+its ETag, and the library then only links it into the snapshot: it stays the owner of refs,
+snapshots and the file list.
+
+The next attempt (after a failure, a SIGTERM, a kill -9, a restart of the service) finds the
+partial file and its record, and fetches only the bytes the record does not have. A record for
+another ETag of the same path (the file changed on the Hub) is dropped with its file: that file
+starts over. A user's cancel removes both (``ModelCache.discard_ranged``).
+
+Transfers use the standard library's ``http.client`` with ``readinto`` into one buffer per
+connection: on this project's machine it moves a 1 GiB file over loopback about four times faster
+than the library's HTTP client does (``planning/ranged-downloads.md``). What the library's client
+does and this one must do too is done here: the file's metadata (ETag, size, where it is served
+from) comes from the library's ``get_hf_file_metadata`` through the guarded client; the token is
+sent only to the Hub's origin, never to a CDN a redirect names (the library's own rule,
+``_is_same_or_hub_host``); every answer is checked (206, the exact ``Content-Range``, the length).
+Where this path cannot do what the library does (a proxy in the environment, Xet, a server without
+ranges, a redirect of a part), the file goes the library's way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import socket
+import ssl
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+from huggingface_hub.utils._fixes import WeakFileLock
+from huggingface_hub.utils._headers import build_hf_headers
+from huggingface_hub.utils._http import _is_same_or_hub_host
+from huggingface_hub.utils._runtime import is_xet_available
+
+from api.models.backend import RemoteFile
+from api.models.errors import DownloadFailed, FailureKind
+from api.models.hub.cache import RANGED_SUFFIX, RECORD_SUFFIX, lock_if_free
+from api.models.hub.guard import Limits
+from api.models.hub.hashing import new_digest
+
+MiB = 1024 * 1024
+RECORD_INTERVAL = 0.25
+PART_ATTEMPTS = 4  # per part, before the attempt fails (the service then retries the download)
+# ``readinto`` fills the whole buffer before it returns: this is also the grain of the progress, of
+# a kill's loss and of the stall watchdog's view (1 MiB measured no faster on loopback).
+BUFFER = 256 * 1024
+_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """How large files are fetched: from ``min_bytes`` up, in parts of ``part_bytes``, over
+    ``connections`` connections (``MODELS_RANGED_*``; ``connections`` 1 or ``min_bytes`` 0 turn
+    the path off)."""
+
+    min_bytes: int = 64 * MiB
+    part_bytes: int = 16 * MiB
+    connections: int = 8
+
+    @property
+    def enabled(self) -> bool:
+        return self.min_bytes > 0 and self.connections > 1
+
+
+class ChecksumMismatch(Exception):
+    """A file's content did not hash to its ETag twice (``path``: its path in the repo)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.path = path
+
+
+class _UseLibrary(Exception):
+    """This file cannot go this way (why, for the log): the library fetches it."""
+
+
+@dataclass
+class Record:
+    """How far each part of one file got: the resume state, kept beside the blob's lock."""
+
+    path: str
+    etag: str
+    size: int
+    part_bytes: int
+    written: list[int]
+
+    def parts(self) -> list[tuple[int, int]]:
+        return [
+            (s, min(s + self.part_bytes, self.size)) for s in range(0, self.size, self.part_bytes)
+        ]
+
+    def save(self, file: Path) -> None:
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.__dict__))
+        os.replace(tmp, file)
+
+    @classmethod
+    def load(cls, file: Path) -> Record | None:
+        """The record, or None when absent or not one this code wrote (it is only a hint:
+        whatever it says, the content is checked against the ETag before it is used)."""
+        try:
+            data = json.loads(file.read_text())
+            record = cls(
+                str(data["path"]),
+                str(data["etag"]),
+                int(data["size"]),
+                int(data["part_bytes"]),
+                [int(n) for n in data["written"]],
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        bounds = record.parts()
+        if record.part_bytes <= 0 or len(bounds) != len(record.written):
+            return None
+        if any(
+            not 0 <= n <= end - start
+            for n, (start, end) in zip(record.written, bounds, strict=True)
+        ):
+            return None
+        return record
+
+
+def record_file(locks: Path, etag: str) -> Path:
+    return locks / f"{etag}{RECORD_SUFFIX}"
+
+
+def partial_file(blobs: Path, etag: str) -> Path:
+    return blobs / f"{etag}{RANGED_SUFFIX}"
+
+
+def fetch_large_files(
+    *,
+    repo_id: str,
+    commit: str,
+    files: list[RemoteFile],
+    folder: Path,
+    locks: Path,
+    endpoint: str,
+    token: str | bool,
+    ranges: Ranges,
+    limits: Limits,
+    on_bytes: Callable[[int], None],
+    on_found: Callable[[int], None],
+) -> dict[str, tuple[int, bool]]:
+    """Fetch the large ``files`` of a revision whose blob is missing, one after the other, each
+    over parallel ranges; return etag -> (inode, True) for each blob placed (hashed on the way,
+    so that verification need not read it again). Files this path cannot fetch are left to the
+    library. Raises ``DownloadFailed`` (a part that failed ``PART_ATTEMPTS`` times, an answer that
+    is not the file) and ``ChecksumMismatch`` (twice the wrong content)."""
+    placed: dict[str, tuple[int, bool]] = {}
+    if not ranges.enabled:
+        return placed
+    blobs = folder / "blobs"
+    for entry in files:
+        if entry.size < ranges.min_bytes or _size(blobs / entry.etag) == entry.size:
+            continue
+        url = hf_hub_url(repo_id, entry.path, revision=commit, endpoint=endpoint)
+        try:
+            source = _source(url, entry, token, limits)
+            for attempt in (1, 2):
+                inode = _fetch(entry, source, blobs, locks, ranges, limits, on_bytes, on_found)
+                if inode is not None:
+                    placed[entry.etag] = (inode, True)
+                    break
+                if attempt == 2:
+                    raise ChecksumMismatch(entry.path)
+        except _UseLibrary:
+            continue
+    return placed
+
+
+@dataclass(frozen=True)
+class _Source:
+    url: str
+    headers: dict[str, str]
+
+
+def _source(url: str, entry: RemoteFile, token: str | bool, limits: Limits) -> _Source:
+    """Where the file's bytes are served from, and the headers to send there: the library's own
+    metadata call (through the guard) and its rule for the token."""
+    metadata = get_hf_file_metadata(url, token=token, timeout=limits.read_timeout)
+    if (
+        metadata.xet_file_data is not None
+        and is_xet_available()
+        and not constants.HF_HUB_DISABLE_XET
+    ):
+        raise _UseLibrary("served through Xet")
+    if metadata.etag != entry.etag or metadata.size != entry.size:
+        raise DownloadFailed(
+            FailureKind.UNTRUSTED,
+            f"the Hub's answer was refused, nothing was written: {entry.path} is not the file the"
+            " revision's file list names (another ETag or size)",
+        )
+    location = metadata.location
+    parts = urlsplit(location)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _UseLibrary("not an http(s) location")
+    if _proxied(location):
+        raise _UseLibrary("a proxy is configured for it")
+    headers = build_hf_headers(token=token)
+    headers["Accept-Encoding"] = "identity"
+    if not _is_same_or_hub_host(url, location):
+        headers.pop("authorization", None)  # a CDN's signed URL: the token stays with the Hub
+    return _Source(location, headers)
+
+
+def _proxied(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    proxies = urllib.request.getproxies()
+    scheme = urlsplit(url).scheme
+    return bool(proxies.get(scheme) or proxies.get("all")) and not urllib.request.proxy_bypass(host)
+
+
+def _fetch(
+    entry: RemoteFile,
+    source: _Source,
+    blobs: Path,
+    locks: Path,
+    ranges: Ranges,
+    limits: Limits,
+    on_bytes: Callable[[int], None],
+    on_found: Callable[[int], None],
+) -> int | None:
+    """One pass over one file, under its blob lock: resume or start, fetch the missing parts,
+    hash in order; the blob's inode once it is in place, None when the content was wrong (the
+    partial file and its record are gone then)."""
+    blobs.mkdir(parents=True, exist_ok=True)
+    locks.mkdir(parents=True, exist_ok=True)
+    blob = blobs / entry.etag
+    with WeakFileLock(locks / f"{entry.etag}.lock"):
+        if _size(blob) == entry.size:
+            raise _UseLibrary("another process has just fetched it")
+        _drop_other_versions(entry, blobs, locks)
+        partial, record_path = partial_file(blobs, entry.etag), record_file(locks, entry.etag)
+        record = Record.load(record_path)
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if (
+                record is None
+                or (record.path, record.etag, record.size) != (entry.path, entry.etag, entry.size)
+                or record.part_bytes != ranges.part_bytes
+                or os.fstat(fd).st_size != entry.size
+            ):
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, entry.size)
+                record = Record(entry.path, entry.etag, entry.size, ranges.part_bytes, [])
+                record.written = [0] * len(record.parts())
+            record.save(record_path)
+            on_found(sum(record.written))
+            transfer = _Transfer(fd, entry, source, record, record_path, ranges, limits, on_bytes)
+            try:
+                matched = transfer.run()
+            except _UseLibrary:
+                partial.unlink(missing_ok=True)  # the library fetches it its own way
+                record_path.unlink(missing_ok=True)
+                raise
+            if not matched:
+                partial.unlink(missing_ok=True)
+                record_path.unlink(missing_ok=True)
+                return None
+            _same_mode_as_folder(fd, blobs)
+            os.replace(partial, blob)
+            record_path.unlink(missing_ok=True)
+            return os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+
+
+def _drop_other_versions(entry: RemoteFile, blobs: Path, locks: Path) -> None:
+    """A partial file of the same path with another ETag is of a version the Hub no longer
+    serves for this revision: removed (its lock free), so that it starts over and no stale
+    bytes linger."""
+    for other in locks.glob(f"*{RECORD_SUFFIX}"):
+        etag = other.name.removesuffix(RECORD_SUFFIX)
+        if etag == entry.etag:
+            continue
+        record = Record.load(other)
+        if record is None or record.path != entry.path:
+            continue
+        with lock_if_free(locks / f"{etag}.lock") as free:
+            if free:
+                partial_file(blobs, etag).unlink(missing_ok=True)
+                other.unlink(missing_ok=True)
+
+
+def _same_mode_as_folder(fd: int, blobs: Path) -> None:
+    """The blob gets the mode a new file of the cache gets (the library's ``_chmod_and_move``):
+    umask applied, readable by whoever shares the cache."""
+    probe = blobs / f".mode-{os.getpid()}-{threading.get_ident()}"
+    try:
+        probe.touch()
+        os.fchmod(fd, probe.stat().st_mode & 0o777)
+    except OSError:
+        pass
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+class _Transfer:
+    """The parts of one file, fetched by ``connections`` threads, written at their offsets, the
+    content hashed in order as it arrives, the record rewritten while it goes."""
+
+    def __init__(
+        self,
+        fd: int,
+        entry: RemoteFile,
+        source: _Source,
+        record: Record,
+        record_path: Path,
+        ranges: Ranges,
+        limits: Limits,
+        on_bytes: Callable[[int], None],
+    ) -> None:
+        self.fd = fd
+        self.entry = entry
+        self.source = source
+        self.record = record
+        self.record_path = record_path
+        self.ranges = ranges
+        self.limits = limits
+        self.on_bytes = on_bytes
+        self.bounds = record.parts()
+        self.written = record.written  # updated in place, read by the hasher and the recorder
+        self.cond = threading.Condition()
+        self.next_part = 0
+        self.failure: BaseException | None = None
+        self.finished = False
+
+    def run(self) -> bool:
+        """Fetch what is missing; whether the whole content matches the ETag."""
+        todo = [i for i, (s, e) in enumerate(self.bounds) if self.written[i] < e - s]
+        threads = [
+            threading.Thread(target=self._fetch_parts, name=f"range-{n}", daemon=True)
+            for n in range(min(self.ranges.connections, len(todo)))
+        ]
+        hasher = _InOrderHash(self)
+        recorder = threading.Thread(
+            target=self._record_while_running, name="range-record", daemon=True
+        )
+        hasher.start()
+        recorder.start()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        with self.cond:
+            self.finished = True
+            self.cond.notify_all()
+        recorder.join()
+        self.record.save(self.record_path)  # what got written, whatever happens next
+        if self.failure is not None:
+            hasher.stop()
+            raise self.failure
+        hasher.join()
+        return hasher.matched
+
+    def _take(self) -> int | None:
+        with self.cond:
+            while self.next_part < len(self.bounds):
+                index = self.next_part
+                self.next_part += 1
+                start, end = self.bounds[index]
+                if self.written[index] < end - start:
+                    return index
+            return None
+
+    def _fetch_parts(self) -> None:
+        connection: _Connection | None = None
+        try:
+            while self.failure is None and (index := self._take()) is not None:
+                connection = self._fetch_part(index, connection)
+        except BaseException as error:
+            with self.cond:
+                if self.failure is None:
+                    self.failure = error
+                self.cond.notify_all()
+        finally:
+            if connection is not None:
+                connection.close()
+
+    def _fetch_part(self, index: int, connection: _Connection | None) -> _Connection | None:
+        """Fetch what part ``index`` misses, retrying a failure from where it stopped."""
+        start, end = self.bounds[index]
+        for attempt in range(1, PART_ATTEMPTS + 1):
+            if connection is None:
+                connection = _Connection(self.source.url, self.limits)
+            try:
+                self._read_part(connection, index, start + self.written[index], end)
+                return connection
+            except _Retry as retry:
+                connection.close()
+                connection = None
+                if attempt == PART_ATTEMPTS or self.failure is not None:
+                    raise DownloadFailed(
+                        FailureKind.NETWORK, retry.message, retryable=True, retry_after=retry.after
+                    ) from None
+                time.sleep(min(retry.after or 0.2 * 2**attempt, 5.0))
+        return connection
+
+    def _read_part(self, connection: _Connection, index: int, start: int, end: int) -> None:
+        response = connection.get_range(self.source, start, end, self.entry.size)
+        position = start
+        view = connection.view
+        try:
+            while position < end:
+                if self.failure is not None:
+                    return  # another part failed: the attempt ends
+                try:
+                    count = response.readinto(view[: min(len(view), end - position)])
+                except (OSError, http.client.HTTPException) as error:
+                    raise _Retry(
+                        f"a part of {self.entry.path} was cut off ({type(error).__name__})"
+                    ) from None
+                if not count:
+                    raise _Retry(f"a part of {self.entry.path} ended early")
+                os.pwrite(self.fd, view[:count], position)
+                position += count
+                with self.cond:
+                    self.written[index] += count
+                    self.cond.notify_all()
+                self.on_bytes(count)
+        finally:
+            if position < end:
+                connection.close()  # the rest of the body is not wanted: this connection is spent
+
+    def _record_while_running(self) -> None:
+        last: list[int] | None = None
+        with self.cond:
+            while not self.finished:
+                if self.written != last:
+                    last = list(self.written)
+                    with contextlib.suppress(OSError):
+                        self.record.save(self.record_path)
+                self.cond.wait(RECORD_INTERVAL)
+
+    def available(self, position: int) -> int:
+        """How far from ``position`` the content is written without a gap (under ``cond``)."""
+        index = position // self.record.part_bytes
+        start, _ = self.bounds[index]
+        return start + self.written[index]
+
+
+class _InOrderHash(threading.Thread):
+    """Hashes the file from its start as far as it is written without a gap, while the parts
+    arrive (they are taken in order, so the front moves with them)."""
+
+    def __init__(self, transfer: _Transfer) -> None:
+        super().__init__(daemon=True, name="range-hash")
+        self.transfer = transfer
+        self.matched = False
+        self._stopped = False
+
+    def stop(self) -> None:
+        with self.transfer.cond:
+            self._stopped = True
+            self.transfer.cond.notify_all()
+        self.join()
+
+    def run(self) -> None:
+        transfer = self.transfer
+        size = transfer.entry.size
+        digest = new_digest(transfer.entry.etag, size)
+        if digest is None:
+            return
+        position = 0
+        while position < size:
+            with transfer.cond:
+                while not self._stopped and (upto := transfer.available(position)) <= position:
+                    if transfer.finished:
+                        return  # it stopped short: no verdict
+                    transfer.cond.wait()
+                if self._stopped:
+                    return
+            while position < upto:
+                chunk = os.pread(transfer.fd, min(8 * MiB, upto - position), position)
+                if not chunk:
+                    return
+                digest.update(chunk)
+                position += len(chunk)
+        self.matched = digest.hexdigest() == transfer.entry.etag
+
+
+class _Retry(Exception):
+    def __init__(self, message: str, after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.after = after
+
+
+class _Connection:
+    """One kept-alive connection to where the parts are served, and its read buffer."""
+
+    def __init__(self, url: str, limits: Limits) -> None:
+        parts = urlsplit(url)
+        self.limits = limits
+        host, port = parts.hostname or "", parts.port
+        try:
+            if parts.scheme == "https":
+                self.http: http.client.HTTPConnection = http.client.HTTPSConnection(
+                    host, port, timeout=limits.connect_timeout, context=ssl.create_default_context()
+                )
+            else:
+                self.http = http.client.HTTPConnection(host, port, timeout=limits.connect_timeout)
+            self.http.connect()
+            if self.http.sock is not None:
+                self.http.sock.settimeout(limits.read_timeout)
+                self.http.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as error:
+            raise _Retry(f"the connection for a part failed ({type(error).__name__})") from None
+        self.view = memoryview(bytearray(BUFFER))
+
+    def get_range(self, source: _Source, start: int, end: int, size: int) -> Any:
+        """The answer to a ranged GET of ``start..end`` (exclusive), checked to be exactly that."""
+        parts = urlsplit(source.url)
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        headers = {**source.headers, "Range": f"bytes={start}-{end - 1}"}
+        try:
+            self.http.request("GET", target, headers=headers)
+            response = self.http.getresponse()
+        except (OSError, http.client.HTTPException) as error:
+            raise _Retry(f"a part's request failed ({type(error).__name__})") from None
+        status = response.status
+        if status == 206:
+            expected = f"bytes {start}-{end - 1}/{size}"
+            length = response.getheader("Content-Length")
+            if response.getheader("Content-Range") != expected or length != str(end - start):
+                response.close()
+                raise DownloadFailed(
+                    FailureKind.UNTRUSTED,
+                    "the Hub's answer was refused: a part of a file came with another range or"
+                    " length than asked",
+                )
+            return response
+        response.read(64 * 1024)
+        response.close()
+        if status in _RETRY_STATUS:
+            after = response.getheader("Retry-After")
+            seconds = float(after) if after and after.replace(".", "", 1).isdigit() else None
+            raise _Retry(f"the Hub answered HTTP {status} for a part", seconds)
+        if status == 200 or 300 <= status < 400:
+            raise _UseLibrary(f"HTTP {status} to a ranged request")
+        if status in (401, 403):
+            raise DownloadFailed(
+                FailureKind.UNAUTHORIZED, f"the Hub refused access to a part (HTTP {status})"
+            )
+        raise DownloadFailed(FailureKind.UNEXPECTED, f"the Hub answered HTTP {status} for a part")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.http.close()
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
