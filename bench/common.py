@@ -70,7 +70,9 @@ def make_repos() -> Path:
 
 
 @contextlib.contextmanager
-def fake_hub(repos: Path) -> Iterator[str]:
+def fake_hub(repos: Path, rate: int = 0, latency: float = 0.0) -> Iterator[str]:
+    """The fake hub as a process of its own; ``rate``/``latency``: a capped link (each response
+    body of content at most ``rate`` bytes per second, each request ``latency`` seconds late)."""
     port = free_port()
     # The hub stands for a remote server: at the lowest CPU priority, so that on a small machine
     # its work is not charged to the service (every figure and its baseline share it alike).
@@ -89,6 +91,8 @@ def fake_hub(repos: Path) -> Iterator[str]:
             "--port",
             str(port),
             *xet,
+            *(["--rate", str(rate)] if rate else []),
+            *(["--latency", str(latency)] if latency else []),
         ],
         stdout=subprocess.DEVNULL,
     )
@@ -178,3 +182,14 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return f"{os.cpu_count()} cores, {cpu}, Python {sys.version.split()[0]}"
+
+
+def served(hub_url: str) -> int:
+    """Content bytes the fake hub has sent so far (its ``/_fakehub/served``)."""
+    return int(httpx.get(f"{hub_url}/_fakehub/served", timeout=10).json()["bytes"])
+
+
+def settle() -> None:
+    """Write the dirty pages of the runs before out (and wait for it), so that no figure pays for
+    the writeback of another's bytes: every run starts from the same state."""
+    os.sync()

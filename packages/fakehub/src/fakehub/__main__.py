@@ -25,6 +25,16 @@ def main(argv: list[str] | None = None) -> None:
         "--samples", action="store_true", help="create the demo sample repos in --repos first"
     )
     parser.add_argument(
+        "--rate",
+        type=int,
+        default=0,
+        help="send each response body of file content at most this many bytes per second (a"
+        " capped link: every connection is capped, as a CDN does)",
+    )
+    parser.add_argument(
+        "--latency", type=float, default=0.0, help="seconds every request waits first"
+    )
+    parser.add_argument(
         "--move",
         metavar="REPO",
         help="add a commit to REPO's main branch (new weights and config) and exit: a release a"
@@ -42,7 +52,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.samples:
         for repo_id, commit in make_samples(args.repos).items():
             print(f"sample repo {repo_id} at {commit}", flush=True)
-    serve(args.repos, args.host, args.port, set(args.token), set(args.gated_access), args.xet)
+    serve(
+        args.repos,
+        args.host,
+        args.port,
+        set(args.token),
+        set(args.gated_access),
+        args.xet,
+        rate=args.rate,
+        latency=args.latency,
+    )
 
 
 if __name__ == "__main__":

@@ -310,6 +310,9 @@ class _Handler(BaseHTTPRequestHandler):
             query = parse_qs(split.query)
             if getattr(self.server, "is_cdn", False):
                 self._from_cdn(method, segments, faults)
+            elif segments == ["_fakehub", "served"]:
+                # For benchmarks that run the hub as a process: content bytes sent so far.
+                self._send_json(method, {"bytes": hub.served()})
             elif segments[:2] == ["api", "models"] and len(segments) >= 4:
                 self._api(method, segments[2:], query)
             elif segments[0] == "cas":
@@ -757,11 +760,20 @@ def serve(
     tokens: set[str],
     gated_access: set[str],
     xet: bool = False,
+    rate: int = 0,
+    latency: float = 0.0,
 ) -> None:
-    """Serve ``repos_dir`` until interrupted (the standalone mode)."""
+    """Serve ``repos_dir`` until interrupted (the standalone mode). ``rate``: each response body
+    of file content at most that many bytes per second (a link that caps every connection, as a
+    CDN does); ``latency``: every request waits that long first."""
     hub = FakeHub(
         repos_dir, host=host, port=port, tokens=tokens, gated_access=gated_access, xet=xet
     )
+    if rate:
+        for content in ("*/resolve/*", "/cas/xorbs/*", "/cdn/*"):
+            hub.add_fault(Fault(FaultKind.TRICKLE, path=content, rate=rate))
+    if latency:
+        hub.add_fault(Fault(FaultKind.LATENCY, seconds=latency))
     repos = load_repos(repos_dir)
     mode = ", LFS files through Xet," if xet else ""
     print(f"fakehub serving {len(repos)} repos from {repos_dir}{mode} at {hub.url}", flush=True)

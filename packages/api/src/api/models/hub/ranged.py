@@ -62,6 +62,7 @@ PART_ATTEMPTS = 4  # per part, before the attempt fails (the service then retrie
 # ``readinto`` fills the whole buffer before it returns: this is also the grain of the progress, of
 # a kill's loss and of the stall watchdog's view (1 MiB measured no faster on loopback).
 BUFFER = 256 * 1024
+HASH_STEP = 8 * MiB
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
@@ -481,6 +482,10 @@ class _InOrderHash(threading.Thread):
         if digest is None:
             return
         position = 0
+        # Read back from the page cache into one buffer, reused: the resident memory stays that
+        # buffer's (a mapping of the file would count every page of it as this process's).
+        buffer = bytearray(HASH_STEP)
+        view = memoryview(buffer)
         while position < size:
             with transfer.cond:
                 while not self._stopped and (upto := transfer.available(position)) <= position:
@@ -490,11 +495,11 @@ class _InOrderHash(threading.Thread):
                 if self._stopped:
                     return
             while position < upto:
-                chunk = os.pread(transfer.fd, min(8 * MiB, upto - position), position)
-                if not chunk:
+                count = os.preadv(transfer.fd, [view[: min(HASH_STEP, upto - position)]], position)
+                if count <= 0:
                     return
-                digest.update(chunk)
-                position += len(chunk)
+                digest.update(view[:count])
+                position += count
         self.matched = digest.hexdigest() == transfer.entry.etag
 
 

@@ -50,6 +50,9 @@ XET_DEFAULTS = {
     "HF_XET_CLIENT_RETRY_MAX_ATTEMPTS": "3",
     "HF_XET_CLIENT_RETRY_BASE_DELAY": "500ms",
 }
+# hf_xet's download concurrency is left adaptive: bench/xet_tuning.py measured its other settings
+# (planning/ranged-downloads.md), and none is better on every link; HF_XET_* in the service's
+# environment reach the workers.
 
 
 class StreamingHasher(threading.Thread):
