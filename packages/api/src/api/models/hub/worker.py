@@ -345,22 +345,22 @@ def _download_and_verify(cache: ModelCache, job: protocol.Job, reporter: Reporte
         reporter.send(protocol.Progress(present, 0, reporter.carried))
         # Large files over plain HTTP first, as parallel ranges (resumed where an earlier
         # attempt stopped); the library then finds their blobs and only links them.
-        ranged.update(
-            fetch_large_files(
-                repo_id=repo_id,
-                commit=plan.commit,
-                files=list(plan.wanted),
-                folder=cache.folder(repo_id),
-                locks=cache.locks_folder(repo_id),
-                endpoint=job.endpoint,
-                token=token,
-                ranges=job.ranges,
-                limits=job.limits,
-                on_bytes=lambda n: reporter.add(nbytes=n),
-                on_found=reporter.found,
-            )
+        placed = fetch_large_files(
+            repo_id=repo_id,
+            commit=plan.commit,
+            files=list(plan.wanted),
+            folder=cache.folder(repo_id),
+            locks=cache.locks_folder(repo_id),
+            endpoint=job.endpoint,
+            token=token,
+            ranges=job.ranges,
+            limits=job.limits,
+            on_bytes=lambda n: reporter.add(nbytes=n),
+            on_found=reporter.found,
         )
-        reporter.flush()
+        if placed:
+            ranged.update(placed)
+            reporter.flush()  # the last bytes of the parts, before the library's pass
         snapshot_download(
             repo_id,
             revision=plan.commit,
@@ -370,6 +370,7 @@ def _download_and_verify(cache: ModelCache, job: protocol.Job, reporter: Reporte
             allow_patterns=allow,
             tqdm_class=progress_class(reporter),
         )
+        reporter.flush()  # the pass's last bytes: the interval may have held them back
 
     hasher = StreamingHasher(cache.folder(repo_id) / "blobs", plan.wanted)
     watch = _ResumeWatch(hasher.resumed)
@@ -449,6 +450,7 @@ def run(job: protocol.Job, reporter: Reporter) -> int:
     try:
         download_and_verify(job, reporter)
     except ChecksumMismatch as mismatch:
+        reporter.flush()
         reporter.send(
             protocol.Failed(
                 FailureKind.CORRUPT,
@@ -459,6 +461,7 @@ def run(job: protocol.Job, reporter: Reporter) -> int:
         )
         return 1
     except BaseException as error:  # report every failure, then exit non-zero
+        reporter.flush()  # what this attempt fetched counts, however it ended
         failure = failure_of(error, job.repo_id, job.revision)
         reporter.send(
             protocol.Failed(failure.kind, str(failure), failure.retryable, failure.retry_after)
