@@ -280,3 +280,30 @@ def test_the_service_killed_midway_goes_on_from_the_parts_on_disk_after_a_restar
     assert status["status"] == "DOWNLOADED", status
     assert hub.served(content) == SIZE - kept
     assert_the_cache_is_the_librarys(cache_dir, hub)
+
+
+async def test_a_link_planted_in_place_of_the_partial_file_is_never_written_through(
+    settings: Settings, hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path
+) -> None:
+    commit = repos.commit(
+        "org/model", {"config.json": "{}", "model.safetensors": Generated(SIZE, seed=10)}
+    )
+    etag = repos.repo("org/model").commits[commit]["model.safetensors"].sha256
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the cache's")
+    blobs = cache_dir / FOLDER / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / f"{etag}.ranged.incomplete").symlink_to(outside)
+    # With a record that says half of it is there, so that it is kept for a next attempt.
+    locks = cache_dir / ".locks" / FOLDER
+    locks.mkdir(parents=True)
+    half = [PART] * (SIZE // PART // 2) + [0] * (SIZE // PART // 2)
+    record = {"path": "model.safetensors", "etag": etag, "size": SIZE, "part_bytes": PART}
+    (locks / f"{etag}.ranged.json").write_text(json.dumps({**record, "written": half}))
+    async with app_client(ranged(settings)) as client:
+        await client.post("/api/models/download", json=BODY)
+        status = await wait_for_status(client, BODY, FINAL)
+    assert status["status"] == "DOWNLOADED", status
+    assert outside.read_text() == "not the cache's"
+    assert hub.served(hub.content_path("org/model", "model.safetensors")) == SIZE  # all of it
+    assert_the_cache_is_the_librarys(cache_dir, hub)

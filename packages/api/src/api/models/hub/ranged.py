@@ -58,6 +58,8 @@ from api.models.hub.hashing import new_digest
 
 MiB = 1024 * 1024
 RECORD_INTERVAL = 0.25
+MAX_RECORD_BYTES = 1024 * 1024
+MAX_PARTS = 100_000  # 1.5 TiB in 16 MiB parts
 PART_ATTEMPTS = 4  # per part, before the attempt fails (the service then retries the download)
 # ``readinto`` fills the whole buffer before it returns: this is also the grain of the progress, of
 # a kill's loss and of the stall watchdog's view (1 MiB measured no faster on loopback).
@@ -110,15 +112,27 @@ class Record:
 
     def save(self, file: Path) -> None:
         tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.__dict__))
+        data = json.dumps(self.__dict__).encode()
+        # O_NOFOLLOW: a link planted in the cache under this name is not written through.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
         os.replace(tmp, file)
 
     @classmethod
     def load(cls, file: Path) -> Record | None:
         """The record, or None when absent or not one this code wrote (it is only a hint:
-        whatever it says, the content is checked against the ETag before it is used)."""
+        whatever it says, the content is checked against the ETag before it is used). It is
+        read from the cache, which others write: bounded before anything is computed from it."""
         try:
+            if file.is_symlink() or file.stat().st_size > MAX_RECORD_BYTES:
+                return None
             data = json.loads(file.read_text())
+            size, part_bytes = int(data["size"]), int(data["part_bytes"])
+            if size < 0 or part_bytes < MiB or -(-size // part_bytes) > MAX_PARTS:
+                return None
             record = cls(
                 str(data["path"]),
                 str(data["etag"]),
@@ -204,6 +218,8 @@ def _source(url: str, entry: RemoteFile, token: str | bool, limits: Limits) -> _
         and not constants.HF_HUB_DISABLE_XET
     ):
         raise _UseLibrary("served through Xet")
+    if metadata.size is None:
+        raise _UseLibrary("no size announced")
     if metadata.etag != entry.etag or metadata.size != entry.size:
         raise DownloadFailed(
             FailureKind.UNTRUSTED,
@@ -252,7 +268,10 @@ def _fetch(
         _drop_other_versions(entry, blobs, locks)
         partial, record_path = partial_file(blobs, entry.etag), record_file(locks, entry.etag)
         record = Record.load(record_path)
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o644)
+        if partial.is_symlink():
+            partial.unlink()  # planted in its place: removed, never followed
+        # O_NOFOLLOW: a link planted in the cache in its place is never written through.
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             if (
                 record is None

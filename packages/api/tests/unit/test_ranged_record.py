@@ -1,0 +1,73 @@
+"""The resume record of a ranged download is read from the cache, which others write: whatever is
+planted there is taken as no record (the download starts over), never trusted or followed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from api.models.hub.ranged import MiB, Record
+
+GOOD = {
+    "path": "w.bin",
+    "etag": "a" * 64,
+    "size": 3 * MiB,
+    "part_bytes": MiB,
+    "written": [MiB, 5, 0],
+}
+
+
+def write(path: Path, data: object) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_record_this_code_wrote_is_read_back(tmp_path: Path) -> None:
+    record = Record.load(write(tmp_path / "r.json", GOOD))
+    assert record is not None
+    assert record.parts() == [(0, MiB), (MiB, 2 * MiB), (2 * MiB, 3 * MiB)]
+    saved = tmp_path / "saved.json"
+    record.save(saved)
+    assert Record.load(saved) == record
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"written": [MiB, 5]},  # not one count a part
+        {"written": [MiB + 1, 0, 0]},  # more than the part holds
+        {"written": [-1, 0, 0]},
+        {"part_bytes": 0},
+        {"part_bytes": 1, "size": 10**15, "written": []},  # a billion parts: refused unbuilt
+        {"size": -1},
+        {"written": "x"},
+        {"etag": None, "size": "x"},
+    ],
+)
+def test_a_planted_record_counts_as_none(tmp_path: Path, change: dict[str, object]) -> None:
+    assert Record.load(write(tmp_path / "r.json", {**GOOD, **change})) is None
+
+
+def test_a_huge_or_linked_record_is_not_read(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps(GOOD) + " " * (2 * MiB))
+    assert Record.load(huge) is None
+    target = write(tmp_path / "elsewhere.json", GOOD)
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    assert Record.load(link) is None
+
+
+def test_saving_never_writes_through_a_planted_link(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.write_text("keep")
+    record_file = tmp_path / "r.json"
+    (tmp_path / f".r.json.{os.getpid()}.tmp").symlink_to(outside)
+    record = Record.load(write(record_file, GOOD))
+    assert record is not None
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        record.save(record_file)
+    assert outside.read_text() == "keep"
