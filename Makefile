@@ -72,6 +72,9 @@ bench: $(STAMP)
 	cd bench && ../$(VENV)/bin/python cancel.py
 	cd bench && ../$(VENV)/bin/python memory.py
 	cd bench && ../$(VENV)/bin/python selection.py
+	cd bench && ../$(VENV)/bin/python link.py
+	cd bench && ../$(VENV)/bin/python resume.py
+	cd bench && ../$(VENV)/bin/python xet_tuning.py
 
 clean:
 	rm -rf $(BOOT) $(VENV) .demo bench/.data .mypy_cache .ruff_cache .pytest_cache

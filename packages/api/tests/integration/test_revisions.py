@@ -222,6 +222,9 @@ async def test_prune_needs_dry_run_said(client: httpx.AsyncClient) -> None:
     assert answer.json()["detail"][0]["loc"] == ["body", "dry_run"]
     bad = await client.post("/api/models/prune", json={"dry_run": True, "hf_repo": "../x"})
     assert bad.status_code == 422
+    # A number or a string is no answer to "only look?": refused, nothing removed.
+    for loose in ({"dry_run": 0}, {"dry_run": "false"}, {"dry_run": True, "include_partial": 0.0}):
+        assert (await client.post("/api/models/prune", json=loose)).status_code == 422, loose
 
 
 # -- in use by vLLM ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import re
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 from api.models.backend import MAX_PATTERNS, FileSelection, FilesPreset, patterns_problem
 
@@ -481,7 +481,8 @@ class PruneRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"dry_run": True}]})
 
-    dry_run: bool = Field(
+    # Strict: a number or a string is not taken for a yes or a no (1, "false"...): 422.
+    dry_run: StrictBool = Field(
         description="true: only say what would be removed; false: remove it (required, so that"
         " nothing is removed by a body that forgot it)"
     )
@@ -492,7 +493,7 @@ class PruneRequest(BaseModel):
         description="Only this repo ('namespace/name'); all of them when omitted",
         examples=[REPO_EXAMPLE],
     )
-    include_partial: bool = Field(
+    include_partial: StrictBool = Field(
         default=False,
         description="Also remove PARTIAL revisions (failed or cancelled downloads), refs or not",
     )
