@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from types import FrameType
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
+from api.auth import Keys, require_read, warn_if_open
 from api.metrics import RequestTimer, ServiceMetrics
 from api.models.errors import ModelError
 from api.models.events import log_event
@@ -176,6 +177,8 @@ def create_app(
         model_manager.events.add_listener(metrics.on_event)
         app.state.model_manager = model_manager
         app.state.metrics = metrics
+        app.state.keys = Keys.of(model_manager.settings)
+        warn_if_open(model_manager.settings)
         logger.info("model cache at %s", model_manager.backend.cache_path)
         await model_manager.start()
         # The server waits for open responses before it runs the shutdown below, and an event
@@ -228,6 +231,7 @@ def create_app(
     @app.get(
         "/metrics",
         tags=["Health"],
+        dependencies=[Depends(require_read)],
         response_class=Response,
         responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
     )

@@ -52,6 +52,7 @@ class Context:
     url: str
     timeout: float
     as_json: bool = False
+    token: str | None = None
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the API's answer as JSON")]
@@ -92,8 +93,17 @@ def _options(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the API's answer as JSON (any command)")
     ] = False,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MODELCTL_TOKEN",
+            help="The service's API key (MODELS_API_KEY, or MODELS_READ_API_KEY for reads);"
+            " better in MODELCTL_TOKEN than on a command line others can see",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    ctx.obj = Context(url=_base_url(url), timeout=timeout, as_json=as_json)
+    ctx.obj = Context(url=_base_url(url), timeout=timeout, as_json=as_json, token=token or None)
 
 
 def _base_url(url: str) -> str:
@@ -125,7 +135,8 @@ def _json_wanted(ctx: typer.Context, as_json: bool) -> bool:
 def _client(ctx: typer.Context) -> Iterator[httpx.Client]:
     context: Context = ctx.obj
     try:
-        with httpx.Client(base_url=context.url, timeout=context.timeout) as client:
+        headers = {"Authorization": f"Bearer {context.token}"} if context.token else {}
+        with httpx.Client(base_url=context.url, timeout=context.timeout, headers=headers) as client:
             yield client
     except httpx.TransportError as error:
         _fail(f"cannot reach {context.url}: {error}", FAILURE)
@@ -145,6 +156,8 @@ def _call(client: httpx.Client, method: str, path: str, body: Any = None) -> Any
                 f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail
             )
         detail = str(detail).replace("add ?force=true", "run it again with --force")
+        if response.status_code == 401 and "API key" in detail:
+            detail += " (modelctl: --token, or MODELCTL_TOKEN)"
         _fail(detail, _EXIT_BY_STATUS.get(response.status_code, FAILURE))
     return response.json()
 

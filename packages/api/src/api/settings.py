@@ -7,13 +7,19 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.models.backend import FilesPreset
 from api.models.serving import display_url
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+MIN_KEY_LENGTH = 16
+
+
+def _split_keys(value: str) -> list[str]:
+    """Several keys, comma-separated (to rotate one without downtime)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def default_cache_dir() -> Path:
@@ -33,7 +39,10 @@ class Settings(BaseSettings):
     under their usual names; the service's own settings carry the ``MODELS_`` prefix.
     """
 
-    model_config = SettingsConfigDict(env_prefix="MODELS_", extra="ignore", populate_by_name=True)
+    # Errors never echo a value: a key or a token would land in the log of a failed start.
+    model_config = SettingsConfigDict(
+        env_prefix="MODELS_", extra="ignore", populate_by_name=True, hide_input_in_errors=True
+    )
 
     cache_dir: Path = Field(default_factory=default_cache_dir)
     hf_endpoint: str = Field(default=DEFAULT_ENDPOINT, validation_alias="HF_ENDPOINT")
@@ -99,6 +108,16 @@ class Settings(BaseSettings):
     retry_after_seconds: int = Field(
         default=5, ge=1, description="Retry-After sent with a 429 when all download slots are busy"
     )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="bearer key(s), comma-separated, that requests which change something need"
+        " (download, delete, verify, prune); unset: open",
+    )
+    read_api_key: SecretStr | None = Field(
+        default=None,
+        description="bearer key(s), comma-separated, that reads need (a write key also does);"
+        " unset: reads are open",
+    )
     ranged_min_bytes: int = Field(
         default=64 * 1024 * 1024,
         ge=0,
@@ -139,6 +158,24 @@ class Settings(BaseSettings):
         " prune always ask)",
     )
 
+    @field_validator("api_key", "read_api_key")
+    @classmethod
+    def _check_keys(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None:
+            return None
+        name = f"MODELS_{str(info.field_name).upper()}"
+        keys = _split_keys(value.get_secret_value())
+        if not keys:
+            raise ValueError(f"{name} is set but holds no key")
+        for key in keys:
+            if len(key) < MIN_KEY_LENGTH or not key.isprintable() or " " in key:
+                # Never the key itself in the message: it lands in logs.
+                raise ValueError(
+                    f"{name}: each key needs at least {MIN_KEY_LENGTH} printable characters"
+                    " without spaces (e.g. the output of `openssl rand -hex 32`)"
+                )
+        return value
+
     @field_validator("vllm_urls", mode="before")
     @classmethod
     def _split_urls(cls, value: object) -> object:
@@ -171,6 +208,14 @@ class Settings(BaseSettings):
     @property
     def token(self) -> str | None:
         return self.hf_token.get_secret_value() if self.hf_token else None
+
+    @property
+    def write_keys(self) -> list[str]:
+        return _split_keys(self.api_key.get_secret_value()) if self.api_key else []
+
+    @property
+    def read_keys(self) -> list[str]:
+        return _split_keys(self.read_api_key.get_secret_value()) if self.read_api_key else []
 
     @property
     def vllm_key(self) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -302,7 +303,12 @@ async def test_disk_full_mid_download_fails_at_once_and_cleanly(
             await asyncio.sleep(0.05)
         # Another process fills the disk while the download runs.
         free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
-        (small_disk / "filler").write_bytes(b"\0" * max(free - 256 * 1024, 0))
+        # The download writes meanwhile: the disk may be full before the filler is.
+        with (
+            (small_disk / "filler").open("wb", buffering=0) as filler,
+            contextlib.suppress(OSError),
+        ):
+            filler.write(b"\0" * max(free - 256 * 1024, 0))
         answer = await wait_for_status(client, body, FINAL)
         assert answer["status"] in ("NOT_FOUND", "PARTIAL")
         assert answer["error_message"] == "the cache's disk is full (attempt 1, not retried)"

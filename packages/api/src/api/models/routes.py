@@ -9,6 +9,7 @@ from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, 
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
+from api.auth import require_read, require_write
 from api.models.errors import (
     CacheNotWritable,
     DownloadCancelled,
@@ -185,11 +186,26 @@ _UNEXPECTED: dict[int | str, dict[str, Any]] = {
         "internal error; see the service log",
     )
 }
-router = APIRouter(prefix="/models", tags=["Models"], responses=_UNEXPECTED)
+# With an API key set (MODELS_API_KEY, MODELS_READ_API_KEY), every endpoint can answer this one.
+_NO_KEY: dict[int | str, dict[str, Any]] = {
+    401: {
+        **_error(
+            "An API key is set and the request carries none of its keys (Authorization: Bearer"
+            " <key>); nothing was started, written or deleted",
+            "this request needs an API key: send 'Authorization: Bearer <key>' with a key of"
+            " MODELS_API_KEY",
+        ),
+        "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    }
+}
+router = APIRouter(prefix="/models", tags=["Models"], responses={**_UNEXPECTED, **_NO_KEY})
+Reads = [Depends(require_read)]
+Writes = [Depends(require_write)]
 
 
 @router.post(
     "/status",
+    dependencies=Reads,
     response_model=ModelStatusResponse,
     responses=_SELECTION_ERRORS,
 )
@@ -212,6 +228,7 @@ async def model_status(model: RequestBody, manager: ManagerDep) -> ModelStatusRe
 
 @router.post(
     "/download",
+    dependencies=Writes,
     status_code=status.HTTP_202_ACCEPTED,
     response_model=DownloadStartedResponse,
     responses={
@@ -273,10 +290,12 @@ async def download_model(
 
 @router.post(
     "/plan",
+    dependencies=Reads,
     response_model=PlanResponse,
     responses={
         401: _error(
-            "The Hub wants a token for this repo (private, or HF_TOKEN is wrong)",
+            "The Hub wants a token for this repo (private, or HF_TOKEN is wrong); or an API key"
+            " is set and the request carries none of its keys (WWW-Authenticate: Bearer)",
             "org/private-model needs a valid token: set HF_TOKEN (HTTP 401) (attempt 1, not"
             " retried)",
         ),
@@ -322,6 +341,7 @@ async def plan_download(model: RequestBody, manager: ManagerDep) -> PlanResponse
 
 @router.delete(
     "",
+    dependencies=Writes,
     response_model=DeleteResponse,
     responses={
         200: {
@@ -380,6 +400,7 @@ _PRUNE_EXAMPLES: dict[str, Any] = {
 
 @router.post(
     "/prune",
+    dependencies=Writes,
     response_model=PruneResponse,
     responses={
         409: _error(
@@ -413,7 +434,7 @@ async def prune_models(
     return await manager.prune(request, force)
 
 
-@router.get("/updates", response_model=UpdatesResponse)
+@router.get("/updates", dependencies=Reads, response_model=UpdatesResponse)
 async def model_updates(
     manager: ManagerDep,
     refresh: Annotated[
@@ -442,6 +463,7 @@ async def model_updates(
 
 @router.post(
     "/verify",
+    dependencies=Writes,
     response_model=VerifyResponse,
     responses={
         404: _error(
@@ -479,7 +501,7 @@ async def verify_model(model: ModelBody, manager: ManagerDep) -> VerifyResponse:
     return await manager.verify_model(model)
 
 
-@router.get("/list", response_model=ModelListResponse)
+@router.get("/list", dependencies=Reads, response_model=ModelListResponse)
 async def list_models(manager: ManagerDep) -> ModelListResponse:
     """Every model revision in the cache (`DOWNLOADED` or `PARTIAL`) and every running download.
 
@@ -490,7 +512,7 @@ async def list_models(manager: ManagerDep) -> ModelListResponse:
     return ModelListResponse(models=await manager.list_models())
 
 
-@router.get("/space", response_model=DiskSpaceInfo)
+@router.get("/space", dependencies=Reads, response_model=DiskSpaceInfo)
 async def disk_space(manager: ManagerDep) -> DiskSpaceInfo:
     """Bytes used by the cache, bytes free on its filesystem, and the cache's path.
 
@@ -502,6 +524,7 @@ async def disk_space(manager: ManagerDep) -> DiskSpaceInfo:
 
 @router.get(
     "/events",
+    dependencies=Reads,
     response_class=EventSourceResponse,
     responses={
         200: {
@@ -555,7 +578,7 @@ async def download_events(
                 )
 
 
-@router.get("/downloads", response_model=DownloadListResponse)
+@router.get("/downloads", dependencies=Reads, response_model=DownloadListResponse)
 async def active_downloads(manager: ManagerDep) -> DownloadListResponse:
     """Every download running in this service, with its progress.
 

@@ -1,0 +1,139 @@
+"""API keys: who may change things (``MODELS_API_KEY``) and who may look (``MODELS_READ_API_KEY``).
+
+Requests carry ``Authorization: Bearer <key>``. With a write key set, every request that changes
+something or starts work (download, delete, verify, prune) needs one of the write keys; with a read
+key set, reads need a read key or a write key. Neither set: open, as the spec has it (and a warning
+at start-up when the service listens beyond loopback). Several keys may be given, comma-separated,
+so that one can be rotated without downtime. Keys are compared in constant time, each of them every
+time, and never logged or returned: a refusal says which kind of key is wanted, nothing more.
+
+The scheme is declared in the OpenAPI document (``HTTPBearer``), so Swagger UI's Authorize button
+sends the key. Health (``/api/health``) and the documentation stay open.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import HTTPException, Request, Security, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+bearer = HTTPBearer(
+    auto_error=False,
+    description="MODELS_API_KEY for requests that change something (download, delete, verify,"
+    " prune); MODELS_READ_API_KEY, or a write key, for reads when a read key is set",
+)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The configured keys, as bytes (compared with ``hmac.compare_digest``)."""
+
+    write: tuple[bytes, ...] = ()
+    read: tuple[bytes, ...] = ()
+
+    @classmethod
+    def of(cls, settings: Settings) -> Keys:
+        return cls(
+            tuple(k.encode() for k in settings.write_keys),
+            tuple(k.encode() for k in settings.read_keys),
+        )
+
+    def allows(self, token: str | None, write: bool) -> bool:
+        wanted = self.write if write else (self.read + self.write if self.read else ())
+        if not (self.write if write else self.read):
+            return True  # none of this kind set: open
+        if token is None:
+            return False
+        given = token.encode("utf-8", "surrogateescape")
+        matched = False
+        for key in wanted:  # every key, every time: the time says nothing of which matched
+            matched |= hmac.compare_digest(given, key)
+        return matched
+
+
+def _keys(request: Request) -> Keys:
+    keys: Keys = request.app.state.keys
+    return keys
+
+
+def _refuse(write: bool) -> HTTPException:
+    kind = "MODELS_API_KEY" if write else "MODELS_READ_API_KEY (or MODELS_API_KEY)"
+    return HTTPException(
+        status_code=status.HTTP_401_UNAUTHORIZED,
+        detail=f"this request needs an API key: send 'Authorization: Bearer <key>' with a key of"
+        f" {kind}",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+
+
+async def require_write(request: Request, credentials: Credentials) -> None:
+    """A dependency of every route that changes something or starts work."""
+    token = credentials.credentials if credentials is not None else None
+    if not _keys(request).allows(token, write=True):
+        raise _refuse(write=True)
+
+
+async def require_read(request: Request, credentials: Credentials) -> None:
+    """A dependency of every route that reads (status, list, space, plan, updates, downloads,
+    events, metrics)."""
+    token = credentials.credentials if credentials is not None else None
+    if not _keys(request).allows(token, write=False):
+        raise _refuse(write=False)
+
+
+def warn_if_open(
+    settings: Settings, argv: list[str] | None = None, env: Mapping[str, str] | None = None
+) -> bool:
+    """At start-up: no write key while the server listens beyond loopback means anyone who can
+    reach the port can delete every model: say so (and return True). The address is uvicorn's
+    ``--host`` (or ``UVICORN_HOST``); a server started otherwise is not looked at."""
+    if settings.write_keys:
+        return False
+    host = listening_host(sys.argv if argv is None else argv, os.environ if env is None else env)
+    if host is not None and not _loopback(host):
+        logger.warning(
+            "event=open_api host=%s: no MODELS_API_KEY is set and the service listens beyond"
+            " loopback: anyone who can reach it can download and delete models. Set"
+            " MODELS_API_KEY (and MODELS_READ_API_KEY to protect reads too)",
+            host,
+        )
+        return True
+    return False
+
+
+def listening_host(argv: list[str], env: Mapping[str, str]) -> str | None:
+    """The address uvicorn was told to listen on, when it was run from its command line."""
+    for index, arg in enumerate(argv):
+        if arg == "--host" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    if any(os.path.basename(a).startswith("uvicorn") for a in argv[:1]) or "uvicorn" in " ".join(
+        argv[:2]
+    ):
+        return env.get("UVICORN_HOST", "127.0.0.1")
+    return env.get("UVICORN_HOST")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: assume it is reachable
