@@ -87,9 +87,16 @@ def fuzz_operation(
         before = _snapshot(root, cache)
         # Not checked: that every schema-valid body is accepted. The schema's patterns say the
         # shape; the validator adds what a JSON pattern cannot (lengths per part, '.git').
+        # The key, unless the case is about its headers being wrong (a missing Authorization
+        # is then what it sends, and 401 the rejection it expects).
+        components = case.meta.components if case.meta is not None else {}
+        headers_negated = any(
+            str(getattr(location, "value", location)) == "header" and info.mode.is_negative
+            for location, info in components.items()
+        )
         case.call_and_validate(
             base_url=url,
-            headers={"Authorization": f"Bearer {FUZZ_KEY}"},
+            headers={} if headers_negated else {"Authorization": f"Bearer {FUZZ_KEY}"},
             excluded_checks=[positive_data_acceptance],
         )
         sent += 1

@@ -456,17 +456,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers["Content-Length"] = "0"
             self._send_head(302, headers)
             return
-        start, end, status = 0, entry.size, 200
-        if method == "GET" and self.headers.get("Range"):
-            start, end = self._requested_range(entry.size)
-            status = 206
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
-        headers["Content-Length"] = str(end - start)
-        self._send_head(status, headers)
-        if method == "HEAD":
-            return
-        with repo.object_path(entry).open("rb") as source:
-            self._send_range(source, start, end, _body_fault(faults))
+        self._send_object(method, repo, entry, headers, faults)
 
     def _from_cdn(self, method: str, segments: list[str], faults: list[Fault]) -> None:
         """``/cdn/{repo}/{sha256}``: the content of an LFS object, as a CDN serves it (no token
@@ -489,6 +479,17 @@ class _Handler(BaseHTTPRequestHandler):
         if repo is None or entry is None:
             raise HubError(404, None, "NoSuchKey")
         headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        self._send_object(method, repo, entry, headers, faults)
+
+    def _send_object(
+        self,
+        method: str,
+        repo: Repo,
+        entry: RepoFile,
+        headers: dict[str, str],
+        faults: list[Fault],
+    ) -> None:
+        """A file's content (its ``Range`` when asked: 206 with ``Content-Range``)."""
         start, end, status = 0, entry.size, 200
         if method == "GET" and self.headers.get("Range"):
             start, end = self._requested_range(entry.size)
