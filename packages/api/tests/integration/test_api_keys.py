@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -65,7 +66,7 @@ async def call(
     return await client.request(method, path, json=body, headers=headers)
 
 
-def allowed(reads: list[tuple[str, str, object]]) -> list[tuple[str, str, object]]:
+def allowed(reads: Sequence[tuple[str, str, object]]) -> list[tuple[str, str, object]]:
     """The reads that answer and end in-process: an event stream never ends, and the test
     transport waits for the end (its allowed case is modelctl's ``--wait`` below)."""
     return [r for r in reads if not r[1].endswith("/events")]
