@@ -106,9 +106,9 @@ async def test_with_a_read_key_a_stranger_sees_nothing(
     async with app_client(keyed(settings, write=WRITE, read=READ)) as client:
         for method, path, body in READS:
             assert_refused(await call(client, method, path, body), "MODELS_READ_API_KEY")
-        for method, path, body in allowed(READS):
+        for method, path, payload in allowed(READS):
             for key in (READ, WRITE):  # the write key grants reads too
-                response = await call(client, method, path, body, bearer(key))
+                response = await call(client, method, path, payload, bearer(key))
                 assert response.status_code != 401, (path, response.text)
         # The read key changes nothing.
         assert_refused(
