@@ -238,7 +238,9 @@ def _status_line(answer: dict[str, Any]) -> str:
     name = model["hf_repo"] + (f"@{model['hf_commit']}" if model.get("hf_commit") else "")
     line = f"{name}: {answer['status']}"
     progress = answer.get("progress")
-    if progress and progress.get("percent") is not None:
+    if progress and progress.get("phase") == "queued":
+        line += f" (queued, #{progress.get('queue_position')} in line)"
+    elif progress and progress.get("percent") is not None:
         line += f" {progress['percent']:.1f}% ({_size(progress.get('downloaded_bytes'))}"
         line += f" of {_size(progress.get('total_bytes'))}, {progress.get('phase')})"
     if answer.get("selection"):
@@ -419,10 +421,13 @@ def list_models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         size = item.get("size_bytes")
         if item["status"] == "DOWNLOADING" and item.get("progress"):
             size = item["progress"].get("downloaded_bytes")
+        state = item["status"]
+        if (item.get("progress") or {}).get("phase") == "queued":
+            state = f"QUEUED #{item['progress'].get('queue_position')}"
         row: list[Text | str] = [
             Text(item["model"]["hf_repo"]),
             Text(commit[:12]),
-            Text(item["status"]),
+            Text(state),
             _size(size),
             Text(_selection_words(item.get("selection"))),
             Text(",".join(item.get("refs") or []) or "-"),

@@ -26,6 +26,9 @@ class ServiceMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.active = Gauge("models_active_downloads", "Downloads running now", registry=r)
+        self.queued = Gauge(
+            "models_queued_downloads", "Downloads waiting for a slot now", registry=r
+        )
         self.downloads = Counter(
             "models_downloads", "Downloads ended, by result", ["result"], registry=r
         )
@@ -65,7 +68,9 @@ class ServiceMetrics:
 
     async def render(self) -> bytes:
         """The metrics text, with the gauges read now."""
-        self.active.set(len(self.manager.active_downloads()))
+        running, queued = self.manager.counts()
+        self.active.set(running)
+        self.queued.set(queued)
         space = await self.manager.get_disk_space()
         self.cache_size.set(space.cache_size_bytes)
         self.free.set(space.available_bytes)

@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     hf_endpoint: str = Field(default=DEFAULT_ENDPOINT, validation_alias="HF_ENDPOINT")
     hf_token: SecretStr | None = Field(default=None, validation_alias="HF_TOKEN")
     max_concurrent_downloads: int = Field(default=3, ge=1, le=64)
+    max_queued_downloads: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="downloads beyond MODELS_MAX_CONCURRENT_DOWNLOADS wait in a queue of this"
+        " many (first in, first out); 0: refused with 429, as the spec has it",
+    )
     retry_attempts: int = Field(default=5, ge=1, le=50)
     retry_min_backoff_seconds: float = Field(default=1.0, ge=0)
     retry_max_backoff_seconds: float = Field(default=60.0, ge=0)

@@ -25,9 +25,11 @@ class DownloadCancelled(ModelError):
 
 
 class TooManyDownloads(ModelError):
-    def __init__(self, limit: int, retry_after: int) -> None:
+    def __init__(self, limit: int, retry_after: int, queued: int = 0) -> None:
+        queue = f" and the queue of {queued} is full" if queued else ""
         super().__init__(
-            f"all {limit} download slots are busy; retry in {retry_after} s or cancel a download"
+            f"all {limit} download slots are busy{queue}; retry in {retry_after} s or cancel a"
+            " download"
         )
         self.limit = limit
         self.retry_after = retry_after

@@ -38,6 +38,7 @@ class DownloadJob:
     commit: str | None = None
     served_commit: str | None = None  # a branch's update: what its ref names until this is done
     discard: bool = False  # cancelled by its user: what it fetched for a next attempt goes too
+    queue_position: int | None = None  # while queued: 1 for the next to start
     total_bytes: int | None = None
     downloaded_bytes: int | None = None
     files_total: int | None = None
@@ -163,6 +164,7 @@ class DownloadJob:
             files_done=self.files_done,
             files_total=self.files_total,
             verified_bytes=self.verified_bytes,
+            queue_position=self.queue_position if self.phase is DownloadPhase.QUEUED else None,
             transferred_bytes=self.transferred_bytes,
             attempt=self.attempt,
         )

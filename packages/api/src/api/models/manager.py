@@ -9,6 +9,7 @@ through the backend. Progress changes only on the event loop thread; routes read
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -108,6 +109,9 @@ class ModelManager:
         self._jobs: dict[str, DownloadJob] = {}
         self._errors: dict[str, str] = {}  # task id -> why its last download failed
         self._starting: dict[str, _Start] = {}  # between the checks and the task's start
+        # Downloads waiting for a slot (MODELS_MAX_QUEUED_DOWNLOADS), first in, first out; each
+        # is also in _jobs (its status), with no task yet.
+        self._queue: collections.deque[_Queued] = collections.deque()
         self.events = EventBus()  # listeners (logs, metrics) are wired by the app
         # Threads of their own for cache reads (status, list, space, delete) and for hashing
         # (verify): neither waits behind the other, nor behind the Hub calls (the backend's).
@@ -239,9 +243,10 @@ class ModelManager:
         )
         if local.state is CacheState.COMPLETE and not await self._branch_moved(model, local):
             return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADED)
-        # Checked again after the await, then the slot is held while the file list is fetched.
-        self._check_can_start(model)
-        start = _Start(model)
+        # Checked again after the await, then the slot (or a place in the queue) is held while
+        # the file list is fetched.
+        queued = self._check_can_start(model)
+        start = _Start(model, queued=queued)
         self._starting[task_id] = start
         try:
             planned = await self._plan_with_space_check(model, asked)
@@ -276,14 +281,48 @@ class ModelManager:
             # download then fetches the file list itself, with its retries.
             delay = (planned.retry_after or 0.0) if isinstance(planned, DownloadFailed) else 0.0
             self._jobs[task_id] = job
-            job.task = asyncio.create_task(
-                self._run(job, plan, asked, delay), name=f"download {task_id}"
-            )
-            self._download_tasks[task_id] = job.task
+            if queued and not self._slot_free(besides=task_id):
+                job.phase = DownloadPhase.QUEUED
+                self._queue.append(_Queued(job, plan, asked, delay))
+                self._number_queue()
+                job.publish(DownloadEventType.QUEUED)
+                return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADING)
+            self._launch(job, plan, asked, delay)
         finally:
             self._starting.pop(task_id, None)
-        job.publish(DownloadEventType.STARTED)
+            # A start that failed, or that found no file list to fetch, held a slot until now.
+            self._start_queued()
         return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADING)
+
+    def _launch(
+        self, job: DownloadJob, plan: DownloadPlan | None, asked: FileSelection | None, delay: float
+    ) -> None:
+        """Start the download's task (it holds a slot from now on)."""
+        if job.phase is DownloadPhase.QUEUED:
+            job.phase = DownloadPhase.RESOLVING if plan is None else DownloadPhase.DOWNLOADING
+            job.queue_position = None
+        job.task = asyncio.create_task(
+            self._run(job, plan, asked, delay), name=f"download {job.task_id}"
+        )
+        self._download_tasks[job.task_id] = job.task
+        job.publish(DownloadEventType.STARTED)
+
+    def _slot_free(self, besides: str | None = None) -> bool:
+        """Whether a download can start now: the running ones and those between their checks
+        and their start (not those that will queue) leave a slot."""
+        starting = sum(1 for t, s in self._starting.items() if not s.queued and t != besides)
+        return len(self._download_tasks) + starting < self.settings.max_concurrent_downloads
+
+    def _start_queued(self) -> None:
+        """Start the next queued downloads while slots are free (a download ended)."""
+        while self._queue and self._slot_free():
+            waiting = self._queue.popleft()
+            self._launch(waiting.job, waiting.plan, waiting.asked, waiting.delay)
+        self._number_queue()
+
+    def _number_queue(self) -> None:
+        for position, waiting in enumerate(self._queue, start=1):
+            waiting.job.queue_position = position
 
     async def _branch_moved(self, model: Model, local: LocalState) -> bool:
         """Whether the branch (or tag) asked for points on the Hub at another commit than the
@@ -329,16 +368,22 @@ class ModelManager:
                 return task_id
         return None
 
-    def _check_can_start(self, model: Model) -> None:
+    def _check_can_start(self, model: Model) -> bool:
+        """Raise ``DownloadConflict`` when the revision runs or waits already, and
+        ``TooManyDownloads`` when every slot is taken and the queue is full (or there is none);
+        return whether the download will have to wait in the queue."""
         if (running := self._running_as(model)) is not None:
             raise DownloadConflict(running)
-        if (
-            len(self._download_tasks) + len(self._starting)
-            >= self.settings.max_concurrent_downloads
-        ):
-            raise TooManyDownloads(
-                self.settings.max_concurrent_downloads, self.settings.retry_after_seconds
-            )
+        if self._slot_free():
+            return False
+        waiting = len(self._queue) + sum(1 for s in self._starting.values() if s.queued)
+        if waiting < self.settings.max_queued_downloads:
+            return True
+        raise TooManyDownloads(
+            self.settings.max_concurrent_downloads,
+            self.settings.retry_after_seconds,
+            self.settings.max_queued_downloads,
+        )
 
     def _job_for(self, model: Model) -> DownloadJob | None:
         """The running job of this revision, under any of its names."""
@@ -460,6 +505,7 @@ class ModelManager:
                 with contextlib.suppress(OSError):
                     await self._on_cache_pool(self.backend.discard_partial, job.model.hf_repo)
             job.publish(DownloadEventType.CANCELLED)
+            self._start_queued()  # its slot is free (after its last event: in that order)
             raise
         except Exception as error:  # a bug: keep the service up, say so in the status
             logger.exception("download %s crashed", job.task_id)
@@ -480,6 +526,7 @@ class ModelManager:
             if job.commit is not None:
                 self._errors[f"{job.model.hf_repo}:{job.commit}"] = str(failure)
             job.publish(DownloadEventType.FAILED, error_message=str(failure))
+        self._start_queued()  # its slot is free (after its last event: in that order)
 
     def _finish(self, job: DownloadJob) -> None:
         self._jobs.pop(job.task_id, None)
@@ -491,6 +538,13 @@ class ModelManager:
         running = self._running_as(model)
         if running is not None and running in self._starting:
             self._starting[running].cancelled = True  # it will not start
+            return True
+        waiting = next((w for w in self._queue if w.job.task_id == running), None)
+        if waiting is not None:
+            self._queue.remove(waiting)
+            self._jobs.pop(waiting.job.task_id, None)
+            self._number_queue()
+            waiting.job.publish(DownloadEventType.CANCELLED)
             return True
         task = self._download_tasks.get(running) if running is not None else None
         if task is None:
@@ -741,8 +795,12 @@ class ModelManager:
         )
 
     def active_downloads(self) -> list[ModelStatusResponse]:
-        """Every running download with its progress."""
+        """Every running download with its progress, then the queued ones in their order."""
         return [job.status() for job in self._jobs.values()]
+
+    def counts(self) -> tuple[int, int]:
+        """(downloads running, downloads queued)."""
+        return len(self._download_tasks), len(self._queue)
 
     async def start(self) -> None:
         """At start-up: remove what a killed service left (temporary files whose lock is free),
@@ -755,6 +813,7 @@ class ModelManager:
     async def shutdown(self) -> None:
         """Stop every running download and wait for each (no worker outlives the service)."""
         self.events.close()  # event streams end: the server can close their connections
+        self._queue.clear()  # nothing starts any more (queued downloads are not kept yet)
         tasks = list(self._download_tasks.values())
         for task in tasks:
             task.cancel()
@@ -784,6 +843,17 @@ class _Start:
     model: Model
     commit: str | None = None
     cancelled: bool = False
+    queued: bool = False  # it will wait in the queue: it holds no slot
+
+
+@dataclass
+class _Queued:
+    """A download waiting for a slot, with what its task will be started with."""
+
+    job: DownloadJob
+    plan: DownloadPlan | None
+    asked: FileSelection | None
+    delay: float
 
 
 def _lower_thread_priority(nice: int) -> None:

@@ -204,6 +204,7 @@ class ModelStatus(StrEnum):
 
 
 class DownloadPhase(StrEnum):
+    QUEUED = "queued"  # waiting for a slot (MODELS_MAX_QUEUED_DOWNLOADS)
     RESOLVING = "resolving"
     DOWNLOADING = "downloading"
     VERIFYING = "verifying"
@@ -217,7 +218,11 @@ class DownloadProgress(BaseModel):
     start_time: float = Field(description="Unix time the download started")
     elapsed_seconds: float = Field(description="Seconds since it started")
     phase: DownloadPhase | None = Field(
-        default=None, description="resolving, downloading, verifying (completed in that event)"
+        default=None,
+        description="queued, resolving, downloading, verifying (completed in that event)",
+    )
+    queue_position: int | None = Field(
+        default=None, description="While queued: 1 for the next to start (addition)"
     )
     downloaded_bytes: int | None = Field(
         default=None,
@@ -409,6 +414,7 @@ class VerifyResponse(BaseModel):
 
 
 class DownloadEventType(StrEnum):
+    QUEUED = "queued"
     STARTED = "started"
     PROGRESS = "progress"
     RETRYING = "retrying"
