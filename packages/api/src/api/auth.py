@@ -51,14 +51,16 @@ class Keys:
         )
 
     def allows(self, token: str | None, write: bool) -> bool:
-        wanted = self.write if write else (self.read + self.write if self.read else ())
-        if not (self.write if write else self.read):
+        kind = self.write if write else self.read
+        if not kind:
             return True  # none of this kind set: open
         if token is None:
             return False
         given = token.encode("utf-8", "surrogateescape")
         matched = False
-        for key in wanted:  # every key, every time: the time says nothing of which matched
+        # A write key grants reads too. Every key, every time: the time says nothing of which
+        # matched.
+        for key in kind if write else kind + self.write:
             matched |= hmac.compare_digest(given, key)
         return matched
 
@@ -81,19 +83,21 @@ def _refuse(write: bool) -> HTTPException:
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 
 
+def _check(request: Request, credentials: HTTPAuthorizationCredentials | None, write: bool) -> None:
+    token = credentials.credentials if credentials is not None else None
+    if not _keys(request).allows(token, write):
+        raise _refuse(write)
+
+
 async def require_write(request: Request, credentials: Credentials) -> None:
     """A dependency of every route that changes something or starts work."""
-    token = credentials.credentials if credentials is not None else None
-    if not _keys(request).allows(token, write=True):
-        raise _refuse(write=True)
+    _check(request, credentials, write=True)
 
 
 async def require_read(request: Request, credentials: Credentials) -> None:
     """A dependency of every route that reads (status, list, space, plan, updates, downloads,
     events, metrics)."""
-    token = credentials.credentials if credentials is not None else None
-    if not _keys(request).allows(token, write=False):
-        raise _refuse(write=False)
+    _check(request, credentials, write=False)
 
 
 def warn_if_open(
@@ -123,9 +127,7 @@ def listening_host(argv: list[str], env: Mapping[str, str]) -> str | None:
             return argv[index + 1]
         if arg.startswith("--host="):
             return arg.split("=", 1)[1]
-    if any(os.path.basename(a).startswith("uvicorn") for a in argv[:1]) or "uvicorn" in " ".join(
-        argv[:2]
-    ):
+    if argv and "uvicorn" in argv[0]:  # its script, or `python -m uvicorn`'s __main__.py
         return env.get("UVICORN_HOST", "127.0.0.1")
     return env.get("UVICORN_HOST")
 

@@ -162,7 +162,7 @@ class ModelManager:
             )
         served = answer.served_commit or answer.commit
         if self.servers.configured and served is not None:
-            users = await self._users(model.hf_repo, fresh=False)
+            _, users = await self._users(model.hf_repo, fresh=False)
             answer.in_use_by = _in_use_info(users.get((model.hf_repo, served), []))
         return answer
 
@@ -171,7 +171,7 @@ class ModelManager:
         cached = await self._on_cache_pool(self.backend.list_cached)
         users = None
         if self.servers.configured:
-            users = await self._users(None, fresh=False, revisions=cached)
+            _, users = await self._users(None, fresh=False, revisions=cached)
         jobs = list(self._jobs.values())
         items: list[ModelListItem] = []
         covered: set[int] = set()
@@ -600,8 +600,7 @@ class ModelManager:
             targets = [r.commit for r in revisions if r.commit and model.hf_commit in r.refs]
         if not targets:
             return  # nothing of it cached: the delete says so
-        now = await self.servers.now()
-        users = await self._on_cache_pool(in_use_map, now, revisions, self.backend.revision_at)
+        now, users = await self._users(model.hf_repo, fresh=True, revisions=revisions)
         for commit in targets:
             for card in users.get((model.hf_repo, commit), []):
                 raise ModelInUse(f"{model.hf_repo} at {commit}", card.server, card.model_id)
@@ -613,17 +612,19 @@ class ModelManager:
         repo_id: str | None,
         fresh: bool,
         revisions: list[CachedRevision] | None = None,
-    ) -> dict[Revision, list[ServedModel]]:
-        """Which cached revisions (of ``repo_id``, else all) the vLLM servers serve. Not
-        ``fresh``: an answer up to ``MODELS_VLLM_CHECK_TTL_SECONDS`` old, and a status or a list
-        waits at most a quarter of a second for a new one (past it, the last answer is used)."""
+    ) -> tuple[ServedNow, dict[Revision, list[ServedModel]]]:
+        """What the vLLM servers answered, and which cached revisions (of ``repo_id``, else all)
+        they serve. ``fresh``: asked now (a delete, a prune). Else an answer up to
+        ``MODELS_VLLM_CHECK_TTL_SECONDS`` old, and a status or a list waits at most a quarter of a
+        second for a new one (past it, the last answer is used)."""
         if fresh:
             now = await self.servers.now()
         else:
             now = await self.servers.now(self.settings.vllm_check_ttl_seconds, waited=0.25)
         if revisions is None:
             revisions = await self._on_cache_pool(self.backend.list_cached, repo_id)
-        return await self._on_cache_pool(in_use_map, now, revisions, self.backend.revision_at)
+        users = await self._on_cache_pool(in_use_map, now, revisions, self.backend.revision_at)
+        return now, users
 
     # -- revisions: updates and prune ---------------------------------------------------------
 
@@ -674,13 +675,13 @@ class ModelManager:
         Raises ``InUseUnknown`` (not for a dry run, nor with ``force``) when a vLLM server does
         not answer: what it serves cannot be kept then."""
         cached = await self._on_cache_pool(self.backend.list_cached, request.hf_repo)
-        now = ServedNow()
+        now: ServedNow = ServedNow()
+        users: dict[Revision, list[ServedModel]] = {}
         if not force and self.servers.configured:
-            now = await self.servers.now()
+            now, users = await self._users(request.hf_repo, fresh=True, revisions=cached)
             if now.unreachable and not request.dry_run:
                 server, why = now.unreachable[0]
                 raise InUseUnknown("what prune would remove", server, why)
-        users = await self._on_cache_pool(in_use_map, now, cached, self.backend.revision_at)
         running = {(m.hf_repo, c) for _, m, c in self._running()}
         starting = {m.hf_repo for _, m, c in self._running() if c is None}
         kept: list[KeptRevision] = []

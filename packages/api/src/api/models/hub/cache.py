@@ -484,21 +484,17 @@ class ModelCache:
         cancelled by us) and no later download will reuse it.
         """
         removed = 0
-        locks = self.locks_folder(repo_id)
-        for path in _iter_files(self.folder(repo_id) / "blobs"):
+        locks, blobs = self.locks_folder(repo_id), self.folder(repo_id) / "blobs"
+        for path in _iter_files(blobs):
             if not path.name.endswith(INCOMPLETE_SUFFIX):
                 continue
             etag = blob_name(path.name)
+            if path.name.endswith(RANGED_SUFFIX) and (locks / f"{etag}{RECORD_SUFFIX}").exists():
+                continue  # the parts received so far: the next attempt goes on from them
             with lock_if_free(locks / f"{etag}.lock") as free:
-                if (
-                    path.name.endswith(RANGED_SUFFIX)
-                    and (locks / f"{etag}{RECORD_SUFFIX}").exists()
-                ):
-                    continue  # the parts received so far: the next attempt goes on from them
                 if free:
                     path.unlink(missing_ok=True)
                     removed += 1
-        blobs = self.folder(repo_id) / "blobs"
         for record in _iter_files(locks):
             etag = record.name.removesuffix(RECORD_SUFFIX)
             if (
