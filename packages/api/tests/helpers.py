@@ -123,7 +123,12 @@ def running_service(
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """The service as its own process (uvicorn on 127.0.0.1), as an operator runs it; yields its
     URL and process. Stopped with SIGTERM at the end unless the test killed it."""
-    port = free_port()
+    # The test binds the socket and hands it to uvicorn (--fd): no other test's server can take
+    # the port between a check and the bind.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
     full_env = {
         **os.environ,
         "HF_HUB_CACHE": str(cache_dir),
@@ -131,12 +136,13 @@ def running_service(
         "HF_HOME": str(cache_dir.parent / "hf-home"),
         **env,
     }
-    with log.open("wb") as out:
+    with log.open("wb") as out, listener:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.app:app", "--port", str(port)],
+            [sys.executable, "-m", "uvicorn", "api.app:app", "--fd", str(listener.fileno())],
             env=full_env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            pass_fds=(listener.fileno(),),
         )
     url = f"http://127.0.0.1:{port}"
     try:
