@@ -19,7 +19,14 @@ def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     # hf_xet retries a failed range itself, by default after seconds: keep its waits short here.
     monkeypatch.setenv("HF_XET_CLIENT_RETRY_BASE_DELAY", "50ms")
-    for name in ("HF_HUB_CACHE", "HF_ENDPOINT", "HF_TOKEN", "HF_HUB_OFFLINE", "MODELS_CACHE_DIR"):
+    for name in (
+        "HF_HUB_CACHE",
+        "HF_ENDPOINT",
+        "HF_TOKEN",
+        "HF_HUB_OFFLINE",
+        "MODELS_CACHE_DIR",
+        "MODELS_STATE_DIR",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 

@@ -55,6 +55,16 @@ class Settings(BaseSettings):
         description="downloads beyond MODELS_MAX_CONCURRENT_DOWNLOADS wait in a queue of this"
         " many (first in, first out); 0: refused with 429, as the spec has it",
     )
+    state_dir: Path | None = Field(
+        default=None,
+        description="the service's own folder: the downloads to resume after a restart and the"
+        " last errors (SQLite); default: 'model-service' beside the cache folder",
+    )
+    resume_on_start: bool = Field(
+        default=True,
+        description="resume, at start-up, the downloads that were running or queued when the"
+        " service stopped or died; false: they are forgotten (the spec's first version)",
+    )
     retry_attempts: int = Field(default=5, ge=1, le=50)
     retry_min_backoff_seconds: float = Field(default=1.0, ge=0)
     retry_max_backoff_seconds: float = Field(default=60.0, ge=0)
@@ -207,10 +217,21 @@ class Settings(BaseSettings):
     def _absolute_cache_dir(cls, value: Path) -> Path:
         return value.expanduser().absolute()
 
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute_state_dir(cls, value: Path | None) -> Path | None:
+        return value.expanduser().absolute() if value is not None else None
+
     @field_validator("hf_endpoint")
     @classmethod
     def _strip_endpoint(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @property
+    def state_path(self) -> Path:
+        """The state folder: ``MODELS_STATE_DIR``, else beside the cache (never inside the
+        library's folders, which ``hf cache`` tools and the library itself manage)."""
+        return self.state_dir or self.cache_dir.parent / "model-service"
 
     @property
     def token(self) -> str | None:

@@ -56,14 +56,25 @@ def tree_state(root: Path) -> dict[str, tuple[int, str]]:
 
 
 def outside_cache(tmp_path: Path) -> dict[str, tuple[int, str]]:
-    """Files of the test's folder and of the folder beside it, less the cache and the hub's own."""
+    """Files of the test's folder and of the folder beside it, less the cache, the hub's own,
+    and the service's state folder (whose files are only the service's own: checked here)."""
+    own = tmp_path / "model-service"
     state = {
         k: v
         for k, v in tree_state(tmp_path).items()
         if not k.startswith(
-            (str(tmp_path / "cache"), str(tmp_path / "repos"), str(tmp_path / "hf-home"))
+            (str(tmp_path / "cache"), str(tmp_path / "repos"), str(tmp_path / "hf-home"), str(own))
         )
     }
+    for path in own.rglob("*") if own.exists() else ():
+        relative = path.relative_to(own)
+        assert relative.parts[0] in (
+            "claims",
+            "jobs.sqlite3",
+            "jobs.sqlite3-wal",
+            "jobs.sqlite3-shm",
+        )
+        assert path.is_dir() or relative.parts[0] != "claims" or path.suffix == ".lock", path
     state.update(tree_state(tmp_path.parent / "victim"))
     return state
 

@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fakehub import FakeHub, Generated, RepoBuilder, http_error, trickle
-from tests.helpers import FINAL, MB, running_service, wait_for_status
-
-
-async def sse(client: httpx.AsyncClient, url: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """(event, data) pairs of a Server-Sent Events stream."""
-    async with client.stream("GET", url, timeout=httpx.Timeout(30, read=60)) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        event, data = "message", ""
-        async for line in response.aiter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data += line[5:].strip()
-            elif line == "" and data:
-                yield event, json.loads(data)
-                event, data = "message", ""
+from tests.helpers import FINAL, MB, running_service, sse, wait_for_status
 
 
 async def collect(

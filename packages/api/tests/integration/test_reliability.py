@@ -171,7 +171,7 @@ async def test_api_answers_under_load(
 
 
 def test_settings_repr_hides_the_token(tmp_path: Path) -> None:
-    settings = Settings(cache_dir=tmp_path, hf_token=SecretStr(TOKEN))
+    settings = Settings(cache_dir=tmp_path / "cache", hf_token=SecretStr(TOKEN))
     assert TOKEN not in repr(settings)
     assert TOKEN not in str(settings.model_dump())
     assert settings.token == TOKEN

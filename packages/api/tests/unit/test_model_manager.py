@@ -143,7 +143,9 @@ def backend() -> FakeBackend:
 
 @pytest.fixture
 def manager(backend: FakeBackend, tmp_path: Path) -> ModelManager:
-    return ModelManager(Settings(cache_dir=tmp_path, max_concurrent_downloads=2), backend=backend)
+    return ModelManager(
+        Settings(cache_dir=tmp_path / "cache", max_concurrent_downloads=2), backend=backend
+    )
 
 
 async def settle() -> None:
@@ -229,7 +231,7 @@ async def test_delete_whole_model_refused_while_a_revision_downloads(manager: Mo
 
 
 async def test_timeout_fails_the_download(backend: FakeBackend, tmp_path: Path) -> None:
-    settings = Settings(cache_dir=tmp_path, download_timeout_seconds=0.05)
+    settings = Settings(cache_dir=tmp_path / "cache", download_timeout_seconds=0.05)
     manager = ModelManager(settings, backend=backend)
     model = Model(hf_repo="org/slow")
     await manager.add_model(model)

@@ -39,6 +39,7 @@ class DownloadJob:
     served_commit: str | None = None  # a branch's update: what its ref names until this is done
     discard: bool = False  # cancelled by its user: what it fetched for a next attempt goes too
     queue_position: int | None = None  # while queued: 1 for the next to start
+    key: str | None = None  # its row in the job store, while it is kept there
     total_bytes: int | None = None
     downloaded_bytes: int | None = None
     files_total: int | None = None

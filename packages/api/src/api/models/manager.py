@@ -13,7 +13,9 @@ import collections
 import contextlib
 import logging
 import os
+import sqlite3
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ from api.models.events import EventBus
 from api.models.job import DownloadJob
 from api.models.revisions import Revision, UpdateChecker, in_use_map
 from api.models.serving import ServedModel, ServedNow, VllmServers
+from api.models.store import JobStore
 from api.models.types import (
     COMMIT_PATTERN,
     DeleteResponse,
@@ -113,6 +116,12 @@ class ModelManager:
         # is also in _jobs (its status), with no task yet.
         self._queue: collections.deque[_Queued] = collections.deque()
         self.events = EventBus()  # listeners (logs, metrics) are wired by the app
+        # What outlives the service (downloads to resume, last errors), written on a thread of
+        # its own in the order submitted; off when the state folder cannot be used.
+        self.store = JobStore(settings.state_path)
+        self._store_open = False
+        self._state_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
+        self._stopping = False  # shutting down: cancelled downloads stay in the store
         # Threads of their own for cache reads (status, list, space, delete) and for hashing
         # (verify): neither waits behind the other, nor behind the Hub calls (the backend's).
         self._cache_pool = ThreadPoolExecutor(
@@ -128,6 +137,27 @@ class ModelManager:
 
     async def _on_cache_pool(self, function: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._cache_pool, function, *args)
+
+    def _keep(self, function: Callable[..., None], *args: Any) -> asyncio.Future[None]:
+        """Run a write of the job store on its thread, after every write submitted before it; a
+        failure is logged (the download goes on, unkept), never raised."""
+        loop = asyncio.get_running_loop()
+        if not self._store_open:
+            done: asyncio.Future[None] = loop.create_future()
+            done.set_result(None)
+            return done
+        future = loop.run_in_executor(self._state_pool, function, *args)
+        future.add_done_callback(_log_store_failure)
+        return future
+
+    def _set_errors(self, errors: dict[str, str]) -> None:
+        self._errors.update(errors)
+        self._keep(self.store.set_errors, errors)
+
+    def _drop_errors(self, *task_ids: str) -> None:
+        dropped = [t for t in task_ids if self._errors.pop(t, None) is not None]
+        if dropped:
+            self._keep(self.store.drop_errors, dropped)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -269,9 +299,7 @@ class ModelManager:
                     job.served_commit = local.commit
                 job.total_bytes = plan.total_bytes
                 job.files_total = len(plan.wanted)
-            self._errors.pop(task_id, None)
-            if job.commit is not None:
-                self._errors.pop(f"{model.hf_repo}:{job.commit}", None)
+            self._drop_errors(task_id, *([f"{model.hf_repo}:{job.commit}"] if job.commit else []))
             if isinstance(planned, DownloadFailed) and not planned.retryable:
                 # Fail now: no retry can mend it (not found, gated, a refused answer).
                 job.publish(DownloadEventType.STARTED)
@@ -281,17 +309,22 @@ class ModelManager:
             # download then fetches the file list itself, with its retries.
             delay = (planned.retry_after or 0.0) if isinstance(planned, DownloadFailed) else 0.0
             self._jobs[task_id] = job
+            # Kept before it starts (its end, submitted later, is written after it).
+            job.key = uuid.uuid4().hex
+            kept = self._keep(self.store.add, job.key, model, asked)
             if queued and not self._slot_free(besides=task_id):
                 job.phase = DownloadPhase.QUEUED
                 self._queue.append(_Queued(job, plan, asked, delay))
                 self._number_queue()
                 job.publish(DownloadEventType.QUEUED)
-                return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADING)
-            self._launch(job, plan, asked, delay)
+            else:
+                self._launch(job, plan, asked, delay)
         finally:
             self._starting.pop(task_id, None)
             # A start that failed, or that found no file list to fetch, held a slot until now.
             self._start_queued()
+        # Accepted once it is on disk: a crash after the answer still resumes it.
+        await kept
         return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADING)
 
     def _launch(
@@ -498,7 +531,7 @@ class ModelManager:
         except DownloadFailed as error:
             failure = error
         except asyncio.CancelledError:
-            self._finish(job)
+            self._finish(job, kept=self._stopping)  # a shutdown's cancel: resumed at next start
             if job.discard:
                 # A user's cancel takes the parts kept for a next attempt with it; a shutdown
                 # keeps them, so that the download goes on from there after the restart.
@@ -522,15 +555,19 @@ class ModelManager:
             job.phase = DownloadPhase.COMPLETED
             job.publish(DownloadEventType.COMPLETED)
         else:
-            self._errors[job.task_id] = str(failure)
+            errors = {job.task_id: str(failure)}
             if job.commit is not None:
-                self._errors[f"{job.model.hf_repo}:{job.commit}"] = str(failure)
+                errors[f"{job.model.hf_repo}:{job.commit}"] = str(failure)
+            self._set_errors(errors)
             job.publish(DownloadEventType.FAILED, error_message=str(failure))
         self._start_queued()  # its slot is free (after its last event: in that order)
 
-    def _finish(self, job: DownloadJob) -> None:
+    def _finish(self, job: DownloadJob, kept: bool = False) -> None:
+        """The job leaves the tables, and the store unless ``kept`` (to be resumed)."""
         self._jobs.pop(job.task_id, None)
         self._download_tasks.pop(job.task_id, None)
+        if job.key is not None and not kept:
+            self._keep(self.store.remove, job.key)
 
     async def cancel_download(self, model: Model) -> bool:
         """Stop a running download and wait until its worker is gone and its temporary files are
@@ -542,7 +579,7 @@ class ModelManager:
         waiting = next((w for w in self._queue if w.job.task_id == running), None)
         if waiting is not None:
             self._queue.remove(waiting)
-            self._jobs.pop(waiting.job.task_id, None)
+            self._finish(waiting.job)
             self._number_queue()
             waiting.job.publish(DownloadEventType.CANCELLED)
             return True
@@ -577,7 +614,7 @@ class ModelManager:
         freed = await self._on_cache_pool(self.backend.delete, model.hf_repo, model.hf_commit)
         if freed is None:
             raise ModelNotFound(model.task_id)
-        self._errors.pop(model.task_id, None)
+        self._drop_errors(model.task_id)
         logger.info(
             "event=deleted task_id=%s repo=%s revision=%s freed_bytes=%d",
             model.task_id,
@@ -756,10 +793,12 @@ class ModelManager:
         """A removed revision's last error goes with it; a model removed whole takes the errors
         of every name it was asked by (``org/name:latest``...), as a delete does."""
         left = {r.commit for r in cached if r.repo_id == repo_id} - removed
-        for key in list(self._errors):
+        forgotten = []
+        for key in self._errors:
             name, _, revision = key.rpartition(":")
             if name == repo_id and (not left or revision in removed):
-                del self._errors[key]
+                forgotten.append(key)
+        self._drop_errors(*forgotten)
 
     async def verify_model(self, model: Model) -> VerifyResponse:
         """Hash every file of the cached revision against its ETag, off the event loop.
@@ -805,23 +844,65 @@ class ModelManager:
 
     async def start(self) -> None:
         """At start-up: remove what a killed service left (temporary files whose lock is free),
-        so that list and space agree from the first request."""
+        so that list and space agree from the first request; then resume the downloads that were
+        running or queued when the service stopped (``MODELS_RESUME_ON_START``)."""
         removed = await self._on_cache_pool(self.backend.remove_all_orphans)
         if removed:
             logger.info("event=orphans_removed count=%d", removed)
         await self.backend.start()
+        await self._resume()
+
+    async def _resume(self) -> None:
+        """Open the job store, take the last errors back and resume (or, with resuming off,
+        forget) the kept downloads no other live service owns, in the order they were accepted:
+        into the free slots, the rest into the queue (a resumed download is never refused)."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._state_pool, self.store.open)
+            errors = await loop.run_in_executor(self._state_pool, self.store.errors)
+            kept = await loop.run_in_executor(self._state_pool, self.store.claim_unowned)
+        except (OSError, sqlite3.Error) as error:
+            logger.warning(
+                "event=state_unavailable path=%s reason=%s: downloads will not be resumed after"
+                " a restart",
+                self.settings.state_path,
+                error,
+            )
+            return
+        self._store_open = True
+        self._errors.update(errors)
+        for stored in kept:
+            model = stored.model
+            if not self.settings.resume_on_start or self._running_as(model) is not None:
+                self._keep(self.store.remove, stored.key)
+                continue
+            job = DownloadJob(model=model, bus=self.events, phase=DownloadPhase.QUEUED)
+            job.key = stored.key
+            self._jobs[job.task_id] = job
+            self._queue.append(_Queued(job, None, stored.asked, 0.0))
+        self._start_queued()
+        for waiting in self._queue:
+            waiting.job.publish(DownloadEventType.QUEUED)
+        resumed = [job.task_id for job in self._jobs.values()]
+        if resumed:
+            logger.info("event=resumed count=%d task_ids=%s", len(resumed), ",".join(resumed))
+        elif kept and not self.settings.resume_on_start:
+            logger.info("event=not_resumed count=%d (MODELS_RESUME_ON_START=false)", len(kept))
 
     async def shutdown(self) -> None:
         """Stop every running download and wait for each (no worker outlives the service)."""
         self.events.close()  # event streams end: the server can close their connections
-        self._queue.clear()  # nothing starts any more (queued downloads are not kept yet)
+        self._stopping = True  # what is cancelled now stays in the store: resumed at next start
+        self._queue.clear()  # nothing starts any more (queued downloads stay in the store too)
         tasks = list(self._download_tasks.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.backend.aclose()
         await self.servers.aclose()
-        for pool in (self._cache_pool, self._hash_pool):
+        # After every write submitted before it: the claims are released last.
+        await asyncio.get_running_loop().run_in_executor(self._state_pool, self.store.close)
+        for pool in (self._cache_pool, self._hash_pool, self._state_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -855,6 +936,11 @@ class _Queued:
     plan: DownloadPlan | None
     asked: FileSelection | None
     delay: float
+
+
+def _log_store_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        logger.warning("event=state_write_failed reason=%s: a restart may not resume it", error)
 
 
 def _lower_thread_priority(nice: int) -> None:
