@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
@@ -64,6 +64,18 @@ class Settings(BaseSettings):
         default=True,
         description="resume, at start-up, the downloads that were running or queued when the"
         " service stopped or died; false: they are forgotten (the spec's first version)",
+    )
+    max_download_bytes_per_second: int = Field(
+        default=0,
+        ge=0,
+        description="the total rate of all downloads of this service, shared fairly between the"
+        " running ones; 0: no cap (changeable at run time: PUT /api/models/settings/bandwidth)",
+    )
+    xet_when_capped: Literal["http", "xet"] = Field(
+        default="http",
+        description="under a bandwidth cap, files stored in Xet are fetched by the Hub's plain"
+        " HTTP download ('http': capped) or through hf_xet ('xet': faster, but hf_xet cannot be"
+        " capped: those bytes are not)",
     )
     retry_attempts: int = Field(default=5, ge=1, le=50)
     retry_min_backoff_seconds: float = Field(default=1.0, ge=0)

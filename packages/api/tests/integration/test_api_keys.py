@@ -30,6 +30,7 @@ WRITES = [
     ("DELETE", "/api/models", BODY),
     ("POST", "/api/models/verify", BODY),
     ("POST", "/api/models/prune", {"dry_run": False}),
+    ("PUT", "/api/models/settings/bandwidth", {"max_bytes_per_second": 1_000_000}),
 ]
 READS = [
     ("POST", "/api/models/status", BODY),
@@ -38,6 +39,7 @@ READS = [
     ("POST", "/api/models/plan", BODY),
     ("GET", "/api/models/updates", None),
     ("GET", "/api/models/downloads", None),
+    ("GET", "/api/models/settings/bandwidth", None),
     ("GET", "/api/models/events", None),
     ("GET", "/metrics", None),
 ]

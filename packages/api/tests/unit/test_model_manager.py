@@ -19,6 +19,7 @@ from api.models.backend import (
     FileSelection,
     LocalState,
     Pruned,
+    RateShare,
     RemoteFile,
     VerifyReport,
 )
@@ -42,6 +43,7 @@ class FakeBackend:
         self.states: dict[tuple[str, str], CacheState] = {}
         self.gates: dict[str, asyncio.Future[str]] = {}
         self.updates: dict[str, Callable[[DownloadUpdate], None]] = {}
+        self.rates: dict[str, RateShare] = {}
         self.cancelled: list[str] = []
         self.deleted: list[tuple[str, str | None]] = []
         self.cached: list[CachedRevision] = []
@@ -79,9 +81,12 @@ class FakeBackend:
         request: DownloadRequest,
         plan: DownloadPlan | None,
         on_update: Callable[[DownloadUpdate], None],
+        rate: RateShare | None = None,
     ) -> str:
         self.plans_given.append(plan)
         key = f"{request.repo_id}@{request.revision}"
+        if rate is not None:
+            self.rates[key] = rate
         gate = self.gates.setdefault(key, asyncio.get_running_loop().create_future())
         self.updates[key] = on_update
         try:
@@ -317,4 +322,36 @@ async def test_verify(manager: ModelManager, backend: FakeBackend) -> None:
     await manager.add_model(Model(hf_repo="org/b"))
     with pytest.raises(DownloadConflict):
         await manager.verify_model(Model(hf_repo="org/b"))
+    await manager.shutdown()
+
+
+async def test_the_bandwidth_cap_is_shared_between_the_downloads_that_fetch(
+    backend: FakeBackend, tmp_path: Path
+) -> None:
+    settings = Settings(
+        cache_dir=tmp_path / "cache", max_concurrent_downloads=3, max_download_bytes_per_second=9000
+    )
+    manager = ModelManager(settings, backend=backend)
+    for name in ("org/a", "org/b", "org/c"):
+        await manager.add_model(Model(hf_repo=name))
+    await settle()  # the tasks reach the backend
+    rates = backend.rates
+    assert [r.value for r in rates.values()] == [3000, 3000, 3000]
+    # One verifies (it fetches nothing): the two others share the cap.
+    backend.updates["org/c@main"](DownloadUpdate(downloaded_bytes=1, verifying=True))
+    assert [rates[k].value for k in ("org/a@main", "org/b@main")] == [4500, 4500]
+    # One ends: its share goes to the others.
+    backend.gates["org/a@main"].set_result(COMMIT)
+    await asyncio.sleep(0.01)
+    assert rates["org/b@main"].value == 9000
+    # Changed at run time, to each running download at once; then lifted.
+    answer = manager.set_bandwidth(100_000)
+    assert rates["org/b@main"].value == 100_000
+    assert answer.max_bytes_per_second == 100_000
+    assert {d.task_id for d in answer.downloads} == {"org/b:latest", "org/c:latest"}
+    manager.set_bandwidth(None)
+    assert rates["org/b@main"].value is None
+    status = await manager.get_model_status(Model(hf_repo="org/b"))
+    assert status.progress is not None
+    assert status.progress.bandwidth_limit_bytes_per_second is None
     await manager.shutdown()

@@ -143,6 +143,28 @@ class DownloadUpdate:
     retry_reason: str | None = None
     retry_kind: str | None = None  # a FailureKind value, with retry_reason
     verifying: bool = False
+    through_xet: bool | None = None  # bytes came through hf_xet (out of the bandwidth cap's reach)
+
+
+class RateShare:
+    """The bandwidth a running download may use (bytes per second; None: no cap), set by the
+    manager and changed while the download runs; the backend follows each change."""
+
+    def __init__(self, value: float | None = None) -> None:
+        self.value = value
+        self._followers: list[Callable[[float | None], None]] = []
+
+    def set(self, value: float | None) -> None:
+        if value == self.value:
+            return
+        self.value = value
+        for follower in list(self._followers):
+            follower(value)
+
+    def follow(self, follower: Callable[[float | None], None]) -> Callable[[], None]:
+        """Call ``follower`` at each change from now on; returns the function that stops it."""
+        self._followers.append(follower)
+        return lambda: self._followers.remove(follower)
 
 
 @dataclass(frozen=True)
@@ -242,8 +264,10 @@ class HubBackend(Protocol):
         request: DownloadRequest,
         plan: DownloadPlan | None,
         on_update: Callable[[DownloadUpdate], None],
+        rate: RateShare | None = None,
     ) -> str:
-        """Download and verify the revision into the cache; return its commit id.
+        """Download and verify the revision into the cache, within the bandwidth ``rate`` says
+        (following its changes); return its commit id.
 
         Cancelling the awaiting task stops the transfer and removes its temporary files before the
         cancellation propagates. Raises ``DownloadFailed``.

@@ -10,7 +10,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from api.models.backend import DownloadUpdate, FileSelection
+from api.models.backend import DownloadUpdate, FileSelection, RateShare
 from api.models.events import EventBus
 from api.models.types import (
     DownloadEvent,
@@ -25,6 +25,10 @@ from api.models.types import (
 
 _RATE_SMOOTHING = 0.3  # weight of the newest sample in the speed average
 PROGRESS_EVENT_INTERVAL = 0.5  # seconds between two progress events of one download
+XET_UNCAPPED = (
+    "some of its files come through hf_xet, which cannot be capped: the bandwidth cap does not"
+    " hold for them (MODELS_XET_WHEN_CAPPED=xet, or a file already under way when the cap was set)"
+)
 
 
 @dataclass
@@ -40,6 +44,8 @@ class DownloadJob:
     discard: bool = False  # cancelled by its user: what it fetched for a next attempt goes too
     queue_position: int | None = None  # while queued: 1 for the next to start
     key: str | None = None  # its row in the job store, while it is kept there
+    rate: RateShare = field(default_factory=RateShare)  # its bandwidth share (manager's)
+    through_xet: bool = False  # bytes came through hf_xet, which a bandwidth cap cannot reach
     total_bytes: int | None = None
     downloaded_bytes: int | None = None
     files_total: int | None = None
@@ -81,6 +87,8 @@ class DownloadJob:
         phase_before = self.phase
         if update.commit is not None:
             self.commit = update.commit
+        if update.through_xet:
+            self.through_xet = True
         if update.total_bytes is not None:
             self.total_bytes = update.total_bytes
             self.phase = DownloadPhase.DOWNLOADING
@@ -168,4 +176,6 @@ class DownloadJob:
             queue_position=self.queue_position if self.phase is DownloadPhase.QUEUED else None,
             transferred_bytes=self.transferred_bytes,
             attempt=self.attempt,
+            bandwidth_limit_bytes_per_second=self.rate.value,
+            bandwidth_note=XET_UNCAPPED if self.through_xet and self.rate.value else None,
         )

@@ -27,6 +27,7 @@ from api.models.backend import (
     DownloadFailed,
     DownloadPlan,
     DownloadRequest,
+    DownloadUpdate,
     FailureKind,
     FileSelection,
     HubBackend,
@@ -52,11 +53,13 @@ from api.models.serving import ServedModel, ServedNow, VllmServers
 from api.models.store import JobStore
 from api.models.types import (
     COMMIT_PATTERN,
+    BandwidthResponse,
     DeleteResponse,
     DeleteStatus,
     DiskSpaceInfo,
     DownloadEventType,
     DownloadPhase,
+    DownloadShare,
     DownloadStartedResponse,
     InUseInfo,
     KeptRevision,
@@ -122,6 +125,8 @@ class ModelManager:
         self._store_open = False
         self._state_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
         self._stopping = False  # shutting down: cancelled downloads stay in the store
+        # MODELS_MAX_DOWNLOAD_BYTES_PER_SECOND, changeable at run time; None: no cap.
+        self._bandwidth: int | None = settings.max_download_bytes_per_second or None
         # Threads of their own for cache reads (status, list, space, delete) and for hashing
         # (verify): neither waits behind the other, nor behind the Hub calls (the backend's).
         self._cache_pool = ThreadPoolExecutor(
@@ -338,6 +343,7 @@ class ModelManager:
             self._run(job, plan, asked, delay), name=f"download {job.task_id}"
         )
         self._download_tasks[job.task_id] = job.task
+        self._share_bandwidth()
         job.publish(DownloadEventType.STARTED)
 
     def _slot_free(self, besides: str | None = None) -> bool:
@@ -519,10 +525,17 @@ class ModelManager:
     ) -> None:
         request = DownloadRequest(job.model.hf_repo, job.model.revision, asked)
         failure: DownloadFailed | None = None
+
+        def on_update(update: DownloadUpdate) -> None:
+            verifying = job.phase is DownloadPhase.VERIFYING
+            job.apply(update)
+            if verifying != (job.phase is DownloadPhase.VERIFYING):
+                self._share_bandwidth()  # a verification fetches nothing: the others get more
+
         try:
             await asyncio.sleep(min(delay, self.settings.retry_max_backoff_seconds))
             async with asyncio.timeout(self.settings.download_timeout_seconds):
-                job.commit = await self.backend.download(request, plan, job.apply)
+                job.commit = await self.backend.download(request, plan, on_update, job.rate)
         except TimeoutError:
             timeout = self.settings.download_timeout_seconds
             failure = DownloadFailed(
@@ -568,6 +581,44 @@ class ModelManager:
         self._download_tasks.pop(job.task_id, None)
         if job.key is not None and not kept:
             self._keep(self.store.remove, job.key)
+        self._share_bandwidth()
+
+    # -- bandwidth ---------------------------------------------------------------------------
+
+    def _share_bandwidth(self) -> None:
+        """Give each running download its share of the cap: the cap divided between those that
+        fetch now (a verifying one fetches nothing; it gets the same share, used when it fetches
+        again, which shares anew). Each worker follows its share at once."""
+        running = [job for job in self._jobs.values() if job.task is not None]
+        share: float | None = None
+        if self._bandwidth is not None:
+            fetching = sum(1 for job in running if job.phase is not DownloadPhase.VERIFYING)
+            share = self._bandwidth / max(fetching, 1)
+        for job in running:
+            job.rate.set(share)
+
+    def set_bandwidth(self, bytes_per_second: int | None) -> BandwidthResponse:
+        """A new cap for all downloads together (None: none), applied to the running ones now,
+        without restarting them."""
+        self._bandwidth = bytes_per_second
+        logger.info("event=bandwidth_cap bytes_per_second=%s", bytes_per_second or "none")
+        self._share_bandwidth()
+        return self.bandwidth()
+
+    def bandwidth(self) -> BandwidthResponse:
+        return BandwidthResponse(
+            max_bytes_per_second=self._bandwidth,
+            xet_when_capped=self.settings.xet_when_capped,
+            downloads=[
+                DownloadShare(
+                    task_id=job.task_id,
+                    bytes_per_second=job.rate.value,
+                    note=job.progress().bandwidth_note,
+                )
+                for job in self._jobs.values()
+                if job.task is not None
+            ],
+        )
 
     async def cancel_download(self, model: Model) -> bool:
         """Stop a running download and wait until its worker is gone and its temporary files are

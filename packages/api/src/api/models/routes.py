@@ -32,6 +32,8 @@ from api.models.types import (
     COMMIT_EXAMPLE,
     REPO_EXAMPLE,
     REPO_JSON_PATTERN,
+    BandwidthResponse,
+    BandwidthSetting,
     DeleteResponse,
     DiskSpaceInfo,
     DownloadEvent,
@@ -586,3 +588,37 @@ async def active_downloads(manager: ManagerDep) -> DownloadListResponse:
     null}, "status": "DOWNLOADING", "progress": {...}, "error_message": null, "commit": "..."}]}`
     """
     return DownloadListResponse(downloads=manager.active_downloads())
+
+
+@router.get("/settings/bandwidth", dependencies=Reads, response_model=BandwidthResponse)
+async def bandwidth(manager: ManagerDep) -> BandwidthResponse:
+    """The cap on the total download rate, and each running download's share of it.
+
+    Response: `{"max_bytes_per_second": 50000000, "xet_when_capped": "http", "downloads":
+    [{"task_id": "meta-llama/Llama-2-7b-hf:latest", "bytes_per_second": 25000000.0, "note":
+    null}]}`
+    """
+    return manager.bandwidth()
+
+
+@router.put(
+    "/settings/bandwidth",
+    dependencies=Writes,
+    response_model=BandwidthResponse,
+    responses={
+        **_BODY_ERRORS,
+        422: {
+            **_INVALID,
+            "description": "Not a cap: an integer of at least 65536 (64 KiB/s), or null or 0",
+        },
+    },
+)
+async def set_bandwidth(manager: ManagerDep, setting: BandwidthSetting) -> BandwidthResponse:
+    """Cap the total rate of all downloads of the service (`null` or `0`: no cap), shared fairly
+    between the running ones and applied to them at once, without restarting them; it lasts
+    until the service stops (`MODELS_MAX_DOWNLOAD_BYTES_PER_SECOND` sets it at start).
+
+    `curl -X PUT localhost:8000/api/models/settings/bandwidth -H 'Content-Type: application/json'
+    -d '{"max_bytes_per_second": 50000000}'`
+    """
+    return manager.set_bandwidth(setting.max_bytes_per_second)

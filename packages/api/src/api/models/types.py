@@ -6,7 +6,15 @@ import re
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+)
 
 from api.models.backend import MAX_PATTERNS, FileSelection, FilesPreset, patterns_problem
 
@@ -246,6 +254,58 @@ class DownloadProgress(BaseModel):
     attempt: int | None = Field(
         default=None, description="1 for the first attempt, 2 after a retry"
     )
+    bandwidth_limit_bytes_per_second: float | None = Field(
+        default=None,
+        description="This download's share of MODELS_MAX_DOWNLOAD_BYTES_PER_SECOND while a cap is"
+        " set (the cap shared between the downloads fetching now); null: no cap (addition)",
+    )
+    bandwidth_note: str | None = Field(
+        default=None,
+        description="Why the cap does not hold for (part of) this download, when it does not"
+        " (addition)",
+    )
+
+
+MIN_BANDWIDTH = 64 * 1024
+
+
+class BandwidthSetting(BaseModel):
+    """The total download rate of the service (PUT /api/models/settings/bandwidth)."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"max_bytes_per_second": 50_000_000}]}
+    )
+
+    max_bytes_per_second: StrictInt | None = Field(
+        description=f"Bytes per second for all downloads together, at least {MIN_BANDWIDTH}"
+        " (64 KiB/s); null or 0: no cap",
+    )
+
+    @field_validator("max_bytes_per_second")
+    @classmethod
+    def _check_rate(cls, value: int | None) -> int | None:
+        if value is None or value == 0:
+            return None
+        if value < MIN_BANDWIDTH:
+            raise ValueError(
+                f"a cap is at least {MIN_BANDWIDTH} bytes per second (64 KiB/s); null or 0 for none"
+            )
+        return value
+
+
+class DownloadShare(BaseModel):
+    task_id: str
+    bytes_per_second: float | None = Field(description="Its share now; null: no cap")
+    note: str | None = Field(default=None, description="Why the cap does not hold for it")
+
+
+class BandwidthResponse(BaseModel):
+    max_bytes_per_second: int | None = Field(description="The cap; null: none")
+    xet_when_capped: str = Field(
+        description="'http': under a cap, Xet files come by plain HTTP (capped); 'xet': through"
+        " hf_xet, which cannot be capped (MODELS_XET_WHEN_CAPPED)"
+    )
+    downloads: list[DownloadShare] = Field(description="Each running download's share")
 
 
 class InUseInfo(BaseModel):

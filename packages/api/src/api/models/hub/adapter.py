@@ -36,6 +36,7 @@ from api.models.backend import (
     FileSelection,
     LocalState,
     Pruned,
+    RateShare,
     RemoteFile,
     VerifyReport,
 )
@@ -250,6 +251,7 @@ class HubCacheBackend:
         request: DownloadRequest,
         plan: DownloadPlan | None,
         on_update: Callable[[DownloadUpdate], None],
+        rate: RateShare | None = None,
     ) -> str:
         """Attempts with classified retries (tenacity); each attempt is one worker process."""
         s = self.settings
@@ -290,7 +292,9 @@ class HubCacheBackend:
                         if plan.problem is not None:
                             raise DownloadFailed(FailureKind.INVALID, plan.problem)
                     try:
-                        return await self._attempt(request, plan, number, on_update, fetched)
+                        return await self._attempt(
+                            request, plan, number, on_update, fetched, rate or RateShare()
+                        )
                     finally:
                         fetched.attempt_ended()
         except DownloadFailed as failure:
@@ -347,9 +351,11 @@ class HubCacheBackend:
         number: int,
         on_update: Callable[[DownloadUpdate], None],
         fetched: _Fetched,
+        rate: RateShare,
     ) -> str:
         """One attempt in one worker process, watched: no message for ``stall_timeout_seconds``
-        (no byte, no file, no hashing progress) kills it as stalled."""
+        (no byte, no file, no hashing progress) kills it as stalled. Its bandwidth share goes
+        with its job, and each change of it follows on the worker's stdin."""
         await asyncio.to_thread(self.cache.remove_orphans, request.repo_id)
         on_update(
             DownloadUpdate(
@@ -371,6 +377,8 @@ class HubCacheBackend:
                 part_bytes=self.settings.ranged_part_bytes,
                 connections=self.settings.ranged_connections,
             ),
+            bytes_per_second=rate.value,
+            xet_when_capped=self.settings.xet_when_capped,
         )
         process = await self._take_worker()
         assert process.stdin is not None
@@ -380,6 +388,13 @@ class HubCacheBackend:
         # Until the worker has its job (a fresh one imports the library first, slow on a busy
         # machine) only a crash or a long silence ends it; the stall watchdog counts from then.
         timeout = max(stall, self.settings.worker_start_timeout_seconds)
+        stdin = process.stdin
+
+        def send_rate(value: float | None) -> None:
+            with contextlib.suppress(ConnectionError, RuntimeError):  # it is ending
+                stdin.write(protocol.encode_rate(protocol.Rate(value)))
+
+        unfollow = rate.follow(send_rate)
         try:
             try:
                 process.stdin.write(protocol.encode_job(job))
@@ -423,6 +438,7 @@ class HubCacheBackend:
             await asyncio.shield(asyncio.to_thread(self.cache.remove_orphans, request.repo_id))
             raise
         finally:
+            unfollow()
             with contextlib.suppress(Exception):
                 process.stdin.close()
         await asyncio.to_thread(self.cache.remove_orphans, request.repo_id)
@@ -475,4 +491,5 @@ def _update_from(
         transferred_bytes=fetched.before + message.transferred_bytes,
         files_done=message.files_done,
         attempt=attempt,
+        through_xet=message.through_xet or None,
     )

@@ -33,6 +33,7 @@ from typing import Any
 import httpx2
 
 from api.models.backend import DownloadPlan
+from api.models.hub.throttle import ThrottledTransport
 
 COMMIT_ID = re.compile(r"[0-9a-f]{40}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -333,8 +334,9 @@ def install(limits: Limits) -> None:
         def factory() -> httpx2.Client:
             # The library's own default client, plus the guard (huggingface_hub 2.x:
             # utils/_http.py default_client_factory); a test pins that it is in use.
+            # Bodies are read under the worker's bandwidth share (throttle), if it has one.
             return httpx2.Client(
-                transport=GuardedTransport(httpx2.HTTPTransport(), limits),
+                transport=GuardedTransport(ThrottledTransport(httpx2.HTTPTransport()), limits),
                 event_hooks={"request": [hf_request_event_hook]},
                 follow_redirects=True,
                 timeout=None,

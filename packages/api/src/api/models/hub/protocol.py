@@ -31,6 +31,8 @@ class Job:
     plan: DownloadPlan
     limits: Limits
     ranges: Ranges = field(default_factory=Ranges)
+    bytes_per_second: float | None = None  # this download's bandwidth share (None: no cap)
+    xet_when_capped: str = "http"  # under a cap, Xet files go by plain HTTP ("http") or not
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class Progress:
     downloaded_bytes: int  # of the plan's files on disk (those already there included)
     files_done: int  # by this pass
     transferred_bytes: int  # fetched by this attempt so far (network bytes where reported)
+    through_xet: bool = False  # some of it came through hf_xet (out of the bandwidth cap's reach)
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,29 @@ class Failed:
     message: str
     retryable: bool
     retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Rate:
+    """From the service, while the worker runs: its new bandwidth share (None: no cap)."""
+
+    bytes_per_second: float | None
+
+
+def encode_rate(rate: Rate) -> bytes:
+    return json.dumps({"type": "rate", "bytes_per_second": rate.bytes_per_second}).encode() + b"\n"
+
+
+def parse_rate(raw: bytes) -> Rate:
+    data = _object(raw)
+    value = data.get("bytes_per_second")
+    if data.get("type") != "rate" or not (
+        value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    ):
+        raise ProtocolError("malformed rate message")
+    if value is not None and not value > 0:
+        raise ProtocolError("a rate is positive")
+    return Rate(float(value) if value is not None else None)
 
 
 WorkerMessage = Started | Progress | Verifying | Done | Failed
@@ -90,6 +116,8 @@ def parse(raw: bytes) -> WorkerMessage:
     try:
         if cls is Failed:
             data["kind"] = FailureKind(data["kind"])
+        if not isinstance(data.get("through_xet", False), bool):
+            raise ProtocolError("through_xet is not a boolean")
         for name in ("downloaded_bytes", "files_done", "transferred_bytes", "verified_bytes"):
             if name in data and (not isinstance(data[name], int) or isinstance(data[name], bool)):
                 raise ProtocolError(f"{name} is not an integer")
@@ -139,9 +167,19 @@ def parse_job(raw: bytes) -> Job:
             plan=check_plan(plan),
             limits=Limits(**data["limits"]),
             ranges=Ranges(**data["ranges"]),
+            bytes_per_second=_rate_of(data.get("bytes_per_second")),
+            xet_when_capped="xet" if data.get("xet_when_capped") == "xet" else "http",
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ProtocolError("malformed job") from error
+
+
+def _rate_of(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError("a rate is a positive number")
+    return float(value)
 
 
 def _object(raw: bytes) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from api.models.errors import DownloadFailed, FailureKind
 from api.models.hub.cache import RANGED_SUFFIX, RECORD_SUFFIX, lock_if_free
 from api.models.hub.guard import Limits
 from api.models.hub.hashing import new_digest
+from api.models.hub.throttle import LIMITER
 
 MiB = 1024 * 1024
 RECORD_INTERVAL = 0.25
@@ -444,7 +445,8 @@ class _Transfer:
                 if self.failure is not None:
                     return  # another part failed: the attempt ends
                 try:
-                    count = response.readinto(view[: min(len(view), end - position)])
+                    grain = LIMITER.grain(len(view))  # smaller under a low bandwidth cap
+                    count = response.readinto(view[: min(grain, end - position)])
                 except (OSError, http.client.HTTPException) as error:
                     raise _Retry(
                         f"a part of {self.entry.path} was cut off ({type(error).__name__})"
@@ -452,6 +454,7 @@ class _Transfer:
                 if not count:
                     raise _Retry(f"a part of {self.entry.path} ended early")
                 os.pwrite(self.fd, view[:count], position)
+                LIMITER.take(count)  # waits while over this worker's bandwidth share
                 position += count
                 with self.cond:
                     self.written[index] += count

@@ -29,7 +29,7 @@ from huggingface_hub import constants, snapshot_download
 
 from api.models.backend import DownloadPlan, RemoteFile
 from api.models.errors import DownloadFailed, FailureKind
-from api.models.hub import guard, protocol
+from api.models.hub import guard, protocol, throttle
 from api.models.hub.cache import INCOMPLETE_SUFFIX, RANGED_SUFFIX, ModelCache, blob_name
 from api.models.hub.classify import failure_of
 from api.models.hub.hashing import content_matches, new_digest
@@ -158,6 +158,7 @@ class Reporter:
         self.base_bytes = 0
         self.bytes = 0
         self.network = 0  # bytes off the network, when the library reports them (Xet)
+        self.through_xet = False  # some bytes of this attempt came through hf_xet
         self.files = 0
         self.kind = "progress"
         self.carried = 0  # fetched by the passes before this one
@@ -194,6 +195,7 @@ class Reporter:
             self.bytes += nbytes
             self.files += nfiles
             self.network += network
+            self.through_xet = self.through_xet or network > 0
             now = time.monotonic()
             if now - self._last < PROGRESS_INTERVAL and not nfiles:
                 return
@@ -216,6 +218,7 @@ class Reporter:
             downloaded_bytes=self.base_bytes + max(self.bytes, 0),
             files_done=self.files,
             transferred_bytes=self.carried + self._pass_transferred(),
+            through_xet=self.through_xet,
         )
 
 
@@ -286,11 +289,28 @@ def die_with_parent() -> None:
         pass
 
 
-def _exit_on_stdin_eof() -> None:
-    """Die with the service on every platform: its end of our stdin closes when it dies."""
+_XET_DISABLED = constants.HF_HUB_DISABLE_XET  # as the environment set it
+
+
+def apply_rate(rate: float | None, xet_when_capped: str) -> None:
+    """This worker's bandwidth share, for its reads from now on: the limiter, and whether files
+    stored in Xet go through hf_xet (out of the cap's reach) or by plain HTTP (``throttle``). The
+    library asks ``is_xet_available()`` for each file: the next file goes the new way."""
+    throttle.LIMITER.set_rate(rate)
+    constants.HF_HUB_DISABLE_XET = _XET_DISABLED or not throttle.xet_allowed(rate, xet_when_capped)
+
+
+def _follow_stdin(xet_when_capped: str) -> None:
+    """Take the service's new bandwidth shares (``protocol.Rate`` lines) while the job runs, and
+    die with the service on every platform: its end of our stdin closes when it dies."""
 
     def watch() -> None:
-        sys.stdin.buffer.read()
+        for line in sys.stdin.buffer:
+            try:
+                rate = protocol.parse_rate(line)
+            except protocol.ProtocolError:
+                continue  # only the service writes here: a line it did not mean is ignored
+            apply_rate(rate.bytes_per_second, xet_when_capped)
         os._exit(3)
 
     threading.Thread(target=watch, daemon=True, name="stdin-watch").start()
@@ -495,7 +515,8 @@ def main() -> int:
         reporter.send(protocol.Failed(failure.kind, str(failure), failure.retryable))
         return 2
     reporter.send(protocol.Started())
-    _exit_on_stdin_eof()
+    apply_rate(job.bytes_per_second, job.xet_when_capped)
+    _follow_stdin(job.xet_when_capped)
     guard.install(job.limits)
     return run(job, reporter)
 
