@@ -75,6 +75,7 @@ bench: $(STAMP)
 	cd bench && ../$(VENV)/bin/python link.py
 	cd bench && ../$(VENV)/bin/python resume.py
 	cd bench && ../$(VENV)/bin/python xet_tuning.py
+	cd bench && ../$(VENV)/bin/python bandwidth.py
 
 clean:
 	rm -rf $(BOOT) $(VENV) .demo bench/.data .mypy_cache .ruff_cache .pytest_cache

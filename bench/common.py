@@ -70,7 +70,9 @@ def make_repos() -> Path:
 
 
 @contextlib.contextmanager
-def fake_hub(repos: Path, rate: int = 0, latency: float = 0.0) -> Iterator[str]:
+def fake_hub(
+    repos: Path, rate: int = 0, latency: float = 0.0, send_buffer: int | None = None
+) -> Iterator[str]:
     """The fake hub as a process of its own; ``rate``/``latency``: a capped link (each response
     body of content at most ``rate`` bytes per second, each request ``latency`` seconds late)."""
     port = free_port()
@@ -93,6 +95,7 @@ def fake_hub(repos: Path, rate: int = 0, latency: float = 0.0) -> Iterator[str]:
             *xet,
             *(["--rate", str(rate)] if rate else []),
             *(["--latency", str(latency)] if latency else []),
+            *(["--send-buffer", str(send_buffer)] if send_buffer else []),
         ],
         stdout=subprocess.DEVNULL,
     )
@@ -150,6 +153,18 @@ def download_via_service(client: httpx.Client, repo: str, poll: float = 0.05) ->
             return time.perf_counter() - started
         if status["status"] != "DOWNLOADING":
             raise RuntimeError(f"download of {repo} ended {status}")
+        time.sleep(poll)
+
+
+def resumed_via_service(client: httpx.Client, repo: str, poll: float = 0.05) -> float:
+    """Seconds until a download the service resumed by itself at its start is DOWNLOADED."""
+    started = time.perf_counter()
+    while True:
+        status = client.post("/api/models/status", json={"hf_repo": repo}).json()
+        if status["status"] == "DOWNLOADED":
+            return time.perf_counter() - started
+        if status["status"] != "DOWNLOADING":
+            raise RuntimeError(f"the resumed download of {repo} ended {status}")
         time.sleep(poll)
 
 

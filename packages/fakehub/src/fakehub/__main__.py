@@ -35,6 +35,13 @@ def main(argv: list[str] | None = None) -> None:
         "--latency", type=float, default=0.0, help="seconds every request waits first"
     )
     parser.add_argument(
+        "--send-buffer",
+        type=int,
+        default=None,
+        help="each connection's kernel send buffer in bytes (SO_SNDBUF; default: the kernel's,"
+        " up to 4 MiB): small, the bytes counted as served are those the link carried",
+    )
+    parser.add_argument(
         "--move",
         metavar="REPO",
         help="add a commit to REPO's main branch (new weights and config) and exit: a release a"
@@ -61,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         args.xet,
         rate=args.rate,
         latency=args.latency,
+        send_buffer=args.send_buffer,
     )
 
 

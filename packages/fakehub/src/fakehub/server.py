@@ -90,8 +90,13 @@ class FakeHub(LoopbackServer):
         xet: bool = False,
         xet_token_ttl: float = 3600,
         cdn: bool = False,
+        send_buffer: int | None = None,
     ) -> None:
         self.repos_dir = repos_dir
+        # The kernel's send buffer of each connection (SO_SNDBUF); None: the kernel's own, up to
+        # 4 MiB. A byte counted as served is one in that buffer: a real server's buffer is on its
+        # side of the link, so a small one makes the count what the link carried.
+        self.send_buffer = send_buffer
         self.xet = xet
         self.xet_token_ttl = xet_token_ttl
         self.tokens = set(tokens or ())
@@ -281,6 +286,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    def setup(self) -> None:
+        super().setup()
+        if (size := self.server.hub.send_buffer) is not None:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -763,12 +773,19 @@ def serve(
     xet: bool = False,
     rate: int = 0,
     latency: float = 0.0,
+    send_buffer: int | None = None,
 ) -> None:
     """Serve ``repos_dir`` until interrupted (the standalone mode). ``rate``: each response body
     of file content at most that many bytes per second (a link that caps every connection, as a
     CDN does); ``latency``: every request waits that long first."""
     hub = FakeHub(
-        repos_dir, host=host, port=port, tokens=tokens, gated_access=gated_access, xet=xet
+        repos_dir,
+        host=host,
+        port=port,
+        tokens=tokens,
+        gated_access=gated_access,
+        xet=xet,
+        send_buffer=send_buffer,
     )
     if rate:
         for content in ("*/resolve/*", "/cas/xorbs/*", "/cdn/*"):

@@ -365,6 +365,9 @@ class HubCacheBackend:
                 attempt=number,
             )
         )
+        process = await self._take_worker()
+        # The job takes the share as it is now, and follows each change from the moment it is
+        # written (no await between the two: no change can fall between them).
         job = protocol.Job(
             repo_id=request.repo_id,
             revision=request.revision,
@@ -380,7 +383,6 @@ class HubCacheBackend:
             bytes_per_second=rate.value,
             xet_when_capped=self.settings.xet_when_capped,
         )
-        process = await self._take_worker()
         assert process.stdin is not None
         assert process.stdout is not None
         outcome: protocol.Done | protocol.Failed | None = None
@@ -394,10 +396,11 @@ class HubCacheBackend:
             with contextlib.suppress(ConnectionError, RuntimeError):  # it is ending
                 stdin.write(protocol.encode_rate(protocol.Rate(value)))
 
-        unfollow = rate.follow(send_rate)
+        unfollow: Callable[[], None] = _nothing
         try:
             try:
                 process.stdin.write(protocol.encode_job(job))
+                unfollow = rate.follow(send_rate)
                 await process.stdin.drain()
             except ConnectionError:
                 pass  # it died before it read its job: its end, below, says how
@@ -493,3 +496,7 @@ def _update_from(
         attempt=attempt,
         through_xet=message.through_xet or None,
     )
+
+
+def _nothing() -> None:
+    return None

@@ -550,6 +550,10 @@ class _Connection:
             if self.http.sock is not None:
                 self.http.sock.settimeout(limits.read_timeout)
                 self.http.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if (window := LIMITER.receive_window()) is not None:
+                    # Under a cap, the kernel takes in no more ahead of our reads than this: the
+                    # link carries the cap, not bursts that fill every connection's buffer.
+                    self.http.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, window)
         except OSError as error:
             raise _Retry(f"the connection for a part failed ({type(error).__name__})") from None
         self.view = memoryview(bytearray(BUFFER))

@@ -30,6 +30,9 @@ import httpx2
 
 BURST_SECONDS = 0.1
 MIN_GRAIN = 16 * 1024
+WINDOW_SECONDS = 0.02  # of the share: what a connection may hold unread under a cap
+MIN_WINDOW = 64 * 1024
+MAX_WINDOW = 1024 * 1024
 
 
 class RateLimiter:
@@ -60,6 +63,14 @@ class RateLimiter:
         if rate is None:
             return default
         return max(MIN_GRAIN, min(default, int(rate * BURST_SECONDS)))
+
+    def receive_window(self) -> int | None:
+        """The receive buffer a new connection should have under the cap (None: the kernel's
+        own, which grows to megabytes: each connection could take in that much at once)."""
+        rate = self._rate
+        if rate is None:
+            return None
+        return max(MIN_WINDOW, min(MAX_WINDOW, int(rate * WINDOW_SECONDS)))
 
     def take(self, nbytes: int) -> None:
         """Count ``nbytes`` read, and wait until they fit under the cap."""
