@@ -252,6 +252,10 @@ def _status_line(answer: dict[str, Any]) -> str:
     if answer.get("in_use_by"):
         users = ", ".join(f"{u['server']} ({u['model']})" for u in answer["in_use_by"])
         line += f" [in use by {users}]"
+    if progress and progress.get("bandwidth_limit_bytes_per_second"):
+        line += f" [capped at {_size(round(progress['bandwidth_limit_bytes_per_second']))}/s]"
+    if progress and progress.get("bandwidth_note"):
+        line += f" [{progress['bandwidth_note']}]"
     if answer.get("error_message"):
         line += f" - {answer['error_message']}"
     return line
@@ -684,6 +688,62 @@ def space(ctx: typer.Context, as_json: JsonOpt = False) -> None:
             f" {_size(answer['available_bytes'])} free"
         ),
     )
+
+
+_RATE_UNITS = {
+    "": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+}
+
+
+def _rate(text: str) -> int:
+    """``50MB/s``, ``50M``, ``400KiB/s``, ``50000000`` -> bytes per second; ``none``/``off``/``0``
+    -> 0 (no cap)."""
+    words = text.strip().lower().replace(" ", "")
+    if words in ("none", "off", "0"):
+        return 0
+    words = words.removesuffix("/s").removesuffix("b")
+    number = words.rstrip("kmgi")
+    unit = words[len(number) :]
+    try:
+        value = float(number) * _RATE_UNITS[unit]
+    except (KeyError, ValueError):
+        _fail(f"not a rate: {text!r} (e.g. 50MB/s, 400KiB/s, 50000000, or none)", 2)
+    return round(value)
+
+
+@app.command()
+def bandwidth(
+    ctx: typer.Context,
+    rate: Annotated[
+        str | None,
+        typer.Argument(help="the new cap for all downloads together: 50MB/s, 400KiB/s, or none"),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show the bandwidth cap and each download's share, or set it (running downloads follow at
+    once; it lasts until the service stops)."""
+    as_json = _json_wanted(ctx, as_json)
+    if rate is None:
+        answer = _ask(ctx, "GET", "/api/models/settings/bandwidth")
+    else:
+        body = {"max_bytes_per_second": _rate(rate)}
+        answer = _ask(ctx, "PUT", "/api/models/settings/bandwidth", body)
+
+    def human() -> None:
+        cap = answer["max_bytes_per_second"]
+        _say(f"bandwidth cap: {_size(cap) + '/s' if cap else 'none'}")
+        for share in answer["downloads"]:
+            value = share["bytes_per_second"]
+            line = f"  {share['task_id']}: {_size(round(value)) + '/s' if value else 'no cap'}"
+            _say(line + (f" - {share['note']}" if share.get("note") else ""))
+
+    _show(answer, as_json, human)
 
 
 def main() -> None:

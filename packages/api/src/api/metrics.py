@@ -38,6 +38,11 @@ class ServiceMetrics:
         self.retries = Counter(
             "models_download_retries", "Download attempts retried, by cause", ["cause"], registry=r
         )
+        self.bandwidth = Gauge(
+            "models_bandwidth_cap_bytes_per_second",
+            "The cap on all downloads together (0: none)",
+            registry=r,
+        )
         self.cache_size = Gauge("models_cache_size_bytes", "Bytes in the cache", registry=r)
         self.free = Gauge(
             "models_cache_free_bytes", "Free bytes on the cache's filesystem", registry=r
@@ -71,6 +76,7 @@ class ServiceMetrics:
         running, queued = self.manager.counts()
         self.active.set(running)
         self.queued.set(queued)
+        self.bandwidth.set(self.manager.bandwidth().max_bytes_per_second or 0)
         space = await self.manager.get_disk_space()
         self.cache_size.set(space.cache_size_bytes)
         self.free.set(space.available_bytes)

@@ -236,3 +236,24 @@ def test_updates_update_prune_and_a_forced_rm(
         forced = modelctl(url, "rm", "org/model", "--force")
         assert forced.returncode == 0, forced.stderr
         assert "org/model: deleted" in forced.stdout
+
+
+def test_the_bandwidth_cap(service_url: str) -> None:
+    assert modelctl(service_url, "bandwidth").stdout.strip() == "bandwidth cap: none"
+    assert modelctl(service_url, "download", "org/slow").returncode == 0
+    capped = modelctl(service_url, "bandwidth", "40MB/s")
+    assert capped.returncode == 0, capped.stderr
+    assert capped.stdout.splitlines() == [
+        "bandwidth cap: 40.0 MB/s",
+        "  org/slow:latest: 40.0 MB/s",
+    ]
+    status = modelctl(service_url, "status", "org/slow")
+    assert "[capped at 40.0 MB/s]" in status.stdout
+    kibi = modelctl(service_url, "bandwidth", "400KiB/s", "--json")
+    assert json.loads(kibi.stdout)["max_bytes_per_second"] == 409600
+    assert modelctl(service_url, "bandwidth", "fast").returncode == 2
+    too_low = modelctl(service_url, "bandwidth", "1k")
+    assert too_low.returncode == 2, too_low  # the API's 422, in its words
+    assert "65536" in too_low.stderr
+    assert modelctl(service_url, "bandwidth", "none").stdout.startswith("bandwidth cap: none")
+    assert modelctl(service_url, "cancel", "org/slow").returncode == 0

@@ -132,6 +132,7 @@ async def test_metrics(client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuild
     assert metric(text, "models_downloads_total", result="cancelled") == 1
     assert metric(text, "models_download_retries_total", cause="network") == 1
     assert metric(text, "models_active_downloads") == 0
+    assert metric(text, "models_bandwidth_cap_bytes_per_second") == 0
     fetched = metric(text, "models_downloaded_bytes_total")
     assert 3 * MB + 2 <= fetched < 3 * MB + 2 + 8 * MB  # model, plus what slow got before cancel
     assert metric(text, "models_cache_size_bytes") >= 3 * MB
