@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import html
 import logging
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -29,6 +32,7 @@ from api.models.hub.zygote import Zygote
 from api.models.manager import ModelManager
 from api.models.routes import model_error_handler
 from api.models.routes import router as models_router
+from api.models.types import REPO_JSON_PATTERN, REVISION_JSON_PATTERN
 from api.settings import Settings
 
 API_PREFIX = "/api"
@@ -155,6 +159,28 @@ def configure_logging(level: str) -> None:
     log.setLevel(level.upper())
 
 
+WEB = Path(__file__).parent / "web"
+# The page loads only its own files and talks only to this service; no other site may frame it
+# (its buttons delete models).
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self';"
+    " img-src 'self' data:; connect-src 'self'; form-action 'none'; base-uri 'none';"
+    " frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+@functools.cache
+def _operator_page() -> str:
+    """The page, with the API's rules for a repo id and a revision put in its form (so that bad
+    input is caught before it is sent, by the same patterns the API's schema publishes)."""
+    page = (WEB / "index.html").read_text(encoding="utf-8")
+    return page.replace("{{REPO_PATTERN}}", html.escape(REPO_JSON_PATTERN)).replace(
+        "{{REVISION_PATTERN}}", html.escape(REVISION_JSON_PATTERN)
+    )
+
+
 def create_app(
     settings: Settings | None = None,
     manager: ModelManager | None = None,
@@ -202,6 +228,12 @@ def create_app(
         redoc_url=None,
     )
     app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+    # The operator's page (`/`): its assets are in the package, never from a CDN.
+    app.mount("/ui", StaticFiles(directory=WEB), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    async def operator_page() -> HTMLResponse:
+        return HTMLResponse(_operator_page(), headers=PAGE_HEADERS)
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:

@@ -1,0 +1,560 @@
+// The operator's page: the API's own endpoints, live from its event stream (no polling: the
+// lists are read again when an event says a download started or ended, and after a reconnect).
+// Every text from the API or the Hub goes into the page as text (textContent), never as HTML.
+"use strict";
+
+const KEY = "models-api-key";
+const $ = (id) => document.getElementById(id);
+const state = {
+  models: [],               // GET /list: cached revisions
+  downloads: new Map(),     // task id -> status (from /downloads, kept live by events)
+  updates: new Map(),       // "repo@ref" -> UpdateInfo
+  problems: [],             // [{time, text}]
+  lastEventId: null,
+};
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+// -- the API -------------------------------------------------------------------------------
+
+function words(detail) {
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) {
+    return detail
+      .map((d) => {
+        const where = (d.loc || []).filter((p) => p !== "body").join(".");
+        return where ? `${where}: ${d.msg}` : d.msg;
+      })
+      .join("\n");
+  }
+  return JSON.stringify(detail);
+}
+
+function headers(extra) {
+  const all = { ...extra };
+  const key = sessionStorage.getItem(KEY);
+  if (key) all.Authorization = `Bearer ${key}`;
+  return all;
+}
+
+async function api(method, path, body, retried = false) {
+  const init = { method, headers: headers(body === undefined ? {} : { "Content-Type": "application/json" }) };
+  if (body !== undefined) init.body = JSON.stringify(body);
+  const response = await fetch(path, init);
+  if (response.status === 401 && !retried && (await askKey())) return api(method, path, body, true);
+  let data = null;
+  try {
+    data = await response.json();
+  } catch (_) {
+    data = null;
+  }
+  if (!response.ok) {
+    const text = data && data.detail !== undefined ? words(data.detail) : `HTTP ${response.status}`;
+    throw new ApiError(response.status, text);
+  }
+  return data;
+}
+
+let keyAsked = null;
+function askKey() {
+  // One dialog for every request that needs the key at once.
+  if (keyAsked) return keyAsked;
+  keyAsked = new Promise((resolve) => {
+    const dialog = $("key-dialog");
+    $("key").value = "";
+    dialog.addEventListener(
+      "close",
+      () => {
+        const key = $("key").value.trim();
+        keyAsked = null;
+        if (dialog.returnValue === "ok" && key) {
+          sessionStorage.setItem(KEY, key);
+          resolve(true);
+        } else {
+          resolve(false);
+        }
+      },
+      { once: true },
+    );
+    dialog.showModal();
+  });
+  return keyAsked;
+}
+
+// -- words and numbers ---------------------------------------------------------------------
+
+function size(n) {
+  if (n === null || n === undefined) return "-";
+  let value = n;
+  for (const unit of ["B", "KB", "MB", "GB", "TB"]) {
+    if (value < 1000 || unit === "TB") return unit === "B" ? `${value} B` : `${value.toFixed(1)} ${unit}`;
+    value /= 1000;
+  }
+  return `${n} B`;
+}
+
+function duration(seconds) {
+  if (seconds === null || seconds === undefined) return "-";
+  const s = Math.round(seconds);
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+function selectionWords(selection) {
+  if (!selection || !selection.length) return "";
+  return selection
+    .map((s) => {
+      const parts = [];
+      if (s.files) parts.push(s.files);
+      if (s.allow_patterns && s.allow_patterns.length) parts.push(`+ ${s.allow_patterns.join(", ")}`);
+      if (s.ignore_patterns && s.ignore_patterns.length) parts.push(`- ${s.ignore_patterns.join(", ")}`);
+      return parts.join(" ");
+    })
+    .join("; ");
+}
+
+function modelName(model) {
+  return model.hf_commit ? `${model.hf_repo} @ ${model.hf_commit}` : model.hf_repo;
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === null || value === undefined || value === false) continue;
+    if (name === "class") node.className = value;
+    else if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else node.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function alertUser(text, kind = "bad") {
+  const close = el("button", { type: "button", "aria-label": "dismiss" }, "x");
+  const box = el("div", { class: kind === "bad" ? "alert" : "alert info" }, el("span", {}, text), close);
+  close.addEventListener("click", () => box.remove());
+  $("alerts").append(box);
+}
+
+function problem(text) {
+  state.problems.unshift({ time: new Date(), text });
+  state.problems.length = Math.min(state.problems.length, 50);
+  renderProblems();
+}
+
+// -- reading the state ---------------------------------------------------------------------
+
+async function refresh() {
+  try {
+    const [listed, space, downloads] = await Promise.all([
+      api("GET", "/api/models/list"),
+      api("GET", "/api/models/space"),
+      api("GET", "/api/models/downloads"),
+    ]);
+    state.models = listed.models.filter((m) => m.status !== "DOWNLOADING");
+    state.downloads = new Map(downloads.downloads.map((d) => [taskId(d.model), d]));
+    renderDisk(space);
+    renderModels();
+    renderDownloads();
+  } catch (error) {
+    alertUser(`Could not read the service: ${error.message}`);
+  }
+}
+
+let refreshTimer = null;
+function refreshSoon() {
+  if (refreshTimer) return;
+  refreshTimer = setTimeout(() => {
+    refreshTimer = null;
+    refresh();
+  }, 150);
+}
+
+function taskId(model) {
+  return `${model.hf_repo}:${model.hf_commit || "latest"}`;
+}
+
+// The event stream, read with fetch (EventSource cannot send the API key); reconnects after a
+// pause, asking for the events it missed (Last-Event-ID).
+async function stream() {
+  for (;;) {
+    try {
+      const extra = { Accept: "text/event-stream" };
+      if (state.lastEventId) extra["Last-Event-ID"] = state.lastEventId;
+      const response = await fetch("/api/models/events", { headers: headers(extra) });
+      if (response.status === 401) {
+        connection(false, "the event stream needs an API key");
+        if (!(await askKey())) await sleep(5000);
+        continue;
+      }
+      if (!response.ok || !response.body) throw new Error(`HTTP ${response.status}`);
+      connection(true);
+      refresh(); // what changed while the stream was down
+      await readEvents(response.body);
+    } catch (_) {
+      // the service went away, or the network: try again
+    }
+    connection(false, "reconnecting...");
+    await sleep(2000);
+  }
+}
+
+async function readEvents(body) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let event = {};
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n")) >= 0) {
+      const line = buffer.slice(0, end).replace(/\r$/, "");
+      buffer = buffer.slice(end + 1);
+      if (line === "") {
+        if (event.data !== undefined) onEvent(event);
+        event = {};
+      } else if (!line.startsWith(":")) {
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        let text = colon < 0 ? "" : line.slice(colon + 1);
+        if (text.startsWith(" ")) text = text.slice(1);
+        event[field] = field === "data" && event.data !== undefined ? `${event.data}\n${text}` : text;
+      }
+    }
+  }
+}
+
+function onEvent(raw) {
+  if (raw.id) state.lastEventId = raw.id;
+  let event;
+  try {
+    event = JSON.parse(raw.data);
+  } catch (_) {
+    return;
+  }
+  const id = event.task_id;
+  const ended = ["completed", "failed", "cancelled"].includes(event.type);
+  if (ended) {
+    state.downloads.delete(id);
+    if (event.type === "failed") problem(`${modelName(event.model)}: ${event.error_message}`);
+    refreshSoon();
+  } else {
+    const known = state.downloads.get(id) || { model: event.model, status: "DOWNLOADING" };
+    known.progress = event.progress;
+    if (event.commit) known.commit = event.commit;
+    state.downloads.set(id, known);
+    if (event.type === "started" || event.type === "queued") refreshSoon();
+  }
+  renderDownloads();
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function connection(up, text) {
+  const node = $("connection");
+  node.textContent = up ? "Live" : `Not connected: ${text}`;
+  node.classList.toggle("down", !up);
+}
+
+// -- rendering -----------------------------------------------------------------------------
+
+function renderDisk(space) {
+  const used = space.cache_size_bytes;
+  const total = used + space.available_bytes;
+  const share = total > 0 ? (100 * used) / total : 0;
+  $("disk-used").style.width = `${share.toFixed(1)}%`;
+  $("disk-bar").setAttribute("aria-label", `cache ${share.toFixed(0)}% of the space it can use`);
+  $("disk-text").textContent = `Cache ${size(used)}, ${size(space.available_bytes)} free (${space.cache_path})`;
+}
+
+function renderDownloads() {
+  const list = $("downloads");
+  const items = [...state.downloads.values()];
+  $("no-downloads").hidden = items.length > 0;
+  list.replaceChildren(...items.map(downloadCard));
+  document.title = items.length ? `(${items.length}) Models - vLLM API server` : "Models - vLLM API server";
+}
+
+function downloadCard(d) {
+  const p = d.progress || {};
+  const queued = p.phase === "queued";
+  let figures;
+  if (queued) figures = `queued: #${p.queue_position} in line`;
+  else if (p.total_bytes !== null && p.total_bytes !== undefined) {
+    figures = `${p.phase}: ${size(p.downloaded_bytes || 0)} of ${size(p.total_bytes)}`;
+    if (p.percent !== null && p.percent !== undefined) figures += ` (${p.percent.toFixed(1)}%)`;
+    // A speed from the first few bytes (a small file before the large ones) says nothing yet.
+    if (p.bytes_per_second >= 1000) figures += `, ${size(p.bytes_per_second)}/s, ${duration(p.eta_seconds)} left`;
+  } else figures = `${p.phase || "starting"}...`;
+  if (p.attempt > 1) figures += `, attempt ${p.attempt}`;
+  const bar = queued
+    ? null
+    : el("progress", {
+        max: p.total_bytes || 1,
+        value: p.total_bytes ? (p.phase === "verifying" ? p.verified_bytes || 0 : p.downloaded_bytes || 0) : null,
+        "aria-label": `progress of ${d.model.hf_repo}`,
+      });
+  const cancel = el("button", { type: "button", onclick: () => cancelDownload(d.model) }, "Cancel");
+  return el(
+    "li",
+    { class: "card", "data-task": taskId(d.model) },
+    el("div", { class: "name" }, modelName(d.model), el("span", { class: `status ${queued ? "queued" : "DOWNLOADING"}` }, queued ? "QUEUED" : "DOWNLOADING")),
+    el("div", { class: "meta figures" }, figures),
+    bar,
+    p.bandwidth_note ? el("div", { class: "note bad" }, p.bandwidth_note) : null,
+    el("div", { class: "buttons" }, cancel),
+  );
+}
+
+function renderModels() {
+  const list = $("models");
+  $("no-models").hidden = state.models.length > 0;
+  list.replaceChildren(...state.models.map(modelCard));
+}
+
+function modelCard(m) {
+  const commit = m.model.hf_commit;
+  const meta = [
+    commit ? `commit ${commit.slice(0, 12)}` : "no revision yet",
+    m.refs && m.refs.length ? `refs ${m.refs.join(", ")}` : null,
+    size(m.size_bytes),
+    m.selection ? `files: ${selectionWords(m.selection)}` : null,
+  ].filter(Boolean);
+  const inUse = (m.in_use_by || []).map((u) => `${u.server} (${u.model})`).join(", ");
+  const update = (m.refs || []).map((r) => state.updates.get(`${m.model.hf_repo}@${r}`)).find((u) => u && u.update_available);
+  const buttons = [
+    el("button", { type: "button", onclick: () => verify(m) , disabled: !commit }, "Verify"),
+    el("button", { type: "button", onclick: () => remove(m) }, "Delete"),
+  ];
+  if (update) buttons.unshift(el("button", { type: "button", class: "primary", onclick: () => startUpdate(update) }, `Update (${size(update.bytes_to_download)})`));
+  return el(
+    "li",
+    { class: "card", "data-repo": m.model.hf_repo, "data-commit": commit || "" },
+    el("div", { class: "name" }, m.model.hf_repo, el("span", { class: `status ${m.status}` }, m.status)),
+    el("div", { class: "meta" }, meta.join(" | ")),
+    inUse ? el("div", { class: "note" }, `in use by ${inUse}`) : null,
+    update ? el("div", { class: "note" }, `${update.ref} moved to ${update.hub_commit.slice(0, 12)} on the Hub`) : null,
+    m.error_message ? el("div", { class: "note bad" }, m.error_message) : null,
+    el("div", { class: "buttons" }, ...buttons),
+  );
+}
+
+function renderProblems() {
+  $("problems-section").hidden = state.problems.length === 0;
+  $("problems").replaceChildren(
+    ...state.problems.map((p) => el("li", {}, el("time", { datetime: p.time.toISOString() }, p.time.toLocaleTimeString()), " ", p.text)),
+  );
+}
+
+// -- actions -------------------------------------------------------------------------------
+
+function confirmDialog(text, items, action) {
+  const dialog = $("confirm");
+  $("confirm-text").textContent = text;
+  $("confirm-list").replaceChildren(...items.map((i) => el("li", {}, i)));
+  $("confirm-ok").textContent = action;
+  return new Promise((resolve) => {
+    dialog.addEventListener("close", () => resolve(dialog.returnValue === "ok"), { once: true });
+    dialog.returnValue = "cancel";
+    dialog.showModal();
+    $("confirm-cancel").focus();
+  });
+}
+
+async function cancelDownload(model) {
+  try {
+    await api("DELETE", "/api/models", model);
+  } catch (error) {
+    alertUser(`Cancel ${modelName(model)}: ${error.message}`);
+  }
+}
+
+async function remove(m) {
+  const commit = m.model.hf_commit;
+  const what = commit ? `${m.model.hf_repo} at ${commit.slice(0, 12)}` : m.model.hf_repo;
+  const refs = m.refs && m.refs.length ? ` (${m.refs.join(", ")})` : "";
+  const sure = await confirmDialog(`Delete ${what}${refs}? This frees up to ${size(m.size_bytes)} (files another revision shares stay).`, [], "Delete");
+  if (!sure) return;
+  try {
+    const answer = await api("DELETE", "/api/models", m.model);
+    alertUser(`${what}: ${answer.status}, ${size(answer.freed_bytes)} freed`, "info");
+  } catch (error) {
+    alertUser(`Delete ${what}: ${error.message}`);
+  }
+  refresh();
+}
+
+async function verify(m) {
+  const what = `${m.model.hf_repo} at ${(m.model.hf_commit || "").slice(0, 12)}`;
+  try {
+    const report = await api("POST", "/api/models/verify", m.model);
+    if (report.verified) alertUser(`${what}: verified, ${report.files_checked} files match their checksums`, "info");
+    else {
+      const bad = [...report.mismatched.map((f) => `${f} does not match`), ...report.missing.map((f) => `${f} is missing`)];
+      const text = `${what}: verification failed: ${bad.join(", ")}`;
+      alertUser(text);
+      problem(text);
+    }
+  } catch (error) {
+    alertUser(`Verify ${what}: ${error.message}`);
+  }
+  refresh();
+}
+
+async function startUpdate(update) {
+  try {
+    await api("POST", "/api/models/download", update.model);
+  } catch (error) {
+    alertUser(`Update ${update.model.hf_repo}: ${error.message}`);
+  }
+}
+
+async function checkUpdates() {
+  const button = $("check-updates");
+  button.disabled = true;
+  try {
+    const answer = await api("GET", "/api/models/updates?refresh=true");
+    state.updates = new Map(answer.models.map((u) => [`${u.model.hf_repo}@${u.ref}`, u]));
+    const moved = answer.models.filter((u) => u.update_available).length;
+    const failed = answer.models.filter((u) => u.error);
+    for (const u of failed) problem(`${u.model.hf_repo} (${u.ref}): the update check failed: ${u.error}`);
+    alertUser(moved ? `${moved} update(s) available` : "Every branch is up to date", "info");
+    renderModels();
+  } catch (error) {
+    alertUser(`Check for updates: ${error.message}`);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function prune() {
+  try {
+    const plan = await api("POST", "/api/models/prune", { dry_run: true });
+    const items = plan.revisions.map((r) => `${r.model.hf_repo} at ${(r.model.hf_commit || "(no revision)").slice(0, 12)}: ${size(r.size_bytes)}`);
+    for (const k of plan.kept) items.push(`kept: ${k.model.hf_repo} at ${(k.model.hf_commit || "").slice(0, 12)}: ${k.reason}`);
+    if (!plan.revisions.length) {
+      alertUser(`Nothing to prune${plan.note ? `: ${plan.note}` : ""}`, "info");
+      return;
+    }
+    const sure = await confirmDialog(`Remove ${plan.revisions.length} revision(s) no branch or tag names, freeing ${size(plan.freed_bytes)}?`, items, "Prune");
+    if (!sure) return;
+    const done = await api("POST", "/api/models/prune", { dry_run: false });
+    alertUser(`Pruned ${done.revisions.length} revision(s), ${size(done.freed_bytes)} freed`, "info");
+  } catch (error) {
+    alertUser(`Prune: ${error.message}`);
+  }
+  refresh();
+}
+
+// -- the form ------------------------------------------------------------------------------
+
+function globs(text) {
+  return text.split(",").map((g) => g.trim()).filter(Boolean);
+}
+
+function valid(input) {
+  // The API's own rule (its JSON pattern, put in the page by the service): checked here with the
+  // pattern as the API writes it (an HTML pattern attribute would read it with the 'v' flag).
+  const pattern = input.dataset.pattern;
+  return input.checkValidity() && (!input.value || !pattern || new RegExp(pattern).test(input.value));
+}
+
+function formBody() {
+  const repo = $("repo");
+  const revision = $("revision");
+  for (const input of [repo, revision]) input.setAttribute("aria-invalid", "false");
+  repo.value = repo.value.trim();
+  revision.value = revision.value.trim();
+  if (!repo.value || !valid(repo)) {
+    repo.setAttribute("aria-invalid", "true");
+    repo.focus();
+    throw new Error("The repository is 'namespace/name': letters, digits, '_', '.' and '-', one '/' (e.g. meta-llama/Llama-3.1-8B-Instruct).");
+  }
+  if (!valid(revision)) {
+    revision.setAttribute("aria-invalid", "true");
+    revision.focus();
+    throw new Error("The revision is a branch or tag name (letters, digits, '_', '.', '-', '/') or a 40-character commit id.");
+  }
+  const body = { hf_repo: repo.value };
+  if (revision.value) body.hf_commit = revision.value;
+  if ($("files").value) body.files = $("files").value;
+  const include = globs($("include").value);
+  const exclude = globs($("exclude").value);
+  if (include.length) body.allow_patterns = include;
+  if (exclude.length) body.ignore_patterns = exclude;
+  return body;
+}
+
+async function preview() {
+  const out = $("plan");
+  $("form-error").textContent = "";
+  let body;
+  try {
+    body = formBody();
+  } catch (error) {
+    $("form-error").textContent = error.message;
+    return;
+  }
+  try {
+    const plan = await api("POST", "/api/models/plan", body);
+    const fits = plan.fits ? el("span", { class: "good" }, "fits") : el("span", { class: "bad" }, `does not fit (${size(plan.available_bytes)} available)`);
+    const groups = plan.weights.map((w) => el("li", {}, `${w.selected ? "[x]" : "[ ]"} ${w.format}${w.quantization ? ` ${w.quantization}` : ""} in ${w.folder || "/"}: ${w.files.length} file(s), ${size(w.size_bytes)} (pattern ${w.pattern})`));
+    out.replaceChildren(
+      ...[
+      el("p", {}, `${plan.selected_files} of ${plan.files.length} files, ${size(plan.selected_bytes)}; ${size(plan.missing_bytes)} to download: `, fits),
+      plan.note ? el("p", { class: "bad" }, plan.note) : null,
+      groups.length ? el("p", {}, "Weights in this revision (put a pattern in 'Also these' to take one):") : null,
+      groups.length ? el("ul", {}, ...groups) : null,
+      ].filter(Boolean),
+    );
+    out.hidden = false;
+  } catch (error) {
+    out.hidden = true;
+    $("form-error").textContent = error.message;
+  }
+}
+
+async function submit(event) {
+  event.preventDefault();
+  $("form-error").textContent = "";
+  let body;
+  try {
+    body = formBody();
+  } catch (error) {
+    $("form-error").textContent = error.message;
+    return;
+  }
+  const button = $("start");
+  button.disabled = true;
+  try {
+    const answer = await api("POST", "/api/models/download", body);
+    if (answer.status === "DOWNLOADED") alertUser(`${modelName(body)} is already downloaded`, "info");
+    $("plan").hidden = true;
+    refreshSoon();
+  } catch (error) {
+    $("form-error").textContent = error.message;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("add").addEventListener("submit", submit);
+  $("preview").addEventListener("click", preview);
+  $("check-updates").addEventListener("click", checkUpdates);
+  $("prune").addEventListener("click", prune);
+  refresh();
+  stream();
+});
