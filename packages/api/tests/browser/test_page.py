@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, Playwright, expect, sync_playwright
+from playwright.async_api import Browser, Page, async_playwright, expect
 
 from fakehub import FakeHub, Generated, RepoBuilder, trickle
 from tests.helpers import MB, running_service
@@ -30,27 +30,23 @@ KEY = "browser-test-key-0123456789"
 expect.set_options(timeout=WAIT)
 
 
-@pytest.fixture(scope="session")
-def playwright() -> Iterator[Playwright]:
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Chromium for one test: Playwright's sync API would hold an event loop for the whole
+    worker, which the asyncio tests sharing the worker then cannot run theirs beside."""
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed (`make test` installs it when run as root)")
-    with sync_playwright() as driver:
-        yield driver
-
-
-@pytest.fixture(scope="session")
-def browser(playwright: Playwright) -> Iterator[Browser]:
-    assert CHROMIUM is not None
-    # As root (CI) Chromium refuses its sandbox; the page is our own.
-    launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-    yield launched
-    launched.close()
+    async with async_playwright() as driver:
+        # As root (CI) Chromium refuses its sandbox; the page is our own.
+        launched = await driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        await launched.close()
 
 
 @pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    opened = context.new_page()
+async def page(browser: Browser) -> AsyncIterator[Page]:
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    opened = await context.new_page()
     opened.set_default_timeout(WAIT)
     errors: list[str] = []
     opened.on("pageerror", lambda error: errors.append(str(error)))
@@ -61,7 +57,7 @@ def page(browser: Browser) -> Iterator[Page]:
         lambda message: errors.append(message.text) if "Content Security" in message.text else None,
     )
     yield opened
-    context.close()
+    await context.close()
     assert errors == [], errors  # no script error on any page of a test
 
 
@@ -75,110 +71,112 @@ def models(repos: RepoBuilder, hub: FakeHub) -> FakeHub:
     return hub
 
 
-def start(page: Page, repo: str) -> None:
-    page.fill("#repo", repo)
-    page.click("#start")
+async def start(page: Page, repo: str) -> None:
+    await page.fill("#repo", repo)
+    await page.click("#start")
 
 
-def test_a_new_user_downloads_watches_verifies_and_removes_a_model(
+async def test_a_new_user_downloads_watches_verifies_and_removes_a_model(
     page: Page, models: FakeHub, cache_dir: Path, tmp_path: Path
 ) -> None:
     with running_service(cache_dir, models.url, tmp_path / "service.log") as (url, _):
-        answer = page.goto(url)
+        answer = await page.goto(url)
         assert answer is not None
         assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
-        expect(page.locator("#connection")).to_have_text("Live")
-        expect(page.locator("#no-models")).to_be_visible()
-        start(page, "org/small")
-        expect(page.locator("#models li.card[data-repo='org/small'] .status")).to_have_text(
+        await expect(page.locator("#connection")).to_have_text("Live")
+        await expect(page.locator("#no-models")).to_be_visible()
+        await start(page, "org/small")
+        await expect(page.locator("#models li.card[data-repo='org/small'] .status")).to_have_text(
             "DOWNLOADED"
         )
         # The size first.
-        page.fill("#repo", "org/slow")
-        page.click("#preview")
-        expect(page.locator("#plan")).to_contain_text("2 of 2 files, 12.6 MB")
-        expect(page.locator("#plan")).to_contain_text("fits")
-        page.click("#start")
-        expect(page.locator("#form-error")).to_be_empty()
-        start(page, "org/other")
+        await page.fill("#repo", "org/slow")
+        await page.click("#preview")
+        await expect(page.locator("#plan")).to_contain_text("2 of 2 files, 12.6 MB")
+        await expect(page.locator("#plan")).to_contain_text("fits")
+        await page.click("#start")
+        await expect(page.locator("#form-error")).to_be_empty()
+        await start(page, "org/other")
         # The bars move (the event stream, no reload).
         bar = page.locator("#downloads li.card[data-task='org/slow:latest'] progress")
-        expect(bar).to_be_visible()
-        first = float(bar.get_attribute("value") or 0)
-        page.wait_for_function(
+        await expect(bar).to_be_visible()
+        first = float(await bar.get_attribute("value") or 0)
+        await page.wait_for_function(
             f"""() => {{
                 const bar = document.querySelector("li.card[data-task='org/slow:latest'] progress");
                 return bar && Number(bar.value) > {first} + 2000000;
             }}"""
         )
-        expect(
+        await expect(
             page.locator("#downloads li.card[data-task='org/slow:latest'] .figures")
         ).to_contain_text(re.compile(r"downloading: .* of 12\.6 MB \(.*%\), .*/s, .* left"))
         shot = Path(os.environ.get("MODELS_SCREENSHOT") or tmp_path / "page.png")
-        page.screenshot(path=str(shot), full_page=True)
+        await page.screenshot(path=str(shot), full_page=True)
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         # DOWNLOADED: it moves from the downloads to the cache.
         slow = page.locator("#models li.card[data-repo='org/slow']")
-        expect(slow.locator(".status")).to_have_text("DOWNLOADED")
-        expect(page.locator("#downloads li.card[data-task='org/slow:latest']")).to_have_count(0)
-        expect(slow).to_contain_text("refs main")
+        await expect(slow.locator(".status")).to_have_text("DOWNLOADED")
+        await expect(page.locator("#downloads li.card[data-task='org/slow:latest']")).to_have_count(
+            0
+        )
+        await expect(slow).to_contain_text("refs main")
         # Verify.
-        slow.get_by_role("button", name="Verify").click()
-        expect(page.locator("#alerts")).to_contain_text("org/slow at")
-        expect(page.locator("#alerts")).to_contain_text("verified, 2 files match")
+        await slow.get_by_role("button", name="Verify").click()
+        await expect(page.locator("#alerts")).to_contain_text("org/slow at")
+        await expect(page.locator("#alerts")).to_contain_text("verified, 2 files match")
         # Delete, after a confirmation that says what it frees.
-        slow.get_by_role("button", name="Delete").click()
-        expect(page.locator("#confirm-text")).to_contain_text("frees up to 12.6 MB")
-        page.click("#confirm-ok")
-        expect(page.locator("#models li.card[data-repo='org/slow']")).to_have_count(0)
-        expect(page.locator("#alerts")).to_contain_text("deleted, 12.6 MB freed")
+        await slow.get_by_role("button", name="Delete").click()
+        await expect(page.locator("#confirm-text")).to_contain_text("frees up to 12.6 MB")
+        await page.click("#confirm-ok")
+        await expect(page.locator("#models li.card[data-repo='org/slow']")).to_have_count(0)
+        await expect(page.locator("#alerts")).to_contain_text("deleted, 12.6 MB freed")
 
 
-def test_cancel_and_the_apis_words_for_a_409_and_a_429(
+async def test_cancel_and_the_apis_words_for_a_409_and_a_429(
     page: Page, models: FakeHub, cache_dir: Path, tmp_path: Path
 ) -> None:
     with running_service(
         cache_dir, models.url, tmp_path / "service.log", MODELS_MAX_CONCURRENT_DOWNLOADS="1"
     ) as (url, _):
-        page.goto(url)
-        start(page, "org/slow")
+        await page.goto(url)
+        await start(page, "org/slow")
         running = page.locator("#downloads li.card[data-task='org/slow:latest']")
-        expect(running).to_be_visible()
+        await expect(running).to_be_visible()
         # 409: the same revision again.
-        start(page, "org/slow")
-        expect(page.locator("#form-error")).to_have_text(
+        await start(page, "org/slow")
+        await expect(page.locator("#form-error")).to_have_text(
             "org/slow:latest is already downloading; poll POST /api/models/status"
         )
         # 429: every slot taken.
-        start(page, "org/other")
-        expect(page.locator("#form-error")).to_contain_text(
+        await start(page, "org/other")
+        await expect(page.locator("#form-error")).to_contain_text(
             "all 1 download slots are busy; retry in"
         )
         # Bad input never leaves the page.
         sent: list[str] = []
         page.on("request", lambda request: sent.append(request.url))
-        start(page, "not a repo")
-        expect(page.locator("#form-error")).to_contain_text("namespace/name")
-        expect(page.locator("#repo")).to_have_attribute("aria-invalid", "true")
-        page.fill("#repo", "org/slow")
-        page.fill("#revision", "../etc")
-        page.click("#start")
-        expect(page.locator("#form-error")).to_contain_text("branch or tag name")
+        await start(page, "not a repo")
+        await expect(page.locator("#form-error")).to_contain_text("namespace/name")
+        await expect(page.locator("#repo")).to_have_attribute("aria-invalid", "true")
+        await page.fill("#repo", "org/slow")
+        await page.fill("#revision", "../etc")
+        await page.click("#start")
+        await expect(page.locator("#form-error")).to_contain_text("branch or tag name")
         assert not [u for u in sent if "/download" in u]
         # Cancel.
-        running.get_by_role("button", name="Cancel").click()
-        expect(running).to_have_count(0)
-        expect(page.locator("#no-downloads")).to_be_visible()
+        await running.get_by_role("button", name="Cancel").click()
+        await expect(running).to_have_count(0)
+        await expect(page.locator("#no-downloads")).to_be_visible()
 
 
-def test_a_corrupt_model_fails_its_verification_on_the_page(
+async def test_a_corrupt_model_fails_its_verification_on_the_page(
     page: Page, models: FakeHub, cache_dir: Path, tmp_path: Path
 ) -> None:
     with running_service(cache_dir, models.url, tmp_path / "service.log") as (url, _):
-        page.goto(url)
-        start(page, "org/small")
+        await page.goto(url)
+        await start(page, "org/small")
         small = page.locator("#models li.card[data-repo='org/small']")
-        expect(small.locator(".status")).to_have_text("DOWNLOADED")
+        await expect(small.locator(".status")).to_have_text("DOWNLOADED")
         blob = next(
             p
             for p in (cache_dir / "models--org--small" / "blobs").iterdir()
@@ -186,14 +184,14 @@ def test_a_corrupt_model_fails_its_verification_on_the_page(
         )
         with blob.open("r+b") as f:
             f.write(b"rot")
-        small.get_by_role("button", name="Verify").click()
-        expect(page.locator("#alerts")).to_contain_text(
+        await small.get_by_role("button", name="Verify").click()
+        await expect(page.locator("#alerts")).to_contain_text(
             "verification failed: model.safetensors does not match"
         )
-        expect(page.locator("#problems")).to_contain_text("model.safetensors does not match")
+        await expect(page.locator("#problems")).to_contain_text("model.safetensors does not match")
 
 
-def test_with_an_api_key_it_asks_for_it_and_keeps_it_in_the_tab_only(
+async def test_with_an_api_key_it_asks_for_it_and_keeps_it_in_the_tab_only(
     page: Page, models: FakeHub, cache_dir: Path, tmp_path: Path
 ) -> None:
     with running_service(
@@ -203,44 +201,44 @@ def test_with_an_api_key_it_asks_for_it_and_keeps_it_in_the_tab_only(
         MODELS_API_KEY=KEY,
         MODELS_READ_API_KEY=KEY,
     ) as (url, _):
-        page.goto(url)
-        expect(page.locator("#key-dialog")).to_be_visible()
-        page.fill("#key", KEY)
-        page.click("#key-ok")
-        expect(page.locator("#connection")).to_have_text("Live")
-        expect(page.locator("#no-models")).to_be_visible()
-        start(page, "org/small")
-        expect(page.locator("#models li.card[data-repo='org/small'] .status")).to_have_text(
+        await page.goto(url)
+        await expect(page.locator("#key-dialog")).to_be_visible()
+        await page.fill("#key", KEY)
+        await page.click("#key-ok")
+        await expect(page.locator("#connection")).to_have_text("Live")
+        await expect(page.locator("#no-models")).to_be_visible()
+        await start(page, "org/small")
+        await expect(page.locator("#models li.card[data-repo='org/small'] .status")).to_have_text(
             "DOWNLOADED"
         )
-        assert page.evaluate("sessionStorage.getItem('models-api-key')") == KEY
-        assert page.evaluate("localStorage.length") == 0
+        assert await page.evaluate("sessionStorage.getItem('models-api-key')") == KEY
+        assert await page.evaluate("localStorage.length") == 0
 
 
-def test_a_narrow_window_the_longest_repo_id_and_the_keyboard(
+async def test_a_narrow_window_the_longest_repo_id_and_the_keyboard(
     browser: Browser, repos: RepoBuilder, hub: FakeHub, cache_dir: Path, tmp_path: Path
 ) -> None:
     longest = "n" * 96 + "/" + "m" * 96  # 193 characters, the longest repo id there is
     repos.commit(longest, {"config.json": "{}"})
-    context = browser.new_context(viewport={"width": 360, "height": 740})
-    page = context.new_page()
+    context = await browser.new_context(viewport={"width": 360, "height": 740})
+    page = await context.new_page()
     page.set_default_timeout(WAIT)
     with running_service(cache_dir, hub.url, tmp_path / "service.log") as (url, _):
-        page.goto(url)
-        expect(page.locator("#connection")).to_have_text("Live")
+        await page.goto(url)
+        await expect(page.locator("#connection")).to_have_text("Live")
         # Keyboard only: focus the field, type, Enter submits.
-        page.focus("#repo")
-        page.keyboard.type(longest)
-        page.keyboard.press("Enter")
+        await page.focus("#repo")
+        await page.keyboard.type(longest)
+        await page.keyboard.press("Enter")
         item = page.locator(f"#models li.card[data-repo='{longest}']")
-        expect(item.locator(".status")).to_have_text("DOWNLOADED")
-        width = page.evaluate("document.documentElement.scrollWidth")
+        await expect(item.locator(".status")).to_have_text("DOWNLOADED")
+        width = await page.evaluate("document.documentElement.scrollWidth")
         assert width <= 360, f"the page is {width} px wide in a 360 px window"
         # The delete confirmation: reachable and answerable with the keyboard (Escape cancels).
-        item.get_by_role("button", name="Delete").focus()
-        page.keyboard.press("Enter")
-        expect(page.locator("#confirm")).to_be_visible()
-        page.keyboard.press("Escape")
-        expect(page.locator("#confirm")).to_be_hidden()
-        expect(item).to_have_count(1)
-    context.close()
+        await item.get_by_role("button", name="Delete").focus()
+        await page.keyboard.press("Enter")
+        await expect(page.locator("#confirm")).to_be_visible()
+        await page.keyboard.press("Escape")
+        await expect(page.locator("#confirm")).to_be_hidden()
+        await expect(item).to_have_count(1)
+    await context.close()
