@@ -497,16 +497,21 @@ function formBody() {
   return body;
 }
 
-async function preview() {
-  const out = $("plan");
+// The form's body, or null after saying in the form what to fix.
+function checkedBody() {
   $("form-error").textContent = "";
-  let body;
   try {
-    body = formBody();
+    return formBody();
   } catch (error) {
     $("form-error").textContent = error.message;
-    return;
+    return null;
   }
+}
+
+async function preview() {
+  const out = $("plan");
+  const body = checkedBody();
+  if (!body) return;
   try {
     const plan = await api("POST", "/api/models/plan", body);
     const fits = plan.fits ? el("span", { class: "good" }, "fits") : el("span", { class: "bad" }, `does not fit (${size(plan.available_bytes)} available)`);
@@ -528,14 +533,8 @@ async function preview() {
 
 async function submit(event) {
   event.preventDefault();
-  $("form-error").textContent = "";
-  let body;
-  try {
-    body = formBody();
-  } catch (error) {
-    $("form-error").textContent = error.message;
-    return;
-  }
+  const body = checkedBody();
+  if (!body) return;
   const button = $("start");
   button.disabled = true;
   try {
