@@ -115,7 +115,8 @@ class VllmServers:
         if waited is None or last is None:
             return await asyncio.shield(asking)
         try:
-            return await asyncio.wait_for(asyncio.shield(asking), waited)
+            async with asyncio.timeout(waited):  # not wait_for: it can drop a cancel on 3.11
+                return await asyncio.shield(asking)
         except TimeoutError:
             return last
 

@@ -407,7 +407,11 @@ class HubCacheBackend:
             # stdin stays open: the worker exits by itself when it closes (this process died).
             while True:
                 try:
-                    raw = await asyncio.wait_for(process.stdout.readline(), timeout=timeout)
+                    # Not asyncio.wait_for: on Python 3.11 it can drop a cancellation that
+                    # arrives as the line does (gh-86296), and a cancelled download then ran on
+                    # to its end (a test of the job store caught one at shutdown).
+                    async with asyncio.timeout(timeout):
+                        raw = await process.stdout.readline()
                 except TimeoutError:
                     if timeout != stall:
                         raise DownloadFailed(
