@@ -163,6 +163,13 @@ async def test_a_queue_of_three_survives_a_crash_in_order(
             downloads = (await client.get("/api/models/downloads")).json()["downloads"]
             assert [d["model"]["hf_repo"] for d in downloads] == names
             assert [d["progress"]["queue_position"] for d in downloads] == [None, 1, 2, 3]
+            # The running one shows its totals and its selection again, from its plan.
+            running = await status_until(
+                client, {"hf_repo": names[0]}, lambda a: a["progress"]["total_bytes"]
+            )
+            assert running["selection"] == [
+                {"files": "all", "allow_patterns": [], "ignore_patterns": []}
+            ], running
             hub.clear_faults()
             for name in names:
                 answer = await wait_for_status(client, {"hf_repo": name}, FINAL)

@@ -144,6 +144,7 @@ class DownloadUpdate:
     retry_kind: str | None = None  # a FailureKind value, with retry_reason
     verifying: bool = False
     through_xet: bool | None = None  # bytes came through hf_xet (out of the bandwidth cap's reach)
+    selections: tuple[FileSelection, ...] | None = None  # what it fetches, once the plan is known
 
 
 class RateShare:

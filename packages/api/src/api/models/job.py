@@ -89,6 +89,8 @@ class DownloadJob:
             self.commit = update.commit
         if update.through_xet:
             self.through_xet = True
+        if update.selections is not None:
+            self.selections = update.selections  # a resumed download learns it from its plan
         if update.total_bytes is not None:
             self.total_bytes = update.total_bytes
             self.phase = DownloadPhase.DOWNLOADING

@@ -363,6 +363,7 @@ class HubCacheBackend:
                 total_bytes=plan.total_bytes,
                 files_total=len(plan.wanted),
                 attempt=number,
+                selections=plan.selections,
             )
         )
         process = await self._take_worker()
