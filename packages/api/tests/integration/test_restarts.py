@@ -24,6 +24,7 @@ from tests.helpers import (
     app_client,
     running_service,
     sse,
+    tmpfs,
     wait_for_status,
     workers_using,
 )
@@ -332,3 +333,18 @@ async def test_an_unusable_state_folder_only_costs_the_resume(
         assert (await client.post("/api/models/download", json=BODY)).status_code == 202
         assert (await wait_for_status(client, BODY, FINAL))["status"] == "DOWNLOADED"
     assert blocked.read_text() == "a file where the folder should be"
+
+
+async def test_a_state_disk_that_fills_up_costs_only_the_resume(
+    settings: Settings, repos: RepoBuilder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repos.commit("org/model", {"config.json": "{}"})
+    with tmpfs(tmp_path / "state", "256k") as state:
+        async with restarted(settings, state_dir=state) as client:
+            # The disk of the state folder fills up (the database is there already).
+            with contextlib.suppress(OSError):
+                (state / "filler").write_bytes(b"x" * 1024 * 1024)
+            answer = await client.post("/api/models/download", json=BODY)
+            assert answer.status_code == 202, answer.text
+            assert (await wait_for_status(client, BODY, FINAL))["status"] == "DOWNLOADED"
+        assert "event=state_write_failed" in caplog.text

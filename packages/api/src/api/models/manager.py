@@ -328,8 +328,10 @@ class ModelManager:
             self._starting.pop(task_id, None)
             # A start that failed, or that found no file list to fetch, held a slot until now.
             self._start_queued()
-        # Accepted once it is on disk: a crash after the answer still resumes it.
-        await kept
+        # Accepted once it is on disk: a crash after the answer still resumes it. A write that
+        # failed was logged (_keep): the download runs all the same, not kept for a restart.
+        with contextlib.suppress(Exception):
+            await kept
         return DownloadStartedResponse(task_id=task_id, status=ModelStatus.DOWNLOADING)
 
     def _launch(
