@@ -142,8 +142,9 @@ def stored(cache_dir: Path) -> list[tuple[str, str | None]]:
         return list(db.execute("SELECT hf_repo, hf_commit FROM downloads ORDER BY seq"))
 
 
-async def test_a_queue_of_three_survives_a_crash_in_order(
-    hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+async def test_a_queue_of_three_survives_a_restart_in_order(
+    hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path, how: signal.Signals
 ) -> None:
     names = [f"org/q{i}" for i in range(4)]
     for i, name in enumerate(names):
@@ -156,7 +157,7 @@ async def test_a_queue_of_three_survives_a_crash_in_order(
             for name in names:
                 response = await client.post("/api/models/download", json={"hf_repo": name})
                 assert response.status_code == 202, response.text
-        await stop(process, signal.SIGKILL, cache_dir)
+        await stop(process, how, cache_dir)
     assert [repo for repo, _ in stored(cache_dir)] == names
 
     with service(cache_dir, hub, log, **slots) as (base, process):
