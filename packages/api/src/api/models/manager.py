@@ -143,6 +143,9 @@ class ModelManager:
     async def _on_cache_pool(self, function: Callable[..., _T], *args: Any) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._cache_pool, function, *args)
 
+    async def _on_state_pool(self, function: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._state_pool, function, *args)
+
     def _keep(self, function: Callable[..., None], *args: Any) -> asyncio.Future[None]:
         """Run a write of the job store on its thread, after every write submitted before it; a
         failure is logged (the download goes on, unkept), never raised."""
@@ -909,11 +912,10 @@ class ModelManager:
         """Open the job store, take the last errors back and resume (or, with resuming off,
         forget) the kept downloads no other live service owns, in the order they were accepted:
         into the free slots, the rest into the queue (a resumed download is never refused)."""
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._state_pool, self.store.open)
-            errors = await loop.run_in_executor(self._state_pool, self.store.errors)
-            kept = await loop.run_in_executor(self._state_pool, self.store.claim_unowned)
+            await self._on_state_pool(self.store.open)
+            errors = await self._on_state_pool(self.store.errors)
+            kept = await self._on_state_pool(self.store.claim_unowned)
         except (OSError, sqlite3.Error) as error:
             logger.warning(
                 "event=state_unavailable path=%s reason=%s: downloads will not be resumed after"
@@ -954,7 +956,7 @@ class ModelManager:
         await self.backend.aclose()
         await self.servers.aclose()
         # After every write submitted before it: the claims are released last.
-        await asyncio.get_running_loop().run_in_executor(self._state_pool, self.store.close)
+        await self._on_state_pool(self.store.close)
         for pool in (self._cache_pool, self._hash_pool, self._state_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 

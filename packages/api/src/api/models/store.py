@@ -160,13 +160,11 @@ class JobStore:
 
     def remove(self, key: str) -> None:
         """Forget a download that ended (or that is not to be resumed), then its claim."""
-        with self._transaction() as db:
-            db.execute("DELETE FROM downloads WHERE key = ?", (key,))
-        fd = self._claims.pop(key, None)
-        if fd is not None:
+        self._delete_row(key)
+        if key in self._claims:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._claim_path(key))
-            os.close(fd)
+            self._release(key)
 
     def claim_unowned(self) -> list[StoredDownload]:
         """The kept downloads no live process owns, in the order they were accepted, claimed by
@@ -202,9 +200,12 @@ class JobStore:
         return found
 
     def _drop_row(self, key: object, why: str) -> None:
+        self._delete_row(key)
+        logger.warning("event=state_row_dropped reason=%s", why)
+
+    def _delete_row(self, key: object) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM downloads WHERE key = ?", (key,))
-        logger.warning("event=state_row_dropped reason=%s", why)
 
     def claim(self, key: str) -> bool:
         """Hold the download's claim (an exclusive flock) unless another process does."""

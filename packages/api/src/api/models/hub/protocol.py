@@ -80,14 +80,12 @@ def encode_rate(rate: Rate) -> bytes:
 
 def parse_rate(raw: bytes) -> Rate:
     data = _object(raw)
-    value = data.get("bytes_per_second")
-    if data.get("type") != "rate" or not (
-        value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-    ):
-        raise ProtocolError("malformed rate message")
-    if value is not None and not value > 0:
-        raise ProtocolError("a rate is positive")
-    return Rate(float(value) if value is not None else None)
+    if data.get("type") != "rate":
+        raise ProtocolError("not a rate message")
+    try:
+        return Rate(_rate_of(data.get("bytes_per_second")))
+    except ValueError as error:
+        raise ProtocolError("malformed rate message") from error
 
 
 WorkerMessage = Started | Progress | Verifying | Done | Failed
