@@ -397,11 +397,10 @@ class HubCacheBackend:
             with contextlib.suppress(ConnectionError, RuntimeError):  # it is ending
                 stdin.write(protocol.encode_rate(protocol.Rate(value)))
 
-        unfollow: Callable[[], None] = _nothing
+        unfollow = rate.follow(send_rate)  # the job line below goes first: no await between
         try:
             try:
                 process.stdin.write(protocol.encode_job(job))
-                unfollow = rate.follow(send_rate)
                 await process.stdin.drain()
             except ConnectionError:
                 pass  # it died before it read its job: its end, below, says how
@@ -501,7 +500,3 @@ def _update_from(
         attempt=attempt,
         through_xet=message.through_xet or None,
     )
-
-
-def _nothing() -> None:
-    return None
