@@ -207,6 +207,12 @@ def create_app(
         warn_if_open(model_manager.settings)
         logger.info("model cache at %s", model_manager.backend.cache_path)
         await model_manager.start()
+        app.state.fleet = None
+        if model_manager.settings.ray_address:
+            from api.fleet.fleet import Fleet  # Ray is loaded for a fleet only
+
+            app.state.fleet = Fleet(model_manager.settings)
+            await app.state.fleet.start()
         # The server waits for open responses before it runs the shutdown below, and an event
         # stream never ends by itself: end the streams on the stop signal itself.
         restore = on_stop_signal(model_manager.events.close)
@@ -214,6 +220,8 @@ def create_app(
             yield
         finally:
             restore()
+            if app.state.fleet is not None:
+                await app.state.fleet.shutdown()
             await model_manager.shutdown()
 
     app = FastAPI(

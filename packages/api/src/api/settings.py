@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         " HTTP download ('http': capped) or through hf_xet ('xet': faster, but hf_xet cannot be"
         " capped: those bytes are not)",
     )
+    ray_address: str | None = Field(
+        default=None,
+        description="a fleet: join this Ray cluster ('auto', or host:port) and act on every node"
+        " (needs the api[fleet] extra); unset: this machine only",
+    )
     retry_attempts: int = Field(default=5, ge=1, le=50)
     retry_min_backoff_seconds: float = Field(default=1.0, ge=0)
     retry_max_backoff_seconds: float = Field(default=60.0, ge=0)

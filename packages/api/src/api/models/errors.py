@@ -151,6 +151,38 @@ class HubAnswer(ModelError):
         self.retry_after = failure.retry_after
 
 
+class OnNode(ModelError):
+    """A node of the fleet refused (its agent raised the ``ModelError`` named ``kind``): the
+    answer is that error's, naming the node."""
+
+    def __init__(self, node: str, kind: str, message: str, retry_after: int | None = None) -> None:
+        super().__init__(f"node {node[:12]}: {message}")
+        self.node = node
+        self.kind = kind
+        self.retry_after = retry_after
+
+
+class NodesLackSpace(ModelError):
+    """Some targeted nodes cannot fit the download: nothing started anywhere."""
+
+    def __init__(self, lacking: list[tuple[str, int, int]]) -> None:
+        names = "; ".join(
+            f"node {node[:12]} needs {needed} bytes, has {available}"
+            for node, needed, available in lacking
+        )
+        super().__init__(f"not enough space on {len(lacking)} node(s): {names}; nothing started")
+        self.lacking = lacking
+
+
+class UnknownNode(ModelError):
+    def __init__(self, asked: str) -> None:
+        super().__init__(
+            f"nodes: {asked!r} is not the id (or a unique prefix) of an alive node of the fleet;"
+            " GET /api/models/space lists them"
+        )
+        self.asked = asked
+
+
 class FailureKind(enum.Enum):
     NOT_FOUND = "not_found"
     GATED = "gated"

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.auth import require_read, require_write
+from api.fleet.fleet import Fleet
 from api.models.errors import (
     CacheNotWritable,
     DownloadCancelled,
@@ -21,10 +22,13 @@ from api.models.errors import (
     ModelError,
     ModelInUse,
     ModelNotFound,
+    NodesLackSpace,
+    OnNode,
     RevisionBusy,
     SelectionUnusable,
     TooManyDownloads,
     TooManyVerifications,
+    UnknownNode,
     UnsafeCachePath,
 )
 from api.models.manager import ModelManager
@@ -66,6 +70,8 @@ ERROR_STATUS: dict[type[ModelError], int] = {
     SelectionUnusable: status.HTTP_422_UNPROCESSABLE_CONTENT,
     ModelInUse: status.HTTP_409_CONFLICT,
     InUseUnknown: status.HTTP_409_CONFLICT,
+    NodesLackSpace: status.HTTP_507_INSUFFICIENT_STORAGE,
+    UnknownNode: status.HTTP_422_UNPROCESSABLE_CONTENT,
 }
 # Why the Hub gave no file list (POST /plan): the repo's own answer, or a gateway's.
 HUB_ANSWER_STATUS: dict[FailureKind, int] = {
@@ -90,6 +96,13 @@ def model_error_handler(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, (TooManyDownloads, TooManyVerifications))
         else None
     )
+    if isinstance(exc, OnNode):  # a node's refusal: the status of the error it raised
+        code = next(
+            (code for cls, code in ERROR_STATUS.items() if cls.__name__ == exc.kind),
+            status.HTTP_500_INTERNAL_SERVER_ERROR,
+        )
+        if exc.retry_after is not None:
+            headers = {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, HubAnswer):
         # Anything else (no answer, a 5xx, a timeout) is the Hub's side not answering in time.
         code = HUB_ANSWER_STATUS.get(exc.kind, status.HTTP_504_GATEWAY_TIMEOUT)
@@ -104,6 +117,15 @@ def get_manager(request: Request) -> ModelManager:
 
 
 ManagerDep = Annotated[ModelManager, Depends(get_manager)]
+
+
+def get_fleet(request: Request) -> Fleet | None:
+    """The fleet, when the service runs over a Ray cluster (MODELS_RAY_ADDRESS), else None."""
+    fleet: Fleet | None = getattr(request.app.state, "fleet", None)
+    return fleet
+
+
+FleetDep = Annotated[Fleet | None, Depends(get_fleet)]
 ForceQuery = Annotated[
     bool,
     Query(
@@ -211,7 +233,9 @@ Writes = [Depends(require_write)]
     response_model=ModelStatusResponse,
     responses=_SELECTION_ERRORS,
 )
-async def model_status(model: RequestBody, manager: ManagerDep) -> ModelStatusResponse:
+async def model_status(
+    model: RequestBody, manager: ManagerDep, fleet: FleetDep
+) -> ModelStatusResponse:
     """Status of a model in the cache, checked offline.
 
     For the files selected: those the request names (`files`, `allow_patterns`,
@@ -225,6 +249,8 @@ async def model_status(model: RequestBody, manager: ManagerDep) -> ModelStatusRe
     Response: `{"model": {...}, "status": "DOWNLOADED", "progress": null, "error_message": null,
     "commit": "01c7f73d771dfac7d292323805ebc428287df4f9"}`
     """
+    if fleet is not None:
+        return await fleet.get_model_status(model)
     return await manager.get_model_status(model.as_model(), model.selection)
 
 
@@ -269,7 +295,7 @@ async def model_status(model: RequestBody, manager: ManagerDep) -> ModelStatusRe
     },
 )
 async def download_model(
-    model: RequestBody, manager: ManagerDep, response: Response
+    model: RequestBody, manager: ManagerDep, fleet: FleetDep, response: Response
 ) -> DownloadStartedResponse:
     """Start downloading a model in the background (non-blocking).
 
@@ -284,7 +310,10 @@ async def download_model(
 
     Response (200, already complete): `{"task_id": "meta-llama/Llama-2-7b-hf:latest", "status": "DOWNLOADED"}`
     """
-    started = await manager.add_model(model.as_model(), model.selection)
+    if fleet is not None:
+        started = await fleet.add_model(model)
+    else:
+        started = await manager.add_model(model.as_model(), model.selection)
     if started.status is ModelStatus.DOWNLOADED:
         response.status_code = status.HTTP_200_OK
     return started
@@ -369,7 +398,7 @@ async def plan_download(model: RequestBody, manager: ManagerDep) -> PlanResponse
     },
 )
 async def delete_model(
-    model: ModelBody, manager: ManagerDep, force: ForceQuery = False
+    model: ModelBody, manager: ManagerDep, fleet: FleetDep, force: ForceQuery = False
 ) -> DeleteResponse:
     """Cancel the model's download if one runs, otherwise delete it from the cache.
 
@@ -384,6 +413,8 @@ async def delete_model(
 
     Response: `{"status": "deleted", "freed_bytes": 13958643712}` or `{"status": "cancelled"}`
     """
+    if fleet is not None:
+        return await fleet.delete_model(model, force)
     return await manager.delete_model(model, force)
 
 
@@ -504,23 +535,27 @@ async def verify_model(model: ModelBody, manager: ManagerDep) -> VerifyResponse:
 
 
 @router.get("/list", dependencies=Reads, response_model=ModelListResponse)
-async def list_models(manager: ManagerDep) -> ModelListResponse:
+async def list_models(manager: ManagerDep, fleet: FleetDep) -> ModelListResponse:
     """Every model revision in the cache (`DOWNLOADED` or `PARTIAL`) and every running download.
 
     Response: `{"models": [{"model": {"hf_repo": "meta-llama/Llama-2-7b-hf", "hf_commit":
     "01c7f73d771dfac7d292323805ebc428287df4f9"}, "status": "DOWNLOADED", "size_bytes": 13958643712,
     "refs": ["main"], "progress": null}]}`
     """
+    if fleet is not None:
+        return ModelListResponse(models=await fleet.list_models())
     return ModelListResponse(models=await manager.list_models())
 
 
 @router.get("/space", dependencies=Reads, response_model=DiskSpaceInfo)
-async def disk_space(manager: ManagerDep) -> DiskSpaceInfo:
+async def disk_space(manager: ManagerDep, fleet: FleetDep) -> DiskSpaceInfo:
     """Bytes used by the cache, bytes free on its filesystem, and the cache's path.
 
     Response: `{"cache_size_bytes": 13958643712, "available_bytes": 500000000000, "cache_path":
     "/root/.cache/huggingface/hub"}`
     """
+    if fleet is not None:
+        return await fleet.get_disk_space()
     return await manager.get_disk_space()
 
 

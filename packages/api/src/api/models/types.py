@@ -12,6 +12,7 @@ from pydantic import (
     Field,
     StrictBool,
     StrictInt,
+    StringConstraints,
     ValidationInfo,
     field_validator,
 )
@@ -162,6 +163,13 @@ class ModelRequest(Model):
         description="Glob patterns (huggingface_hub's ignore_patterns): files matching one are not"
         " selected",
         examples=[["original/*"]],
+    )
+    nodes: list[Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{8,64}$")]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1000,
+        description="With a fleet (MODELS_RAY_ADDRESS): the Ray node ids (or unique prefixes of 8"
+        " or more) to act on; every alive node when omitted (addition)",
     )
 
     @field_validator("allow_patterns", "ignore_patterns")
@@ -324,6 +332,11 @@ InUseBy = Annotated[
 ]
 
 
+def _none(value: object) -> bool:
+    """A fleet's ``nodes`` is left out of single-node answers: they stay exactly the spec's."""
+    return value is None
+
+
 class ModelStatusResponse(BaseModel):
     model: Model = Field(description="The model as it was asked")
     status: ModelStatus = Field(
@@ -353,6 +366,22 @@ class ModelStatusResponse(BaseModel):
         " once it is complete and verified (addition)",
     )
     in_use_by: InUseBy = None
+    nodes: list[NodeStatus] | None = Field(
+        default=None, exclude_if=_none, description="With a fleet: each node's status (addition)"
+    )
+
+
+class NodeStatus(BaseModel):
+    """A model's status on one node of the fleet."""
+
+    node_id: str
+    address: str = Field(description="The node's address in the Ray cluster")
+    status: ModelStatus | None = Field(description="null when the node did not answer")
+    progress: DownloadProgress | None = None
+    error_message: str | None = Field(
+        default=None, description="Why it is not DOWNLOADED there, or why the node did not answer"
+    )
+    gone: bool = Field(default=False, description="The node left the cluster")
 
 
 class DownloadStartedResponse(BaseModel):
@@ -363,6 +392,9 @@ class DownloadStartedResponse(BaseModel):
     status: ModelStatus = Field(
         description="DOWNLOADING (started), or DOWNLOADED (already complete: nothing started)",
         examples=[ModelStatus.DOWNLOADING],
+    )
+    nodes: list[str] | None = Field(
+        default=None, exclude_if=_none, description="With a fleet: the nodes it started on"
     )
 
 
@@ -376,6 +408,16 @@ class DeleteResponse(BaseModel):
         description="cancelled (a download was stopped; what it fetched stays) or deleted"
     )
     freed_bytes: int | None = Field(default=None, description="Bytes removed from disk (addition)")
+    nodes: list[NodeDeleted] | None = Field(
+        default=None, exclude_if=_none, description="With a fleet: what each node did (addition)"
+    )
+
+
+class NodeDeleted(BaseModel):
+    node_id: str
+    status: DeleteStatus | None = Field(description="null: nothing of it there, or an error")
+    freed_bytes: int | None = None
+    error_message: str | None = None
 
 
 class ModelListItem(BaseModel):
@@ -394,6 +436,11 @@ class ModelListItem(BaseModel):
         " null when none was recorded: MODELS_DEFAULT_FILES applies (addition)",
     )
     in_use_by: InUseBy = None
+    nodes: list[str] | None = Field(
+        default=None,
+        exclude_if=_none,
+        description="With a fleet: the nodes that hold this revision (addition)",
+    )
 
 
 class ModelListResponse(BaseModel):
@@ -410,6 +457,21 @@ class DiskSpaceInfo(BaseModel):
     cache_path: str = Field(
         description="The cache folder", examples=["/root/.cache/huggingface/hub"]
     )
+    nodes: list[NodeSpace] | None = Field(
+        default=None,
+        exclude_if=_none,
+        description="With a fleet: each node's cache (the figures above are their sums)",
+    )
+
+
+class NodeSpace(BaseModel):
+    node_id: str
+    address: str
+    cache_path: str | None = None
+    cache_size_bytes: int | None = None
+    available_bytes: int | None = None
+    error_message: str | None = Field(default=None, description="Why the node did not answer")
+    gone: bool = False
 
 
 class PlanFile(BaseModel):
