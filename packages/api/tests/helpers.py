@@ -179,6 +179,12 @@ def workers_using(cache_dir: Path) -> list[int]:
     return found
 
 
+def downloads_using(cache_dir: Path) -> list[int]:
+    """Download workers (not their zygotes) of a service working on ``cache_dir``."""
+    found = set(workers_using(cache_dir))
+    return sorted(pid for pid, ppid, _ in _processes() if pid in found and ppid in found)
+
+
 @contextlib.contextmanager
 def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` mounted at ``mount_point`` (made here), unmounted at the end; the

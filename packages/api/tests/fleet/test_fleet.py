@@ -10,8 +10,9 @@ import httpx
 import pytest
 
 from api.settings import Settings
+from fakehub.raycluster import RayCluster
 from fakehub import FakeHub, Generated, RepoBuilder, trickle
-from tests.helpers import FINAL, MB, app_client, wait_for_status, workers_using
+from tests.helpers import FINAL, MB, app_client, downloads_using, wait_for_status
 
 pytestmark = [pytest.mark.fleet, pytest.mark.xdist_group("fleet")]
 
@@ -20,10 +21,9 @@ BODY = {"hf_repo": "org/model"}
 
 @pytest.fixture
 def fleet_settings(
-    settings: Settings, ray_cluster: tuple[str, list[Path]], node_caches: list[Path]
+    settings: Settings, cluster: RayCluster, node_caches: list[Path]
 ) -> Settings:
-    address, _ = ray_cluster
-    return settings.model_copy(update={"ray_address": address})
+    return settings.model_copy(update={"ray_address": cluster.address})
 
 
 @pytest.fixture
@@ -113,11 +113,11 @@ async def test_a_cancel_stops_every_nodes_worker(
         while not running(answer := (await client.post("/api/models/status", json=BODY)).json()):
             assert loop.time() < deadline, answer
             await asyncio.sleep(0.1)
-        assert all(workers_using(cache) for cache in node_caches)
+        assert all(downloads_using(cache) for cache in node_caches)
         cancelled = (await client.request("DELETE", "/api/models", json=BODY)).json()
         assert [n["status"] for n in cancelled["nodes"]] == ["cancelled"] * 3
         # No worker left writing on any node.
         deadline = loop.time() + 30
-        while any(workers_using(cache) for cache in node_caches):
+        while any(downloads_using(cache) for cache in node_caches):
             assert loop.time() < deadline, "a worker outlived its cancel"
             await asyncio.sleep(0.1)

@@ -9,6 +9,7 @@ would not survive Ray's pickling intact, and the service must answer with the ri
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from api.models.errors import ModelError
@@ -23,6 +24,9 @@ class NodeAgent:
         values = dict(settings)
         if cache_dir:
             values["cache_dir"] = cache_dir
+            # The actor's process is the agent's own: everything in it (and the download workers
+            # it forks, which inherit it) names the node's cache, as the node's environment would.
+            os.environ["HF_HUB_CACHE"] = cache_dir
         self.settings = Settings(**values)
         self.manager: ModelManager | None = None
 
