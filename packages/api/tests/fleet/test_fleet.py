@@ -1,8 +1,10 @@
-"""A fleet (issue 18, first part): the API over every node of a 3-node Ray cluster."""
+"""A fleet (issue 18): the API over every node of a real 3-node Ray cluster on this machine, the
+Hub paid once per fleet."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,25 +12,24 @@ import httpx
 import pytest
 
 from api.settings import Settings
-from fakehub.raycluster import RayCluster
 from fakehub import FakeHub, Generated, RepoBuilder, trickle
+from fakehub.raycluster import RayCluster
 from tests.helpers import FINAL, MB, app_client, downloads_using, wait_for_status
 
 pytestmark = [pytest.mark.fleet, pytest.mark.xdist_group("fleet")]
 
 BODY = {"hf_repo": "org/model"}
+SIZE = 3 * MB
 
 
 @pytest.fixture
-def fleet_settings(
-    settings: Settings, cluster: RayCluster, node_caches: list[Path]
-) -> Settings:
+def fleet_settings(settings: Settings, cluster: RayCluster, node_caches: list[Path]) -> Settings:
     return settings.model_copy(update={"ray_address": cluster.address})
 
 
 @pytest.fixture
 def model(repos: RepoBuilder) -> str:
-    return repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(3 * MB, seed=81)})
+    return repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(SIZE, seed=81)})
 
 
 def on_disk(cache: Path) -> bool:
@@ -40,8 +41,20 @@ async def node_ids(client: httpx.AsyncClient) -> list[str]:
     return [n["node_id"] for n in space["nodes"]]
 
 
-async def test_a_download_reaches_every_node_and_a_delete_leaves_none(
-    fleet_settings: Settings, model: str, node_caches: list[Path]
+async def status_until(
+    client: httpx.AsyncClient, done: Callable[[dict[str, Any]], bool], seconds: float = 90
+) -> dict[str, Any]:
+    """The fleet's status once ``done`` holds for it (polled; a deadline, not a sleep)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not done(answer := (await client.post("/api/models/status", json=BODY)).json()):
+        assert loop.time() < deadline, answer
+        await asyncio.sleep(0.1)
+    return answer
+
+
+async def test_a_download_reaches_every_node_the_hub_serving_each_file_once(
+    fleet_settings: Settings, hub: FakeHub, model: str, node_caches: list[Path]
 ) -> None:
     async with app_client(fleet_settings) as client:
         space = (await client.get("/api/models/space")).json()
@@ -49,13 +62,29 @@ async def test_a_download_reaches_every_node_and_a_delete_leaves_none(
         started = await client.post("/api/models/download", json=BODY)
         assert started.status_code == 202, started.text
         assert len(started.json()["nodes"]) == 3
+        # One node fetches from the Hub; the two others wait for its copy.
+        first = (await client.post("/api/models/status", json=BODY)).json()
+        assert first["status"] == "DOWNLOADING"
+        waiting = [n for n in first["nodes"] if n["waiting_for"]]
+        assert len(waiting) in (0, 2), first  # none once the first copy is already complete
         answer = await wait_for_status(client, BODY, FINAL)
         assert answer["status"] == "DOWNLOADED", answer
         assert [n["status"] for n in answer["nodes"]] == ["DOWNLOADED"] * 3
         assert answer["commit"] == model
         assert all(on_disk(cache) for cache in node_caches)
+        # The Hub sent each file's content once, for three nodes.
+        assert hub.count("GET", "*/resolve/*/w.bin") == 1
+        assert hub.count("GET", "*/resolve/*/config.json") == 1
+        assert hub.served("*/resolve/*") == SIZE + 2
+        seeds = [n for n in answer["nodes"] if n["from_hub_bytes"]]
+        copies = [n for n in answer["nodes"] if n["from_peers_bytes"]]
+        assert [n["from_hub_bytes"] for n in seeds] == [SIZE + 2]
+        assert sorted(n["from_peers_bytes"] for n in copies) == [SIZE + 2] * 2
         listed = (await client.get("/api/models/list")).json()["models"]
         assert [(m["model"]["hf_commit"], len(m["nodes"])) for m in listed] == [(model, 3)]
+        # Asked again: complete everywhere, nothing starts.
+        again = await client.post("/api/models/download", json=BODY)
+        assert again.status_code == 200 and again.json()["status"] == "DOWNLOADED", again.text
         deleted = (await client.request("DELETE", "/api/models", json=BODY)).json()
         assert deleted["status"] == "deleted"
         assert [n["status"] for n in deleted["nodes"]] == ["deleted"] * 3
@@ -63,8 +92,8 @@ async def test_a_download_reaches_every_node_and_a_delete_leaves_none(
         assert (await client.post("/api/models/status", json=BODY)).json()["status"] == "NOT_FOUND"
 
 
-async def test_a_subset_of_the_nodes(
-    fleet_settings: Settings, model: str, node_caches: list[Path]
+async def test_a_subset_of_the_nodes_then_the_rest_from_it(
+    fleet_settings: Settings, hub: FakeHub, model: str, node_caches: list[Path]
 ) -> None:
     async with app_client(fleet_settings) as client:
         ids = await node_ids(client)
@@ -82,6 +111,13 @@ async def test_a_subset_of_the_nodes(
         unknown = await client.post("/api/models/status", json={**BODY, "nodes": ["ffffffff"]})
         assert unknown.status_code == 422
         assert "ffffffff" in unknown.json()["detail"]
+        # The rest of the fleet copies from the node that has it: the Hub serves nothing more.
+        served = hub.served("*/resolve/*")
+        assert (await client.post("/api/models/download", json=BODY)).status_code == 202
+        answer = await wait_for_status(client, BODY, FINAL)
+        assert answer["status"] == "DOWNLOADED", answer
+        assert hub.served("*/resolve/*") == served
+        assert all(on_disk(cache) for cache in node_caches)
 
 
 async def test_no_room_on_the_nodes_starts_nothing_anywhere(
@@ -96,28 +132,32 @@ async def test_no_room_on_the_nodes_starts_nothing_anywhere(
     assert not any((cache / "models--org--model").exists() for cache in node_caches)
 
 
-async def test_a_cancel_stops_every_nodes_worker(
+async def test_a_cancel_stops_the_workers_and_the_waiting_nodes_never_start(
     fleet_settings: Settings, hub: FakeHub, model: str, node_caches: list[Path]
 ) -> None:
     hub.add_fault(trickle(MB // 2, path="*/resolve/*/w.bin"))
     async with app_client(fleet_settings) as client:
         assert (await client.post("/api/models/download", json=BODY)).status_code == 202
 
-        def running(answer: dict[str, Any]) -> bool:
-            return all(
+        def fetching(answer: dict[str, Any]) -> bool:
+            return any(
                 (n["progress"] or {}).get("transferred_bytes") for n in answer.get("nodes") or []
             )
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 60
-        while not running(answer := (await client.post("/api/models/status", json=BODY)).json()):
-            assert loop.time() < deadline, answer
-            await asyncio.sleep(0.1)
-        assert all(downloads_using(cache) for cache in node_caches)
+        answer = await status_until(client, fetching)
+        seed = next(n for n in answer["nodes"] if n["progress"])
+        assert [n["waiting_for"] for n in answer["nodes"] if n is not seed] == [seed["node_id"]] * 2
+        assert sum(bool(downloads_using(cache)) for cache in node_caches) == 1
         cancelled = (await client.request("DELETE", "/api/models", json=BODY)).json()
-        assert [n["status"] for n in cancelled["nodes"]] == ["cancelled"] * 3
-        # No worker left writing on any node.
+        assert cancelled["status"] == "cancelled"
+        loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
         while any(downloads_using(cache) for cache in node_caches):
             assert loop.time() < deadline, "a worker outlived its cancel"
             await asyncio.sleep(0.1)
+        after = (await client.post("/api/models/status", json=BODY)).json()
+        # As on one machine: the first node keeps config.json (PARTIAL); the others never began.
+        assert after["status"] == "PARTIAL", after
+        assert sorted(n["status"] for n in after["nodes"]) == ["NOT_FOUND", "NOT_FOUND", "PARTIAL"]
+        assert not any(n.get("waiting_for") for n in after["nodes"])
+    assert not any(on_disk(cache) for cache in node_caches)

@@ -5,6 +5,10 @@ settings less the node's own (the cache folder, from the node's environment or i
 ``models-cache``; the state folder beside it). Every request crosses as JSON-ready data, and every
 ``ModelError`` comes back as data (``{"error": {...}}``): an exception with its own constructor
 would not survive Ray's pickling intact, and the service must answer with the right status.
+
+Each agent also serves its node's complete blobs to the other nodes (``PeerServer``, on the node's
+address in the cluster, answering only the fleet's secret), so that a model crosses the uplink
+once per fleet.
 """
 
 from __future__ import annotations
@@ -12,15 +16,20 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from api.models.backend import Peer
 from api.models.errors import ModelError
 from api.models.hub.adapter import HubCacheBackend
+from api.models.hub.cache import ModelCache
+from api.models.hub.peers import PeerServer
 from api.models.manager import ModelManager
-from api.models.types import Model, ModelRequest
+from api.models.types import DownloadEvent, Model, ModelRequest
 from api.settings import Settings
 
 
 class NodeAgent:
-    def __init__(self, settings: dict[str, Any], cache_dir: str | None) -> None:
+    def __init__(
+        self, settings: dict[str, Any], cache_dir: str | None, peer_token: str, host: str
+    ) -> None:
         values = dict(settings)
         if cache_dir:
             values["cache_dir"] = cache_dir
@@ -29,25 +38,43 @@ class NodeAgent:
             os.environ["HF_HUB_CACHE"] = cache_dir
         self.settings = Settings(**values)
         self.manager: ModelManager | None = None
+        self.peers = PeerServer(ModelCache(self.settings.cache_dir), peer_token, host)
+        # What each download fetched, from the Hub and from peers (its last event's figures):
+        # still known once it ended, when its status no longer has a progress.
+        self.fetched: dict[str, dict[str, int]] = {}
 
     async def start(self) -> dict[str, str]:
-        """Start the manager (it resumes what this node's job store kept); say where the cache is."""
+        """Start the manager (it resumes what this node's job store kept) and the blob server;
+        say where the cache is and where its blobs are served."""
+        await self._manager()
+        if not self.peers.url:
+            await self.peers.start()
+        return {"cache_path": str(self.settings.cache_dir), "peer_url": self.peers.url}
+
+    async def _manager(self) -> ModelManager:
         if self.manager is None:
             self.manager = ModelManager(self.settings, HubCacheBackend(self.settings))
+            self.manager.events.add_listener(self._remember)
             await self.manager.start()
-        return {"cache_path": str(self.settings.cache_dir)}
+        return self.manager
+
+    def _remember(self, event: DownloadEvent) -> None:
+        if event.progress is not None and event.progress.transferred_bytes is not None:
+            peers = event.progress.from_peers_bytes or 0
+            self.fetched[event.task_id] = {
+                "hub": event.progress.transferred_bytes - peers,
+                "peers": peers,
+            }
 
     async def stop(self) -> None:
+        await self.peers.stop()
         if self.manager is not None:
             await self.manager.shutdown()
             self.manager = None
 
     async def call(self, method: str, payload: dict[str, Any]) -> dict[str, Any]:
         """``{"ok": answer}``, or ``{"error": {"kind", "message", "retry_after"}}``."""
-        manager = self.manager
-        if manager is None:
-            manager = self.manager = ModelManager(self.settings, HubCacheBackend(self.settings))
-            await manager.start()
+        manager = await self._manager()
         try:
             return {"ok": await self._answer(manager, method, payload)}
         except ModelError as error:
@@ -62,8 +89,11 @@ class NodeAgent:
 
     async def _answer(self, manager: ModelManager, method: str, payload: dict[str, Any]) -> Any:
         if method == "download":
-            request = ModelRequest.model_validate(payload)
-            started = await manager.add_model(request.as_model(), request.selection)
+            request = ModelRequest.model_validate(payload["request"])
+            peers = tuple(Peer(str(p["url"]), str(p["token"])) for p in payload["peers"])
+            model = request.as_model()
+            self.fetched.pop(model.task_id, None)
+            started = await manager.add_model(model, request.selection, peers)
             return started.model_dump(mode="json")
         if method == "plan_space":
             request = ModelRequest.model_validate(payload)
@@ -75,8 +105,12 @@ class NodeAgent:
             }
         if method == "status":
             request = ModelRequest.model_validate(payload)
-            answer = await manager.get_model_status(request.as_model(), request.selection)
-            return answer.model_dump(mode="json")
+            model = request.as_model()
+            answer = await manager.get_model_status(model, request.selection)
+            return {
+                **answer.model_dump(mode="json"),
+                "fetched": self.fetched.get(model.task_id),
+            }
         if method == "list":
             return [item.model_dump(mode="json") for item in await manager.list_models()]
         if method == "space":

@@ -12,11 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.models.errors import ModelNotFound, NodesLackSpace, OnNode, UnknownNode
+from api.models.errors import (
+    DownloadConflict,
+    ModelNotFound,
+    NodesLackSpace,
+    OnNode,
+    UnknownNode,
+)
 from api.models.types import (
     DeleteResponse,
     DeleteStatus,
@@ -40,6 +47,7 @@ NAMESPACE = "model-service"
 CACHE_LABEL = "models-cache"  # a node's own cache folder, as a Ray node label
 WATCH_SECONDS = 5.0
 CALL_TIMEOUT = 60.0
+FOLLOW_SECONDS = 0.5  # how often a rollout reads the status of the node it waits for
 # Settings that are each node's own (from its environment or its label), not the service's.
 _NODE_OWN = {"cache_dir", "state_dir", "api_key", "read_api_key", "ray_address"}
 
@@ -50,7 +58,21 @@ class _Agent:
     address: str
     handle: Any  # a Ray actor handle of NodeAgent
     cache_path: str = ""
+    peer_url: str = ""  # where its blob server answers the other nodes
     gone: bool = False
+
+
+@dataclass
+class _Rollout:
+    """One download to several nodes, the Hub paid once: the first node (``seed``) fetches from
+    the Hub; the others wait (``waiting``), then copy from the nodes that have it."""
+
+    request: ModelRequest
+    targets: list[str]
+    waiting: list[str] = field(default_factory=list)
+    seed: str | None = None
+    refused: dict[str, str] = field(default_factory=dict)  # node -> why it did not start
+    task: asyncio.Task[None] | None = None
 
 
 class NodeFailed(Exception):
@@ -61,9 +83,11 @@ class NodeFailed(Exception):
 class Fleet:
     settings: Settings
     agents: dict[str, _Agent] = field(default_factory=dict)
-    _targets: dict[str, list[str]] = field(default_factory=dict)  # task id -> the nodes it went to
+    _rollouts: dict[str, _Rollout] = field(default_factory=dict)  # by task id
     _watcher: asyncio.Task[None] | None = None
     _refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The nodes' blob servers answer this secret only (the fleet's own, never the Hub's token).
+    _peer_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
 
     # -- membership --------------------------------------------------------------------------
 
@@ -99,15 +123,18 @@ class Fleet:
                 if name not in _NODE_OWN
             }
             remote = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(NodeAgent)
+            running = [a for n, a in self.agents.items() if n in alive and not a.gone]
+            await asyncio.gather(*(self._restart_if_needed(a) for a in running))
             for node_id, info in alive.items():
                 known = self.agents.get(node_id)
                 if known is not None and not known.gone:
                     continue
                 label = (info.get("Labels") or {}).get(CACHE_LABEL)
+                address = str(info.get("NodeManagerAddress", ""))
                 handle: Any = remote.options(
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
-                ).remote(values, label)
-                agent = _Agent(node_id, str(info.get("NodeManagerAddress", "")), handle)
+                ).remote(values, label, self._peer_token, address)
+                agent = _Agent(node_id, address, handle)
                 try:
                     async with asyncio.timeout(CALL_TIMEOUT):
                         started = await handle.start.remote()
@@ -115,6 +142,7 @@ class Fleet:
                     logger.warning("event=agent_failed node=%s reason=%s", node_id[:12], error)
                     continue
                 agent.cache_path = started["cache_path"]
+                agent.peer_url = started["peer_url"]
                 self.agents[node_id] = agent
                 logger.info(
                     "event=agent_started node=%s address=%s cache=%s",
@@ -126,6 +154,20 @@ class Fleet:
                 if node_id not in alive and not agent.gone:
                     agent.gone = True
                     logger.warning("event=node_gone node=%s", node_id[:12])
+
+    async def _restart_if_needed(self, agent: _Agent) -> None:
+        """An agent Ray restarted (its process died) has neither its manager nor its blob server:
+        ``start`` brings both back (the manager resumes the node's downloads from its job store);
+        on a running agent it only says where they are."""
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                started = await agent.handle.start.remote()
+        except Exception as error:  # it is being restarted, or its node is leaving
+            logger.warning("event=agent_unanswered node=%s reason=%s", agent.node_id[:12], error)
+            return
+        if started["peer_url"] != agent.peer_url:
+            logger.warning("event=agent_restarted node=%s", agent.node_id[:12])
+            agent.peer_url = started["peer_url"]
 
     async def _watch(self) -> None:
         while True:
@@ -143,6 +185,8 @@ class Fleet:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
+        for rollout in self._rollouts.values():
+            await _cancel(rollout)
         alive = [a for a in self.agents.values() if not a.gone]
         await asyncio.gather(*(self._stop(a) for a in alive), return_exceptions=True)
         for agent in alive:
@@ -199,10 +243,14 @@ class Fleet:
 
     async def add_model(self, request: ModelRequest) -> DownloadStartedResponse:
         """Download on every targeted node, each checking its own space first: when one lacks it,
-        nothing starts anywhere (507 naming those nodes)."""
+        nothing starts anywhere (507 naming those nodes). The Hub is paid once: nodes that
+        already have the revision serve it to the others; when none has it, one node fetches it
+        from the Hub and the others copy it from that node once it is complete."""
         targets = self._targets_of(request.nodes)
         payload = request.model_dump(mode="json", exclude={"nodes"})
         task_id = request.as_model().task_id
+        if (running := self._rollouts.get(task_id)) is not None and running.waiting:
+            raise DownloadConflict(task_id)
         plans = await self._fan_out(targets, "plan_space", payload)
         for answer in plans:
             if isinstance(answer, OnNode):
@@ -214,36 +262,147 @@ class Fleet:
         ]
         if lacking:
             raise NodesLackSpace(lacking)
-        answers = await self._fan_out(targets, "download", payload)
-        started = [
-            (agent, answer)
-            for agent, answer in zip(targets, answers, strict=True)
-            if isinstance(answer, dict)
-        ]
+        answering = [a for a, p in zip(targets, plans, strict=True) if isinstance(p, dict)]
+        if not answering:
+            raise OnNode(targets[0].node_id, "NodeFailed", str(plans[0]))
+        holders = await self._holders(payload)
+        todo = [a for a in answering if a.node_id not in holders]
+        if not todo:
+            return DownloadStartedResponse(
+                task_id=task_id,
+                status=ModelStatus.DOWNLOADED,
+                nodes=[a.node_id for a in answering],
+            )
+        rollout = _Rollout(request, [a.node_id for a in answering])
+        if holders:
+            started = await self._start(rollout, todo, holders)
+        else:
+            # The first node that starts fetches from the Hub; the others wait for its copy.
+            seed: list[_Agent] = []
+            for index, agent in enumerate(todo):
+                if await self._start(rollout, [agent], []):
+                    seed, rollout.waiting = [agent], [a.node_id for a in todo[index + 1 :]]
+                    break
+            started = seed
         if not started:
-            first = answers[0]
-            if isinstance(first, OnNode):
-                raise first
-            raise OnNode(targets[0].node_id, "NodeFailed", str(first))
-        self._targets[task_id] = [agent.node_id for agent in targets]
-        downloaded = all(a["status"] == ModelStatus.DOWNLOADED for _, a in started)
+            first = next(iter(rollout.refused.items()), None)
+            raise OnNode(
+                first[0] if first else targets[0].node_id,
+                "NodeFailed",
+                first[1] if first else "no node started",
+            )
+        if rollout.waiting:
+            rollout.seed = started[0].node_id
+            rollout.task = asyncio.create_task(self._follow(rollout), name=f"rollout {task_id}")
+        previous = self._rollouts.get(task_id)
+        if previous is not None:
+            await _cancel(previous)
+        self._rollouts[task_id] = rollout
         return DownloadStartedResponse(
-            task_id=task_id,
-            status=ModelStatus.DOWNLOADED
-            if downloaded and len(started) == len(targets)
-            else ModelStatus.DOWNLOADING,
-            nodes=[agent.node_id for agent, _ in started],
+            task_id=task_id, status=ModelStatus.DOWNLOADING, nodes=rollout.targets
         )
+
+    async def _holders(self, payload: dict[str, Any]) -> list[str]:
+        """The alive nodes where the revision is DOWNLOADED (complete and verified)."""
+        agents = self._targets_of(None)
+        answers = await self._fan_out(agents, "status", payload)
+        return [
+            agent.node_id
+            for agent, answer in zip(agents, answers, strict=True)
+            if isinstance(answer, dict) and answer["status"] == ModelStatus.DOWNLOADED
+        ]
+
+    def _peers_for(self, agent: _Agent, holders: list[str], index: int) -> list[dict[str, str]]:
+        """The holders' blob servers, in an order that spreads the copies over them."""
+        urls = [
+            self.agents[n].peer_url
+            for n in holders
+            if n in self.agents and n != agent.node_id and self.agents[n].peer_url
+        ]
+        if urls:
+            turn = index % len(urls)
+            urls = urls[turn:] + urls[:turn]
+        return [{"url": url, "token": self._peer_token} for url in urls]
+
+    async def _start(
+        self, rollout: _Rollout, agents: list[_Agent], holders: list[str]
+    ) -> list[_Agent]:
+        """Start the download on ``agents`` (copying from ``holders``); those that started. A
+        node that refuses (a download already running there, no slot) says why in its status."""
+        payload = rollout.request.model_dump(mode="json", exclude={"nodes"})
+        answers = await asyncio.gather(
+            *(
+                self._call(
+                    agent,
+                    "download",
+                    {"request": payload, "peers": self._peers_for(agent, holders, index)},
+                )
+                for index, agent in enumerate(agents)
+            ),
+            return_exceptions=True,
+        )
+        started = []
+        for agent, answer in zip(agents, answers, strict=True):
+            if isinstance(answer, dict):
+                started.append(agent)
+            else:
+                rollout.refused[agent.node_id] = str(answer)
+                logger.warning(
+                    "event=node_refused node=%s task_id=%s reason=%s",
+                    agent.node_id[:12],
+                    rollout.request.as_model().task_id,
+                    answer,
+                )
+        return started
+
+    async def _follow(self, rollout: _Rollout) -> None:
+        """Wait for the seed's copy, then start the waiting nodes from it. A seed that leaves or
+        fails hands over to the next waiting node (from the Hub again, resuming nothing of the
+        other's); a failure of the Hub's is every node's: the waiting ones say so."""
+        payload = rollout.request.model_dump(mode="json", exclude={"nodes"})
+        while rollout.waiting and rollout.seed is not None:
+            await asyncio.sleep(FOLLOW_SECONDS)
+            seed = self.agents[rollout.seed]
+            try:
+                answer = await self._call(seed, "status", payload)
+            except (NodeFailed, OnNode) as failure:
+                logger.warning("event=seed_lost node=%s reason=%s", seed.node_id[:12], failure)
+                await self._next_seed(rollout)
+                continue
+            status = answer["status"]
+            if status == ModelStatus.DOWNLOADING:
+                continue
+            if status == ModelStatus.DOWNLOADED:
+                waiting = [self.agents[n] for n in rollout.waiting if n in self.agents]
+                rollout.waiting = []
+                holders = await self._holders(payload)
+                await self._start(rollout, [a for a in waiting if not a.gone], holders)
+                return
+            why = answer.get("error_message") or f"it is {status} there"
+            for node in rollout.waiting:
+                rollout.refused[node] = (
+                    f"not started: the first copy, on node {seed.node_id[:12]}, failed: {why}"
+                )
+            rollout.waiting = []
+
+    async def _next_seed(self, rollout: _Rollout) -> None:
+        while rollout.waiting:
+            node = rollout.waiting.pop(0)
+            agent = self.agents.get(node)
+            if agent is not None and not agent.gone and await self._start(rollout, [agent], []):
+                rollout.seed = node
+                return
+        rollout.seed = None
 
     async def get_model_status(self, request: ModelRequest) -> ModelStatusResponse:
         """DOWNLOADED only when DOWNLOADED on every node it was downloaded to (else every alive
         node); DOWNLOADING while one downloads; PARTIAL when some have it; NOT_FOUND when none."""
         model = request.as_model()
-        remembered = self._targets.get(model.task_id)
+        rollout = self._rollouts.get(model.task_id)
         if request.nodes is not None:
             agents = self._targets_of(request.nodes)
-        elif remembered is not None:
-            agents = [self.agents[n] for n in remembered if n in self.agents]
+        elif rollout is not None:
+            agents = [self.agents[n] for n in rollout.targets if n in self.agents]
         else:
             agents = self._targets_of(None)
         payload = request.model_dump(mode="json", exclude={"nodes"})
@@ -251,16 +410,25 @@ class Fleet:
         nodes: list[NodeStatus] = []
         for agent, answer in zip(agents, answers, strict=True):
             if isinstance(answer, dict):
+                fetched = answer.pop("fetched", None) or {}
                 status = ModelStatusResponse.model_validate(answer)
-                nodes.append(
-                    NodeStatus(
-                        node_id=agent.node_id,
-                        address=agent.address,
-                        status=status.status,
-                        progress=status.progress,
-                        error_message=status.error_message,
-                    )
+                node = NodeStatus(
+                    node_id=agent.node_id,
+                    address=agent.address,
+                    status=status.status,
+                    progress=status.progress,
+                    error_message=status.error_message,
+                    from_hub_bytes=fetched.get("hub"),
+                    from_peers_bytes=fetched.get("peers"),
                 )
+                if rollout is not None and status.status is not ModelStatus.DOWNLOADED:
+                    if agent.node_id in rollout.waiting and rollout.seed is not None:
+                        # Not started: it copies from the seed once the seed has it.
+                        node.status = ModelStatus.DOWNLOADING
+                        node.waiting_for = rollout.seed
+                    elif node.error_message is None:
+                        node.error_message = rollout.refused.get(agent.node_id)
+                nodes.append(node)
             else:
                 nodes.append(
                     NodeStatus(
@@ -331,6 +499,9 @@ class Fleet:
 
     async def delete_model(self, model: Model, force: bool = False) -> DeleteResponse:
         """Cancel or delete on every alive node; 404 only when no node had anything of it."""
+        rollout = self._rollouts.pop(model.task_id, None)
+        if rollout is not None:
+            await _cancel(rollout)  # the nodes still waiting never start
         agents = self._targets_of(None)
         payload = {"model": model.model_dump(mode="json"), "force": force}
         answers = await self._fan_out(agents, "delete", payload)
@@ -361,6 +532,14 @@ class Fleet:
             freed_bytes=None if cancelled and not freed else freed,
             nodes=nodes,
         )
+
+
+async def _cancel(rollout: _Rollout) -> None:
+    rollout.waiting = []
+    if rollout.task is not None:
+        rollout.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rollout.task
 
 
 def _together(

@@ -144,6 +144,7 @@ class DownloadUpdate:
     retry_kind: str | None = None  # a FailureKind value, with retry_reason
     verifying: bool = False
     through_xet: bool | None = None  # bytes came through hf_xet (out of the bandwidth cap's reach)
+    from_peers_bytes: int | None = None  # of transferred_bytes, those copied from a fleet's peers
     selections: tuple[FileSelection, ...] | None = None  # what it fetches, once the plan is known
 
 
@@ -169,10 +170,23 @@ class RateShare:
 
 
 @dataclass(frozen=True)
+class Peer:
+    """Another node of a fleet that serves its cache's complete blobs over the Hub's ``resolve``
+    protocol (``api.fleet.peers``): ``url`` is its base, ``token`` the fleet's own secret for it
+    (never the Hub's token)."""
+
+    url: str
+    token: str
+
+
+@dataclass(frozen=True)
 class DownloadRequest:
     repo_id: str
     revision: str
     selection: FileSelection | None = None  # None: the recorded selection, else the default
+    # A fleet's nodes that have this revision: its files are copied from them first, each checked
+    # against the Hub's ETag, with the Hub as the fallback.
+    peers: tuple[Peer, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from api.models.backend import DownloadUpdate, FileSelection, RateShare
+from api.models.backend import DownloadUpdate, FileSelection, Peer, RateShare
 from api.models.events import EventBus
 from api.models.types import (
     DownloadEvent,
@@ -52,11 +52,13 @@ class DownloadJob:
     files_done: int | None = None
     verified_bytes: int | None = None
     transferred_bytes: int = 0
+    from_peers_bytes: int = 0  # of transferred_bytes, copied from a fleet's peers
     attempt: int = 1
     bytes_per_second: float | None = None
     _sample: tuple[float, int] | None = None
     _last_progress_event: float = 0.0
     selections: tuple[FileSelection, ...] = ()  # what it fetches, once the plan is known
+    peers: tuple[Peer, ...] = ()  # a fleet's nodes to copy its files from first
     task: asyncio.Task[None] | None = None
     bus: EventBus | None = None
 
@@ -113,6 +115,8 @@ class DownloadJob:
                 self.files_done = update.files_done
             if update.transferred_bytes is not None:
                 self.transferred_bytes = update.transferred_bytes  # a total: all attempts
+            if update.from_peers_bytes is not None:
+                self.from_peers_bytes = update.from_peers_bytes
             if update.downloaded_bytes is not None:
                 self.phase = DownloadPhase.DOWNLOADING
                 self._measure(update.downloaded_bytes)
@@ -177,6 +181,7 @@ class DownloadJob:
             verified_bytes=self.verified_bytes,
             queue_position=self.queue_position if self.phase is DownloadPhase.QUEUED else None,
             transferred_bytes=self.transferred_bytes,
+            from_peers_bytes=self.from_peers_bytes or None,
             attempt=self.attempt,
             bandwidth_limit_bytes_per_second=self.rate.value,
             bandwidth_note=XET_UNCAPPED if self.through_xet and self.rate.value else None,

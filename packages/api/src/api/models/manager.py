@@ -32,6 +32,7 @@ from api.models.backend import (
     FileSelection,
     HubBackend,
     LocalState,
+    Peer,
     Pruned,
 )
 from api.models.errors import (
@@ -259,7 +260,7 @@ class ModelManager:
     # -- downloads ---------------------------------------------------------------------------
 
     async def add_model(
-        self, model: Model, asked: FileSelection | None = None
+        self, model: Model, asked: FileSelection | None = None, peers: tuple[Peer, ...] = ()
     ) -> DownloadStartedResponse:
         """Start downloading the files ``asked`` of ``model`` (None: those the revision was
         downloaded with, else the default selection) in the background.
@@ -272,7 +273,8 @@ class ModelManager:
         Raises ``DownloadConflict`` when the same revision is already downloading, under any of
         its names (``org/name``, ``org/name`` at ``main``, and the commit ``main`` points to are
         one revision), ``TooManyDownloads`` when every download slot is taken, and
-        ``DownloadCancelled`` when a DELETE cancelled it while it was starting.
+        ``DownloadCancelled`` when a DELETE cancelled it while it was starting. ``peers`` (a fleet's
+        nodes that have the revision) are where its files are copied from first.
         """
         task_id = model.task_id
         self._check_can_start(model)
@@ -296,7 +298,7 @@ class ModelManager:
                     raise DownloadConflict(running)
             if start.cancelled:
                 raise DownloadCancelled(task_id)
-            job = DownloadJob(model=model, bus=self.events)
+            job = DownloadJob(model=model, bus=self.events, peers=peers)
             if plan is not None:
                 # Known before the first byte: the status shows the totals at once.
                 job.commit = plan.commit
@@ -528,7 +530,7 @@ class ModelManager:
         asked: FileSelection | None,
         delay: float,
     ) -> None:
-        request = DownloadRequest(job.model.hf_repo, job.model.revision, asked)
+        request = DownloadRequest(job.model.hf_repo, job.model.revision, asked, job.peers)
         failure: DownloadFailed | None = None
 
         def on_update(update: DownloadUpdate) -> None:

@@ -227,6 +227,11 @@ class DownloadPhase(StrEnum):
     COMPLETED = "completed"  # in the `completed` event
 
 
+def _none(value: object) -> bool:
+    """A fleet's additions (``nodes``, ``from_peers_bytes``) are left out of single-node answers: they stay exactly the spec's."""
+    return value is None
+
+
 class DownloadProgress(BaseModel):
     """Progress of a running download. ``start_time`` and ``elapsed_seconds`` are the spec's; the
     byte and file figures are additions (null until the file list is known)."""
@@ -258,6 +263,12 @@ class DownloadProgress(BaseModel):
     transferred_bytes: int | None = Field(
         default=None,
         description="Bytes fetched from the Hub by this download (files already cached excluded)",
+    )
+    from_peers_bytes: int | None = Field(
+        default=None,
+        exclude_if=_none,
+        description="With a fleet: of transferred_bytes, those copied from other nodes instead of"
+        " the Hub (addition)",
     )
     attempt: int | None = Field(
         default=None, description="1 for the first attempt, 2 after a retry"
@@ -332,11 +343,6 @@ InUseBy = Annotated[
 ]
 
 
-def _none(value: object) -> bool:
-    """A fleet's ``nodes`` is left out of single-node answers: they stay exactly the spec's."""
-    return value is None
-
-
 class ModelStatusResponse(BaseModel):
     model: Model = Field(description="The model as it was asked")
     status: ModelStatus = Field(
@@ -382,6 +388,17 @@ class NodeStatus(BaseModel):
         default=None, description="Why it is not DOWNLOADED there, or why the node did not answer"
     )
     gone: bool = Field(default=False, description="The node left the cluster")
+    waiting_for: str | None = Field(
+        default=None,
+        description="Not started yet: it copies the model from this node once that node has it"
+        " (the Hub is paid once per fleet)",
+    )
+    from_hub_bytes: int | None = Field(
+        default=None, description="Bytes its last download of the model fetched from the Hub"
+    )
+    from_peers_bytes: int | None = Field(
+        default=None, description="Bytes its last download of the model copied from other nodes"
+    )
 
 
 class DownloadStartedResponse(BaseModel):

@@ -383,6 +383,7 @@ class HubCacheBackend:
             ),
             bytes_per_second=rate.value,
             xet_when_capped=self.settings.xet_when_capped,
+            peers=request.peers,
         )
         assert process.stdin is not None
         assert process.stdout is not None
@@ -479,10 +480,14 @@ class _Fetched:
     def __init__(self) -> None:
         self.before = 0  # by the attempts that ended
         self.current = 0  # by the attempt under way
+        self.peers_before = 0  # of those, copied from a fleet's peers
+        self.peers_current = 0
 
     def attempt_ended(self) -> None:
         self.before += self.current
         self.current = 0
+        self.peers_before += self.peers_current
+        self.peers_current = 0
 
 
 def _update_from(
@@ -493,10 +498,13 @@ def _update_from(
             downloaded_bytes=message.verified_bytes, attempt=attempt, verifying=True
         )
     fetched.current = message.transferred_bytes
+    fetched.peers_current = message.from_peers_bytes
+    from_peers = fetched.peers_before + message.from_peers_bytes
     return DownloadUpdate(
         downloaded_bytes=message.downloaded_bytes,
         transferred_bytes=fetched.before + message.transferred_bytes,
         files_done=message.files_done,
         attempt=attempt,
         through_xet=message.through_xet or None,
+        from_peers_bytes=from_peers or None,
     )

@@ -28,6 +28,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable, Iterator
@@ -60,6 +61,9 @@ INCOMPLETE_SUFFIX = ".incomplete"
 # attempts, and the record of how far each part got, beside the blob's lock.
 RANGED_SUFFIX = ".ranged" + INCOMPLETE_SUFFIX
 RECORD_SUFFIX = ".ranged.json"
+
+
+_BLOB_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a git blob id or a sha256: an ETag
 
 
 def repo_folder_name(repo_id: str) -> str:
@@ -238,6 +242,25 @@ class ModelCache:
             return None  # not a link (a copied file), or gone
         blobs = self.folder(repo_id) / "blobs"
         return hop if hop.parent == blobs else None
+
+    def servable_blob(self, repo_id: str, commit: str, path: str) -> Path | None:
+        """The complete blob behind ``path`` of the revision ``commit``, for a fleet's peer to
+        copy, or None: the path must be one a snapshot can hold, the snapshot's entry a link to a
+        blob named by an ETag, and the blob (through at most the links the library makes) a
+        regular file inside the cache. A blob is only ever renamed into place complete."""
+        if path_problem(path) is not None or not COMMIT_ID.fullmatch(commit):
+            return None
+        link = self.folder(repo_id) / "snapshots" / commit / path
+        blob = self.blob_behind(repo_id, link)
+        if blob is None or not _BLOB_NAME.fullmatch(blob.name):
+            return None
+        real = Path(os.path.realpath(blob))
+        try:
+            if not real.is_relative_to(os.path.realpath(self.root)) or not real.is_file():
+                return None
+        except OSError:
+            return None
+        return real
 
     def verify(
         self, repo_id: str, revision: str, on_bytes: Callable[[int], None] | None = None

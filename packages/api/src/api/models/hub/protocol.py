@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from api.models.backend import DownloadPlan, FileSelection, RemoteFile
+from api.models.backend import DownloadPlan, FileSelection, Peer, RemoteFile
 from api.models.errors import FailureKind
 from api.models.hub.guard import Limits, check_plan
 from api.models.hub.ranged import Ranges
@@ -33,6 +33,7 @@ class Job:
     ranges: Ranges = field(default_factory=Ranges)
     bytes_per_second: float | None = None  # this download's bandwidth share (None: no cap)
     xet_when_capped: str = "http"  # under a cap, Xet files go by plain HTTP ("http") or not
+    peers: tuple[Peer, ...] = ()  # a fleet's nodes to copy the files from first
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Progress:
     files_done: int  # by this pass
     transferred_bytes: int  # fetched by this attempt so far (network bytes where reported)
     through_xet: bool = False  # some of it came through hf_xet (out of the bandwidth cap's reach)
+    from_peers_bytes: int = 0  # of transferred_bytes, those copied from a fleet's peers
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,13 @@ def parse(raw: bytes) -> WorkerMessage:
             data["kind"] = FailureKind(data["kind"])
         if not isinstance(data.get("through_xet", False), bool):
             raise ProtocolError("through_xet is not a boolean")
-        for name in ("downloaded_bytes", "files_done", "transferred_bytes", "verified_bytes"):
+        for name in (
+            "downloaded_bytes",
+            "files_done",
+            "transferred_bytes",
+            "verified_bytes",
+            "from_peers_bytes",
+        ):
             if name in data and (not isinstance(data[name], int) or isinstance(data[name], bool)):
                 raise ProtocolError(f"{name} is not an integer")
         return cls(**data)
@@ -167,9 +175,21 @@ def parse_job(raw: bytes) -> Job:
             ranges=Ranges(**data["ranges"]),
             bytes_per_second=_rate_of(data.get("bytes_per_second")),
             xet_when_capped="xet" if data.get("xet_when_capped") == "xet" else "http",
+            peers=tuple(_peer_of(p) for p in data.get("peers") or ()),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ProtocolError("malformed job") from error
+
+
+def _peer_of(value: object) -> Peer:
+    if not isinstance(value, dict):
+        raise ValueError("a peer is an object")
+    url, token = value.get("url"), value.get("token")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ValueError("a peer's url is http(s)")
+    if not isinstance(token, str):
+        raise ValueError("a peer's token is a string")
+    return Peer(url, token)
 
 
 def _rate_of(value: object) -> float | None:

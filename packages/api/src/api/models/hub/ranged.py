@@ -32,11 +32,13 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import logging
 import os
 import socket
 import ssl
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,12 +52,14 @@ from huggingface_hub.utils._headers import build_hf_headers
 from huggingface_hub.utils._http import _is_same_or_hub_host
 from huggingface_hub.utils._runtime import is_xet_available
 
-from api.models.backend import RemoteFile
+from api.models.backend import Peer, RemoteFile
 from api.models.errors import DownloadFailed, FailureKind
 from api.models.hub.cache import RANGED_SUFFIX, RECORD_SUFFIX, lock_if_free
 from api.models.hub.guard import Limits
 from api.models.hub.hashing import new_digest
 from api.models.hub.throttle import LIMITER
+
+logger = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 RECORD_INTERVAL = 0.25
@@ -173,34 +177,104 @@ def fetch_large_files(
     token: str | bool,
     ranges: Ranges,
     limits: Limits,
-    on_bytes: Callable[[int], None],
+    on_bytes: Callable[[int, bool], None],
     on_found: Callable[[int], None],
+    peers: tuple[Peer, ...] = (),
 ) -> dict[str, tuple[int, bool]]:
     """Fetch the large ``files`` of a revision whose blob is missing, one after the other, each
     over parallel ranges; return etag -> (inode, True) for each blob placed (hashed on the way,
     so that verification need not read it again). Files this path cannot fetch are left to the
     library. Raises ``DownloadFailed`` (a part that failed ``PART_ATTEMPTS`` times, an answer that
-    is not the file) and ``ChecksumMismatch`` (twice the wrong content)."""
+    is not the file) and ``ChecksumMismatch`` (twice the wrong content).
+
+    With ``peers`` (a fleet's nodes that have the revision), every missing file, small or large,
+    and Xet or not, is copied from them first, in their order, each checked against the ETag the
+    Hub gives for it; a peer that fails, or serves other content, hands over to the next, and the
+    Hub comes last (resuming the parts the peers wrote). ``on_bytes`` says which bytes came from
+    a peer."""
     placed: dict[str, tuple[int, bool]] = {}
-    if not ranges.enabled:
+    if not ranges.enabled and not peers:
         return placed
     blobs = folder / "blobs"
+    failed: set[Peer] = set()  # a peer that failed once is not asked again by this worker
     for entry in files:
-        if entry.size < ranges.min_bytes or _size(blobs / entry.etag) == entry.size:
+        if _size(blobs / entry.etag) == entry.size:
             continue
-        url = hf_hub_url(repo_id, entry.path, revision=commit, endpoint=endpoint)
         try:
-            source = _source(url, entry, token, limits)
-            for attempt in (1, 2):
-                inode = _fetch(entry, source, blobs, locks, ranges, limits, on_bytes, on_found)
-                if inode is not None:
-                    placed[entry.etag] = (inode, True)
-                    break
-                if attempt == 2:
-                    raise ChecksumMismatch(entry.path)
+            # The plan's ETag and size are the Hub's (its file list): a peer's copy is checked
+            # against them, with no request to the Hub.
+            inode = _from_peers(
+                repo_id,
+                commit,
+                entry,
+                peers,
+                failed,
+                blobs,
+                locks,
+                ranges,
+                limits,
+                on_bytes,
+                on_found,
+            )
+            if inode is None and ranges.enabled and entry.size >= ranges.min_bytes:
+                url = hf_hub_url(repo_id, entry.path, revision=commit, endpoint=endpoint)
+                source = _hub_source(url, entry, token, limits)
+                for attempt in (1, 2):
+                    inode = _fetch(
+                        entry, source, blobs, locks, ranges, limits, _hub(on_bytes), on_found
+                    )
+                    if inode is not None:
+                        break
+                    if attempt == 2:
+                        raise ChecksumMismatch(entry.path)
+            if inode is not None:
+                placed[entry.etag] = (inode, True)
         except _UseLibrary:
             continue
     return placed
+
+
+def _hub(on_bytes: Callable[[int, bool], None]) -> Callable[[int], None]:
+    return lambda count: on_bytes(count, False)
+
+
+def _from_peers(
+    repo_id: str,
+    commit: str,
+    entry: RemoteFile,
+    peers: tuple[Peer, ...],
+    failed: set[Peer],
+    blobs: Path,
+    locks: Path,
+    ranges: Ranges,
+    limits: Limits,
+    on_bytes: Callable[[int, bool], None],
+    on_found: Callable[[int], None],
+) -> int | None:
+    """The blob's inode once a peer's copy is in place (checked against the Hub's ETag), else
+    None: no peer could serve it, and the Hub is asked (what the peers wrote is resumed)."""
+    quoted = urllib.parse.quote(entry.path)
+    for peer in peers:
+        if peer in failed:
+            continue
+        source = _Source(
+            f"{peer.url.rstrip('/')}/{repo_id}/resolve/{commit}/{quoted}",
+            # The fleet's secret only: the Hub's token never goes to a peer.
+            {"Authorization": f"Bearer {peer.token}", "Accept-Encoding": "identity"},
+        )
+        try:
+            inode = _fetch(
+                entry, source, blobs, locks, ranges, limits, lambda n: on_bytes(n, True), on_found
+            )
+        except (DownloadFailed, _UseLibrary) as failure:
+            logger.warning("peer %s could not serve %s: %s", peer.url, entry.path, failure)
+            failed.add(peer)
+            continue
+        if inode is not None:
+            return inode
+        logger.warning("peer %s served other content for %s: refused", peer.url, entry.path)
+        failed.add(peer)
+    return None
 
 
 @dataclass(frozen=True)
@@ -209,8 +283,8 @@ class _Source:
     headers: dict[str, str]
 
 
-def _source(url: str, entry: RemoteFile, token: str | bool, limits: Limits) -> _Source:
-    """Where the file's bytes are served from, and the headers to send there: the library's own
+def _hub_source(url: str, entry: RemoteFile, token: str | bool, limits: Limits) -> _Source:
+    """Where the Hub serves the file's bytes, and the headers to send there: the library's own
     metadata call (through the guard) and its rule for the token."""
     metadata = get_hf_file_metadata(url, token=token, timeout=limits.read_timeout)
     if (

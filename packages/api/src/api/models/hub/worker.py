@@ -162,6 +162,7 @@ class Reporter:
         self.files = 0
         self.kind = "progress"
         self.carried = 0  # fetched by the passes before this one
+        self.from_peers = 0  # of all of it, copied from a fleet's peers
         self._last = 0.0
 
     def send(self, message: protocol.WorkerMessage) -> None:
@@ -190,9 +191,11 @@ class Reporter:
         # written.
         return max(self.network or self.bytes, 0)
 
-    def add(self, nbytes: int = 0, nfiles: int = 0, network: int = 0) -> None:
+    def add(self, nbytes: int = 0, nfiles: int = 0, network: int = 0, peer: bool = False) -> None:
         with self._lock:
             self.bytes += nbytes
+            if peer:
+                self.from_peers += nbytes
             self.files += nfiles
             self.network += network
             self.through_xet = self.through_xet or network > 0
@@ -219,6 +222,7 @@ class Reporter:
             files_done=self.files,
             transferred_bytes=self.carried + self._pass_transferred(),
             through_xet=self.through_xet,
+            from_peers_bytes=self.from_peers,
         )
 
 
@@ -375,8 +379,9 @@ def _download_and_verify(cache: ModelCache, job: protocol.Job, reporter: Reporte
             token=token,
             ranges=job.ranges,
             limits=job.limits,
-            on_bytes=lambda n: reporter.add(nbytes=n),
+            on_bytes=lambda n, peer: reporter.add(nbytes=n, peer=peer),
             on_found=reporter.found,
+            peers=job.peers,
         )
         if placed:
             ranged.update(placed)

@@ -1,0 +1,100 @@
+"""A fleet node's blob server: the complete blobs of its cache, read-only, over the Hub's own
+``resolve`` protocol (``GET /{org}/{name}/resolve/{commit}/{path}``, with ranges), so that the
+download path of another node can copy from it as from the Hub (``ranged.fetch_large_files`` with
+``peers``), checking every byte against the Hub's ETag.
+
+It answers only the fleet: a request without the fleet's secret (``Authorization: Bearer``) gets
+a 401, whatever it asks. It names revisions by commit only (a peer never decides what a branch
+means), serves only what ``ModelCache.servable_blob`` vouches for (a link of a snapshot to a blob
+named by an ETag, inside the cache), and writes nothing. Anything else is a 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import re
+import socket
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from api.models.hub.cache import ModelCache
+from api.models.hub.guard import COMMIT_ID
+
+logger = logging.getLogger(__name__)
+
+_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?"
+_REPO_ID = re.compile(rf"{_PART}/{_PART}")  # the API's own rule for a repo id
+
+
+def peer_app(cache: ModelCache, token: str) -> Starlette:
+    expected = f"Bearer {token}".encode()
+
+    async def resolve(request: Request) -> Response:
+        given = request.headers.get("authorization", "").encode()
+        if not token or not hmac.compare_digest(given, expected):
+            return PlainTextResponse("this node serves its fleet only", status_code=401)
+        org, name = request.path_params["org"], request.path_params["name"]
+        commit, path = request.path_params["commit"], request.path_params["path"]
+        repo_id = f"{org}/{name}"
+        if not COMMIT_ID.fullmatch(commit) or not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+            return PlainTextResponse("not served here", status_code=404)
+        blob = await asyncio.to_thread(cache.servable_blob, repo_id, commit, path)
+        if blob is None:
+            return PlainTextResponse("not served here", status_code=404)
+        return FileResponse(
+            blob,
+            headers={"ETag": f'"{blob.name}"', "X-Repo-Commit": commit},
+            media_type="application/octet-stream",
+        )
+
+    return Starlette(
+        routes=[
+            Route("/{org}/{name}/resolve/{commit}/{path:path}", resolve, methods=["GET", "HEAD"])
+        ]
+    )
+
+
+class PeerServer:
+    """The blob server of one node, on ``host`` (the node's address in the cluster), a port the
+    kernel picks; ``url`` once started."""
+
+    def __init__(self, cache: ModelCache, token: str, host: str) -> None:
+        self._app = peer_app(cache, token)
+        self._host = host
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.url = ""
+
+    async def start(self) -> str:
+        listener = socket.socket(socket.AF_INET6 if ":" in self._host else socket.AF_INET)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self._host, 0))
+        listener.listen(128)
+        port = listener.getsockname()[1]
+        config = uvicorn.Config(
+            self._app, log_level="warning", lifespan="off", access_log=False, timeout_keep_alive=30
+        )
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[listener]), name="peers")
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self.url = f"http://{host}:{port}"
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()  # its failure, raised here
+            await asyncio.sleep(0.01)
+        logger.info("event=peer_server url=%s", self.url)
+        return self.url
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await self._task
+            self._server = None
