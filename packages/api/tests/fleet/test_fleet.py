@@ -161,3 +161,84 @@ async def test_a_cancel_stops_the_workers_and_the_waiting_nodes_never_start(
         assert sorted(n["status"] for n in after["nodes"]) == ["NOT_FOUND", "NOT_FOUND", "PARTIAL"]
         assert not any(n.get("waiting_for") for n in after["nodes"])
     assert not any(on_disk(cache) for cache in node_caches)
+
+
+async def test_a_peer_that_leaves_mid_copy_hands_over_to_the_hub_and_a_new_node_catches_up(
+    fleet_settings: Settings,
+    hub: FakeHub,
+    repos: RepoBuilder,
+    cluster: RayCluster,
+    node_caches: list[Path],
+) -> None:
+    size = 24 * MB
+    repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(size, seed=82)})
+    # Under a cap of 8 MB/s per node, a copy of the 24 MB file takes 3 s: time to take its peer
+    # away (the file is far larger than what the kernel's socket buffers hold between them).
+    slow = fleet_settings.model_copy(update={"max_download_bytes_per_second": 8_000_000})
+    holder = cluster.nodes[1]  # not the head: the cluster lives on without it
+    others = [n for n in cluster.nodes if n != holder]
+    async with app_client(slow) as client:
+        assert (
+            await client.post("/api/models/download", json={**BODY, "nodes": [holder]})
+        ).status_code == 202
+        assert (await wait_for_status(client, BODY, FINAL))["status"] == "DOWNLOADED"
+        first = hub.served("*/resolve/*")
+        assert (await client.post("/api/models/download", json=BODY)).status_code == 202
+
+        def copying(answer: dict[str, Any]) -> bool:
+            return any(
+                ((n["progress"] or {}).get("from_peers_bytes") or 0) > MB for n in answer["nodes"]
+            )
+
+        await status_until(client, copying)
+        await asyncio.to_thread(cluster.remove_node, holder)
+
+        def others_done(answer: dict[str, Any]) -> bool:
+            by_node = {n["node_id"]: n for n in answer["nodes"]}
+            return (
+                all(by_node[n]["status"] == "DOWNLOADED" for n in others)
+                and by_node[holder]["gone"]
+            )
+
+        answer = await status_until(client, others_done)
+        assert answer["status"] == "PARTIAL", answer
+        assert f"node {holder[:12]}" in answer["error_message"]
+        copies = [n for n in answer["nodes"] if n["node_id"] in others]
+        # Each copy got part of the file from the peer, and the rest from the Hub.
+        fetched = [(n["from_peers_bytes"], n["from_hub_bytes"]) for n in copies]
+        assert all(peers > 0 and hub > 0 for peers, hub in fetched), fetched
+        again = hub.served("*/resolve/*") - first
+        assert 0 < again < 2 * size
+        assert sum(n["from_hub_bytes"] for n in copies) == again
+
+        # A node that joins gets an agent within the watch's 10 s, and copies from the others.
+        newcomer = await asyncio.to_thread(
+            cluster.add_node, node_caches[0].parent.parent / f"node{len(cluster.caches)}" / "cache"
+        )
+
+        async def alive() -> set[str]:
+            space = (await client.get("/api/models/space")).json()
+            return {n["node_id"] for n in space["nodes"] if not n.get("gone")}
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while newcomer not in await alive():
+            assert loop.time() < deadline, "the new node got no agent"
+            await asyncio.sleep(0.2)
+        served = hub.served("*/resolve/*")
+        started = await client.post("/api/models/download", json=BODY)
+        assert started.status_code == 202, started.text
+        assert (
+            started.json()["nodes"] == sorted(started.json()["nodes"])
+            or newcomer in started.json()["nodes"]
+        )
+        answer = await status_until(
+            client,
+            lambda a: (
+                a["status"] in ("DOWNLOADED", "PARTIAL")
+                and not any(n["status"] == "DOWNLOADING" for n in a["nodes"])
+            ),
+        )
+        assert answer["status"] == "DOWNLOADED", answer
+        assert hub.served("*/resolve/*") == served
+        assert on_disk(cluster.caches[newcomer])

@@ -88,11 +88,37 @@ def _serve(root: Path, caches: list[str]) -> None:
             nodes[node.node_id] = node
             protocol_out.write(node.node_id + "\n")
         elif command == "remove":
-            cluster.remove_node(nodes.pop(argument), allow_graceful=False)
+            node = nodes.pop(argument)
+            # A machine that leaves takes every process on it: Ray's remove kills the raylet,
+            # whose workers (an agent, its download workers) would otherwise live on a while.
+            doomed = [
+                pid
+                for info in node.all_processes.get("raylet", [])
+                for pid in _descendants(info.process.pid)
+            ]
+            print(f"removing node {argument}: killing {doomed}", file=sys.stderr, flush=True)
+            cluster.remove_node(node, allow_graceful=False)
+            for pid in doomed:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             protocol_out.write("removed\n")
     # End of input: the caller is done (or died). The caller kills the process group anyway.
     with contextlib.suppress(Exception):
         cluster.shutdown()
+
+
+def _descendants(root: int) -> list[int]:
+    parents: dict[int, int] = {}
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        found.extend(children)
+        frontier.extend(children)
+    return found
 
 
 @dataclass

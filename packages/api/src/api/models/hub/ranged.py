@@ -203,7 +203,7 @@ def fetch_large_files(
         try:
             # The plan's ETag and size are the Hub's (its file list): a peer's copy is checked
             # against them, with no request to the Hub.
-            inode = _from_peers(
+            inode, begun = _from_peers(
                 repo_id,
                 commit,
                 entry,
@@ -216,7 +216,9 @@ def fetch_large_files(
                 on_bytes,
                 on_found,
             )
-            if inode is None and ranges.enabled and entry.size >= ranges.min_bytes:
+            # Large files, and any file a peer began (the Hub then sends only the rest), come
+            # from the Hub as ranges; the others the library's way.
+            if inode is None and ranges.enabled and (begun or entry.size >= ranges.min_bytes):
                 url = hf_hub_url(repo_id, entry.path, revision=commit, endpoint=endpoint)
                 source = _hub_source(url, entry, token, limits)
                 for attempt in (1, 2):
@@ -250,9 +252,17 @@ def _from_peers(
     limits: Limits,
     on_bytes: Callable[[int, bool], None],
     on_found: Callable[[int], None],
-) -> int | None:
+) -> tuple[int | None, bool]:
     """The blob's inode once a peer's copy is in place (checked against the Hub's ETag), else
-    None: no peer could serve it, and the Hub is asked (what the peers wrote is resumed)."""
+    None: no peer could serve it, and the Hub is asked; and whether a peer wrote part of it (kept
+    for the Hub to complete)."""
+    begun = False
+
+    def count(n: int) -> None:
+        nonlocal begun
+        begun = True
+        on_bytes(n, True)
+
     quoted = urllib.parse.quote(entry.path)
     for peer in peers:
         if peer in failed:
@@ -263,18 +273,22 @@ def _from_peers(
             {"Authorization": f"Bearer {peer.token}", "Accept-Encoding": "identity"},
         )
         try:
-            inode = _fetch(
-                entry, source, blobs, locks, ranges, limits, lambda n: on_bytes(n, True), on_found
-            )
-        except (DownloadFailed, _UseLibrary) as failure:
+            inode = _fetch(entry, source, blobs, locks, ranges, limits, count, on_found)
+        except DownloadFailed as failure:  # what it wrote stays, for the next to resume
             logger.warning("peer %s could not serve %s: %s", peer.url, entry.path, failure)
             failed.add(peer)
             continue
+        except _UseLibrary as why:  # its partial file went with it
+            logger.warning("peer %s could not serve %s: %s", peer.url, entry.path, why)
+            failed.add(peer)
+            begun = False
+            continue
         if inode is not None:
-            return inode
+            return inode, True
         logger.warning("peer %s served other content for %s: refused", peer.url, entry.path)
         failed.add(peer)
-    return None
+        begun = False  # its partial file went with it
+    return None, begun
 
 
 @dataclass(frozen=True)
@@ -495,13 +509,14 @@ class _Transfer:
         """Fetch what part ``index`` misses, retrying a failure from where it stopped."""
         start, end = self.bounds[index]
         for attempt in range(1, PART_ATTEMPTS + 1):
-            if connection is None:
-                connection = _Connection(self.source.url, self.limits)
             try:
+                if connection is None:
+                    connection = _Connection(self.source.url, self.limits)
                 self._read_part(connection, index, start + self.written[index], end)
                 return connection
             except _Retry as retry:
-                connection.close()
+                if connection is not None:
+                    connection.close()
                 connection = None
                 if attempt == PART_ATTEMPTS or self.failure is not None:
                     raise DownloadFailed(
