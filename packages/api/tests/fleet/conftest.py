@@ -18,7 +18,7 @@ import pytest
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 pytest.importorskip("ray", reason="the api[fleet] extra")
 
-from fakehub.raycluster import RayCluster, ray_cluster  # noqa: E402
+from fakehub.raycluster import RayCluster, ray_cluster
 
 
 @pytest.fixture(scope="session")

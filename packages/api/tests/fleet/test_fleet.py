@@ -47,6 +47,7 @@ async def status_until(
     """The fleet's status once ``done`` holds for it (polled; a deadline, not a sleep)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
+    answer: dict[str, Any] = {}
     while not done(answer := (await client.post("/api/models/status", json=BODY)).json()):
         assert loop.time() < deadline, answer
         await asyncio.sleep(0.1)
@@ -84,7 +85,8 @@ async def test_a_download_reaches_every_node_the_hub_serving_each_file_once(
         assert [(m["model"]["hf_commit"], len(m["nodes"])) for m in listed] == [(model, 3)]
         # Asked again: complete everywhere, nothing starts.
         again = await client.post("/api/models/download", json=BODY)
-        assert again.status_code == 200 and again.json()["status"] == "DOWNLOADED", again.text
+        assert again.status_code == 200, again.text
+        assert again.json()["status"] == "DOWNLOADED"
         deleted = (await client.request("DELETE", "/api/models", json=BODY)).json()
         assert deleted["status"] == "deleted"
         assert [n["status"] for n in deleted["nodes"]] == ["deleted"] * 3

@@ -72,7 +72,9 @@ def _serve(root: Path, caches: list[str]) -> None:
             "include_dashboard": False,
         },
     )
-    nodes = {cluster.head_node.node_id: cluster.head_node}
+    head = cluster.head_node
+    assert head is not None
+    nodes: dict[str, Any] = {head.node_id: head}
     for cache in caches[1:]:
         node = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", labels={LABEL: cache})
         nodes[node.node_id] = node
@@ -160,9 +162,7 @@ def _read_line(process: subprocess.Popen[str], lines: IO[str], timeout: float, l
             raise RuntimeError(f"the Ray cluster did not answer within {timeout:g} s; see {log}")
     line = lines.readline()
     if not line:
-        raise RuntimeError(
-            f"the Ray cluster's runner ended (exit {process.wait()}); see {log}"
-        )
+        raise RuntimeError(f"the Ray cluster's runner ended (exit {process.wait()}); see {log}")
     return line.strip()
 
 
@@ -205,10 +205,8 @@ def _stop(process: subprocess.Popen[str]) -> None:
     with contextlib.suppress(OSError):
         if process.stdin is not None:
             process.stdin.close()
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):

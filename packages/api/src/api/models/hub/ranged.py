@@ -66,6 +66,9 @@ RECORD_INTERVAL = 0.25
 MAX_RECORD_BYTES = 1024 * 1024
 MAX_PARTS = 100_000  # 1.5 TiB in 16 MiB parts
 PART_ATTEMPTS = 4  # per part, before the attempt fails (the service then retries the download)
+# From a peer, one: a peer that fails hands over to the next source at once (the Hub last), which
+# resumes what it wrote.
+PEER_PART_ATTEMPTS = 1
 # ``readinto`` fills the whole buffer before it returns: this is also the grain of the progress, of
 # a kill's loss and of the stall watchdog's view (1 MiB measured no faster on loopback).
 BUFFER = 256 * 1024
@@ -254,40 +257,47 @@ def _from_peers(
     on_found: Callable[[int], None],
 ) -> tuple[int | None, bool]:
     """The blob's inode once a peer's copy is in place (checked against the Hub's ETag), else
-    None: no peer could serve it, and the Hub is asked; and whether a peer wrote part of it (kept
-    for the Hub to complete)."""
-    begun = False
-
-    def count(n: int) -> None:
-        nonlocal begun
-        begun = True
-        on_bytes(n, True)
-
+    None: no peer could serve it, and the Hub is asked; and whether part of it is on disk (a
+    peer's, or an earlier attempt's), for the Hub to complete."""
     quoted = urllib.parse.quote(entry.path)
+    tried = False
     for peer in peers:
         if peer in failed:
             continue
+        tried = True
         source = _Source(
             f"{peer.url.rstrip('/')}/{repo_id}/resolve/{commit}/{quoted}",
             # The fleet's secret only: the Hub's token never goes to a peer.
             {"Authorization": f"Bearer {peer.token}", "Accept-Encoding": "identity"},
         )
         try:
-            inode = _fetch(entry, source, blobs, locks, ranges, limits, count, on_found)
-        except DownloadFailed as failure:  # what it wrote stays, for the next to resume
+            inode = _fetch(
+                entry,
+                source,
+                blobs,
+                locks,
+                ranges,
+                limits,
+                lambda n: on_bytes(n, True),
+                on_found,
+                PEER_PART_ATTEMPTS,
+            )
+        except (DownloadFailed, _UseLibrary) as failure:
             logger.warning("peer %s could not serve %s: %s", peer.url, entry.path, failure)
             failed.add(peer)
-            continue
-        except _UseLibrary as why:  # its partial file went with it
-            logger.warning("peer %s could not serve %s: %s", peer.url, entry.path, why)
-            failed.add(peer)
-            begun = False
             continue
         if inode is not None:
             return inode, True
         logger.warning("peer %s served other content for %s: refused", peer.url, entry.path)
         failed.add(peer)
-        begun = False  # its partial file went with it
+    record = Record.load(record_file(locks, entry.etag))
+    begun = record is not None and record.etag == entry.etag and sum(record.written) > 0
+    if tried and not begun:
+        # Nothing of it on disk: no partial file is left beside what the library fetches.
+        with lock_if_free(locks / f"{entry.etag}.lock") as free:
+            if free:
+                partial_file(blobs, entry.etag).unlink(missing_ok=True)
+                record_file(locks, entry.etag).unlink(missing_ok=True)
     return None, begun
 
 
@@ -344,6 +354,7 @@ def _fetch(
     limits: Limits,
     on_bytes: Callable[[int], None],
     on_found: Callable[[int], None],
+    attempts: int = PART_ATTEMPTS,
 ) -> int | None:
     """One pass over one file, under its blob lock: resume or start, fetch the missing parts,
     hash in order; the blob's inode once it is in place, None when the content was wrong (the
@@ -374,7 +385,9 @@ def _fetch(
                 record.written = [0] * len(record.parts())
             record.save(record_path)
             on_found(sum(record.written))
-            transfer = _Transfer(fd, entry, source, record, record_path, ranges, limits, on_bytes)
+            transfer = _Transfer(
+                fd, entry, source, record, record_path, ranges, limits, on_bytes, attempts
+            )
             try:
                 matched = transfer.run()
             except _UseLibrary:
@@ -437,7 +450,9 @@ class _Transfer:
         ranges: Ranges,
         limits: Limits,
         on_bytes: Callable[[int], None],
+        attempts: int = PART_ATTEMPTS,
     ) -> None:
+        self.attempts = attempts
         self.fd = fd
         self.entry = entry
         self.source = source
@@ -508,7 +523,7 @@ class _Transfer:
     def _fetch_part(self, index: int, connection: _Connection | None) -> _Connection | None:
         """Fetch what part ``index`` misses, retrying a failure from where it stopped."""
         start, end = self.bounds[index]
-        for attempt in range(1, PART_ATTEMPTS + 1):
+        for attempt in range(1, self.attempts + 1):
             try:
                 if connection is None:
                     connection = _Connection(self.source.url, self.limits)
@@ -518,7 +533,7 @@ class _Transfer:
                 if connection is not None:
                     connection.close()
                 connection = None
-                if attempt == PART_ATTEMPTS or self.failure is not None:
+                if attempt == self.attempts or self.failure is not None:
                     raise DownloadFailed(
                         FailureKind.NETWORK, retry.message, retryable=True, retry_after=retry.after
                     ) from None

@@ -1,0 +1,217 @@
+"""Copies from a fleet's peers (issue 18), on one machine: the real manager, adapter and worker
+copying from another node's blob server, checked against the Hub's ETags, with the Hub as the
+fallback. A second fake hub stands in for a peer where a fault is needed (it speaks the same
+``resolve`` protocol, and answers only the fleet's secret); ``PeerServer`` itself is tested over a
+real downloaded cache."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from api.models.backend import Peer
+from api.models.hub.adapter import HubCacheBackend
+from api.models.hub.cache import ModelCache
+from api.models.hub.peers import PeerServer
+from api.models.manager import ModelManager
+from api.models.types import DownloadEvent, Model, ModelStatus, ModelStatusResponse
+from api.settings import Settings
+from conftest import TOKEN
+from fakehub import FakeHub, Fault, Generated, RepoBuilder, corrupt, drop_after, http_error
+from tests.helpers import MB
+
+SECRET = "fleet-secret-0123456789"
+SIZE = 8 * MB
+MODEL = Model(hf_repo="org/model")
+
+
+@pytest.fixture
+def commit(repos: RepoBuilder) -> str:
+    return repos.commit(
+        "org/model",
+        {"config.json": "{}", "w.bin": Generated(SIZE, seed=91)},
+        private=True,  # the Hub's token is needed: a peer must never be sent it
+    )
+
+
+def node(settings: Settings, tmp_path: Path, name: str) -> Settings:
+    """Another node's settings: its own cache and state folders, the Hub's token, ranges from
+    2 MiB in parts of 1 MiB."""
+    return settings.model_copy(
+        update={
+            "cache_dir": tmp_path / name / "cache",
+            "state_dir": tmp_path / name / "state",
+            "hf_token": SecretStr(TOKEN),
+            "ranged_min_bytes": 2 * MB,
+            "ranged_part_bytes": MB,
+            "ranged_connections": 4,
+        }
+    )
+
+
+@pytest.fixture
+async def manager_of() -> AsyncIterator[list[ModelManager]]:
+    started: list[ModelManager] = []
+    yield started
+    for manager in started:
+        await manager.shutdown()
+
+
+async def download(
+    managers: list[ModelManager], settings: Settings, peers: tuple[Peer, ...] = ()
+) -> ModelStatusResponse:
+    """Download the model with a manager of ``settings``, copying from ``peers`` first; its
+    final status, with the figures of its last event as its progress."""
+    manager = ModelManager(settings, HubCacheBackend(settings))
+    managers.append(manager)
+    events: list[DownloadEvent] = []
+    manager.events.add_listener(events.append)
+    await manager.start()
+    await manager.add_model(MODEL, None, peers)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while (status := await manager.get_model_status(MODEL)).status is ModelStatus.DOWNLOADING:
+        assert loop.time() < deadline, status
+        await asyncio.sleep(0.05)
+    status.progress = next((e.progress for e in reversed(events) if e.progress), None)
+    return status
+
+
+@pytest.fixture
+async def seeded(
+    settings: Settings, tmp_path: Path, hub: FakeHub, commit: str, manager_of: list[ModelManager]
+) -> Settings:
+    """A first node with the model, fetched from the Hub."""
+    first = node(settings, tmp_path, "first")
+    assert (await download(manager_of, first)).status is ModelStatus.DOWNLOADED
+    hub.reset_counts()
+    return first
+
+
+def copies(hub: FakeHub) -> int:
+    return hub.served("*/resolve/*")
+
+
+async def test_a_node_copies_from_its_peer_and_the_hub_sends_no_content(
+    settings: Settings,
+    tmp_path: Path,
+    hub: FakeHub,
+    seeded: Settings,
+    manager_of: list[ModelManager],
+) -> None:
+    server = PeerServer(ModelCache(seeded.cache_dir), SECRET, "127.0.0.1")
+    await server.start()
+    try:
+        status = await download(
+            manager_of, node(settings, tmp_path, "second"), (Peer(server.url, SECRET),)
+        )
+    finally:
+        await server.stop()
+    assert status.status is ModelStatus.DOWNLOADED, status
+    assert copies(hub) == 0  # file lists and metadata only
+    assert status.progress is not None
+    assert status.progress.from_peers_bytes == status.progress.transferred_bytes
+
+
+@pytest.mark.parametrize(
+    ("fault", "from_hub"),
+    [
+        # Three parts, then the peer is gone (every later request fails).
+        (http_error(503, path="*/w.bin", requests=set(range(4, 100))), "the rest"),
+        (drop_after(MB // 2, path="*/w.bin", requests={5}), "the rest"),
+        (corrupt(path="*/w.bin"), "all"),
+        (http_error(404, path="*/w.bin"), "all"),
+    ],
+    ids=["gone-mid-copy", "cut-mid-part", "corrupt", "not-there"],
+)
+async def test_a_peer_that_fails_hands_over_to_the_hub(
+    settings: Settings,
+    tmp_path: Path,
+    hub: FakeHub,
+    repos: RepoBuilder,
+    commit: str,
+    manager_of: list[ModelManager],
+    fault: Fault,
+    from_hub: str,
+) -> None:
+    # The peer is a second fake hub over the same repos, answering the fleet's secret only: a
+    # copy that succeeds through it proves that the secret, not the Hub's token, was sent.
+    with FakeHub(repos.root, tokens={SECRET}) as peer:
+        peer.add_fault(fault)
+        status = await download(
+            manager_of, node(settings, tmp_path, "second"), (Peer(peer.url, SECRET),)
+        )
+        from_peer = peer.served("*/resolve/*")
+    assert status.status is ModelStatus.DOWNLOADED, status
+    assert status.progress is not None
+    content = SIZE + 2
+    if from_hub == "the rest":
+        # The peer's parts stayed; the Hub sent only what they missed.
+        assert 0 < copies(hub) < SIZE
+        assert copies(hub) + (status.progress.from_peers_bytes or 0) == content
+    else:
+        assert copies(hub) == SIZE  # w.bin, whole; config.json came from the peer
+        assert from_peer >= 2
+
+
+async def test_a_peer_that_does_not_answer_costs_one_try(
+    settings: Settings, tmp_path: Path, hub: FakeHub, commit: str, manager_of: list[ModelManager]
+) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there any more
+    status = await download(
+        manager_of, node(settings, tmp_path, "second"), (Peer(f"http://127.0.0.1:{port}", SECRET),)
+    )
+    assert status.status is ModelStatus.DOWNLOADED, status.error_message
+    assert copies(hub) == SIZE + 2
+
+
+async def test_the_peer_server_serves_its_fleet_only_and_only_complete_blobs(
+    seeded: Settings, commit: str, tmp_path: Path
+) -> None:
+    cache = ModelCache(seeded.cache_dir)
+    server = PeerServer(cache, SECRET, "127.0.0.1")
+    await server.start()
+    base = f"{server.url}/org/model/resolve"
+    auth = {"Authorization": f"Bearer {SECRET}"}
+    snapshot = seeded.cache_dir / "models--org--model" / "snapshots" / commit
+    try:
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{base}/{commit}/w.bin")).status_code == 401
+            wrong = {"Authorization": f"Bearer {TOKEN}"}
+            assert (await client.get(f"{base}/{commit}/w.bin", headers=wrong)).status_code == 401
+            part = await client.get(
+                f"{base}/{commit}/w.bin", headers={**auth, "Range": "bytes=10-19"}
+            )
+            assert part.status_code == 206
+            assert part.headers["content-range"] == f"bytes 10-19/{SIZE}"
+            blob = os.path.basename(os.readlink(snapshot / "w.bin"))
+            assert part.headers["etag"] == f'"{blob}"'
+            assert part.content == (snapshot / "w.bin").read_bytes()[10:20]
+            # By commit only; nothing outside the snapshot's links to blobs.
+            outside = tmp_path / "secret.txt"
+            outside.write_text("not for the fleet")
+            (snapshot / "planted").symlink_to(outside)
+            for path in (
+                "main/w.bin",
+                f"{commit}/missing.bin",
+                f"{commit}/..%2F..%2Fblobs",
+                f"{commit}/planted",
+                f"{'0' * 40}/w.bin",
+            ):
+                answer = await client.get(f"{base}/{path}", headers=auth)
+                assert answer.status_code == 404, (path, answer.status_code)
+            assert (
+                await client.get(f"{server.url}/org/..%2Fx/resolve/{commit}/w.bin", headers=auth)
+            ).status_code == 404
+    finally:
+        await server.stop()
