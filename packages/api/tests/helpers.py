@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from api.app import create_app
 from api.models.hub.zygote import Zygote
@@ -40,15 +41,23 @@ def shared_zygote() -> Zygote:
 
 
 @contextlib.asynccontextmanager
-async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of an app built with ``settings``, its lifespan running (stopped at the end); its
-    workers are forked from this process's shared zygote."""
+async def app_and_client(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """An app built with ``settings``, its lifespan running (stopped at the end), and a client of
+    it; its workers are forked from this process's shared zygote. (In-process, a response is
+    read whole: event streams need a service of its own, ``running_service``, or its bus.)"""
     app = create_app(settings, zygote=shared_zygote())
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
     ):
-        yield c
+        yield app, c
+
+
+@contextlib.asynccontextmanager
+async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of an app built with ``settings`` (``app_and_client``)."""
+    async with app_and_client(settings) as (_, client):
+        yield client
 
 
 def _processes() -> list[tuple[int, int, bytes]]:
@@ -203,9 +212,13 @@ def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-async def sse(client: httpx.AsyncClient, url: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+async def sse(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None
+) -> AsyncIterator[tuple[str, dict[str, Any]]]:
     """(event, data) pairs of a Server-Sent Events stream."""
-    async with client.stream("GET", url, timeout=httpx.Timeout(30, read=60)) as response:
+    async with client.stream(
+        "GET", url, headers=headers, timeout=httpx.Timeout(30, read=60)
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         event, data = "message", ""

@@ -211,7 +211,7 @@ def create_app(
         if model_manager.settings.ray_address:
             from api.fleet.fleet import Fleet  # Ray is loaded for a fleet only
 
-            app.state.fleet = Fleet(model_manager.settings)
+            app.state.fleet = Fleet(model_manager.settings, bus=model_manager.events)
             await app.state.fleet.start()
         # The server waits for open responses before it runs the shutdown below, and an event
         # stream never ends by itself: end the streams on the stop signal itself.

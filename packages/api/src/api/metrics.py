@@ -55,21 +55,60 @@ class ServiceMetrics:
         )
         for result in _ENDED.values():
             self.downloads.labels(result)
-        self._transferred_seen: dict[str, int] = {}
+        # With a fleet, the nodes' events come here too: the same counters, and per node
+        # (registered with the first node's event, so that one machine's metrics are unchanged).
+        self.node_downloads: Counter | None = None
+        self.node_bytes: Counter | None = None
+        self._transferred_seen: dict[tuple[str | None, str], tuple[int, int]] = {}
 
     def on_event(self, event: DownloadEvent) -> None:
+        key = (event.node_id, event.task_id)
         if event.type is DownloadEventType.STARTED:
-            self._transferred_seen[event.task_id] = 0
-        if event.progress is not None and event.progress.transferred_bytes is not None:
-            seen = self._transferred_seen.get(event.task_id, 0)
-            if event.progress.transferred_bytes > seen:
-                self.transferred.inc(event.progress.transferred_bytes - seen)
-                self._transferred_seen[event.task_id] = event.progress.transferred_bytes
+            self._transferred_seen[key] = (0, 0)
+        progress = event.progress
+        if progress is not None and progress.transferred_bytes is not None:
+            seen, seen_peers = self._transferred_seen.get(key, (0, 0))
+            peers = progress.from_peers_bytes or 0
+            hub = progress.transferred_bytes - peers
+            if hub > seen - seen_peers:
+                self.transferred.inc(hub - (seen - seen_peers))
+            if event.node_id is not None:
+                by_node = self._node_bytes()
+                if hub > seen - seen_peers:
+                    by_node.labels(event.node_id, "hub").inc(hub - (seen - seen_peers))
+                if peers > seen_peers:
+                    by_node.labels(event.node_id, "peers").inc(peers - seen_peers)
+            self._transferred_seen[key] = (
+                max(seen, progress.transferred_bytes),
+                max(seen_peers, peers),
+            )
         if event.type is DownloadEventType.RETRYING:
             self.retries.labels(event.retry_kind or "unknown").inc()
         if event.type in _ENDED:
             self.downloads.labels(_ENDED[event.type]).inc()
-            self._transferred_seen.pop(event.task_id, None)
+            if event.node_id is not None:
+                self._node_downloads().labels(event.node_id, _ENDED[event.type]).inc()
+            self._transferred_seen.pop(key, None)
+
+    def _node_downloads(self) -> Counter:
+        if self.node_downloads is None:
+            self.node_downloads = Counter(
+                "models_node_downloads",
+                "Downloads ended on each node of the fleet, by result",
+                ["node", "result"],
+                registry=self.registry,
+            )
+        return self.node_downloads
+
+    def _node_bytes(self) -> Counter:
+        if self.node_bytes is None:
+            self.node_bytes = Counter(
+                "models_node_downloaded_bytes",
+                "Bytes fetched by each node of the fleet, by source (the Hub, or other nodes)",
+                ["node", "source"],
+                registry=self.registry,
+            )
+        return self.node_bytes
 
     async def render(self) -> bytes:
         """The metrics text, with the gauges read now."""

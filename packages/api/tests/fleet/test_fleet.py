@@ -14,7 +14,14 @@ import pytest
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, trickle
 from fakehub.raycluster import RayCluster
-from tests.helpers import FINAL, MB, app_client, downloads_using, wait_for_status
+from tests.helpers import (
+    FINAL,
+    MB,
+    app_and_client,
+    app_client,
+    downloads_using,
+    wait_for_status,
+)
 
 pytestmark = [pytest.mark.fleet, pytest.mark.xdist_group("fleet")]
 
@@ -57,7 +64,7 @@ async def status_until(
 async def test_a_download_reaches_every_node_the_hub_serving_each_file_once(
     fleet_settings: Settings, hub: FakeHub, model: str, node_caches: list[Path]
 ) -> None:
-    async with app_client(fleet_settings) as client:
+    async with app_and_client(fleet_settings) as (app, client):
         space = (await client.get("/api/models/space")).json()
         assert sorted(n["cache_path"] for n in space["nodes"]) == sorted(map(str, node_caches))
         started = await client.post("/api/models/download", json=BODY)
@@ -83,6 +90,36 @@ async def test_a_download_reaches_every_node_the_hub_serving_each_file_once(
         assert sorted(n["from_peers_bytes"] for n in copies) == [SIZE + 2] * 2
         listed = (await client.get("/api/models/list")).json()["models"]
         assert [(m["model"]["hf_commit"], len(m["nodes"])) for m in listed] == [(model, 3)]
+        # Plan, verify and prune act on every node and answer per node.
+        plan = (await client.post("/api/models/plan", json=BODY)).json()
+        assert [(n["missing_bytes"], n["fits"]) for n in plan["nodes"]] == [(0, True)] * 3
+        verified = (await client.post("/api/models/verify", json=BODY)).json()
+        assert verified["verified"] is True, verified
+        assert [n["verified"] for n in verified["nodes"]] == [True] * 3
+        pruned = (await client.post("/api/models/prune", json={"dry_run": True})).json()
+        assert pruned == {
+            "dry_run": True,
+            "revisions": [],
+            "freed_bytes": 0,
+            "kept": [],
+            "note": None,
+        }
+        # The service's event bus (what GET /events streams) has each node's events, with the
+        # node; the metrics count per node.
+        with app.state.model_manager.events.subscribe(after=0) as queue:
+            held = [queue.get_nowait() for _ in range(queue.qsize())]
+        ended = {e.node_id for e in held if e.type == "completed"}
+        assert ended == {n["node_id"] for n in answer["nodes"]}, held
+        assert all(e.node_id for e in held)
+        metrics = (await client.get("/metrics")).text
+        for node in ended:
+            assert f'models_node_downloads_total{{node="{node}",result="completed"}} 1.0' in metrics
+        from_peers = [
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("models_node_downloaded_bytes_total") and 'source="peers"' in line
+        ]
+        assert sum(from_peers) == 2 * (SIZE + 2)
         # Asked again: complete everywhere, nothing starts.
         again = await client.post("/api/models/download", json=BODY)
         assert again.status_code == 200, again.text

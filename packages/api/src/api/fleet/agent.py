@@ -13,6 +13,8 @@ once per fleet.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from typing import Any
 
@@ -22,7 +24,7 @@ from api.models.hub.adapter import HubCacheBackend
 from api.models.hub.cache import ModelCache
 from api.models.hub.peers import PeerServer
 from api.models.manager import ModelManager
-from api.models.types import DownloadEvent, Model, ModelRequest
+from api.models.types import DownloadEvent, Model, ModelRequest, PruneRequest
 from api.settings import Settings
 
 
@@ -66,6 +68,23 @@ class NodeAgent:
                 "peers": peers,
             }
 
+    async def _events(
+        self, manager: ModelManager, after: int | None, wait: float
+    ) -> list[dict[str, Any]]:
+        """The events after ``after`` (a ``seq`` of this agent's), or, when there are none yet,
+        those that come within ``wait`` seconds."""
+        with manager.events.subscribe(after) as queue:
+            if queue.empty():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        first = await manager.events.next(queue)
+                        if first is not None:
+                            queue.put_nowait(first)
+            found = []
+            while not queue.empty():
+                found.append(queue.get_nowait().model_dump(mode="json"))
+            return found
+
     async def stop(self) -> None:
         await self.peers.stop()
         if self.manager is not None:
@@ -95,6 +114,19 @@ class NodeAgent:
             self.fetched.pop(model.task_id, None)
             started = await manager.add_model(model, request.selection, peers)
             return started.model_dump(mode="json")
+        if method == "events":
+            return await self._events(manager, payload.get("after"), float(payload["wait"]))
+        if method == "plan":
+            request = ModelRequest.model_validate(payload)
+            planned = await manager.plan_model(request.as_model(), request.selection)
+            return planned.model_dump(mode="json")
+        if method == "verify":
+            verified = await manager.verify_model(Model.model_validate(payload))
+            return verified.model_dump(mode="json")
+        if method == "prune":
+            asked = PruneRequest.model_validate(payload["request"])
+            pruned = await manager.prune(asked, force=bool(payload.get("force")))
+            return pruned.model_dump(mode="json")
         if method == "plan_space":
             request = ModelRequest.model_validate(payload)
             plan = await manager.plan_model(request.as_model(), request.selection)

@@ -24,20 +24,30 @@ from api.models.errors import (
     OnNode,
     UnknownNode,
 )
+from api.models.events import EventBus
 from api.models.types import (
     DeleteResponse,
     DeleteStatus,
     DiskSpaceInfo,
+    DownloadEvent,
     DownloadProgress,
     DownloadStartedResponse,
+    KeptRevision,
     Model,
     ModelListItem,
     ModelRequest,
     ModelStatus,
     ModelStatusResponse,
     NodeDeleted,
+    NodePlan,
     NodeSpace,
     NodeStatus,
+    NodeVerified,
+    PlanResponse,
+    PrunedRevision,
+    PruneRequest,
+    PruneResponse,
+    VerifyResponse,
 )
 from api.settings import Settings
 
@@ -48,6 +58,7 @@ CACHE_LABEL = "models-cache"  # a node's own cache folder, as a Ray node label
 WATCH_SECONDS = 5.0
 CALL_TIMEOUT = 60.0
 FOLLOW_SECONDS = 0.5  # how often a rollout reads the status of the node it waits for
+EVENTS_WAIT = 10.0  # each call for a node's events waits this long for one
 # Settings that are each node's own (from its environment or its label), not the service's.
 _NODE_OWN = {"cache_dir", "state_dir", "api_key", "read_api_key", "ray_address"}
 
@@ -82,7 +93,11 @@ class NodeFailed(Exception):
 @dataclass
 class Fleet:
     settings: Settings
+    # The service's own event bus: the nodes' events are published on it, with their node, so
+    # that the event stream, the logs and the metrics have them.
+    bus: EventBus | None = None
     agents: dict[str, _Agent] = field(default_factory=dict)
+    _pumps: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _rollouts: dict[str, _Rollout] = field(default_factory=dict)  # by task id
     _watcher: asyncio.Task[None] | None = None
     _refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -144,6 +159,10 @@ class Fleet:
                 agent.cache_path = started["cache_path"]
                 agent.peer_url = started["peer_url"]
                 self.agents[node_id] = agent
+                if self.bus is not None:
+                    self._pumps[node_id] = asyncio.create_task(
+                        self._pump(agent, self.bus), name=f"events of {node_id[:12]}"
+                    )
                 logger.info(
                     "event=agent_started node=%s address=%s cache=%s",
                     node_id[:12],
@@ -169,6 +188,20 @@ class Fleet:
             logger.warning("event=agent_restarted node=%s", agent.node_id[:12])
             agent.peer_url = started["peer_url"]
 
+    async def _pump(self, agent: _Agent, bus: EventBus) -> None:
+        """The node's events, on the service's bus, until the node leaves."""
+        after: int | None = None
+        while not agent.gone:
+            try:
+                events = await self._call(agent, "events", {"after": after, "wait": EVENTS_WAIT})
+            except (NodeFailed, OnNode):
+                await asyncio.sleep(1.0)  # its agent is being restarted, or the node is leaving
+                continue
+            for raw in events:
+                event = DownloadEvent.model_validate(raw)
+                after = event.seq
+                bus.publish(event.model_copy(update={"node_id": agent.node_id, "seq": None}))
+
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(WATCH_SECONDS)
@@ -187,6 +220,9 @@ class Fleet:
                 await self._watcher
         for rollout in self._rollouts.values():
             await _cancel(rollout)
+        for pump in self._pumps.values():
+            pump.cancel()
+        await asyncio.gather(*self._pumps.values(), return_exceptions=True)
         alive = [a for a in self.agents.values() if not a.gone]
         await asyncio.gather(*(self._stop(a) for a in alive), return_exceptions=True)
         for agent in alive:
@@ -373,10 +409,12 @@ class Fleet:
             if status == ModelStatus.DOWNLOADING:
                 continue
             if status == ModelStatus.DOWNLOADED:
+                # They stay "waiting" (DOWNLOADING in the status) until their own download runs:
+                # the fleet's status never says PARTIAL in between.
                 waiting = [self.agents[n] for n in rollout.waiting if n in self.agents]
-                rollout.waiting = []
                 holders = await self._holders(payload)
                 await self._start(rollout, [a for a in waiting if not a.gone], holders)
+                rollout.waiting = []
                 return
             why = answer.get("error_message") or f"it is {status} there"
             for node in rollout.waiting:
@@ -532,6 +570,121 @@ class Fleet:
             freed_bytes=None if cancelled and not freed else freed,
             nodes=nodes,
         )
+
+    async def plan_model(self, request: ModelRequest) -> PlanResponse:
+        """The Hub's file list once, with each node's figures; the top figures are the worst
+        node's (the most to fetch, the least room), and ``fits`` holds only when every node fits."""
+        agents = self._targets_of(request.nodes)
+        payload = request.model_dump(mode="json", exclude={"nodes"})
+        answers = await self._fan_out(agents, "plan", payload)
+        plans: list[PlanResponse] = []
+        nodes: list[NodePlan] = []
+        for agent, answer in zip(agents, answers, strict=True):
+            if isinstance(answer, OnNode):
+                raise answer  # the Hub's answer: the same on every node
+            if isinstance(answer, dict):
+                plan = PlanResponse.model_validate(answer)
+                plans.append(plan)
+                nodes.append(
+                    NodePlan(
+                        node_id=agent.node_id,
+                        missing_bytes=plan.missing_bytes,
+                        available_bytes=plan.available_bytes,
+                        fits=plan.fits,
+                    )
+                )
+            else:
+                nodes.append(
+                    NodePlan(node_id=agent.node_id, fits=None, error_message=_unanswered(answer))
+                )
+        if not plans:
+            raise OnNode(agents[0].node_id, "NodeFailed", _unanswered(answers[0]))
+        worst = max(plans, key=lambda p: p.missing_bytes - p.available_bytes)
+        return worst.model_copy(
+            update={
+                "missing_bytes": max(p.missing_bytes for p in plans),
+                "available_bytes": min(p.available_bytes for p in plans),
+                "fits": all(p.fits for p in plans),
+                "nodes": nodes,
+            }
+        )
+
+    async def verify_model(self, model: Model) -> VerifyResponse:
+        """Every node with a copy checks it; verified only when every copy is. 404 only when no
+        node has one."""
+        agents = self._targets_of(None)
+        answers = await self._fan_out(agents, "verify", model.model_dump(mode="json"))
+        checked: list[VerifyResponse] = []
+        nodes: list[NodeVerified] = []
+        for agent, answer in zip(agents, answers, strict=True):
+            if isinstance(answer, dict):
+                done = VerifyResponse.model_validate(answer)
+                checked.append(done)
+                nodes.append(
+                    NodeVerified(
+                        node_id=agent.node_id,
+                        verified=done.verified,
+                        files_checked=done.files_checked,
+                        missing=done.missing,
+                        mismatched=done.mismatched,
+                    )
+                )
+            elif isinstance(answer, OnNode) and answer.kind == ModelNotFound.__name__:
+                nodes.append(
+                    NodeVerified(node_id=agent.node_id, verified=None, error_message=str(answer))
+                )
+            elif isinstance(answer, OnNode):
+                raise answer  # downloading there (409): verified when it completes
+            else:
+                nodes.append(
+                    NodeVerified(
+                        node_id=agent.node_id, verified=None, error_message=_unanswered(answer)
+                    )
+                )
+        if not checked:
+            raise ModelNotFound(model.task_id)
+        return VerifyResponse(
+            model=model,
+            commit=checked[0].commit,
+            verified=all(c.verified for c in checked) and len(checked) == len(nodes),
+            files_checked=sum(c.files_checked for c in checked),
+            missing=sorted({path for c in checked for path in c.missing}),
+            mismatched=sorted({path for c in checked for path in c.mismatched}),
+            nodes=nodes,
+        )
+
+    async def prune(self, request: PruneRequest, force: bool = False) -> PruneResponse:
+        """Prune on every node; each revision and kept revision names its node."""
+        agents = self._targets_of(None)
+        payload = {"request": request.model_dump(mode="json"), "force": force}
+        answers = await self._fan_out(agents, "prune", payload)
+        revisions: list[PrunedRevision] = []
+        kept: list[KeptRevision] = []
+        notes: list[str] = []
+        freed = 0
+        for agent, answer in zip(agents, answers, strict=True):
+            if isinstance(answer, OnNode):
+                raise answer  # a vLLM server that did not answer there: nothing forced
+            if not isinstance(answer, dict):
+                notes.append(f"node {agent.node_id[:12]}: {_unanswered(answer)}")
+                continue
+            pruned = PruneResponse.model_validate(answer)
+            freed += pruned.freed_bytes
+            revisions += [r.model_copy(update={"node_id": agent.node_id}) for r in pruned.revisions]
+            kept += [k.model_copy(update={"node_id": agent.node_id}) for k in pruned.kept]
+            if pruned.note:
+                notes.append(f"node {agent.node_id[:12]}: {pruned.note}")
+        return PruneResponse(
+            dry_run=request.dry_run,
+            revisions=revisions,
+            freed_bytes=freed,
+            kept=kept,
+            note="; ".join(notes) or None,
+        )
+
+
+def _unanswered(answer: object) -> str:
+    return f"the node did not answer: {answer}"
 
 
 async def _cancel(rollout: _Rollout) -> None:

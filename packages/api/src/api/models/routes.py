@@ -350,7 +350,7 @@ async def download_model(
         **_BODY_ERRORS,
     },
 )
-async def plan_download(model: RequestBody, manager: ManagerDep) -> PlanResponse:
+async def plan_download(model: RequestBody, manager: ManagerDep, fleet: FleetDep) -> PlanResponse:
     """What a download would fetch, before the first byte: nothing is downloaded or written.
 
     Every file of the revision with its size and whether the selection takes it, the bytes
@@ -367,6 +367,8 @@ async def plan_download(model: RequestBody, manager: ManagerDep) -> PlanResponse
     "fits": true, "weights": [{"format": "safetensors", "pattern": "*.safetensors", ...}],
     "note": null}`
     """
+    if fleet is not None:
+        return await fleet.plan_model(model)
     return await manager.plan_model(model.as_model(), model.selection)
 
 
@@ -449,6 +451,7 @@ _PRUNE_EXAMPLES: dict[str, Any] = {
 async def prune_models(
     request: Annotated[PruneRequest, Body(openapi_examples=_PRUNE_EXAMPLES)],
     manager: ManagerDep,
+    fleet: FleetDep,
     force: ForceQuery = False,
 ) -> PruneResponse:
     """Remove the cached revisions no ref (branch or tag) points to: what updates left behind,
@@ -464,6 +467,8 @@ async def prune_models(
     "hf_commit": "01c7f73d771dfac7d292323805ebc428287df4f9"}, "size_bytes": 13476839424}],
     "freed_bytes": 13476839424, "kept": [], "note": null}`
     """
+    if fleet is not None:
+        return await fleet.prune(request, force)
     return await manager.prune(request, force)
 
 
@@ -521,7 +526,7 @@ async def model_updates(
         **_BODY_ERRORS,
     },
 )
-async def verify_model(model: ModelBody, manager: ManagerDep) -> VerifyResponse:
+async def verify_model(model: ModelBody, manager: ManagerDep, fleet: FleetDep) -> VerifyResponse:
     """Check every cached file of a revision against its ETag (sha256 for LFS files, git blob id
     for regular files), offline. Hashing runs off the event loop; a large model takes a while
     (about the time to read it from disk).
@@ -531,6 +536,8 @@ async def verify_model(model: ModelBody, manager: ManagerDep) -> VerifyResponse:
     Response: `{"model": {...}, "commit": "01c7f73d771dfac7d292323805ebc428287df4f9", "verified":
     false, "files_checked": 12, "missing": [], "mismatched": ["model-00001-of-00002.safetensors"]}`
     """
+    if fleet is not None:
+        return await fleet.verify_model(model)
     return await manager.verify_model(model)
 
 

@@ -514,6 +514,14 @@ class WeightChoice(BaseModel):
     selected: bool = Field(description="Whether the selection takes every one of its files")
 
 
+class NodePlan(BaseModel):
+    node_id: str
+    missing_bytes: int | None = Field(default=None, description="What this node would fetch")
+    available_bytes: int | None = None
+    fits: bool | None = Field(description="null: the node did not answer")
+    error_message: str | None = None
+
+
 class PlanResponse(BaseModel):
     """What a download would fetch, computed from the Hub's file list without writing anything."""
 
@@ -534,6 +542,12 @@ class PlanResponse(BaseModel):
     weights: list[WeightChoice] = Field(
         description="The weight files grouped by format and quantization, to choose from"
     )
+    nodes: list[NodePlan] | None = Field(
+        default=None,
+        exclude_if=_none,
+        description="With a fleet: each node's figures; the top ones are the worst node's"
+        " (addition)",
+    )
     note: str | None = Field(
         default=None,
         description="Why POST /download would refuse this selection (422), when it would",
@@ -550,6 +564,18 @@ class VerifyResponse(BaseModel):
     files_checked: int = Field(description="Files present and hashed")
     missing: list[str] = Field(description="Files of the revision that are not there")
     mismatched: list[str] = Field(description="Files whose content does not match their ETag")
+    nodes: list[NodeVerified] | None = Field(
+        default=None, exclude_if=_none, description="With a fleet: each node's check (addition)"
+    )
+
+
+class NodeVerified(BaseModel):
+    node_id: str
+    verified: bool | None = Field(description="null: the node did not answer, or has no copy")
+    files_checked: int = 0
+    missing: list[str] = Field(default_factory=list)
+    mismatched: list[str] = Field(default_factory=list)
+    error_message: str | None = None
 
 
 class DownloadEventType(StrEnum):
@@ -579,6 +605,11 @@ class DownloadEvent(BaseModel):
         default=None,
         description="Number of the event in this service (the SSE id): send it back as"
         " Last-Event-ID on reconnect to get the events missed meanwhile",
+    )
+    node_id: str | None = Field(
+        default=None,
+        exclude_if=_none,
+        description="With a fleet: the node the download runs on (addition)",
     )
 
 
@@ -657,11 +688,17 @@ class PrunedRevision(BaseModel):
         description="Bytes of the files only this revision held (those shared with a kept"
         " revision stay)"
     )
+    node_id: str | None = Field(
+        default=None, exclude_if=_none, description="With a fleet: the node (addition)"
+    )
 
 
 class KeptRevision(BaseModel):
     model: Model = Field(description="The repo and the commit")
     reason: str = Field(description="Why it was not removed, in plain words")
+    node_id: str | None = Field(
+        default=None, exclude_if=_none, description="With a fleet: the node (addition)"
+    )
 
 
 class PruneResponse(BaseModel):
