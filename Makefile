@@ -9,7 +9,9 @@ BOOT := .bootstrap
 UV := $(BOOT)/bin/uv
 VENV := .venv
 STAMP := $(VENV)/.synced
-RUN_STAMP := $(VENV)/.synced-runtime
+# A fleet (MODELS_RAY_ADDRESS set) runs with the api[fleet] extra: Ray.
+RUN_EXTRA := $(if $(MODELS_RAY_ADDRESS),--package api --extra fleet,)
+RUN_STAMP := $(VENV)/.synced-runtime$(if $(MODELS_RAY_ADDRESS),-fleet,)
 
 .PHONY: run install test lint typecheck unit steady stress demo bench clean browser-deps screenshot
 
@@ -24,7 +26,7 @@ $(STAMP): $(UV) uv.lock pyproject.toml packages/api/pyproject.toml packages/fake
 # `make run` installs what the service needs to run and nothing more (no test tools); it leaves
 # a test environment that is already there as it is.
 $(RUN_STAMP): $(UV) uv.lock pyproject.toml packages/api/pyproject.toml packages/fakehub/pyproject.toml
-	$(UV) sync --frozen --no-dev --inexact --python $(PYTHON)
+	$(UV) sync --frozen --no-dev --inexact $(RUN_EXTRA) --python $(PYTHON)
 	@touch $(RUN_STAMP)
 
 run: $(RUN_STAMP)

@@ -71,7 +71,11 @@ def make_repos() -> Path:
 
 @contextlib.contextmanager
 def fake_hub(
-    repos: Path, rate: int = 0, latency: float = 0.0, send_buffer: int | None = None
+    repos: Path,
+    rate: int = 0,
+    latency: float = 0.0,
+    send_buffer: int | None = None,
+    uplink: int = 0,
 ) -> Iterator[str]:
     """The fake hub as a process of its own; ``rate``/``latency``: a capped link (each response
     body of content at most ``rate`` bytes per second, each request ``latency`` seconds late)."""
@@ -96,6 +100,7 @@ def fake_hub(
             *(["--rate", str(rate)] if rate else []),
             *(["--latency", str(latency)] if latency else []),
             *(["--send-buffer", str(send_buffer)] if send_buffer else []),
+            *(["--uplink", str(uplink)] if uplink else []),
         ],
         stdout=subprocess.DEVNULL,
     )

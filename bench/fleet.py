@@ -39,6 +39,9 @@ def until_downloaded(client: httpx.Client, started: float, timeout: float = 600)
         time.sleep(0.05)
 
 
+SCENARIOS = [("loopback", 0), ("the hub's uplink at 100 MB/s", 100_000_000)]
+
+
 def main() -> None:
     repos = make_repos()
     work = DATA / "work-fleet"
@@ -49,59 +52,63 @@ def main() -> None:
         f"one 1 GiB model on 3 nodes: the fleet vs 3 independent downloads, {RUNS} runs each,"
         f" medians ({machine()})"
     )
-    times: dict[str, list[float]] = {"fleet": [], "independent": []}
-    hub_bytes: dict[str, list[int]] = {"fleet": [], "independent": []}
     try:
-        with (
-            fake_hub(repos) as hub,
-            ray_cluster(root, [work / f"node{i}" / "cache" for i in range(3)]) as cluster,
-        ):
-            caches = [work / f"alone{i}" / "cache" for i in range(3)]
-            with (
-                service(
-                    hub,
-                    work / "fleet-service" / "cache",
-                    MODELS_RAY_ADDRESS=cluster.address,
-                    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-                ) as fleet,
-                fleet.client() as client,
-            ):
-                for _ in range(RUNS):
-                    settle()
-                    before = served(hub)
-                    started = time.perf_counter()
-                    client.post("/api/models/download", json=BODY).raise_for_status()
-                    times["fleet"].append(until_downloaded(client, started))
-                    hub_bytes["fleet"].append(served(hub) - before)
-                    client.request("DELETE", "/api/models", json=BODY).raise_for_status()
-            for _ in range(RUNS):
-                settle()
-                before = served(hub)
-                with (
-                    service(hub, caches[0]) as a,
-                    service(hub, caches[1]) as b,
-                    service(hub, caches[2]) as c,
-                ):
-                    clients = [s.client() for s in (a, b, c)]
-                    started = time.perf_counter()
-                    for each in clients:
-                        each.post("/api/models/download", json=BODY).raise_for_status()
-                    times["independent"].append(
-                        max(until_downloaded(each, started) for each in clients)
-                    )
-                    hub_bytes["independent"].append(served(hub) - before)
-                    for each in clients:
-                        each.request("DELETE", "/api/models", json=BODY)
-                        each.close()
+        with ray_cluster(root, [work / f"node{i}" / "cache" for i in range(3)]) as cluster:
+            for name, uplink in SCENARIOS:
+                with fake_hub(repos, uplink=uplink) as hub:
+                    report(name, *measure(hub, cluster.address, work))
     finally:
         shutil.rmtree(root, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(
+    hub: str, address: str, work: Path
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    times: dict[str, list[float]] = {"fleet": [], "independent": []}
+    hub_bytes: dict[str, list[int]] = {"fleet": [], "independent": []}
+    env = {"MODELS_RAY_ADDRESS": address, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    with (
+        service(hub, work / "fleet-service" / "cache", **env) as fleet,
+        fleet.client() as client,
+    ):
+        for _ in range(RUNS):
+            settle()
+            before = served(hub)
+            started = time.perf_counter()
+            client.post("/api/models/download", json=BODY).raise_for_status()
+            times["fleet"].append(until_downloaded(client, started))
+            hub_bytes["fleet"].append(served(hub) - before)
+            client.request("DELETE", "/api/models", json=BODY).raise_for_status()
+    caches = [work / f"alone{i}" / "cache" for i in range(3)]
+    for _ in range(RUNS):
+        settle()
+        before = served(hub)
+        with (
+            service(hub, caches[0]) as a,
+            service(hub, caches[1]) as b,
+            service(hub, caches[2]) as c,
+        ):
+            clients = [s.client() for s in (a, b, c)]
+            started = time.perf_counter()
+            for each in clients:
+                each.post("/api/models/download", json=BODY).raise_for_status()
+            times["independent"].append(max(until_downloaded(each, started) for each in clients))
+            hub_bytes["independent"].append(served(hub) - before)
+            for each in clients:
+                each.request("DELETE", "/api/models", json=BODY)
+                each.close()
+    return times, hub_bytes
+
+
+def report(name: str, times: dict[str, list[float]], hub_bytes: dict[str, list[int]]) -> None:
+    print(f" {name}:")
     base = median(times["independent"])
-    for name in ("independent", "fleet"):
+    for kind in ("independent", "fleet"):
         print(
-            f"  {name:<12} median {median(times[name]):7.2f} s   time vs independent"
-            f" {median(times[name]) / base:5.2f} x   the Hub sent"
-            f" {median([float(n) for n in hub_bytes[name]]) / GB:5.2f} GiB"
+            f"  {kind:<12} median {median(times[kind]):7.2f} s   time vs independent"
+            f" {median(times[kind]) / base:5.2f} x   the Hub sent"
+            f" {median([float(n) for n in hub_bytes[kind]]) / GB:5.2f} GiB"
         )
 
 

@@ -4,6 +4,8 @@ Hub paid once per fleet."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from tests.helpers import (
     app_client,
     downloads_using,
     wait_for_status,
+    workers_using,
 )
 
 pytestmark = [pytest.mark.fleet, pytest.mark.xdist_group("fleet")]
@@ -281,3 +284,36 @@ async def test_a_peer_that_leaves_mid_copy_hands_over_to_the_hub_and_a_new_node_
         assert answer["status"] == "DOWNLOADED", answer
         assert hub.served("*/resolve/*") == served
         assert on_disk(cluster.caches[newcomer])
+
+
+async def test_an_agent_that_dies_is_restarted_and_its_download_resumed(
+    fleet_settings: Settings, hub: FakeHub, model: str, cluster: RayCluster
+) -> None:
+    node = cluster.nodes[2]
+    cache = cluster.caches[node]
+    hub.add_fault(trickle(MB // 2, path="*/resolve/*/w.bin"))
+    async with app_client(fleet_settings) as client:
+        body = {**BODY, "nodes": [node]}
+        assert (await client.post("/api/models/download", json=body)).status_code == 202
+        await status_until(
+            client, lambda a: bool((a["nodes"][0]["progress"] or {}).get("transferred_bytes"))
+        )
+        workers = downloads_using(cache)
+        assert len(workers) == 1
+        zygote = next(p for p in workers_using(cache) if p not in workers)
+        agent = int(Path(f"/proc/{zygote}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        os.kill(agent, signal.SIGKILL)  # the agent's process dies mid-download
+        hub.clear_faults()
+        # Its zygote and worker go with it: nothing keeps writing.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while any(pid in downloads_using(cache) for pid in workers):
+            assert loop.time() < deadline, "the dead agent's worker lives on"
+            await asyncio.sleep(0.1)
+        # Ray restarts the agent; the fleet's watch starts it again, and it resumes the download
+        # from its node's job store: nobody asks again.
+        answer = await status_until(client, lambda a: a["status"] == "DOWNLOADED", seconds=120)
+        assert [n["node_id"] for n in answer["nodes"]] == [node]
+    # Fetched twice: the first transfer died with the agent; the resumed one completed it.
+    assert hub.count("GET", "*/resolve/*/w.bin") >= 2
+    assert (cache / "models--org--model").exists()

@@ -35,6 +35,13 @@ def main(argv: list[str] | None = None) -> None:
         "--latency", type=float, default=0.0, help="seconds every request waits first"
     )
     parser.add_argument(
+        "--uplink",
+        type=int,
+        default=0,
+        help="all response bodies of file content together at most this many bytes per second"
+        " (the hub's uplink, shared by all its clients)",
+    )
+    parser.add_argument(
         "--send-buffer",
         type=int,
         default=None,
@@ -69,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         rate=args.rate,
         latency=args.latency,
         send_buffer=args.send_buffer,
+        uplink=args.uplink,
     )
 
 

@@ -91,8 +91,14 @@ class FakeHub(LoopbackServer):
         xet_token_ttl: float = 3600,
         cdn: bool = False,
         send_buffer: int | None = None,
+        uplink: int = 0,
     ) -> None:
         self.repos_dir = repos_dir
+        # The hub's whole uplink, shared by every response body of content (bytes per second;
+        # 0: none): what many clients of one hub (a fleet's nodes) share, unlike ``rate``, which
+        # caps each connection.
+        self.uplink = uplink
+        self._uplink_due = 0.0
         # The kernel's send buffer of each connection (SO_SNDBUF); None: the kernel's own, up to
         # 4 MiB. A byte counted as served is one in that buffer: a real server's buffer is on its
         # side of the link, so a small one makes the count what the link carried.
@@ -185,6 +191,15 @@ class FakeHub(LoopbackServer):
 
         with self._lock:
             return sum(n for p, n in self.body_bytes.items() if fnmatch.fnmatchcase(p, pattern))
+
+    def _through_uplink(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` more fit in the uplink's rate (a shared schedule, 50 ms burst)."""
+        with self._lock:
+            now = time.monotonic()
+            self._uplink_due = max(self._uplink_due, now - 0.05) + nbytes / self.uplink
+            delay = self._uplink_due - now - 0.05
+        if delay > 0:
+            self.wait(delay)
 
     def wait_idle(self, seconds: float = 10.0) -> bool:
         """Wait until no response body is being sent (a client that went away leaves the server
@@ -622,7 +637,7 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         hub = self.server.hub
         path = unquote(urlsplit(self.path).path)
-        if fault is None and hasattr(source, "fileno"):
+        if fault is None and hasattr(source, "fileno") and not hub.uplink:
             hub._count_body(path, _sendfile(self.connection, source, start, end - start))
             return
         if fault is not None and fault.kind is FaultKind.STALL:
@@ -648,6 +663,8 @@ class _Handler(BaseHTTPRequestHandler):
             if fault is not None and fault.kind is FaultKind.CORRUPT and 0 <= flip < len(chunk):
                 # Flip every bit of one byte of the body: same length, wrong content.
                 chunk = chunk[:flip] + bytes([chunk[flip] ^ 0xFF]) + chunk[flip + 1 :]
+            if hub.uplink:
+                hub._through_uplink(len(chunk))
             self.wfile.write(chunk)
             hub._count_body(path, len(chunk))
             position += len(chunk)
@@ -774,10 +791,12 @@ def serve(
     rate: int = 0,
     latency: float = 0.0,
     send_buffer: int | None = None,
+    uplink: int = 0,
 ) -> None:
     """Serve ``repos_dir`` until interrupted (the standalone mode). ``rate``: each response body
     of file content at most that many bytes per second (a link that caps every connection, as a
-    CDN does); ``latency``: every request waits that long first."""
+    CDN does); ``latency``: every request waits that long first; ``uplink``: all bodies of content
+    together at most that many bytes per second."""
     hub = FakeHub(
         repos_dir,
         host=host,
@@ -786,6 +805,7 @@ def serve(
         gated_access=gated_access,
         xet=xet,
         send_buffer=send_buffer,
+        uplink=uplink,
     )
     if rate:
         for content in ("*/resolve/*", "/cas/xorbs/*", "/cdn/*"):

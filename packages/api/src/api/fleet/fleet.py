@@ -140,6 +140,7 @@ class Fleet:
             remote = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)(NodeAgent)
             running = [a for n, a in self.agents.items() if n in alive and not a.gone]
             await asyncio.gather(*(self._restart_if_needed(a) for a in running))
+            new: list[_Agent] = []
             for node_id, info in alive.items():
                 known = self.agents.get(node_id)
                 if known is not None and not known.gone:
@@ -149,23 +150,20 @@ class Fleet:
                 handle: Any = remote.options(
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
                 ).remote(values, label, self._peer_token, address)
-                agent = _Agent(node_id, address, handle)
-                try:
-                    async with asyncio.timeout(CALL_TIMEOUT):
-                        started = await handle.start.remote()
-                except Exception as error:
-                    logger.warning("event=agent_failed node=%s reason=%s", node_id[:12], error)
+                new.append(_Agent(node_id, address, handle))
+            # Started together: a hundred nodes that join take one start's time, not a hundred.
+            started = await asyncio.gather(*(self._first_start(a) for a in new))
+            for agent, ok in zip(new, started, strict=True):
+                if not ok:
                     continue
-                agent.cache_path = started["cache_path"]
-                agent.peer_url = started["peer_url"]
-                self.agents[node_id] = agent
+                self.agents[agent.node_id] = agent
                 if self.bus is not None:
-                    self._pumps[node_id] = asyncio.create_task(
-                        self._pump(agent, self.bus), name=f"events of {node_id[:12]}"
+                    self._pumps[agent.node_id] = asyncio.create_task(
+                        self._pump(agent, self.bus), name=f"events of {agent.node_id[:12]}"
                     )
                 logger.info(
                     "event=agent_started node=%s address=%s cache=%s",
-                    node_id[:12],
+                    agent.node_id[:12],
                     agent.address,
                     agent.cache_path,
                 )
@@ -173,6 +171,23 @@ class Fleet:
                 if node_id not in alive and not agent.gone:
                     agent.gone = True
                     logger.warning("event=node_gone node=%s", node_id[:12])
+
+    async def _first_start(self, agent: _Agent) -> bool:
+        """Whether the new agent started; one that did not is killed (the next watch makes
+        another), so that a node never has two agents on its cache."""
+        import ray
+
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                started = await agent.handle.start.remote()
+        except Exception as error:
+            logger.warning("event=agent_failed node=%s reason=%s", agent.node_id[:12], error)
+            with contextlib.suppress(Exception):
+                ray.kill(agent.handle, no_restart=True)
+            return False
+        agent.cache_path = started["cache_path"]
+        agent.peer_url = started["peer_url"]
+        return True
 
     async def _restart_if_needed(self, agent: _Agent) -> None:
         """An agent Ray restarted (its process died) has neither its manager nor its blob server:

@@ -111,6 +111,8 @@ def log_event(event: DownloadEvent) -> None:
         "duration": f"{progress.elapsed_seconds:.3f}" if progress else "-",
         "attempt": (progress.attempt if progress else None) or 1,
     }
+    if event.node_id is not None:
+        fields["node"] = event.node_id[:12]  # a fleet's node (its id's first 12 digits)
     if event.retry_reason is not None:
         fields["retry_kind"] = event.retry_kind or "-"
         fields["reason"] = event.retry_reason
