@@ -13,7 +13,7 @@ STAMP := $(VENV)/.synced
 RUN_EXTRA := $(if $(MODELS_RAY_ADDRESS),--package api --extra fleet,)
 RUN_STAMP := $(VENV)/.synced-runtime$(if $(MODELS_RAY_ADDRESS),-fleet,)
 
-.PHONY: run install test lint typecheck unit steady stress demo bench clean browser-deps screenshot
+.PHONY: run install test lint typecheck unit steady stress demo fleet-demo bench clean browser-deps screenshot
 
 $(UV):
 	$(PYTHON) -m venv $(BOOT)
@@ -80,6 +80,10 @@ stress: $(STAMP)
 # :$(PORT); a busy port fails loudly, and both stop together (scripts/demo.py).
 demo: $(STAMP)
 	$(VENV)/bin/python scripts/demo.py --host $(HOST) --port $(PORT) --hub-port $(HUB_PORT)
+
+# The same with a fleet: a Ray cluster of 3 nodes on this machine, the service over all of them.
+fleet-demo: $(STAMP)
+	$(VENV)/bin/python scripts/demo.py --host $(HOST) --port $(PORT) --hub-port $(HUB_PORT) --fleet 3
 
 # Benchmarks (not part of `make test`): each prints medians and ratios against a baseline measured
 # in the same run. The first run makes the benchmark repos (about 3 GiB) in bench/.data.

@@ -3,7 +3,9 @@ started and stopped together.
 
 Each port is checked first (a busy one fails loudly: the service would otherwise talk to whatever
 listens there); both servers die with this process (Ctrl-C, SIGTERM from make, kill -9); when one
-of them exits, the other is stopped too.
+of them exits, the other is stopped too. ``make fleet-demo`` adds a Ray cluster of 3 nodes on
+this machine (each with its own cache folder) and joins the service to it; the cluster stops with
+the demo.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import argparse
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -58,6 +63,14 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=8000, help="the service's port")
     parser.add_argument("--hub-port", type=int, default=8900, help="the fake hub's port")
     parser.add_argument("--folder", type=Path, default=ROOT / ".demo")
+    parser.add_argument(
+        "--fleet",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a fleet: a Ray cluster of N nodes on this machine (127.0.0.1 only), each with its"
+        " own cache folder, and the service joined to it",
+    )
     args = parser.parse_args()
     for name, host, port in (
         ("hub", "127.0.0.1", args.hub_port),
@@ -102,6 +115,18 @@ def main() -> int:
         raise KeyboardInterrupt  # the same end as Ctrl-C: stop both (below)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    with contextlib.ExitStack() as stack:
+        return _serve(args, hub, hub_url, children, stop, stack)
+
+
+def _serve(
+    args: argparse.Namespace,
+    hub: subprocess.Popen[bytes],
+    hub_url: str,
+    children: list[subprocess.Popen[bytes]],
+    stop: Callable[[], None],
+    stack: contextlib.ExitStack,
+) -> int:
     try:
         _wait_http(f"{hub_url}/api/models/demo/tiny-model", hub, 120)
         env = {
@@ -109,6 +134,19 @@ def main() -> int:
             "HF_ENDPOINT": hub_url,
             "HF_HUB_CACHE": str(args.folder / "cache"),
         }
+        if args.fleet:
+            from fakehub.raycluster import ray_cluster
+
+            # Ray's sockets live in its session folder: a short path of its own.
+            root = Path(tempfile.mkdtemp(prefix="fleet-demo-"))
+            stack.callback(shutil.rmtree, root, ignore_errors=True)
+            caches = [args.folder / "fleet" / f"node{i}" / "cache" for i in range(args.fleet)]
+            print(f"demo: starting a Ray cluster of {args.fleet} nodes", file=sys.stderr)
+            cluster = stack.enter_context(ray_cluster(root, caches))
+            env["MODELS_RAY_ADDRESS"] = cluster.address
+            env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the service's node: 127.0.0.1
+            for node, cache in cluster.caches.items():
+                print(f"demo: node {node[:12]} caches in {cache}", file=sys.stderr)
         service = subprocess.Popen(
             [
                 sys.executable,
@@ -124,7 +162,7 @@ def main() -> int:
             preexec_fn=_die_with_parent,
         )
         children.append(service)
-        _wait_http(f"http://{args.host}:{args.port}/api/health", service, 60)
+        _wait_http(f"http://{args.host}:{args.port}/api/health", service, 180)
         print(
             f"demo: the service is at http://{args.host}:{args.port} (Swagger UI at /docs),"
             f" the fake hub at {hub_url}; Ctrl-C stops both",

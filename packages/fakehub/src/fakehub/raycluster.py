@@ -62,10 +62,14 @@ def _serve(root: Path, caches: list[str]) -> None:
 
     import ray.cluster_utils
 
+    # No CPUs to schedule on: the fleet's agents ask for none (as on a vLLM cluster, where the
+    # CPUs are vLLM's), and a node with CPUs starts an idle Python worker per CPU, which on this
+    # small machine costs every test its share of two cores.
     cluster = ray.cluster_utils.Cluster(
         initialize_head=True,
         head_node_args={
-            "num_cpus": 1,
+            "num_cpus": 0,
+            "include_log_monitor": False,
             "node_ip_address": "127.0.0.1",
             "labels": {LABEL: caches[0]},
             "temp_dir": str(root / "ray"),
@@ -76,7 +80,12 @@ def _serve(root: Path, caches: list[str]) -> None:
     assert head is not None
     nodes: dict[str, Any] = {head.node_id: head}
     for cache in caches[1:]:
-        node = cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1", labels={LABEL: cache})
+        node = cluster.add_node(
+            num_cpus=0,
+            include_log_monitor=False,
+            node_ip_address="127.0.0.1",
+            labels={LABEL: cache},
+        )
         nodes[node.node_id] = node
     cluster.wait_for_nodes()
     protocol_out.write(json.dumps({"address": cluster.address, "nodes": list(nodes)}) + "\n")
@@ -84,7 +93,10 @@ def _serve(root: Path, caches: list[str]) -> None:
         command, _, argument = line.strip().partition(" ")
         if command == "add":
             node = cluster.add_node(
-                num_cpus=1, node_ip_address="127.0.0.1", labels={LABEL: argument}
+                num_cpus=0,
+                include_log_monitor=False,
+                node_ip_address="127.0.0.1",
+                labels={LABEL: argument},
             )
             cluster.wait_for_nodes()
             nodes[node.node_id] = node
