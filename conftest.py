@@ -4,12 +4,36 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fakehub import FakeHub, RepoBuilder
 
 TOKEN = "hf_test_token_0123456789"
+
+# Tests that share one expensive session fixture run in one xdist worker: the fleet's tests share
+# one Ray cluster. xdist's own `xdist_group` does not work under pytest 9 (it renames items through
+# `_nodeid`, which pytest 9 no longer reads: every test ran in its own worker, four clusters), so
+# the grouping is by folder, in the scheduler itself.
+_GROUPS = {"/tests/fleet/": "fleet"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup`` (the default here), with the folders of ``_GROUPS`` as groups."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling  # type: ignore[import-untyped]
+
+    class ByFolder(LoadGroupScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            for folder, group in _GROUPS.items():
+                if folder in nodeid:
+                    return group
+            scope: str = super()._split_scope(nodeid)
+            return scope
+
+    return ByFolder(config, log)
 
 
 @pytest.fixture(autouse=True)

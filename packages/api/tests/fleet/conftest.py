@@ -1,5 +1,5 @@
 """A real Ray cluster of 3 nodes on this machine, shared by the fleet tests of a run (they run in
-one xdist worker: their ``xdist_group``). It runs in a process of its own
+one xdist worker: the root conftest groups this folder). It runs in a process of its own
 (``fakehub.raycluster``); each node has its own cache folder (its ``models-cache`` label), and
 each test starts with them empty."""
 

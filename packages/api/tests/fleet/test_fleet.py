@@ -26,7 +26,7 @@ from tests.helpers import (
     workers_using,
 )
 
-pytestmark = [pytest.mark.fleet, pytest.mark.xdist_group("fleet")]
+pytestmark = [pytest.mark.fleet]  # one worker for all: the root conftest groups tests/fleet/
 
 BODY = {"hf_repo": "org/model"}
 SIZE = 3 * MB
