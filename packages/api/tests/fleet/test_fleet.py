@@ -52,13 +52,16 @@ async def node_ids(client: httpx.AsyncClient) -> list[str]:
 
 
 async def status_until(
-    client: httpx.AsyncClient, done: Callable[[dict[str, Any]], bool], seconds: float = 90
+    client: httpx.AsyncClient,
+    done: Callable[[dict[str, Any]], bool],
+    seconds: float = 90,
+    body: dict[str, Any] = BODY,
 ) -> dict[str, Any]:
     """The fleet's status once ``done`` holds for it (polled; a deadline, not a sleep)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
     answer: dict[str, Any] = {}
-    while not done(answer := (await client.post("/api/models/status", json=BODY)).json()):
+    while not done(answer := (await client.post("/api/models/status", json=body)).json()):
         assert loop.time() < deadline, answer
         await asyncio.sleep(0.1)
     return answer
@@ -171,6 +174,20 @@ async def test_no_room_on_the_nodes_starts_nothing_anywhere(
         assert answer.status_code == 507, answer.text
         assert "not enough space on 3 node(s)" in answer.json()["detail"]
         assert (await client.post("/api/models/status", json=BODY)).json()["status"] == "NOT_FOUND"
+        # A repo the Hub does not have: as on one machine, 404 for the plan; the download starts
+        # (on one node: the others wait for it) and its status says why it failed, everywhere.
+        absent = {"hf_repo": "org/absent"}
+        planned = await client.post("/api/models/plan", json=absent)
+        assert planned.status_code == 404, planned.text
+        started = await client.post("/api/models/download", json=absent)
+        assert started.status_code == 202, started.text
+        answer = await status_until(
+            client,
+            lambda a: not any(n["status"] == "DOWNLOADING" for n in a["nodes"]),
+            body=absent,
+        )
+        assert answer["status"] == "NOT_FOUND", answer
+        assert all(n["error_message"] for n in answer["nodes"]), answer["nodes"]
     assert not any((cache / "models--org--model").exists() for cache in node_caches)
 
 

@@ -19,7 +19,7 @@ import os
 from typing import Any
 
 from api.models.backend import Peer
-from api.models.errors import ModelError
+from api.models.errors import HubAnswer, ModelError
 from api.models.hub.adapter import HubCacheBackend
 from api.models.hub.cache import ModelCache
 from api.models.hub.peers import PeerServer
@@ -98,11 +98,13 @@ class NodeAgent:
             return {"ok": await self._answer(manager, method, payload)}
         except ModelError as error:
             retry_after = getattr(error, "retry_after", None)
+            failure = error.kind.value if isinstance(error, HubAnswer) else None
             return {
                 "error": {
                     "kind": type(error).__name__,
                     "message": str(error),
-                    "retry_after": retry_after if isinstance(retry_after, int) else None,
+                    "retry_after": retry_after if isinstance(retry_after, (int, float)) else None,
+                    "failure": failure,
                 }
             }
 

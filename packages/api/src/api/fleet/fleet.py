@@ -19,6 +19,7 @@ from typing import Any
 
 from api.models.errors import (
     DownloadConflict,
+    HubAnswer,
     ModelNotFound,
     NodesLackSpace,
     OnNode,
@@ -83,6 +84,7 @@ class _Rollout:
     waiting: list[str] = field(default_factory=list)
     seed: str | None = None
     refused: dict[str, str] = field(default_factory=dict)  # node -> why it did not start
+    errors: dict[str, BaseException] = field(default_factory=dict)  # node -> its refusal
     task: asyncio.Task[None] | None = None
 
 
@@ -279,7 +281,11 @@ class Fleet:
         if "error" in answer:
             refusal = answer["error"]
             raise OnNode(
-                agent.node_id, refusal["kind"], refusal["message"], refusal.get("retry_after")
+                agent.node_id,
+                refusal["kind"],
+                refusal["message"],
+                refusal.get("retry_after"),
+                refusal.get("failure"),
             )
         return answer["ok"]
 
@@ -304,8 +310,11 @@ class Fleet:
             raise DownloadConflict(task_id)
         plans = await self._fan_out(targets, "plan_space", payload)
         for answer in plans:
-            if isinstance(answer, OnNode):
-                raise answer  # the Hub's answer (not found, gated...): the same on every node
+            if isinstance(answer, OnNode) and answer.kind != HubAnswer.__name__:
+                raise answer
+        # A Hub that gives no file list (not found, gated, slow) is no reason to refuse here: as
+        # on one machine, the download starts and its status says why it failed (on the first
+        # node only: the others wait for it, and say why they did not start).
         lacking = [
             (agent.node_id, int(answer["needed"]), int(answer["available"]))
             for agent, answer in zip(targets, plans, strict=True)
@@ -313,7 +322,11 @@ class Fleet:
         ]
         if lacking:
             raise NodesLackSpace(lacking)
-        answering = [a for a, p in zip(targets, plans, strict=True) if isinstance(p, dict)]
+        answering = [
+            a
+            for a, p in zip(targets, plans, strict=True)
+            if isinstance(p, dict) or (isinstance(p, OnNode) and p.kind == HubAnswer.__name__)
+        ]
         if not answering:
             raise OnNode(targets[0].node_id, "NodeFailed", str(plans[0]))
         holders = await self._holders(payload)
@@ -336,12 +349,12 @@ class Fleet:
                     break
             started = seed
         if not started:
-            first = next(iter(rollout.refused.items()), None)
-            raise OnNode(
-                first[0] if first else targets[0].node_id,
-                "NodeFailed",
-                first[1] if first else "no node started",
-            )
+            # Every node refused: the first refusal as it was said (a 409, a 422, a 429), or,
+            # when none answered, 503.
+            refusal = next(iter(rollout.errors.values()), None)
+            if isinstance(refusal, OnNode):
+                raise refusal
+            raise OnNode(targets[0].node_id, "NodeFailed", str(refusal or "no node answered"))
         if rollout.waiting:
             rollout.seed = started[0].node_id
             rollout.task = asyncio.create_task(self._follow(rollout), name=f"rollout {task_id}")
@@ -398,6 +411,8 @@ class Fleet:
                 started.append(agent)
             else:
                 rollout.refused[agent.node_id] = str(answer)
+                if isinstance(answer, BaseException):
+                    rollout.errors[agent.node_id] = answer
                 logger.warning(
                     "event=node_refused node=%s task_id=%s reason=%s",
                     agent.node_id[:12],
@@ -488,7 +503,7 @@ class Fleet:
                         node_id=agent.node_id,
                         address=agent.address,
                         status=None,
-                        error_message=f"the node did not answer: {answer}",
+                        error_message=_unanswered(answer),
                         gone=agent.gone,
                     )
                 )
@@ -539,7 +554,7 @@ class Fleet:
                     NodeSpace(
                         node_id=agent.node_id,
                         address=agent.address,
-                        error_message=f"the node did not answer: {answer}",
+                        error_message=_unanswered(answer),
                         gone=agent.gone,
                     )
                 )

@@ -152,14 +152,23 @@ class HubAnswer(ModelError):
 
 
 class OnNode(ModelError):
-    """A node of the fleet refused (its agent raised the ``ModelError`` named ``kind``): the
-    answer is that error's, naming the node."""
+    """A node of the fleet refused (its agent raised the ``ModelError`` named ``kind``; for a
+    ``HubAnswer``, ``failure`` is its ``FailureKind`` value), or no node answered (``kind``
+    ``NodeFailed``): the answer is that error's, naming the node."""
 
-    def __init__(self, node: str, kind: str, message: str, retry_after: int | None = None) -> None:
+    def __init__(
+        self,
+        node: str,
+        kind: str,
+        message: str,
+        retry_after: float | None = None,
+        failure: str | None = None,
+    ) -> None:
         super().__init__(f"node {node[:12]}: {message}")
         self.node = node
         self.kind = kind
         self.retry_after = retry_after
+        self.failure = failure
 
 
 class NodesLackSpace(ModelError):

@@ -97,12 +97,20 @@ def model_error_handler(request: Request, exc: Exception) -> JSONResponse:
         else None
     )
     if isinstance(exc, OnNode):  # a node's refusal: the status of the error it raised
-        code = next(
-            (code for cls, code in ERROR_STATUS.items() if cls.__name__ == exc.kind),
-            status.HTTP_500_INTERNAL_SERVER_ERROR,
-        )
+        if exc.kind == HubAnswer.__name__:
+            failure = next((k for k in FailureKind if k.value == exc.failure), None)
+            code = status.HTTP_504_GATEWAY_TIMEOUT
+            if failure is not None:
+                code = HUB_ANSWER_STATUS.get(failure, code)
+        else:
+            # No node could answer (they left, or did not answer in time): the fleet is
+            # unavailable for now, which is not a bug of the request nor of ours.
+            code = next(
+                (code for cls, code in ERROR_STATUS.items() if cls.__name__ == exc.kind),
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+            )
         if exc.retry_after is not None:
-            headers = {"Retry-After": str(exc.retry_after)}
+            headers = {"Retry-After": str(max(int(exc.retry_after), 1))}
     if isinstance(exc, HubAnswer):
         # Anything else (no answer, a 5xx, a timeout) is the Hub's side not answering in time.
         code = HUB_ANSWER_STATUS.get(exc.kind, status.HTTP_504_GATEWAY_TIMEOUT)
