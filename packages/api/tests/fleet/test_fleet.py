@@ -181,13 +181,13 @@ async def test_no_room_on_the_nodes_starts_nothing_anywhere(
         assert planned.status_code == 404, planned.text
         started = await client.post("/api/models/download", json=absent)
         assert started.status_code == 202, started.text
-        answer = await status_until(
+        failed = await status_until(
             client,
             lambda a: not any(n["status"] == "DOWNLOADING" for n in a["nodes"]),
             body=absent,
         )
-        assert answer["status"] == "NOT_FOUND", answer
-        assert all(n["error_message"] for n in answer["nodes"]), answer["nodes"]
+        assert failed["status"] == "NOT_FOUND", failed
+        assert all(n["error_message"] for n in failed["nodes"]), failed["nodes"]
     assert not any((cache / "models--org--model").exists() for cache in node_caches)
 
 
