@@ -110,8 +110,7 @@ class Fleet:
 
     async def start(self) -> None:
         """Join the cluster and start an agent on every alive node."""
-        import ray
-
+        ray = _ray()
         address = self.settings.ray_address
         await asyncio.to_thread(
             ray.init,
@@ -711,6 +710,21 @@ class Fleet:
             kept=kept,
             note="; ".join(notes) or None,
         )
+
+
+def _ray() -> Any:
+    """Ray, or a start-up error that says what to install."""
+    module: Any = None
+    with contextlib.suppress(ImportError):
+        import ray
+
+        module = ray
+    if not hasattr(module, "init"):  # absent, or a folder named ray on the path
+        raise RuntimeError(
+            "MODELS_RAY_ADDRESS is set, but Ray is not installed: install the api[fleet] extra"
+            " (pip install 'api[fleet]'; `make run` does when the variable is set)"
+        )
+    return module
 
 
 def _unanswered(answer: object) -> str:
