@@ -169,3 +169,16 @@ async def test_chunked_small_body_is_read(client: httpx.AsyncClient) -> None:
     )
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "NOT_FOUND"
+
+
+async def test_nodes_on_one_machine_are_refused_not_ignored(
+    client: httpx.AsyncClient, hub: FakeHub, cache_dir: Path
+) -> None:
+    """``nodes`` is a fleet's field: a service on one machine says so (422) and does nothing."""
+    body = {"hf_repo": "org/model", "nodes": ["0123abcd"]}
+    for path in ("/api/models/download", "/api/models/status", "/api/models/plan"):
+        answer = await client.post(path, json=body)
+        assert answer.status_code == 422, (path, answer.text)
+        assert "runs on one machine" in answer.json()["detail"]
+    assert hub.count() == 0
+    assert not (cache_dir / "models--org--model").exists()

@@ -183,6 +183,15 @@ class NodesLackSpace(ModelError):
         self.lacking = lacking
 
 
+class NotAFleet(ModelError):
+    """``nodes`` was given to a service that runs on one machine."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "nodes: this service runs on one machine (MODELS_RAY_ADDRESS is unset); leave nodes out"
+        )
+
+
 class UnknownNode(ModelError):
     def __init__(self, asked: str) -> None:
         super().__init__(

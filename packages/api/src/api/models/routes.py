@@ -23,6 +23,7 @@ from api.models.errors import (
     ModelInUse,
     ModelNotFound,
     NodesLackSpace,
+    NotAFleet,
     OnNode,
     RevisionBusy,
     SelectionUnusable,
@@ -72,6 +73,7 @@ ERROR_STATUS: dict[type[ModelError], int] = {
     InUseUnknown: status.HTTP_409_CONFLICT,
     NodesLackSpace: status.HTTP_507_INSUFFICIENT_STORAGE,
     UnknownNode: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    NotAFleet: status.HTTP_422_UNPROCESSABLE_CONTENT,
 }
 # Why the Hub gave no file list (POST /plan): the repo's own answer, or a gateway's.
 HUB_ANSWER_STATUS: dict[FailureKind, int] = {
@@ -134,6 +136,14 @@ def get_fleet(request: Request) -> Fleet | None:
 
 
 FleetDep = Annotated[Fleet | None, Depends(get_fleet)]
+
+
+def _one_machine(model: ModelRequest) -> None:
+    """``nodes`` means something only to a fleet: on one machine it is refused, not ignored."""
+    if model.nodes is not None:
+        raise NotAFleet()
+
+
 ForceQuery = Annotated[
     bool,
     Query(
@@ -259,6 +269,7 @@ async def model_status(
     """
     if fleet is not None:
         return await fleet.get_model_status(model)
+    _one_machine(model)
     return await manager.get_model_status(model.as_model(), model.selection)
 
 
@@ -321,6 +332,7 @@ async def download_model(
     if fleet is not None:
         started = await fleet.add_model(model)
     else:
+        _one_machine(model)
         started = await manager.add_model(model.as_model(), model.selection)
     if started.status is ModelStatus.DOWNLOADED:
         response.status_code = status.HTTP_200_OK
@@ -377,6 +389,7 @@ async def plan_download(model: RequestBody, manager: ManagerDep, fleet: FleetDep
     """
     if fleet is not None:
         return await fleet.plan_model(model)
+    _one_machine(model)
     return await manager.plan_model(model.as_model(), model.selection)
 
 
