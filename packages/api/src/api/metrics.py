@@ -59,36 +59,32 @@ class ServiceMetrics:
         # (registered with the first node's event, so that one machine's metrics are unchanged).
         self.node_downloads: Counter | None = None
         self.node_bytes: Counter | None = None
-        self._transferred_seen: dict[tuple[str | None, str], tuple[int, int]] = {}
+        # Per download (and node): the bytes from the Hub and from peers counted so far.
+        self._seen: dict[tuple[str | None, str], tuple[int, int]] = {}
 
     def on_event(self, event: DownloadEvent) -> None:
         key = (event.node_id, event.task_id)
         if event.type is DownloadEventType.STARTED:
-            self._transferred_seen[key] = (0, 0)
+            self._seen[key] = (0, 0)
         progress = event.progress
         if progress is not None and progress.transferred_bytes is not None:
-            seen, seen_peers = self._transferred_seen.get(key, (0, 0))
+            hub_seen, peers_seen = self._seen.get(key, (0, 0))
             peers = progress.from_peers_bytes or 0
             hub = progress.transferred_bytes - peers
-            if hub > seen - seen_peers:
-                self.transferred.inc(hub - (seen - seen_peers))
-            if event.node_id is not None:
-                by_node = self._node_bytes()
-                if hub > seen - seen_peers:
-                    by_node.labels(event.node_id, "hub").inc(hub - (seen - seen_peers))
-                if peers > seen_peers:
-                    by_node.labels(event.node_id, "peers").inc(peers - seen_peers)
-            self._transferred_seen[key] = (
-                max(seen, progress.transferred_bytes),
-                max(seen_peers, peers),
-            )
+            if hub > hub_seen:
+                self.transferred.inc(hub - hub_seen)
+                if event.node_id is not None:
+                    self._node_bytes().labels(event.node_id, "hub").inc(hub - hub_seen)
+            if peers > peers_seen and event.node_id is not None:
+                self._node_bytes().labels(event.node_id, "peers").inc(peers - peers_seen)
+            self._seen[key] = (max(hub_seen, hub), max(peers_seen, peers))
         if event.type is DownloadEventType.RETRYING:
             self.retries.labels(event.retry_kind or "unknown").inc()
         if event.type in _ENDED:
             self.downloads.labels(_ENDED[event.type]).inc()
             if event.node_id is not None:
                 self._node_downloads().labels(event.node_id, _ENDED[event.type]).inc()
-            self._transferred_seen.pop(key, None)
+            self._seen.pop(key, None)
 
     def _node_downloads(self) -> Counter:
         if self.node_downloads is None:

@@ -25,7 +25,7 @@ from api.models.types import DownloadEvent, Model, ModelStatus, ModelStatusRespo
 from api.settings import Settings
 from conftest import TOKEN
 from fakehub import FakeHub, Fault, Generated, RepoBuilder, corrupt, drop_after, http_error
-from tests.helpers import MB
+from tests.helpers import MB, ranged
 
 SECRET = "fleet-secret-0123456789"
 SIZE = 8 * MB
@@ -42,17 +42,13 @@ def commit(repos: RepoBuilder) -> str:
 
 
 def node(settings: Settings, tmp_path: Path, name: str) -> Settings:
-    """Another node's settings: its own cache and state folders, the Hub's token, ranges from
-    2 MiB in parts of 1 MiB."""
-    return settings.model_copy(
-        update={
-            "cache_dir": tmp_path / name / "cache",
-            "state_dir": tmp_path / name / "state",
-            "hf_token": SecretStr(TOKEN),
-            "ranged_min_bytes": 2 * MB,
-            "ranged_part_bytes": MB,
-            "ranged_connections": 4,
-        }
+    """Another node's settings: its own cache and state folders, the Hub's token, the tests'
+    small ranges (``tests.helpers.ranged``)."""
+    return ranged(
+        settings,
+        cache_dir=tmp_path / name / "cache",
+        state_dir=tmp_path / name / "state",
+        hf_token=SecretStr(TOKEN),
     )
 
 

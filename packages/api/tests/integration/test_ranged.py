@@ -10,7 +10,6 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -31,25 +30,20 @@ from fakehub import (
     stall,
     trickle,
 )
-from tests.helpers import FINAL, MB, app_client, running_service, wait_for_status, workers_using
+from tests.helpers import (
+    FINAL,
+    MB,
+    app_client,
+    ranged,
+    running_service,
+    wait_for_status,
+    workers_using,
+)
 
 BODY = {"hf_repo": "org/model"}
 SIZE = 8 * MB
-PART = MB
+PART = MB  # tests.helpers.ranged's part size
 FOLDER = "models--org--model"
-
-
-def ranged(settings: Settings, **more: Any) -> Settings:
-    """Files of 2 MiB and up in parts of 1 MiB over 4 connections (the defaults are 64 MiB, 16
-    MiB and 8: the same code, smaller numbers)."""
-    return settings.model_copy(
-        update={
-            "ranged_min_bytes": 2 * MB,
-            "ranged_part_bytes": PART,
-            "ranged_connections": 4,
-            **more,
-        }
-    )
 
 
 def leftovers(cache_dir: Path) -> list[str]:

@@ -84,7 +84,6 @@ class _Rollout:
     waiting: list[str] = field(default_factory=list)
     seed: str | None = None
     refused: dict[str, str] = field(default_factory=dict)  # node -> why it did not start
-    errors: dict[str, BaseException] = field(default_factory=dict)  # node -> its refusal
     task: asyncio.Task[None] | None = None
 
 
@@ -173,18 +172,24 @@ class Fleet:
                     agent.gone = True
                     logger.warning("event=node_gone node=%s", node_id[:12])
 
+    async def _started(self, agent: _Agent, event: str) -> dict[str, str] | None:
+        """The agent's ``start`` answer (where its cache and blob server are), or None when it
+        did not answer (logged as ``event``)."""
+        try:
+            async with asyncio.timeout(CALL_TIMEOUT):
+                started: dict[str, str] = await agent.handle.start.remote()
+        except Exception as error:
+            logger.warning("event=%s node=%s reason=%s", event, agent.node_id[:12], error)
+            return None
+        return started
+
     async def _first_start(self, agent: _Agent) -> bool:
         """Whether the new agent started; one that did not is killed (the next watch makes
         another), so that a node never has two agents on its cache."""
-        import ray
-
-        try:
-            async with asyncio.timeout(CALL_TIMEOUT):
-                started = await agent.handle.start.remote()
-        except Exception as error:
-            logger.warning("event=agent_failed node=%s reason=%s", agent.node_id[:12], error)
+        started = await self._started(agent, "agent_failed")
+        if started is None:
             with contextlib.suppress(Exception):
-                ray.kill(agent.handle, no_restart=True)
+                _ray().kill(agent.handle, no_restart=True)
             return False
         agent.cache_path = started["cache_path"]
         agent.peer_url = started["peer_url"]
@@ -194,13 +199,9 @@ class Fleet:
         """An agent Ray restarted (its process died) has neither its manager nor its blob server:
         ``start`` brings both back (the manager resumes the node's downloads from its job store);
         on a running agent it only says where they are."""
-        try:
-            async with asyncio.timeout(CALL_TIMEOUT):
-                started = await agent.handle.start.remote()
-        except Exception as error:  # it is being restarted, or its node is leaving
-            logger.warning("event=agent_unanswered node=%s reason=%s", agent.node_id[:12], error)
-            return
-        if started["peer_url"] != agent.peer_url:
+        # No answer: it is being restarted, or its node is leaving.
+        started = await self._started(agent, "agent_unanswered")
+        if started is not None and started["peer_url"] != agent.peer_url:
             logger.warning("event=agent_restarted node=%s", agent.node_id[:12])
             agent.peer_url = started["peer_url"]
 
@@ -337,20 +338,22 @@ class Fleet:
                 nodes=[a.node_id for a in answering],
             )
         rollout = _Rollout(request, [a.node_id for a in answering])
+        refusals: list[BaseException] = []
         if holders:
-            started = await self._start(rollout, todo, holders)
+            started, refusals = await self._start(rollout, todo, holders)
         else:
             # The first node that starts fetches from the Hub; the others wait for its copy.
-            seed: list[_Agent] = []
+            started = []
             for index, agent in enumerate(todo):
-                if await self._start(rollout, [agent], []):
-                    seed, rollout.waiting = [agent], [a.node_id for a in todo[index + 1 :]]
+                seed, refused = await self._start(rollout, [agent], [])
+                refusals += refused
+                if seed:
+                    started, rollout.waiting = seed, [a.node_id for a in todo[index + 1 :]]
                     break
-            started = seed
         if not started:
             # Every node refused: the first refusal as it was said (a 409, a 422, a 429), or,
             # when none answered, 503.
-            refusal = next(iter(rollout.errors.values()), None)
+            refusal = next(iter(refusals), None)
             if isinstance(refusal, OnNode):
                 raise refusal
             raise OnNode(targets[0].node_id, "NodeFailed", str(refusal or "no node answered"))
@@ -389,9 +392,10 @@ class Fleet:
 
     async def _start(
         self, rollout: _Rollout, agents: list[_Agent], holders: list[str]
-    ) -> list[_Agent]:
-        """Start the download on ``agents`` (copying from ``holders``); those that started. A
-        node that refuses (a download already running there, no slot) says why in its status."""
+    ) -> tuple[list[_Agent], list[BaseException]]:
+        """Start the download on ``agents`` (copying from ``holders``); those that started, and
+        the others' refusals. A node that refuses (a download already running there, no slot)
+        says why in its status."""
         payload = rollout.request.model_dump(mode="json", exclude={"nodes"})
         answers = await asyncio.gather(
             *(
@@ -404,21 +408,21 @@ class Fleet:
             ),
             return_exceptions=True,
         )
-        started = []
+        started: list[_Agent] = []
+        refusals: list[BaseException] = []
         for agent, answer in zip(agents, answers, strict=True):
-            if isinstance(answer, dict):
-                started.append(agent)
-            else:
+            if isinstance(answer, BaseException):
                 rollout.refused[agent.node_id] = str(answer)
-                if isinstance(answer, BaseException):
-                    rollout.errors[agent.node_id] = answer
+                refusals.append(answer)
                 logger.warning(
                     "event=node_refused node=%s task_id=%s reason=%s",
                     agent.node_id[:12],
                     rollout.request.as_model().task_id,
                     answer,
                 )
-        return started
+            else:
+                started.append(agent)
+        return started, refusals
 
     async def _follow(self, rollout: _Rollout) -> None:
         """Wait for the seed's copy, then start the waiting nodes from it. A seed that leaves or
@@ -456,7 +460,11 @@ class Fleet:
         while rollout.waiting:
             node = rollout.waiting.pop(0)
             agent = self.agents.get(node)
-            if agent is not None and not agent.gone and await self._start(rollout, [agent], []):
+            if (
+                agent is not None
+                and not agent.gone
+                and (await self._start(rollout, [agent], []))[0]
+            ):
                 rollout.seed = node
                 return
         rollout.seed = None
