@@ -163,3 +163,32 @@ def test_cas_errors_reach_the_caller_as_runtime_errors(
     xet_hub.add_fault(http_error(404, path="/cas/*/reconstructions/*"))
     with pytest.raises(RuntimeError, match=r"HTTP status client error \(404 Not Found\)"):
         _download(xet_hub, cache_dir)
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [
+        (0, 5),  # inside the first header
+        (3, xet.HEADER_SIZE + 10),  # across a header into the data
+        (xet.HEADER_SIZE + xet.CHUNK_SIZE - 4, xet.HEADER_SIZE + xet.CHUNK_SIZE + 20),  # a seam
+        (70_000, 70_000 + 3 * xet.CHUNK_SIZE),
+        (0, None),  # the whole second xorb, its last chunk short
+    ],
+)
+def test_a_xorb_sent_from_the_file_is_the_xorb_read(
+    repos: RepoBuilder, model: str, start: int, end: int | None
+) -> None:
+    """The hub sends a xorb as headers and ``sendfile`` spans of the content file when no fault
+    touches it, and reads it whole otherwise: both give the same bytes."""
+    entry = repos.repo("org/model").commits[model]["model.safetensors"]
+    content_path = repos.root / "org/model/objects" / entry.sha256
+    content = content_path.read_bytes()
+    with xet.XorbReader(content_path, BIG, 1) as reader:
+        stop = reader.size if end is None else end
+        sent = b"".join(
+            span if isinstance(span, bytes) else content[span[0] : span[0] + span[1]]
+            for span in reader.spans(start, stop)
+        )
+        reader.seek(start)
+        assert sent == reader.read(stop - start)
+        assert len(sent) == stop - start

@@ -152,6 +152,28 @@ class XorbReader:
         self._position += len(data)
         return data
 
+    def spans(self, start: int, end: int) -> Iterator[bytes | tuple[int, int]]:
+        """Bytes ``start..end`` (exclusive) of the stream as they lie: a chunk header's bytes, or
+        ``(offset, length)`` of the content file (which can go out with ``sendfile``, uncopied)."""
+        local = start // (HEADER_SIZE + CHUNK_SIZE)
+        position = Layout.offset_in_xorb(local)
+        for chunk in range(self.chunks.start + local, self.chunks.stop):
+            if position >= end:
+                return
+            length = self.layout.chunk_length(chunk)
+            header = chunk_header(length)
+            lo, hi = max(start - position, 0), min(end - position, HEADER_SIZE)
+            if lo < hi:
+                yield header[lo:hi]
+            data = position + HEADER_SIZE  # where the chunk's data starts in the stream
+            lo, hi = max(start, data), min(end, data + length)
+            if lo < hi:
+                yield (chunk * CHUNK_SIZE + lo - data, hi - lo)
+            position = data + length
+
+    def fileno(self) -> int:
+        return self._source.fileno()
+
     def _pieces(self, position: int) -> Iterator[bytes]:
         """The stream from ``position``: the rest of the chunk it falls in, then whole chunks."""
         local = position // (HEADER_SIZE + CHUNK_SIZE)
