@@ -35,6 +35,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     # glibc's malloc advises huge pages for its mappings: hf_xet maps a fresh 64 MiB buffer per
     # xorb, faulted in page by page (about 260,000 faults per GiB) unless huge pages back it.
     "huge pages (glibc.malloc.hugetlb=1)": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+    # The library's own switch: Xet files through /resolve, so as the service's parallel ranges
+    # (no chunk dedup across revisions).
+    "HF_HUB_DISABLE_XET=1 (ranges)": {"HF_HUB_DISABLE_XET": "1"},
 }
 
 
