@@ -5,6 +5,7 @@ every kind, a file that changed between attempts, a user's cancel, and a CDN on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -90,7 +91,7 @@ async def test_a_large_file_comes_as_parallel_ranges_into_the_librarys_cache(
 
 
 async def test_small_files_and_xet_files_stay_on_the_librarys_path(
-    settings: Settings, repos: RepoBuilder, tmp_path: Path
+    settings: Settings, repos: RepoBuilder, cache_dir: Path
 ) -> None:
     repos.commit("org/model", {"config.json": "{}", "model.safetensors": Generated(SIZE, seed=2)})
     with FakeHub(repos.root, xet=True) as hub:
@@ -102,6 +103,8 @@ async def test_small_files_and_xet_files_stay_on_the_librarys_path(
         # Through Xet: its xorbs, never the file's /resolve body.
         assert hub.count("GET", "/org/model/resolve/*/model.safetensors") == 0
         assert hub.served(hub.content_path("org/model", "model.safetensors")) >= SIZE
+        # What was kept of hf_xet's file while it came (for a next attempt) went with its end.
+        assert leftovers(cache_dir) == []
 
 
 @pytest.mark.parametrize(
@@ -154,10 +157,11 @@ async def stop_midway(settings: Settings, hub: FakeHub, cache_dir: Path) -> int:
 async def until_on_disk(client: httpx.AsyncClient, nbytes: int) -> None:
     deadline = asyncio.get_running_loop().time() + 60
     while True:
-        progress = (await client.post("/api/models/status", json=BODY)).json()["progress"] or {}
+        status = (await client.post("/api/models/status", json=BODY)).json()
+        progress = status["progress"] or {}
         if (progress.get("downloaded_bytes") or 0) >= nbytes:
             return
-        assert asyncio.get_running_loop().time() < deadline, progress
+        assert asyncio.get_running_loop().time() < deadline, status
         await asyncio.sleep(0.05)
 
 
@@ -301,3 +305,80 @@ async def test_a_link_planted_in_place_of_the_partial_file_is_never_written_thro
     assert outside.read_text() == "not the cache's"
     assert hub.served(hub.content_path("org/model", "model.safetensors")) == SIZE  # all of it
     assert_the_cache_is_the_librarys(cache_dir, hub)
+
+
+XORBS_OF_1_MIB = 16  # chunks of 64 KiB a xorb: the 8 MB file spans 8 xorbs
+
+
+@pytest.fixture
+def all_xorbs_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hf_xet writes a file in order, each part once every part before it has come. It asks for
+    the xorbs in no set order, at most its concurrency at a time: with fewer slots than xorbs, a
+    slow one may hold a slot that an earlier one waits for. With all 8 asked at once, the fast
+    first half is written at once, whatever the order (the workers get this environment)."""
+    monkeypatch.setenv("HF_XET_FIXED_DOWNLOAD_CONCURRENCY", "8")
+
+
+def xorbs_from(hub: FakeHub, first: int) -> str:
+    """The requests for the file's xorbs number ``first`` to 7."""
+    return hub.content_path("org/model", "model.safetensors").replace("*", f"[{first}-7]")
+
+
+async def until_recorded(cache_dir: Path, nbytes: int) -> int:
+    deadline = asyncio.get_running_loop().time() + 60
+    while True:
+        with contextlib.suppress(ValueError, OSError):
+            if (kept := recorded_bytes(cache_dir)) >= nbytes:
+                return kept
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.usefixtures("all_xorbs_at_once")
+async def test_a_xet_transfer_stopped_midway_goes_on_by_ranges_from_what_hf_xet_wrote(
+    settings: Settings, repos: RepoBuilder, cache_dir: Path
+) -> None:
+    """hf_xet starts every transfer from byte 0, and the library deletes its temporary file when
+    one fails. The worker keeps what hf_xet wrote (a second name for its file, and a record of
+    the prefix it hashed): the restart fetches only the rest, by ranges."""
+    repos.commit("org/model", {"config.json": "{}", "model.safetensors": Generated(SIZE, seed=12)})
+    with FakeHub(repos.root, xet=True, xorb_chunks=XORBS_OF_1_MIB) as hub:
+        config = ranged(settings.model_copy(update={"hf_endpoint": hub.url}))
+        xorbs = hub.content_path("org/model", "model.safetensors")
+        resolve = "/org/model/resolve/*/model.safetensors"
+        hub.add_fault(trickle(MB // 8, path=xorbs_from(hub, 4)))  # the second half crawls
+        async with app_client(config) as client:
+            await client.post("/api/models/download", json=BODY)
+            kept = await until_recorded(cache_dir, SIZE // 2)
+        hub.faults.clear()
+        assert hub.wait_idle()
+        assert recorded_bytes(cache_dir) == kept == SIZE // 2  # what hf_xet wrote, in order
+        assert hub.served(resolve) == 0  # so far all through Xet
+        hub.reset_counts()
+        async with app_client(config) as client:
+            status = await wait_for_status(client, BODY, FINAL)  # resumed by the restart
+        assert status["status"] == "DOWNLOADED", status
+        assert hub.served(resolve) == SIZE - kept  # only what was not kept
+        assert hub.served(xorbs) == 0
+        assert_the_cache_is_the_librarys(cache_dir, hub)
+
+
+@pytest.mark.usefixtures("all_xorbs_at_once")
+async def test_a_failed_xet_transfer_is_kept_and_the_retry_goes_on_by_ranges(
+    settings: Settings, repos: RepoBuilder, cache_dir: Path
+) -> None:
+    repos.commit("org/model", {"config.json": "{}", "model.safetensors": Generated(SIZE, seed=13)})
+    with FakeHub(repos.root, xet=True, xorb_chunks=XORBS_OF_1_MIB) as hub:
+        config = ranged(settings.model_copy(update={"hf_endpoint": hub.url}))
+        xorbs = hub.content_path("org/model", "model.safetensors")
+        resolve = "/org/model/resolve/*/model.safetensors"
+        # The first half comes; every request for the rest fails, hf_xet's retries included.
+        hub.add_fault(http_error(500, path=xorbs_from(hub, 4)))
+        async with app_client(config) as client:
+            await client.post("/api/models/download", json=BODY)
+            status = await wait_for_status(client, BODY, FINAL)
+        assert status["status"] == "DOWNLOADED", status
+        assert hub.served(xorbs) == SIZE // 2 + 4 * 128  # hf_xet got the first half only...
+        # ...and the retry fetched by ranges only what it had not written.
+        assert hub.served(resolve) == SIZE // 2
+        assert_the_cache_is_the_librarys(cache_dir, hub)

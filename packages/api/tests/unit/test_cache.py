@@ -175,3 +175,23 @@ def test_a_delete_plan_removes_nothing_until_executed(tmp_path: Path) -> None:
     assert whole.trees == (folder,)
     files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
     assert whole.freed_bytes == sum(p.stat().st_size for p in files)
+
+
+def test_a_kept_partial_file_goes_once_its_blob_is_complete(tmp_path: Path) -> None:
+    """A partial file with its record is kept for a next attempt, unless the blob is there: then
+    it is only a second name left by a transfer that completed (the worker died before removing
+    it), and it goes with its record."""
+    blobs = tmp_path / "models--org--m" / "blobs"
+    blobs.mkdir(parents=True)
+    locks = tmp_path / ".locks" / "models--org--m"
+    locks.mkdir(parents=True)
+    for etag in ("done", "going"):
+        (blobs / f"{etag}.ranged.incomplete").write_bytes(b"x")
+        (locks / f"{etag}.ranged.json").write_text("{}")
+    os.link(blobs / "done.ranged.incomplete", blobs / "done")  # the same file, now the blob
+    assert ModelCache(tmp_path).remove_orphans("org/m") == 1
+    assert (blobs / "done").read_bytes() == b"x"
+    assert not (blobs / "done.ranged.incomplete").exists()
+    assert not (locks / "done.ranged.json").exists()
+    assert (blobs / "going.ranged.incomplete").exists()  # what a next attempt goes on from
+    assert (locks / "going.ranged.json").exists()

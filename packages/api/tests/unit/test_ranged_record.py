@@ -102,3 +102,18 @@ def test_an_empty_partial_file_is_kept(tmp_path: Path) -> None:
         assert os.fstat(fd).st_size == 3 * MiB
     finally:
         os.close(fd)
+
+
+def test_a_prefix_is_recorded_part_by_part() -> None:
+    """What the library's own transfer wrote in order, as the record of parts: a next attempt
+    fetches the rest by ranges."""
+    record = Record("w.bin", "a" * 64, 3 * MiB, MiB, [0, 0, 0])
+    record.up_to(MiB + 5)
+    assert record.written == [MiB, 5, 0]
+    assert record.within(MiB + 5)  # a file that long holds all of it
+    assert not record.within(MiB)  # a shorter one does not: the record is not trusted
+    record.up_to(0)
+    assert record.written == [0, 0, 0]
+    assert record.within(0)
+    record.up_to(10 * MiB)
+    assert record.written == [MiB, MiB, MiB]

@@ -89,6 +89,7 @@ class FakeHub(LoopbackServer):
         page_size: int = 1000,
         xet: bool = False,
         xet_token_ttl: float = 3600,
+        xorb_chunks: int = xet.CHUNKS_PER_XORB,
         cdn: bool = False,
         send_buffer: int | None = None,
         uplink: int = 0,
@@ -105,6 +106,9 @@ class FakeHub(LoopbackServer):
         self.send_buffer = send_buffer
         self.xet = xet
         self.xet_token_ttl = xet_token_ttl
+        # Chunks of 64 KiB per xorb: 1024 (64 MiB, as the real storage packs a large upload);
+        # fewer make a small test file span several xorbs.
+        self.xorb_chunks = xorb_chunks
         self.tokens = set(tokens or ())
         self.gated_access = set(gated_access or ())
         self.page_size = page_size
@@ -580,7 +584,10 @@ class _Handler(BaseHTTPRequestHandler):
             start, end = self._requested_range(entry.size)
         xorbs_url = f"{self._base()}/cas/xorbs/{repo_id}"
         self._send_json(
-            method, xet.reconstruction(entry.sha256, entry.size, start, end - 1, xorbs_url)
+            method,
+            xet.reconstruction(
+                entry.sha256, entry.size, start, end - 1, xorbs_url, self.server.hub.xorb_chunks
+            ),
         )
 
     def _xorb(
@@ -590,12 +597,13 @@ class _Handler(BaseHTTPRequestHandler):
         entry = None if repo is None else _find_file(repo, lambda f: f.sha256 == sha256)
         if repo is None or entry is None or not index.isdigit():
             raise HubError(404, None, "No such xorb")
-        if int(index) >= xet.Layout(entry.size).xorbs:
+        chunks = self.server.hub.xorb_chunks
+        if int(index) >= xet.Layout(entry.size, chunks).xorbs:
             raise HubError(404, None, "No such xorb")
         if not self.headers.get("Range"):
             # Like the real storage: a xorb is readable only by the ranges a reconstruction grants.
             raise HubError(403, None, "A Range header is required")
-        with xet.XorbReader(repo.object_path(entry), entry.size, int(index)) as source:
+        with xet.XorbReader(repo.object_path(entry), entry.size, int(index), chunks) as source:
             start, end = self._requested_range(source.size)
             self._send_head(
                 206,

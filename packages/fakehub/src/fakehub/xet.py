@@ -53,9 +53,11 @@ def chunk_header(size: int) -> bytes:
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each byte of a file of ``size`` bytes lives in its xorbs."""
+    """Where each byte of a file of ``size`` bytes lives in its xorbs (of ``per_xorb`` chunks
+    each; the real format allows any number up to 64 MiB of data)."""
 
     size: int
+    per_xorb: int = CHUNKS_PER_XORB
 
     @property
     def chunks(self) -> int:
@@ -63,7 +65,7 @@ class Layout:
 
     @property
     def xorbs(self) -> int:
-        return -(-self.chunks // CHUNKS_PER_XORB)
+        return -(-self.chunks // self.per_xorb)
 
     def chunk_length(self, chunk: int) -> int:
         """Length of the file's chunk number ``chunk`` (global index)."""
@@ -71,8 +73,8 @@ class Layout:
 
     def xorb_chunks(self, xorb: int) -> range:
         """Global indices of the chunks of xorb number ``xorb``."""
-        first = xorb * CHUNKS_PER_XORB
-        return range(first, min(first + CHUNKS_PER_XORB, self.chunks))
+        first = xorb * self.per_xorb
+        return range(first, min(first + self.per_xorb, self.chunks))
 
     def xorb_size(self, xorb: int) -> int:
         chunks = self.xorb_chunks(xorb)
@@ -84,16 +86,23 @@ class Layout:
         return local_chunk * (HEADER_SIZE + CHUNK_SIZE)
 
 
-def reconstruction(sha256: str, size: int, first: int, last: int, xorb_url: str) -> dict[str, Any]:
+def reconstruction(
+    sha256: str,
+    size: int,
+    first: int,
+    last: int,
+    xorb_url: str,
+    xorb_chunks: int = CHUNKS_PER_XORB,
+) -> dict[str, Any]:
     """The v1 reconstruction of bytes ``first..last`` (inclusive) of a file: one term per xorb
     the range touches, each with the fetch information of exactly its chunks."""
-    layout = Layout(size)
+    layout = Layout(size, xorb_chunks)
     terms: list[dict[str, Any]] = []
     fetch_info: dict[str, list[dict[str, Any]]] = {}
     if size == 0:
         return {"offset_into_first_range": 0, "terms": [], "fetch_info": {}}
     first_chunk, last_chunk = first // CHUNK_SIZE, last // CHUNK_SIZE
-    for xorb in range(first_chunk // CHUNKS_PER_XORB, last_chunk // CHUNKS_PER_XORB + 1):
+    for xorb in range(first_chunk // xorb_chunks, last_chunk // xorb_chunks + 1):
         chunks = layout.xorb_chunks(xorb)
         start = max(first_chunk, chunks.start) - chunks.start
         end = min(last_chunk + 1, chunks.stop) - chunks.start  # exclusive, local
@@ -125,8 +134,10 @@ def reconstruction(sha256: str, size: int, first: int, last: int, xorb_url: str)
 class XorbReader:
     """A xorb of a content file as a read-only byte stream (``seek`` / ``read``), made on the fly."""
 
-    def __init__(self, content: Path, size: int, xorb: int) -> None:
-        self.layout = Layout(size)
+    def __init__(
+        self, content: Path, size: int, xorb: int, xorb_chunks: int = CHUNKS_PER_XORB
+    ) -> None:
+        self.layout = Layout(size, xorb_chunks)
         self.chunks = self.layout.xorb_chunks(xorb)
         self.size = self.layout.xorb_size(xorb)
         self._source = content.open("rb")

@@ -512,8 +512,13 @@ class ModelCache:
             if not path.name.endswith(INCOMPLETE_SUFFIX):
                 continue
             etag = blob_name(path.name)
-            if path.name.endswith(RANGED_SUFFIX) and (locks / f"{etag}{RECORD_SUFFIX}").exists():
+            if (
+                path.name.endswith(RANGED_SUFFIX)
+                and (locks / f"{etag}{RECORD_SUFFIX}").exists()
+                and not (blobs / etag).exists()
+            ):
                 continue  # the parts received so far: the next attempt goes on from them
+            # (beside its complete blob, a partial file is of no use: it goes, and its record)
             with lock_if_free(locks / f"{etag}.lock") as free:
                 if free:
                     path.unlink(missing_ok=True)

@@ -36,6 +36,7 @@ import logging
 import os
 import socket
 import ssl
+import stat
 import threading
 import time
 import urllib.parse
@@ -43,7 +44,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
@@ -117,6 +118,17 @@ class Record:
         return [
             (s, min(s + self.part_bytes, self.size)) for s in range(0, self.size, self.part_bytes)
         ]
+
+    def within(self, length: int) -> bool:
+        """Whether every byte the record says is written lies in the first ``length`` bytes."""
+        return all(
+            n == 0 or start + n <= length
+            for n, (start, _) in zip(self.written, self.parts(), strict=True)
+        )
+
+    def up_to(self, prefix: int) -> None:
+        """Say the first ``prefix`` bytes are written, in order (and nothing after them)."""
+        self.written = [min(end, max(prefix, start)) - start for start, end in self.parts()]
 
     def save(self, file: Path) -> None:
         tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
@@ -203,6 +215,7 @@ def fetch_large_files(
     for entry in files:
         if _size(blobs / entry.etag) == entry.size:
             continue
+        _drop_unresumable(entry, blobs, locks, ranges)
         try:
             # The plan's ETag and size are the Hub's (its file list): a peer's copy is checked
             # against them, with no request to the Hub.
@@ -223,7 +236,10 @@ def fetch_large_files(
             # from the Hub as ranges; the others the library's way.
             if inode is None and ranges.enabled and (begun or entry.size >= ranges.min_bytes):
                 url = hf_hub_url(repo_id, entry.path, revision=commit, endpoint=endpoint)
-                source = _hub_source(url, entry, token, limits)
+                # A file begun (by a peer, by an earlier attempt of this path, or by the
+                # library's own transfer, kept by ``Prefix``) goes on by ranges from where it
+                # stopped, even one the Hub serves through Xet: hf_xet would start it over.
+                source = _hub_source(url, entry, token, limits, xet_ok=begun)
                 for attempt in (1, 2):
                     inode = _fetch(
                         entry, source, blobs, locks, ranges, limits, _hub(on_bytes), on_found
@@ -290,8 +306,7 @@ def _from_peers(
             return inode, True
         logger.warning("peer %s served other content for %s: refused", peer.url, entry.path)
         failed.add(peer)
-    record = Record.load(record_file(locks, entry.etag))
-    begun = record is not None and record.etag == entry.etag and sum(record.written) > 0
+    begun = _resumable(entry, blobs, locks, ranges)
     if tried and not begun:
         # Nothing of it on disk: no partial file is left beside what the library fetches.
         with lock_if_free(locks / f"{entry.etag}.lock") as free:
@@ -307,12 +322,16 @@ class _Source:
     headers: dict[str, str]
 
 
-def _hub_source(url: str, entry: RemoteFile, token: str | bool, limits: Limits) -> _Source:
+def _hub_source(
+    url: str, entry: RemoteFile, token: str | bool, limits: Limits, xet_ok: bool = False
+) -> _Source:
     """Where the Hub serves the file's bytes, and the headers to send there: the library's own
-    metadata call (through the guard) and its rule for the token."""
+    metadata call (through the guard) and its rule for the token. A file served through Xet is
+    left to the library, unless ``xet_ok`` (the Hub serves it over HTTP too, with ranges)."""
     metadata = get_hf_file_metadata(url, token=token, timeout=limits.read_timeout)
     if (
-        metadata.xet_file_data is not None
+        not xet_ok
+        and metadata.xet_file_data is not None
         and is_xet_available()
         and not constants.HF_HUB_DISABLE_XET
     ):
@@ -373,15 +392,13 @@ def _fetch(
         # O_NOFOLLOW: a link planted in the cache in its place is never written through.
         fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
-            if (
-                record is None
-                or (record.path, record.etag, record.size) != (entry.path, entry.etag, entry.size)
-                or record.part_bytes != ranges.part_bytes
-                or os.fstat(fd).st_size != entry.size
-            ):
+            length = os.fstat(fd).st_size
+            if not _fits(record, entry, ranges) or length > entry.size or not record.within(length):
                 fd = _fresh(partial, fd, entry.size)
                 record = Record(entry.path, entry.etag, entry.size, ranges.part_bytes, [])
                 record.written = [0] * len(record.parts())
+            elif length < entry.size:
+                os.ftruncate(fd, entry.size)  # a prefix the library's transfer left: grown
             record.save(record_path)
             on_found(sum(record.written))
             transfer = _Transfer(
@@ -403,6 +420,110 @@ def _fetch(
             return os.fstat(fd).st_ino
         finally:
             os.close(fd)
+
+
+def _fits(record: Record | None, entry: RemoteFile, ranges: Ranges) -> TypeGuard[Record]:
+    """Whether ``record`` is of this very file, cut in parts of this size."""
+    return (
+        record is not None
+        and (record.path, record.etag, record.size) == (entry.path, entry.etag, entry.size)
+        and record.part_bytes == ranges.part_bytes
+    )
+
+
+def _resumable(entry: RemoteFile, blobs: Path, locks: Path, ranges: Ranges) -> bool:
+    """Whether part of the file is on disk, recorded, for a next attempt to go on from."""
+    record = Record.load(record_file(locks, entry.etag))
+    partial = partial_file(blobs, entry.etag)
+    try:
+        info = os.lstat(partial)
+    except OSError:
+        return False
+    return (
+        _fits(record, entry, ranges)
+        and stat.S_ISREG(info.st_mode)
+        and info.st_size <= entry.size
+        and record.within(info.st_size)
+        and sum(record.written) > 0
+    )
+
+
+def _drop_unresumable(entry: RemoteFile, blobs: Path, locks: Path, ranges: Ranges) -> None:
+    """A partial file or a record that no attempt can go on from (of another part size, a record
+    without its file, ...) goes, unless a live process holds the blob's lock: so that a new one
+    can be kept in its place."""
+    partial, record = partial_file(blobs, entry.etag), record_file(locks, entry.etag)
+    if not (os.path.lexists(partial) or record.exists()) or _resumable(entry, blobs, locks, ranges):
+        return
+    with lock_if_free(locks / f"{entry.etag}.lock") as free:
+        if free:
+            partial.unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
+
+
+class Prefix:
+    """The library's own transfer of a large file (through Xet, or one this path left to it),
+    kept for a next attempt: a second name for its temporary file, ``blobs/<etag>.ranged.
+    incomplete``, and a record of how far it is written in order (what the worker's streaming
+    hash has read of it). The library deletes its temporary file when a transfer fails, and a
+    new attempt of hf_xet starts from byte 0; kept this way, an interrupted transfer goes on by
+    ranges from where it stopped (``fetch_large_files``)."""
+
+    def __init__(self, partial: Path, record_path: Path, record: Record, inode: int) -> None:
+        self.partial = partial
+        self.record_path = record_path
+        self.record = record
+        self.inode = inode
+        self._saved_at = 0.0
+        self._dirty = False
+
+    @classmethod
+    def keep(cls, temporary: Path, entry: RemoteFile, locks: Path, ranges: Ranges) -> Prefix | None:
+        """Link ``temporary`` (the library's file, being written) as the partial file; None
+        when that cannot be done (a partial file is there already: another process's)."""
+        blobs = temporary.parent
+        partial, record_path = partial_file(blobs, entry.etag), record_file(locks, entry.etag)
+        try:
+            info = os.lstat(temporary)
+            if not stat.S_ISREG(info.st_mode):
+                return None  # planted in the cache under the library's name: not kept
+            os.link(temporary, partial, follow_symlinks=False)
+        except OSError:
+            return None
+        inode = info.st_ino
+        record = Record(entry.path, entry.etag, entry.size, ranges.part_bytes, [])
+        record.up_to(0)
+        kept = cls(partial, record_path, record, inode)
+        try:
+            locks.mkdir(parents=True, exist_ok=True)
+            record.save(record_path)
+        except OSError:
+            kept.drop()
+            return None
+        return kept
+
+    def advance(self, prefix: int, now: bool = False) -> None:
+        """The first ``prefix`` bytes are in the file: recorded (at most every
+        ``RECORD_INTERVAL`` seconds, unless ``now``)."""
+        self.record.up_to(min(prefix, self.record.size))
+        self._dirty = True
+        if now or time.monotonic() - self._saved_at >= RECORD_INTERVAL:
+            self.flush()
+
+    def flush(self) -> None:
+        """Save what ``advance`` held back (when nothing more comes for a while)."""
+        if self._dirty:
+            with contextlib.suppress(OSError):
+                self.record.save(self.record_path)
+            self._saved_at = time.monotonic()
+            self._dirty = False
+
+    def drop(self) -> None:
+        """The transfer completed (the blob is this file now): its second name and record go."""
+        with contextlib.suppress(OSError):
+            if os.lstat(self.partial).st_ino == self.inode:
+                self.partial.unlink()
+        self.record_path.unlink(missing_ok=True)
 
 
 def _fresh(partial: Path, fd: int, size: int) -> int:

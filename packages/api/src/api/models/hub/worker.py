@@ -33,7 +33,7 @@ from api.models.hub import guard, protocol, throttle
 from api.models.hub.cache import INCOMPLETE_SUFFIX, RANGED_SUFFIX, ModelCache, blob_name
 from api.models.hub.classify import failure_of
 from api.models.hub.hashing import content_matches, new_digest
-from api.models.hub.ranged import ChecksumMismatch, fetch_large_files
+from api.models.hub.ranged import ChecksumMismatch, Prefix, Ranges, fetch_large_files
 from api.models.hub.selection import exact_patterns
 
 PROGRESS_INTERVAL = 0.25
@@ -73,10 +73,19 @@ class StreamingHasher(threading.Thread):
     # threads wait for the interpreter (300 small files: 1.38-1.55 s -> see planning/benchmarks).
     MIN_BYTES = 1024 * 1024
 
-    def __init__(self, blobs: Path, files: tuple[RemoteFile, ...]) -> None:
+    def __init__(
+        self,
+        blobs: Path,
+        files: tuple[RemoteFile, ...],
+        keep: tuple[Path, Ranges] | None = None,
+    ) -> None:
+        """``keep`` (the model's locks folder, the ranged settings): large files the library
+        fetches itself are kept for a next attempt as they are hashed (``ranged.Prefix``)."""
         super().__init__(daemon=True, name="streaming-hasher")
         self.blobs = blobs
         self.wanted = {f.etag: f for f in files if f.size >= self.MIN_BYTES}
+        self.keep = keep if keep is not None and keep[1].enabled else None
+        self._kept: dict[str, Prefix] = {}
         self.results: dict[str, tuple[int, bool]] = {}  # etag -> (inode, matched)
         self.resumed = threading.Event()
         self._stop_event = threading.Event()
@@ -89,7 +98,9 @@ class StreamingHasher(threading.Thread):
         self._stop_event.set()
         if self.is_alive():
             self.join()
-        for source, _, _ in self._open.values():
+        for etag, (source, _, _) in self._open.items():
+            if (kept := self._kept.pop(etag, None)) is not None:
+                kept.advance(source.tell(), now=True)  # what the next attempt goes on from
             source.close()
 
     def run(self) -> None:
@@ -119,19 +130,29 @@ class StreamingHasher(threading.Thread):
                             new_digest(etag, self.wanted[etag].size),
                             os.fstat(source.fileno()).st_ino,
                         )
+                        self._keep(etag, Path(entry.path))
         busy = False
         for etag, (source, digest, inode) in list(self._open.items()):
             count = source.readinto(self._buffer)
+            kept = self._kept.get(etag)
             if count:
                 digest.update(self._buffer[:count])
+                if kept is not None:
+                    kept.advance(source.tell())
                 busy = True
                 continue
             # Nothing more for now: finished when the blob is now this very inode.
+            if kept is not None:
+                kept.flush()  # what the last reads held back
             try:
                 final = os.stat(self.blobs / etag)
             except FileNotFoundError:
                 if etag not in writing:
-                    source.close()  # the library gave up on it
+                    # The library gave up on it: what it wrote stays for the next attempt.
+                    if kept is not None:
+                        kept.advance(source.tell(), now=True)
+                        del self._kept[etag]
+                    source.close()
                     del self._open[etag]
                 continue
             if final.st_ino != inode:
@@ -140,9 +161,20 @@ class StreamingHasher(threading.Thread):
             size = source.tell()
             source.close()
             del self._open[etag]
+            if kept is not None:
+                kept.drop()  # the blob is in place: its second name goes
+                del self._kept[etag]
             expected = self.wanted[etag]
             self.results[etag] = (inode, size == expected.size and digest.hexdigest() == etag)
         return busy
+
+    def _keep(self, etag: str, temporary: Path) -> None:
+        entry = self.wanted[etag]
+        if self.keep is None or entry.size < self.keep[1].min_bytes:
+            return
+        locks, ranges = self.keep
+        if (kept := Prefix.keep(temporary, entry, locks, ranges)) is not None:
+            self._kept[etag] = kept
 
 
 class _ResumeWatch(logging.Handler):
@@ -404,7 +436,9 @@ def _download_and_verify(cache: ModelCache, job: protocol.Job, reporter: Reporte
         )
         reporter.flush()  # the pass's last bytes: the interval may have held them back
 
-    hasher = StreamingHasher(cache.folder(repo_id) / "blobs", plan.wanted)
+    hasher = StreamingHasher(
+        cache.folder(repo_id) / "blobs", plan.wanted, (cache.locks_folder(repo_id), job.ranges)
+    )
     watch = _ResumeWatch(hasher.resumed)
     library_log = logging.getLogger("huggingface_hub.file_download")
     library_log.addHandler(watch)
