@@ -239,7 +239,13 @@ def fetch_large_files(
                 # A file begun (by a peer, by an earlier attempt of this path, or by the
                 # library's own transfer, kept by ``Prefix``) goes on by ranges from where it
                 # stopped, even one the Hub serves through Xet: hf_xet would start it over.
-                source = _hub_source(url, entry, token, limits, xet_ok=begun)
+                try:
+                    source = _hub_source(url, entry, token, limits, xet_ok=begun)
+                except _UseLibrary:
+                    # The library fetches it whole: what is kept of it would only stand in the
+                    # way of keeping the library's own transfer.
+                    _drop_kept(entry, blobs, locks)
+                    raise
                 for attempt in (1, 2):
                     inode = _fetch(
                         entry, source, blobs, locks, ranges, limits, _hub(on_bytes), on_found
@@ -308,11 +314,7 @@ def _from_peers(
         failed.add(peer)
     begun = _resumable(entry, blobs, locks, ranges)
     if tried and not begun:
-        # Nothing of it on disk: no partial file is left beside what the library fetches.
-        with lock_if_free(locks / f"{entry.etag}.lock") as free:
-            if free:
-                partial_file(blobs, entry.etag).unlink(missing_ok=True)
-                record_file(locks, entry.etag).unlink(missing_ok=True)
+        _drop_kept(entry, blobs, locks)  # nothing of it on disk: no partial file is left
     return None, begun
 
 
@@ -453,12 +455,18 @@ def _drop_unresumable(entry: RemoteFile, blobs: Path, locks: Path, ranges: Range
     without its file, ...) goes, unless a live process holds the blob's lock: so that a new one
     can be kept in its place."""
     partial, record = partial_file(blobs, entry.etag), record_file(locks, entry.etag)
-    if not (os.path.lexists(partial) or record.exists()) or _resumable(entry, blobs, locks, ranges):
-        return
+    if (os.path.lexists(partial) or record.exists()) and not _resumable(
+        entry, blobs, locks, ranges
+    ):
+        _drop_kept(entry, blobs, locks)
+
+
+def _drop_kept(entry: RemoteFile, blobs: Path, locks: Path) -> None:
+    """The partial file and its record go, unless a live process holds the blob's lock."""
     with lock_if_free(locks / f"{entry.etag}.lock") as free:
         if free:
-            partial.unlink(missing_ok=True)
-            record.unlink(missing_ok=True)
+            partial_file(blobs, entry.etag).unlink(missing_ok=True)
+            record_file(locks, entry.etag).unlink(missing_ok=True)
 
 
 class Prefix:
@@ -534,12 +542,18 @@ def _fresh(partial: Path, fd: int, size: int) -> int:
     end of every transfer. The file stays sparse (``fallocate`` measured 3 % faster here, but the
     507 check and the running downloads' reservations count a partial file's unwritten bytes as
     still needed: allocated up front, they would be counted twice)."""
-    if os.fstat(fd).st_size:
-        os.close(fd)
-        partial.unlink(missing_ok=True)
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    os.ftruncate(fd, size)  # grows it: no truncation to zero
-    return fd
+    if not os.fstat(fd).st_size:
+        os.ftruncate(fd, size)  # grows it: no truncation to zero
+        return fd
+    partial.unlink(missing_ok=True)
+    new = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        os.ftruncate(new, size)
+    except BaseException:
+        os.close(new)
+        raise  # ``fd`` is still the caller's to close
+    os.close(fd)
+    return new
 
 
 def _drop_other_versions(entry: RemoteFile, blobs: Path, locks: Path) -> None:

@@ -70,7 +70,8 @@ class StreamingHasher(threading.Thread):
     CHUNK = 4 * 1024 * 1024
     # Smaller files are hashed from disk after the download (a few ms for hundreds of them):
     # following them cost more than it saved, a directory scan per step while the library's
-    # threads wait for the interpreter (300 small files: 1.38-1.55 s -> see planning/benchmarks).
+    # threads wait for the interpreter (300 small files: 1.58 s -> 1.45 s without;
+    # planning/ranged-downloads.md).
     MIN_BYTES = 1024 * 1024
 
     def __init__(
