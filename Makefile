@@ -96,6 +96,7 @@ bench: $(STAMP)
 	cd bench && ../$(VENV)/bin/python selection.py
 	cd bench && ../$(VENV)/bin/python link.py
 	cd bench && ../$(VENV)/bin/python resume.py
+	cd bench && BENCH_XET=1 ../$(VENV)/bin/python resume.py
 	cd bench && ../$(VENV)/bin/python xet_tuning.py
 	cd bench && ../$(VENV)/bin/python bandwidth.py
 
