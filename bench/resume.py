@@ -2,6 +2,9 @@
 again (the download is resumed by the service itself: its job store). How much of the file the hub sends after the restart,
 counted by the fake hub itself.
 
+With BENCH_XET=1 the file comes through Xet: the worker keeps what hf_xet writes, and the rest comes
+by ranges after the restart.
+
 Target (issue 17): <= 45 % of the file fetched again (the 40 % still missing, and at most 5 %
 more). The hub caps each connection at 100 MB/s here, so that the 60 % mark can be caught.
 """
@@ -14,7 +17,16 @@ import sys
 import time
 
 import httpx
-from common import DATA, fake_hub, machine, make_repos, resumed_via_service, served, service
+from common import (
+    DATA,
+    fake_hub,
+    machine,
+    make_repos,
+    resumed_via_service,
+    served,
+    service,
+    transfer_path,
+)
 
 GB = 1024**3
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 3
@@ -29,7 +41,7 @@ def on_disk(client: httpx.Client) -> int:
 def main() -> None:
     repos = make_repos()
     work = DATA / "work-resume"
-    print(f"resume after kill -9 at 60 %, {RUNS} runs ({machine()})")
+    print(f"resume after kill -9 at 60 %, {RUNS} runs, {transfer_path()} ({machine()})")
     worst = 0.0
     with fake_hub(repos, rate=100_000_000) as hub:
         for run in range(RUNS):
