@@ -192,3 +192,12 @@ def test_a_xorb_sent_from_the_file_is_the_xorb_read(
         reader.seek(start)
         assert sent == reader.read(stop - start)
         assert len(sent) == stop - start
+
+
+def test_a_xorb_range_that_ends_in_a_chunk_header(xet_hub: FakeHub, model: str) -> None:
+    """The header bytes of a range that ends inside one are sent, not held back for data that
+    does not follow."""
+    url = f"{xet_hub.url}{xet_hub.content_path('org/model', 'model.safetensors')[:-1]}0"
+    got = httpx.get(url, headers={"Range": "bytes=0-3"}, timeout=10)
+    assert got.status_code == 206
+    assert got.content == xet.chunk_header(xet.CHUNK_SIZE)[:4]

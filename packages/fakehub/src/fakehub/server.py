@@ -646,10 +646,13 @@ class _Handler(BaseHTTPRequestHandler):
         hub = self.server.hub
         path = unquote(urlsplit(self.path).path)
         if fault is None and isinstance(source, xet.XorbReader) and not hub.uplink:
-            # A xorb: each chunk's header, then its data straight from the content file.
-            for span in source.spans(start, end):
+            # A xorb: each chunk's header, then its data straight from the content file (a
+            # header held back for the data after it, never when it ends the answer).
+            spans = list(source.spans(start, end))
+            for i, span in enumerate(spans):
                 if isinstance(span, bytes):
-                    self.connection.sendall(span, socket.MSG_MORE)
+                    more = socket.MSG_MORE if i + 1 < len(spans) else 0
+                    self.connection.sendall(span, more)
                     hub._count_body(path, len(span))
                 else:
                     hub._count_body(path, _sendfile(self.connection, source, *span))
