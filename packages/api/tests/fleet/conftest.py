@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,19 +18,36 @@ import pytest
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 pytest.importorskip("ray", reason="the api[fleet] extra")
 
-from fakehub.raycluster import RayCluster, ray_cluster
+from fakehub.raycluster import RayCluster, log_tail, ray_cluster
+
+_LOG: list[Path] = []  # the running cluster's log, for the report of a test that fails
 
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[RayCluster]:
     # Ray's sockets live under its temp folder, whose path must stay short (a socket path is at
-    # most 107 bytes): one of its own under /tmp, removed at the end.
-    root = Path(tempfile.mkdtemp(prefix="fleet-"))
+    # most 107 bytes): one of its own, in the run's temporary folder when its path is short
+    # enough, removed at the end. A cluster that fails to start says why (its log's tail).
+    base = tempfile.gettempdir()
+    root = Path(tempfile.mkdtemp(prefix="fleet-", dir=base if len(base) <= 40 else "/tmp"))
     try:
         with ray_cluster(root, [root / f"node{i}" / "cache" for i in range(3)]) as running:
+            _LOG.append(running.log)
             yield running
     finally:
+        _LOG.clear()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A fleet test that fails shows the end of the cluster's log (removed with the cluster)."""
+    report = yield
+    if report.failed and _LOG:
+        report.sections.append(("Ray cluster log (last lines)", log_tail(_LOG[-1], 60)))
+    return report
 
 
 @pytest.fixture

@@ -42,6 +42,11 @@ def _environment(root: Path) -> dict[str, str]:
         {
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray keeps files of its own outside the session folder it is given: the address of
+            # the last cluster (``$RAY_TMPDIR/ray/ray_current_cluster``, default ``/tmp/ray``),
+            # written into a folder nothing creates. Its own root here, made first
+            # (``ray_cluster``): a machine that never ran Ray has no ``/tmp/ray``.
+            "RAY_TMPDIR": str(root),
             # The agents' library home: never ~/.cache.
             "HF_HOME": str(root / "hf-home"),
             "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -171,11 +176,24 @@ def _read_line(process: subprocess.Popen[str], lines: IO[str], timeout: float, l
     with selectors.DefaultSelector() as selector:
         selector.register(lines, selectors.EVENT_READ)
         if not selector.select(timeout):
-            raise RuntimeError(f"the Ray cluster did not answer within {timeout:g} s; see {log}")
+            raise RuntimeError(
+                f"the Ray cluster did not answer within {timeout:g} s; {log} ends:\n{log_tail(log)}"
+            )
     line = lines.readline()
     if not line:
-        raise RuntimeError(f"the Ray cluster's runner ended (exit {process.wait()}); see {log}")
+        raise RuntimeError(
+            f"the Ray cluster's runner ended (exit {process.wait()}); {log} ends:\n{log_tail(log)}"
+        )
     return line.strip()
+
+
+def log_tail(log: Path, lines: int = 40) -> str:
+    """The last lines of the cluster's log, for an error that would otherwise only name it (the
+    folder holding it may be removed before anyone reads it)."""
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as error:
+        return f"(unreadable: {error})"
 
 
 @contextlib.contextmanager
@@ -184,6 +202,7 @@ def ray_cluster(root: Path, caches: list[Path], timeout: float = 180.0) -> Itera
     block; ``root`` holds Ray's session folder (keep its path short: a socket path is at most 107
     bytes) and the cluster's log."""
     root.mkdir(parents=True, exist_ok=True)
+    (root / "ray").mkdir(exist_ok=True)  # $RAY_TMPDIR/ray: see ``_environment``
     log = root / "cluster.log"
     with log.open("ab") as errors:
         process = subprocess.Popen(
