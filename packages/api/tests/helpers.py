@@ -20,6 +20,7 @@ import pytest
 from fastapi import FastAPI
 
 from api.app import create_app
+from api.models.anchored import Folder
 from api.models.hub.zygote import Zygote
 from api.settings import Settings
 
@@ -243,3 +244,10 @@ async def sse(
             elif line == "" and data:
                 yield event, json.loads(data)
                 event, data = "message", ""
+
+
+def anchored(path: Path) -> Folder:
+    """The folder ``path``, opened as the service opens its roots (``api.models.anchored``)."""
+    folder = Folder.anchor(path)
+    assert folder is not None, path
+    return folder

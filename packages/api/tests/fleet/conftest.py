@@ -50,6 +50,15 @@ def pytest_runtest_makereport(
     return report
 
 
+@pytest.fixture(autouse=True)
+def _three_nodes(cluster: RayCluster) -> None:
+    """Each test starts with three nodes, whatever an earlier test that removed one left (a test
+    that failed before it added one back must not fail the next)."""
+    while len(cluster.nodes) < 3:
+        root = next(iter(cluster.caches.values())).parent.parent
+        cluster.add_node(root / f"node{len(cluster.caches)}" / "cache")
+
+
 @pytest.fixture
 def node_caches(cluster: RayCluster) -> list[Path]:
     """Each node's cache folder, empty (and its state folder beside it)."""

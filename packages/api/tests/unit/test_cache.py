@@ -162,17 +162,19 @@ def test_a_delete_plan_removes_nothing_until_executed(tmp_path: Path) -> None:
     plan = plan_delete(cache, "org/m", C1)
     assert plan is not None
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
-    assert plan.trees == (folder / "snapshots" / C1,)
+    # Entries are names below the cache's root, never paths: nothing can be followed later.
+    assert plan.trees == (("models--org--m", "snapshots", C1),)
     old_blob = (folder / "snapshots" / C1 / "old.txt").resolve()
-    assert old_blob in plan.files
-    assert (folder / "snapshots" / C2 / "shared.bin").resolve() not in plan.files  # shared
+    assert ("models--org--m", "blobs", old_blob.name) in plan.files
+    shared = (folder / "snapshots" / C2 / "shared.bin").resolve()
+    assert ("models--org--m", "blobs", shared.name) not in plan.files  # shared
     assert plan.freed_bytes == len(b"old")
-    assert plan.execute() == len(b"old")
+    assert plan.execute(cache) == len(b"old")
     assert not old_blob.exists()
     assert (folder / "snapshots" / C2 / "shared.bin").read_bytes() == b"same"
     whole = plan_delete(cache, "org/m", None)
     assert whole is not None
-    assert whole.trees == (folder,)
+    assert whole.trees == (("models--org--m",),)
     files = [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink()]
     assert whole.freed_bytes == sum(p.stat().st_size for p in files)
 

@@ -5,19 +5,30 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from api.models.hub.ranged import MiB, Record, _fresh
+from api.models.anchored import Folder
+from api.models.hub.ranged import MiB, Record, _fresh, record_name
 
+ETAG = "a" * 64
 GOOD = {
     "path": "w.bin",
-    "etag": "a" * 64,
+    "etag": ETAG,
     "size": 3 * MiB,
     "part_bytes": MiB,
     "written": [MiB, 5, 0],
 }
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Iterator[Folder]:
+    opened = Folder.anchor(tmp_path)
+    assert opened is not None
+    with opened:
+        yield opened
 
 
 def write(path: Path, data: object) -> Path:
@@ -25,13 +36,14 @@ def write(path: Path, data: object) -> Path:
     return path
 
 
-def test_a_record_this_code_wrote_is_read_back(tmp_path: Path) -> None:
-    record = Record.load(write(tmp_path / "r.json", GOOD))
+def test_a_record_this_code_wrote_is_read_back(tmp_path: Path, folder: Folder) -> None:
+    write(tmp_path / record_name(ETAG), GOOD)
+    record = Record.load(folder, ETAG)
     assert record is not None
     assert record.parts() == [(0, MiB), (MiB, 2 * MiB), (2 * MiB, 3 * MiB)]
-    saved = tmp_path / "saved.json"
-    record.save(saved)
-    assert Record.load(saved) == record
+    (tmp_path / record_name(ETAG)).unlink()
+    record.save(folder)
+    assert Record.load(folder, ETAG) == record
 
 
 @pytest.mark.parametrize(
@@ -47,33 +59,37 @@ def test_a_record_this_code_wrote_is_read_back(tmp_path: Path) -> None:
         {"etag": None, "size": "x"},
     ],
 )
-def test_a_planted_record_counts_as_none(tmp_path: Path, change: dict[str, object]) -> None:
-    assert Record.load(write(tmp_path / "r.json", {**GOOD, **change})) is None
+def test_a_planted_record_counts_as_none(
+    tmp_path: Path, folder: Folder, change: dict[str, object]
+) -> None:
+    write(tmp_path / record_name(ETAG), {**GOOD, **change})
+    assert Record.load(folder, ETAG) is None
 
 
-def test_a_huge_or_linked_record_is_not_read(tmp_path: Path) -> None:
-    huge = tmp_path / "huge.json"
+def test_a_huge_or_linked_record_is_not_read(tmp_path: Path, folder: Folder) -> None:
+    huge = tmp_path / record_name(ETAG)
     huge.write_text(json.dumps(GOOD) + " " * (2 * MiB))
-    assert Record.load(huge) is None
+    assert Record.load(folder, ETAG) is None
+    huge.unlink()
     target = write(tmp_path / "elsewhere.json", GOOD)
-    link = tmp_path / "link.json"
-    link.symlink_to(target)
-    assert Record.load(link) is None
+    (tmp_path / record_name(ETAG)).symlink_to(target)
+    assert Record.load(folder, ETAG) is None
 
 
-def test_saving_never_writes_through_a_planted_link(tmp_path: Path) -> None:
+def test_saving_never_writes_through_a_planted_link(tmp_path: Path, folder: Folder) -> None:
+    """A link planted under the record's name is replaced by the record (a rename replaces the
+    link itself), never written through."""
     outside = tmp_path / "outside"
     outside.write_text("keep")
-    record_file = tmp_path / "r.json"
-    (tmp_path / f".r.json.{os.getpid()}.tmp").symlink_to(outside)
-    record = Record.load(write(record_file, GOOD))
-    assert record is not None
-    with pytest.raises(OSError, match="Too many levels of symbolic links"):
-        record.save(record_file)
+    (tmp_path / record_name(ETAG)).symlink_to(outside)
+    record = Record("w.bin", ETAG, 3 * MiB, MiB, [MiB, 5, 0])
+    record.save(folder)
     assert outside.read_text() == "keep"
+    assert not (tmp_path / record_name(ETAG)).is_symlink()
+    assert Record.load(folder, ETAG) == record
 
 
-def test_a_partial_file_that_starts_over_is_a_new_file(tmp_path: Path) -> None:
+def test_a_partial_file_that_starts_over_is_a_new_file(tmp_path: Path, folder: Folder) -> None:
     """Not the old one truncated to zero: ext4 writes a file truncated to zero back whole when it
     is closed, which cost a third of a second per GiB at the end of every transfer."""
     partial = tmp_path / "blob.ranged.incomplete"
@@ -81,7 +97,7 @@ def test_a_partial_file_that_starts_over_is_a_new_file(tmp_path: Path) -> None:
     old = tmp_path / "old"
     os.link(partial, old)  # the old file, seen from elsewhere: left as it was, not truncated
     fd = os.open(partial, os.O_RDWR)
-    fd = _fresh(partial, fd, 8 * MiB)
+    fd = _fresh(folder, partial.name, fd, 8 * MiB)
     try:
         stat = os.fstat(fd)
         assert stat.st_size == 8 * MiB
@@ -92,11 +108,11 @@ def test_a_partial_file_that_starts_over_is_a_new_file(tmp_path: Path) -> None:
         os.close(fd)
 
 
-def test_an_empty_partial_file_is_kept(tmp_path: Path) -> None:
+def test_an_empty_partial_file_is_kept(tmp_path: Path, folder: Folder) -> None:
     partial = tmp_path / "blob.ranged.incomplete"
     fd = os.open(partial, os.O_RDWR | os.O_CREAT)
     inode = os.fstat(fd).st_ino
-    fd = _fresh(partial, fd, 3 * MiB)
+    fd = _fresh(folder, partial.name, fd, 3 * MiB)
     try:
         assert os.fstat(fd).st_ino == inode
         assert os.fstat(fd).st_size == 3 * MiB

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from api.models.backend import FileSelection, FilesPreset, RemoteFile
 from api.models.hub.cache import ModelCache
+from api.models.hub.records import selection_name
 from api.models.hub.selection import exact_patterns, resolve, resolve_all, weight_groups
 from api.models.types import ModelRequest
 from fakehub.repos import FileContent, Generated
@@ -228,7 +229,7 @@ def test_a_record_that_does_not_hold_to_the_rules_counts_as_none(
 ) -> None:
     cache = ModelCache(tmp_path)
     commit = "b" * 40
-    record = cache.records.selection_record("org/model", commit)
+    record = cache.locks_folder("org/model") / selection_name(commit)
     record.parent.mkdir(parents=True)
     record.write_text(planted)
     assert cache.records.read_selections("org/model", commit) == ()

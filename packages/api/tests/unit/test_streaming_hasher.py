@@ -9,7 +9,7 @@ from pathlib import Path
 
 from api.models.backend import RemoteFile
 from api.models.hub.worker import StreamingHasher
-from tests.helpers import MB
+from tests.helpers import MB, anchored
 
 
 def write_like_the_library(blobs: Path, etag: str, data: bytes, pause: float = 0.06) -> Path:
@@ -34,7 +34,7 @@ def test_hashes_while_written_and_ties_the_result_to_the_inode(tmp_path: Path) -
     small = b'{"a": 1}'
     small_etag = hashlib.sha1(b"blob %d\0" % len(small) + small).hexdigest()
     hasher = StreamingHasher(
-        blobs,
+        anchored(blobs),
         (
             RemoteFile("model.bin", len(good), good_etag),
             RemoteFile("other.bin", len(bad), bad_etag),
@@ -59,7 +59,7 @@ def test_with_only_small_files_it_does_not_scan(tmp_path: Path) -> None:
     blobs.mkdir()
     small = b"x" * 1000
     etag = hashlib.sha256(small).hexdigest()
-    hasher = StreamingHasher(blobs, (RemoteFile("a.json", len(small), etag),))
+    hasher = StreamingHasher(anchored(blobs), (RemoteFile("a.json", len(small), etag),))
     hasher.start()
     hasher.join(timeout=5)
     assert not hasher.is_alive()  # ended at once: nothing to follow
@@ -73,7 +73,7 @@ def test_a_file_the_library_gives_up_on_has_no_result(tmp_path: Path) -> None:
     blobs.mkdir()
     data = os.urandom(MB)
     etag = hashlib.sha256(data).hexdigest()
-    hasher = StreamingHasher(blobs, (RemoteFile("w.bin", len(data), etag),))
+    hasher = StreamingHasher(anchored(blobs), (RemoteFile("w.bin", len(data), etag),))
     hasher.start()
     temporary = blobs / f"{etag}.deadbeef.incomplete"
     temporary.write_bytes(data[: MB // 2])

@@ -108,18 +108,17 @@ def _serve(root: Path, caches: list[str]) -> None:
             protocol_out.write(node.node_id + "\n")
         elif command == "remove":
             node = nodes.pop(argument)
-            # A machine that leaves takes every process on it: Ray's remove kills the raylet,
-            # whose workers (an agent, its download workers) would otherwise live on a while.
-            doomed = [
-                pid
-                for info in node.all_processes.get("raylet", [])
-                for pid in _descendants(info.process.pid)
-            ]
+            # A machine that leaves takes every process on it at once: its raylet and what runs
+            # under it (an agent, its blob server, its download workers) are killed first, then
+            # Ray is told. Ray's own remove waits seconds before it kills the raylet, and the
+            # node went on serving its peers meanwhile.
+            raylets = [info.process.pid for info in node.all_processes.get("raylet", [])]
+            doomed = [pid for raylet in raylets for pid in _descendants(raylet)] + raylets
             print(f"removing node {argument}: killing {doomed}", file=sys.stderr, flush=True)
-            cluster.remove_node(node, allow_graceful=False)
             for pid in doomed:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+            cluster.remove_node(node, allow_graceful=False)
             protocol_out.write("removed\n")
     # End of input: the caller is done (or died). The caller kills the process group anyway.
     with contextlib.suppress(Exception):

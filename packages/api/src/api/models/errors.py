@@ -82,13 +82,24 @@ def human_bytes(count: int) -> str:
 
 
 class UnsafeCachePath(ModelError):
-    """A path in a model's cache folder leads outside it (a planted symlink): nothing was deleted."""
+    """A link (or another kind of file) stands where the model's cache folder holds a folder or
+    a file, or leads outside it (planted, or swapped in while the service worked): it was not
+    followed. ``where``: the entry, relative to the cache folder, when known."""
 
-    def __init__(self, repo_id: str) -> None:
+    def __init__(self, repo_id: str, where: str | None = None, partly: bool = False) -> None:
+        done = (
+            "the delete stopped there and some of its files may already be gone"
+            if partly
+            else "nothing was deleted"
+        )
+        at = f" ({where})" if where else ""
         super().__init__(
-            f"the cache folder of {repo_id} holds a link that leads outside it; nothing was deleted"
+            f"the cache folder of {repo_id} holds a link{at} that the service does not follow:"
+            f" it leads outside the model's folder, or stands where a folder or file belongs;"
+            f" {done}. Remove the link, or the model's folder, and try again"
         )
         self.repo_id = repo_id
+        self.where = where
 
 
 class RevisionBusy(ModelError):

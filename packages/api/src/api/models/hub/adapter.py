@@ -202,7 +202,9 @@ class HubCacheBackend:
             plan = deletion.plan_prune(self.cache, repo_id, commits)
             if plan is None:
                 return Pruned(repo_id)
-            freed = plan.expected_freed() if dry_run else deletion.execute(plan)
+            freed = (
+                plan.expected_freed(self.cache) if dry_run else deletion.execute(self.cache, plan)
+            )
         except ModelError as refused:  # busy, a planted link, a read-only folder
             return Pruned(repo_id, refused=str(refused))
         revisions: tuple[tuple[str | None, int], ...] = plan.by_revision or ((None, freed),)

@@ -24,19 +24,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
 import re
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub.utils._shared_blobs import shared_blob_target
 
+from api.models.anchored import Folder, LinkInTheWay, held, resolve_link
 from api.models.backend import (
     EVERYTHING,
     CachedRevision,
@@ -50,7 +52,7 @@ from api.models.backend import (
 )
 from api.models.hub import selection as selecting
 from api.models.hub.guard import COMMIT_ID, UntrustedAnswer, check_plan, path_problem
-from api.models.hub.hashing import content_matches
+from api.models.hub.hashing import descriptor_matches
 from api.models.hub.records import RevisionRecords, journal_note, name_some
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ RECORD_SUFFIX = ".ranged.json"
 
 
 _BLOB_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a git blob id or a sha256: an ETag
+_XET_HASH = re.compile(r"[0-9a-f]{64}")
+MAX_TREE_BYTES = 256 * 1024 * 1024  # 100,000 files (``MODELS_MAX_REPO_FILES``) of long paths
 
 
 def repo_folder_name(repo_id: str) -> str:
@@ -90,13 +94,70 @@ class ModelCache:
     def __init__(self, root: Path, default: FileSelection = EVERYTHING) -> None:
         self.root = root
         self.default = default
-        self.records = RevisionRecords(self.locks_folder)
+        self.records = RevisionRecords(self.locks_of)
+        self._anchor: Folder | None = None
+        self._anchor_lock = threading.Lock()
 
     def folder(self, repo_id: str) -> Path:
         return self.root / repo_folder_name(repo_id)
 
     def locks_folder(self, repo_id: str) -> Path:
         return self.root / ".locks" / repo_folder_name(repo_id)
+
+    # -- anchored access (``api.models.anchored``): every write and removal goes this way ----
+
+    def anchor(self, create: bool = False) -> Folder | None:
+        """The cache's root folder: opened once, and again only when the configured path names
+        another folder now (an operator replaced the cache); a descriptor of the caller's own,
+        to close. None when the cache does not exist (unless ``create``)."""
+        with self._anchor_lock:
+            current = self._anchor
+            if current is not None:
+                try:
+                    if not os.path.samestat(os.stat(self.root), os.fstat(current.fd)):
+                        current = None
+                except OSError:
+                    current = None
+            if current is None:
+                fresh = Folder.anchor(self.root, create=create)
+                if fresh is None:
+                    return None
+                if self._anchor is not None:
+                    logger.info("event=cache_reopened path=%s", self.root)
+                    self._anchor.close()  # callers hold descriptors of their own
+                self._anchor = current = fresh
+            return current.dup()
+
+    @contextlib.contextmanager
+    def opened(
+        self, *names: str, create: bool = False, mend: bool = False
+    ) -> Iterator[Folder | None]:
+        """The folder ``names`` below the cache's root, reached without following a link (a link
+        on the way raises ``LinkInTheWay``; with ``mend`` it is replaced by a folder); None when
+        absent (unless ``create``)."""
+        root = self.anchor(create=create)
+        if root is None:
+            yield None
+            return
+        with root:
+            found = root.walk(*names, create=create, mend=mend)
+        if found is None:
+            yield None
+            return
+        with found:
+            yield found
+
+    def model_folder(
+        self, repo_id: str, *names: str, create: bool = False
+    ) -> AbstractContextManager[Folder | None]:
+        """The model's folder (or ``names`` below it), as ``opened``."""
+        return self.opened(repo_folder_name(repo_id), *names, create=create)
+
+    def locks_of(self, repo_id: str, create: bool = False) -> AbstractContextManager[Folder | None]:
+        """The model's folder under ``.locks``: the library's locks and the service's records. It
+        holds folders of the cache's own only: a link found in its place is replaced when it is
+        made (``mend``), never followed."""
+        return self.opened(".locks", repo_folder_name(repo_id), create=create, mend=create)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -113,8 +174,14 @@ class ModelCache:
     def read_tree(self, repo_id: str, commit: str) -> dict[str, TreeEntry] | None:
         """The revision's file list as the hub client cached it (``trees/<commit>.json``), or None."""
         path = self.folder(repo_id) / "trees" / f"{commit}.json"
+        if not COMMIT_ID.fullmatch(commit):
+            return None
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            with self.model_folder(repo_id, "trees") as trees:
+                raw = trees.read(f"{commit}.json", MAX_TREE_BYTES) if trees is not None else None
+            if raw is None:
+                return None
+            data = json.loads(raw.decode("utf-8"))
             if data.get("format_version") != TREE_FORMAT_VERSION:
                 return None
             tree = {
@@ -187,19 +254,20 @@ class ModelCache:
     def hold_revision(self, repo_id: str, commit: str) -> Iterator[None]:
         """Held (shared) by every download worker of the revision, from its first byte to its
         verification; the kernel releases it when the worker dies, however it dies."""
-        path = self.revision_lock(repo_id, commit)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            yield
-        finally:
-            os.close(fd)
+        with self.locks_of(repo_id, True) as locks:
+            assert locks is not None  # made when absent
+            with locks.flock(f"{commit}.download.lock", exclusive=False):
+                yield
 
     def revision_busy(self, repo_id: str, commit: str) -> bool:
-        """Whether a download worker (of any process sharing the cache) holds the revision."""
-        with lock_if_free(self.revision_lock(repo_id, commit)) as free:
-            return not free
+        """Whether a download worker (of any process sharing the cache) holds the revision.
+        Raises ``LinkInTheWay`` when a link stands in the way of its lock (never followed: the
+        answer cannot be known)."""
+        with self.locks_of(repo_id) as locks:
+            if locks is None:
+                return False
+            with locks.flock(f"{commit}.download.lock", create=False, wait=False) as free:
+                return not free
 
     def missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
         """Bytes of the plan's wanted files whose blob is not yet complete in the cache."""
@@ -207,31 +275,48 @@ class ModelCache:
         return sum(f.size for f in plan.wanted if _size_of(blobs / f.etag) != f.size)
 
     def write_ref(self, repo_id: str, revision: str, commit: str) -> None:
-        """Record that ``revision`` (a branch or tag) points at ``commit``, atomically."""
-        if COMMIT_ID.fullmatch(revision):
+        """Record that ``revision`` (a branch or tag) points at ``commit``, atomically and
+        durably (the branch's switch). A link in the way raises ``LinkInTheWay``."""
+        if COMMIT_ID.fullmatch(revision) or not COMMIT_ID.fullmatch(commit):
             return
-        path = self.folder(repo_id) / "refs" / revision
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(commit)
-        os.replace(tmp, path)
+        *parents, name = revision.split("/")
+        with self.model_folder(repo_id, "refs", *parents, create=True) as refs:
+            assert refs is not None  # made when absent
+            refs.write_atomic(name, commit.encode(), mode=0o664)
 
     def discard_file(self, repo_id: str, commit: str, rel: str) -> None:
         """Remove a file of a revision and its blob (a checksum mismatch), so it is fetched again.
 
         A blob in the shared store goes too: its content is wrong for every repo that links it,
-        and left there the library would link it again instead of downloading.
+        and left there the library would link it again instead of downloading. Each goes by its
+        name in its own folder, reached without following a link; a link that leads anywhere
+        else is removed itself, and nothing behind it.
         """
         if path_problem(rel) is not None or not COMMIT_ID.fullmatch(commit):
             raise ValueError("not a path inside a snapshot")  # the callers check it first
-        link = self.folder(repo_id) / "snapshots" / commit / rel
-        blob = self.blob_behind(repo_id, link)
-        if blob is not None:
-            shared = shared_blob_target(blob, self.root)  # None unless the library's link
-            if shared is not None:
-                shared.unlink(missing_ok=True)
-            blob.unlink(missing_ok=True)
-        link.unlink(missing_ok=True)
+        folder = repo_folder_name(repo_id)
+        *dirs, leaf = rel.split("/")
+        root = self.anchor()
+        if root is None:
+            return
+        with root:
+            at = (folder, "snapshots", commit, *dirs)
+            snapshot = root.walk(*at)
+            if snapshot is None:
+                return
+            with snapshot:
+                target = snapshot.readlink(leaf)
+                blob = resolve_link(at, target, str(self.root)) if target is not None else None
+                if blob is not None and blob[:2] == (folder, "blobs") and len(blob) == 3:
+                    with held(root.walk(folder, "blobs")) as blobs:
+                        assert blobs is not None
+                        shared = _shared_hash(blobs, blob[2], folder, str(self.root))
+                        if shared is not None:
+                            with held(root.walk("blobs", shared[:2])) as store:
+                                if store is not None:
+                                    store.unlink(shared)
+                        blobs.unlink(blob[2])
+                snapshot.unlink(leaf)
 
     def blob_behind(self, repo_id: str, link: Path) -> Path | None:
         """The entry of the model's ``blobs/`` a snapshot link names (one hop, not resolved
@@ -243,24 +328,50 @@ class ModelCache:
         blobs = self.folder(repo_id) / "blobs"
         return hop if hop.parent == blobs else None
 
-    def servable_blob(self, repo_id: str, commit: str, path: str) -> Path | None:
-        """The complete blob behind ``path`` of the revision ``commit``, for a fleet's peer to
-        copy, or None: the path must be one a snapshot can hold, the snapshot's entry a link to a
-        blob named by an ETag, and the blob (through at most the links the library makes) a
-        regular file inside the cache. A blob is only ever renamed into place complete."""
+    def open_content(
+        self, repo_id: str, commit: str, path: str, blob_only: bool = False
+    ) -> int | None:
+        """A descriptor (read-only) of the content behind ``path`` of the revision ``commit``,
+        or None. The snapshot's entry is followed through at most the links the library makes,
+        each by its text and opened ``O_NOFOLLOW`` from its own folder: to the model's
+        ``blobs/<name>``, and from there into the shared store (``blobs/<xx>/<hash>``). A link
+        that leads anywhere else is not followed (None): never a file outside the cache.
+        ``blob_only`` (a fleet's peer): only a link to a blob named by an ETag, never a copy in
+        the snapshot. A blob is only ever renamed into place complete."""
         if path_problem(path) is not None or not COMMIT_ID.fullmatch(commit):
             return None
-        link = self.folder(repo_id) / "snapshots" / commit / path
-        blob = self.blob_behind(repo_id, link)
-        if blob is None or not _BLOB_NAME.fullmatch(blob.name):
+        folder = repo_folder_name(repo_id)
+        *dirs, leaf = path.split("/")
+        at = (folder, "snapshots", commit, *dirs)
+        root = self.anchor()
+        if root is None:
             return None
-        real = Path(os.path.realpath(blob))
-        try:
-            if not real.is_relative_to(os.path.realpath(self.root)) or not real.is_file():
+        with root:
+            try:
+                snapshot = root.walk(*at)
+                if snapshot is None:
+                    return None
+                with snapshot:
+                    target = snapshot.readlink(leaf)
+                    if target is None:
+                        return None if blob_only else snapshot.open(leaf)
+                blob = resolve_link(at, target, str(self.root))
+                if blob is None or blob[:2] != (folder, "blobs") or len(blob) != 3:
+                    return None
+                if blob_only and not _BLOB_NAME.fullmatch(blob[2]):
+                    return None
+                with held(root.walk(folder, "blobs")) as blobs:
+                    if blobs is None:
+                        return None
+                    if blobs.readlink(blob[2]) is None:
+                        return blobs.open(blob[2])
+                    shared = _shared_hash(blobs, blob[2], folder, str(self.root))
+                if shared is None:
+                    return None
+                with held(root.walk("blobs", shared[:2])) as store:
+                    return store.open(shared) if store is not None else None
+            except (LinkInTheWay, FileNotFoundError, NotADirectoryError):
                 return None
-        except OSError:
-            return None
-        return real
 
     def verify(
         self, repo_id: str, revision: str, on_bytes: Callable[[int], None] | None = None
@@ -289,7 +400,11 @@ class ModelCache:
             path = snapshot / rel
             if _size_of(path) is None:
                 missing.append(rel)
-            elif not content_matches(path, etag, on_bytes):
+                continue
+            # Hashed through what the snapshot's links lead to inside the cache only: a link
+            # that leads elsewhere is not vouched for (a mismatch), and never read.
+            fd = self.open_content(repo_id, commit, rel)
+            if fd is None or not descriptor_matches(fd, etag, on_bytes):
                 mismatched.append(rel)
         self._record_verification(repo_id, commit, missing, mismatched)
         return VerifyReport(
@@ -499,6 +614,21 @@ class ModelCache:
 
     # -- changing ----------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _blobs_and_locks(self, repo_id: str) -> Iterator[tuple[Folder | None, Folder | None]]:
+        """The model's ``blobs/`` and its folder under ``.locks``, each None when absent (or when
+        a link stands in its place: never followed, and nothing is removed through it)."""
+        with contextlib.ExitStack() as stack:
+            found: list[Folder | None] = []
+            openers = (self.model_folder(repo_id, "blobs"), self.locks_of(repo_id))
+            for opener in openers:
+                try:
+                    found.append(stack.enter_context(opener))
+                except LinkInTheWay as error:
+                    logger.warning("event=link_not_followed repo=%s path=%s", repo_id, error.where)
+                    found.append(None)
+            yield found[0], found[1]
+
     def remove_orphans(self, repo_id: str) -> int:
         """Remove temporary files no live process is writing; return how many were removed.
 
@@ -507,29 +637,32 @@ class ModelCache:
         cancelled by us) and no later download will reuse it.
         """
         removed = 0
-        locks, blobs = self.locks_folder(repo_id), self.folder(repo_id) / "blobs"
-        for path in _iter_files(blobs):
-            if not path.name.endswith(INCOMPLETE_SUFFIX):
-                continue
-            etag = blob_name(path.name)
-            if (
-                path.name.endswith(RANGED_SUFFIX)
-                and (locks / f"{etag}{RECORD_SUFFIX}").exists()
-                and not (blobs / etag).exists()
-            ):
-                continue  # the parts received so far: the next attempt goes on from them
-            # (beside its complete blob, a partial file is of no use: it goes, and its record)
-            with lock_if_free(locks / f"{etag}.lock") as free:
-                if free:
-                    path.unlink(missing_ok=True)
+        with self._blobs_and_locks(repo_id) as (blobs, locks):
+            if blobs is None:
+                return 0
+            names = {entry.name for entry in blobs.names()}
+            records = {entry.name for entry in locks.names()} if locks is not None else set()
+            for name in sorted(names):
+                if not name.endswith(INCOMPLETE_SUFFIX):
+                    continue
+                etag = blob_name(name)
+                if (
+                    name.endswith(RANGED_SUFFIX)
+                    and f"{etag}{RECORD_SUFFIX}" in records
+                    and etag not in names
+                ):
+                    continue  # the parts received so far: the next attempt goes on from them
+                # (beside its complete blob, a partial file is of no use: it goes, and its record)
+                if _lock_free(locks, f"{etag}.lock") and blobs.unlink(name):
                     removed += 1
-        for record in _iter_files(locks):
-            etag = record.name.removesuffix(RECORD_SUFFIX)
-            if (
-                record.name.endswith(RECORD_SUFFIX)
-                and not (blobs / f"{etag}{RANGED_SUFFIX}").exists()
-            ):
-                record.unlink(missing_ok=True)  # of a partial file that is gone
+            if locks is not None:
+                for record in sorted(records):
+                    etag = record.removesuffix(RECORD_SUFFIX)
+                    if (
+                        record.endswith(RECORD_SUFFIX)
+                        and blobs.lstat(f"{etag}{RANGED_SUFFIX}") is None
+                    ):
+                        locks.unlink(record)  # of a partial file that is gone
         if removed:
             logger.info("removed %d orphaned temporary file(s) of %s", removed, repo_id)
         return removed
@@ -538,16 +671,18 @@ class ModelCache:
         """Remove what ranged downloads of the model kept for their next attempt (the partial
         files and their records) where no process is writing: a user's cancel takes everything
         with it. Returns how many files were removed."""
-        locks, blobs = self.locks_folder(repo_id), self.folder(repo_id) / "blobs"
         removed = 0
-        for record in list(_iter_files(locks)):
-            if not record.name.endswith(RECORD_SUFFIX):
-                continue
-            etag = record.name.removesuffix(RECORD_SUFFIX)
-            with lock_if_free(locks / f"{etag}.lock") as free:
-                if free:
-                    (blobs / f"{etag}{RANGED_SUFFIX}").unlink(missing_ok=True)
-                    record.unlink(missing_ok=True)
+        with self._blobs_and_locks(repo_id) as (blobs, locks):
+            if locks is None:
+                return 0
+            for entry in locks.names():
+                if not entry.name.endswith(RECORD_SUFFIX):
+                    continue
+                etag = entry.name.removesuffix(RECORD_SUFFIX)
+                if _lock_free(locks, f"{etag}.lock"):
+                    if blobs is not None:
+                        blobs.unlink(f"{etag}{RANGED_SUFFIX}")
+                    locks.unlink(entry.name)
                     removed += 1
         return removed
 
@@ -555,11 +690,11 @@ class ModelCache:
         """``remove_orphans`` for every model of the cache (at start-up: what a killed service
         left); a folder that cannot be read is skipped."""
         removed = 0
-        try:
-            with os.scandir(self.root) as scan:
-                names = [e.name for e in scan if e.is_dir(follow_symlinks=False)]
-        except OSError:
+        root = self.anchor()
+        if root is None:
             return 0
+        with root:
+            names = [e.name for e in root.names() if e.is_dir(follow_symlinks=False)]
         for name in names:
             repo_id = repo_id_from_folder(name)
             if repo_id is not None:
@@ -661,23 +796,33 @@ def _iter_dirs(root: Path) -> Iterator[Path]:
     yield from dirs
 
 
-@contextlib.contextmanager
-def lock_if_free(lock_path: Path) -> Iterator[bool]:
-    """Hold ``lock_path`` (the hub client's flock) if nobody does; yield whether we got it."""
+def _lock_free(locks: Folder | None, name: str) -> bool:
+    """Whether nobody holds the lock ``name`` (the hub client's flock) of ``locks`` now; an
+    absent folder or file: nobody ever locked it. A link in its place is never opened: then it
+    is not known to be free."""
+    if locks is None:
+        return True
     try:
-        fd = os.open(lock_path, os.O_RDONLY)  # flock needs no write access: a read-only cache works
-    except (FileNotFoundError, NotADirectoryError):
-        yield True  # no lock file: no process ever locked this blob here
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+        with locks.flock(name, create=False, wait=False) as free:
+            return free
+    except LinkInTheWay:
+        return False
+
+
+def _shared_hash(blobs: Folder, name: str, folder: str, root: str) -> str | None:
+    """The Xet hash of the shared-store entry that the model's ``blobs/<name>`` links to, when it
+    is the library's link (``../../blobs/<xx>/<hash>``, as its ``_shared_blob_target`` reads
+    it: by its text), else None."""
+    target = blobs.readlink(name)
+    if target is None:
+        return None
+    at = resolve_link((folder, "blobs"), target, root)
+    if (
+        at is None
+        or len(at) != 3
+        or at[0] != "blobs"
+        or not _XET_HASH.fullmatch(at[2])
+        or at[1] != at[2][:2]
+    ):
+        return None
+    return at[2]

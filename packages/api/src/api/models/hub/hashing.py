@@ -4,9 +4,10 @@ for regular files."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 _HASH_CHUNK = 8 * 1024 * 1024
 
@@ -20,6 +21,25 @@ def new_digest(etag: str, size: int) -> Any:
     if len(etag) == 40:
         return hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
     return None
+
+
+def descriptor_matches(fd: int, etag: str, on_bytes: Callable[[int], None] | None = None) -> bool:
+    """``content_matches`` for a file already open (``fd``, read from its start, then closed):
+    what the cache's anchored opening (``ModelCache.open_content``) gives."""
+    with os.fdopen(fd, "rb") as source:
+        size = os.fstat(source.fileno()).st_size
+        digest = new_digest(etag.lower(), size)
+        if digest is None:
+            return False
+        return _digest_of(source, digest, on_bytes) == etag.lower()
+
+
+def _digest_of(source: BinaryIO, digest: Any, on_bytes: Callable[[int], None] | None) -> str:
+    while chunk := source.read(_HASH_CHUNK):
+        digest.update(chunk)  # hashlib releases the GIL on large buffers
+        if on_bytes is not None:
+            on_bytes(len(chunk))
+    return str(digest.hexdigest())
 
 
 def content_matches(path: Path, etag: str, on_bytes: Callable[[int], None] | None = None) -> bool:
@@ -38,8 +58,4 @@ def content_matches(path: Path, etag: str, on_bytes: Callable[[int], None] | Non
     except FileNotFoundError:
         return False
     with source:
-        while chunk := source.read(_HASH_CHUNK):
-            digest.update(chunk)  # hashlib releases the GIL on large buffers
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-    return bool(digest.hexdigest() == etag)
+        return _digest_of(source, digest, on_bytes) == etag

@@ -15,11 +15,13 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import re
 import socket
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -51,13 +53,19 @@ def peer_app(cache: ModelCache, token: str) -> Starlette:
         repo_id = f"{org}/{name}"
         if not COMMIT_ID.fullmatch(commit) or not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
             return PlainTextResponse("not served here", status_code=404)
-        blob = await asyncio.to_thread(cache.servable_blob, repo_id, commit, path)
-        if blob is None:
+        fd = await asyncio.to_thread(cache.open_content, repo_id, commit, path, True)
+        if fd is None:
             return PlainTextResponse("not served here", status_code=404)
+        # Served from the descriptor the cache opened without following a link out of it (the
+        # response reopens that very file through /proc, whatever its path names by then).
+        info = os.fstat(fd)
+        etag = os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1]
         return _Blob(
-            blob,
-            headers={"ETag": f'"{blob.name}"', "X-Repo-Commit": commit},
+            f"/proc/self/fd/{fd}",
+            stat_result=info,
+            headers={"ETag": f'"{etag}"', "X-Repo-Commit": commit},
             media_type="application/octet-stream",
+            background=BackgroundTask(os.close, fd),
         )
 
     return Starlette(

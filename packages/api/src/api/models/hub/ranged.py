@@ -43,19 +43,18 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
-from huggingface_hub.utils._fixes import WeakFileLock
 from huggingface_hub.utils._headers import build_hf_headers
 from huggingface_hub.utils._http import _is_same_or_hub_host
 from huggingface_hub.utils._runtime import is_xet_available
 
+from api.models.anchored import Folder, LinkInTheWay
 from api.models.backend import Peer, RemoteFile
 from api.models.errors import DownloadFailed, FailureKind
-from api.models.hub.cache import RANGED_SUFFIX, RECORD_SUFFIX, lock_if_free
+from api.models.hub.cache import RANGED_SUFFIX, RECORD_SUFFIX
 from api.models.hub.guard import Limits
 from api.models.hub.hashing import new_digest
 from api.models.hub.throttle import LIMITER
@@ -130,26 +129,23 @@ class Record:
         """Say the first ``prefix`` bytes are written, in order (and nothing after them)."""
         self.written = [min(end, max(prefix, start)) - start for start, end in self.parts()]
 
-    def save(self, file: Path) -> None:
-        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
-        data = json.dumps(self.__dict__).encode()
-        # O_NOFOLLOW: a link planted in the cache under this name is not written through.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(tmp, file)
+    def save(self, locks: Folder) -> None:
+        """Written in the model's folder under ``.locks`` (whole, through its descriptor: a link
+        planted under this name is replaced, never written through)."""
+        locks.write_atomic(
+            record_name(self.etag), json.dumps(self.__dict__).encode(), durable=False
+        )
 
     @classmethod
-    def load(cls, file: Path) -> Record | None:
+    def load(cls, locks: Folder, etag: str) -> Record | None:
         """The record, or None when absent or not one this code wrote (it is only a hint:
         whatever it says, the content is checked against the ETag before it is used). It is
         read from the cache, which others write: bounded before anything is computed from it."""
         try:
-            if file.is_symlink() or file.stat().st_size > MAX_RECORD_BYTES:
+            raw = locks.read(record_name(etag), MAX_RECORD_BYTES)
+            if raw is None:
                 return None
-            data = json.loads(file.read_text())
+            data = json.loads(raw)
             size, part_bytes = int(data["size"]), int(data["part_bytes"])
             if size < 0 or part_bytes < MiB or -(-size // part_bytes) > MAX_PARTS:
                 return None
@@ -173,12 +169,12 @@ class Record:
         return record
 
 
-def record_file(locks: Path, etag: str) -> Path:
-    return locks / f"{etag}{RECORD_SUFFIX}"
+def record_name(etag: str) -> str:
+    return f"{etag}{RECORD_SUFFIX}"
 
 
-def partial_file(blobs: Path, etag: str) -> Path:
-    return blobs / f"{etag}{RANGED_SUFFIX}"
+def partial_name(etag: str) -> str:
+    return f"{etag}{RANGED_SUFFIX}"
 
 
 def fetch_large_files(
@@ -186,8 +182,8 @@ def fetch_large_files(
     repo_id: str,
     commit: str,
     files: list[RemoteFile],
-    folder: Path,
-    locks: Path,
+    blobs: Folder,
+    locks: Folder,
     endpoint: str,
     token: str | bool,
     ranges: Ranges,
@@ -210,10 +206,9 @@ def fetch_large_files(
     placed: dict[str, tuple[int, bool]] = {}
     if not ranges.enabled and not peers:
         return placed
-    blobs = folder / "blobs"
     failed: set[Peer] = set()  # a peer that failed once is not asked again by this worker
     for entry in files:
-        if _size(blobs / entry.etag) == entry.size:
+        if _size(blobs, entry.etag) == entry.size:
             continue
         _drop_unresumable(entry, blobs, locks, ranges)
         try:
@@ -271,8 +266,8 @@ def _from_peers(
     entry: RemoteFile,
     peers: tuple[Peer, ...],
     failed: set[Peer],
-    blobs: Path,
-    locks: Path,
+    blobs: Folder,
+    locks: Folder,
     ranges: Ranges,
     limits: Limits,
     on_bytes: Callable[[int, bool], None],
@@ -369,8 +364,8 @@ def _proxied(url: str) -> bool:
 def _fetch(
     entry: RemoteFile,
     source: _Source,
-    blobs: Path,
-    locks: Path,
+    blobs: Folder,
+    locks: Folder,
     ranges: Ranges,
     limits: Limits,
     on_bytes: Callable[[int], None],
@@ -380,45 +375,44 @@ def _fetch(
     """One pass over one file, under its blob lock: resume or start, fetch the missing parts,
     hash in order; the blob's inode once it is in place, None when the content was wrong (the
     partial file and its record are gone then)."""
-    blobs.mkdir(parents=True, exist_ok=True)
-    locks.mkdir(parents=True, exist_ok=True)
-    blob = blobs / entry.etag
-    with WeakFileLock(locks / f"{entry.etag}.lock"):
-        if _size(blob) == entry.size:
+    # The library's own blob lock (a flock on the same file: the two agree).
+    with locks.flock(f"{entry.etag}.lock"):
+        if _size(blobs, entry.etag) == entry.size:
             raise _UseLibrary("another process has just fetched it")
         _drop_other_versions(entry, blobs, locks)
-        partial, record_path = partial_file(blobs, entry.etag), record_file(locks, entry.etag)
-        record = Record.load(record_path)
-        if partial.is_symlink():
-            partial.unlink()  # planted in its place: removed, never followed
-        # O_NOFOLLOW: a link planted in the cache in its place is never written through.
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        partial, record_path = partial_name(entry.etag), record_name(entry.etag)
+        record = Record.load(locks, entry.etag)
+        try:
+            fd = blobs.open(partial, os.O_RDWR | os.O_CREAT)
+        except LinkInTheWay:
+            blobs.unlink(partial)  # planted in its place: removed, never followed
+            fd = blobs.open(partial, os.O_RDWR | os.O_CREAT)
         try:
             length = os.fstat(fd).st_size
             if not _fits(record, entry, ranges) or length > entry.size or not record.within(length):
-                fd = _fresh(partial, fd, entry.size)
+                fd = _fresh(blobs, partial, fd, entry.size)
                 record = Record(entry.path, entry.etag, entry.size, ranges.part_bytes, [])
                 record.written = [0] * len(record.parts())
             elif length < entry.size:
                 os.ftruncate(fd, entry.size)  # a prefix the library's transfer left: grown
-            record.save(record_path)
+            record.save(locks)
             on_found(sum(record.written))
             transfer = _Transfer(
-                fd, entry, source, record, record_path, ranges, limits, on_bytes, attempts
+                fd, entry, source, record, locks, ranges, limits, on_bytes, attempts
             )
             try:
                 matched = transfer.run()
             except _UseLibrary:
-                partial.unlink(missing_ok=True)  # the library fetches it its own way
-                record_path.unlink(missing_ok=True)
+                blobs.unlink(partial)  # the library fetches it its own way
+                locks.unlink(record_path)
                 raise
             if not matched:
-                partial.unlink(missing_ok=True)
-                record_path.unlink(missing_ok=True)
+                blobs.unlink(partial)
+                locks.unlink(record_path)
                 return None
             _same_mode_as_folder(fd, blobs)
-            os.replace(partial, blob)
-            record_path.unlink(missing_ok=True)
+            blobs.rename(partial, entry.etag)
+            locks.unlink(record_path)
             return os.fstat(fd).st_ino
         finally:
             os.close(fd)
@@ -433,13 +427,11 @@ def _fits(record: Record | None, entry: RemoteFile, ranges: Ranges) -> TypeGuard
     )
 
 
-def _resumable(entry: RemoteFile, blobs: Path, locks: Path, ranges: Ranges) -> bool:
+def _resumable(entry: RemoteFile, blobs: Folder, locks: Folder, ranges: Ranges) -> bool:
     """Whether part of the file is on disk, recorded, for a next attempt to go on from."""
-    record = Record.load(record_file(locks, entry.etag))
-    partial = partial_file(blobs, entry.etag)
-    try:
-        info = os.lstat(partial)
-    except OSError:
+    record = Record.load(locks, entry.etag)
+    info = blobs.lstat(partial_name(entry.etag))
+    if info is None:
         return False
     return (
         _fits(record, entry, ranges)
@@ -450,23 +442,28 @@ def _resumable(entry: RemoteFile, blobs: Path, locks: Path, ranges: Ranges) -> b
     )
 
 
-def _drop_unresumable(entry: RemoteFile, blobs: Path, locks: Path, ranges: Ranges) -> None:
+def _drop_unresumable(entry: RemoteFile, blobs: Folder, locks: Folder, ranges: Ranges) -> None:
     """A partial file or a record that no attempt can go on from (of another part size, a record
     without its file, ...) goes, unless a live process holds the blob's lock: so that a new one
     can be kept in its place."""
-    partial, record = partial_file(blobs, entry.etag), record_file(locks, entry.etag)
-    if (os.path.lexists(partial) or record.exists()) and not _resumable(
-        entry, blobs, locks, ranges
-    ):
+    there = blobs.lstat(partial_name(entry.etag)) or locks.lstat(record_name(entry.etag))
+    if there is not None and not _resumable(entry, blobs, locks, ranges):
         _drop_kept(entry, blobs, locks)
 
 
-def _drop_kept(entry: RemoteFile, blobs: Path, locks: Path) -> None:
+def _drop_kept(entry: RemoteFile, blobs: Folder, locks: Folder) -> None:
     """The partial file and its record go, unless a live process holds the blob's lock."""
-    with lock_if_free(locks / f"{entry.etag}.lock") as free:
-        if free:
-            partial_file(blobs, entry.etag).unlink(missing_ok=True)
-            record_file(locks, entry.etag).unlink(missing_ok=True)
+    _drop_if_free(entry.etag, blobs, locks)
+
+
+def _drop_if_free(etag: str, blobs: Folder, locks: Folder) -> None:
+    try:
+        with locks.flock(f"{etag}.lock", create=False, wait=False) as free:
+            if free:
+                blobs.unlink(partial_name(etag))
+                locks.unlink(record_name(etag))
+    except LinkInTheWay:
+        return  # a link in place of the lock: never opened, and nothing removed
 
 
 class Prefix:
@@ -477,34 +474,35 @@ class Prefix:
     new attempt of hf_xet starts from byte 0; kept this way, an interrupted transfer goes on by
     ranges from where it stopped (``fetch_large_files``)."""
 
-    def __init__(self, partial: Path, record_path: Path, record: Record, inode: int) -> None:
-        self.partial = partial
-        self.record_path = record_path
+    def __init__(self, blobs: Folder, locks: Folder, record: Record, inode: int) -> None:
+        self.blobs = blobs
+        self.locks = locks
+        self.partial = partial_name(record.etag)
         self.record = record
         self.inode = inode
         self._saved_at = 0.0
         self._dirty = False
 
     @classmethod
-    def keep(cls, temporary: Path, entry: RemoteFile, locks: Path, ranges: Ranges) -> Prefix | None:
-        """Link ``temporary`` (the library's file, being written) as the partial file; None
-        when that cannot be done (a partial file is there already: another process's)."""
-        blobs = temporary.parent
-        partial, record_path = partial_file(blobs, entry.etag), record_file(locks, entry.etag)
+    def keep(
+        cls, blobs: Folder, temporary: str, entry: RemoteFile, locks: Folder, ranges: Ranges
+    ) -> Prefix | None:
+        """Link ``temporary`` (the library's file in ``blobs``, being written) as the partial
+        file; None when that cannot be done (a partial file is there already: another
+        process's)."""
         try:
-            info = os.lstat(temporary)
-            if not stat.S_ISREG(info.st_mode):
+            info = blobs.lstat(temporary)
+            if info is None or not stat.S_ISREG(info.st_mode):
                 return None  # planted in the cache under the library's name: not kept
-            os.link(temporary, partial, follow_symlinks=False)
+            blobs.link(temporary, partial_name(entry.etag))
         except OSError:
             return None
         inode = info.st_ino
         record = Record(entry.path, entry.etag, entry.size, ranges.part_bytes, [])
         record.up_to(0)
-        kept = cls(partial, record_path, record, inode)
+        kept = cls(blobs, locks, record, inode)
         try:
-            locks.mkdir(parents=True, exist_ok=True)
-            record.save(record_path)
+            record.save(locks)
         except OSError:
             kept.drop()
             return None
@@ -522,19 +520,21 @@ class Prefix:
         """Save what ``advance`` held back (when nothing more comes for a while)."""
         if self._dirty:
             with contextlib.suppress(OSError):
-                self.record.save(self.record_path)
+                self.record.save(self.locks)
             self._saved_at = time.monotonic()
             self._dirty = False
 
     def drop(self) -> None:
         """The transfer completed (the blob is this file now): its second name and record go."""
         with contextlib.suppress(OSError):
-            if os.lstat(self.partial).st_ino == self.inode:
-                self.partial.unlink()
-        self.record_path.unlink(missing_ok=True)
+            info = self.blobs.lstat(self.partial)
+            if info is not None and info.st_ino == self.inode:
+                self.blobs.unlink(self.partial)
+        with contextlib.suppress(OSError):
+            self.locks.unlink(record_name(self.record.etag))
 
 
-def _fresh(partial: Path, fd: int, size: int) -> int:
+def _fresh(blobs: Folder, partial: str, fd: int, size: int) -> int:
     """An empty file of ``size`` bytes (sparse) in place of ``partial`` (open as ``fd``): a new
     file when the old one has content, never the old one truncated to zero. On ext4, a file
     truncated to zero is written back whole when it is closed (``auto_da_alloc``, meant for
@@ -545,8 +545,8 @@ def _fresh(partial: Path, fd: int, size: int) -> int:
     if not os.fstat(fd).st_size:
         os.ftruncate(fd, size)  # grows it: no truncation to zero
         return fd
-    partial.unlink(missing_ok=True)
-    new = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    blobs.unlink(partial)
+    new = blobs.create(partial)
     try:
         os.ftruncate(new, size)
     except BaseException:
@@ -556,34 +556,35 @@ def _fresh(partial: Path, fd: int, size: int) -> int:
     return new
 
 
-def _drop_other_versions(entry: RemoteFile, blobs: Path, locks: Path) -> None:
+def _drop_other_versions(entry: RemoteFile, blobs: Folder, locks: Folder) -> None:
     """A partial file of the same path with another ETag is of a version the Hub no longer
     serves for this revision: removed (its lock free), so that it starts over and no stale
     bytes linger."""
-    for other in locks.glob(f"*{RECORD_SUFFIX}"):
+    for other in locks.names():
+        if not other.name.endswith(RECORD_SUFFIX):
+            continue
         etag = other.name.removesuffix(RECORD_SUFFIX)
         if etag == entry.etag:
             continue
-        record = Record.load(other)
+        record = Record.load(locks, etag)
         if record is None or record.path != entry.path:
             continue
-        with lock_if_free(locks / f"{etag}.lock") as free:
-            if free:
-                partial_file(blobs, etag).unlink(missing_ok=True)
-                other.unlink(missing_ok=True)
+        _drop_if_free(etag, blobs, locks)
 
 
-def _same_mode_as_folder(fd: int, blobs: Path) -> None:
+def _same_mode_as_folder(fd: int, blobs: Folder) -> None:
     """The blob gets the mode a new file of the cache gets (the library's ``_chmod_and_move``):
     umask applied, readable by whoever shares the cache."""
-    probe = blobs / f".mode-{os.getpid()}-{threading.get_ident()}"
+    probe = f".mode-{os.getpid()}-{threading.get_ident()}"
     try:
-        probe.touch()
-        os.fchmod(fd, probe.stat().st_mode & 0o777)
+        os.close(blobs.create(probe, 0o666))
+        info = blobs.lstat(probe)
+        if info is not None:
+            os.fchmod(fd, info.st_mode & 0o777)
     except OSError:
         pass
     finally:
-        probe.unlink(missing_ok=True)
+        blobs.unlink(probe)
 
 
 class _Transfer:
@@ -596,7 +597,7 @@ class _Transfer:
         entry: RemoteFile,
         source: _Source,
         record: Record,
-        record_path: Path,
+        locks: Folder,
         ranges: Ranges,
         limits: Limits,
         on_bytes: Callable[[int], None],
@@ -607,7 +608,7 @@ class _Transfer:
         self.entry = entry
         self.source = source
         self.record = record
-        self.record_path = record_path
+        self.locks = locks
         self.ranges = ranges
         self.limits = limits
         self.on_bytes = on_bytes
@@ -639,7 +640,7 @@ class _Transfer:
             self.finished = True
             self.cond.notify_all()
         recorder.join()
-        self.record.save(self.record_path)  # what got written, whatever happens next
+        self.record.save(self.locks)  # what got written, whatever happens next
         if self.failure is not None:
             hasher.stop()
             raise self.failure
@@ -725,7 +726,7 @@ class _Transfer:
                 if self.written != last:
                     last = list(self.written)
                     with contextlib.suppress(OSError):
-                        self.record.save(self.record_path)
+                        self.record.save(self.locks)
                 self.cond.wait(RECORD_INTERVAL)
 
     def available(self, position: int) -> int:
@@ -853,8 +854,9 @@ class _Connection:
             self.http.close()
 
 
-def _size(path: Path) -> int | None:
+def _size(blobs: Folder, name: str) -> int | None:
+    """The size of the blob ``name`` (through the library's link into its shared store)."""
     try:
-        return path.stat().st_size
+        return os.stat(name, dir_fd=blobs.fd).st_size
     except OSError:
         return None

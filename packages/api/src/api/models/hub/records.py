@@ -9,13 +9,12 @@ in the cache, which others write too: what is read back is checked and bounded.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 from collections.abc import Callable
-from pathlib import Path
+from contextlib import AbstractContextManager
 
+from api.models.anchored import Folder, LinkInTheWay
 from api.models.backend import FileSelection
 from api.models.hub.guard import path_problem
 
@@ -23,40 +22,66 @@ logger = logging.getLogger(__name__)
 
 SELECTION_FORMAT_VERSION = 1
 MAX_RECORDED_SELECTIONS = 32
+MAX_RECORD_BYTES = 1024 * 1024  # a journal names at most 1000 files; a selection 32 x 64 patterns
+
+# The model's folder under ``.locks`` (``ModelCache.locks_of``): (repo id, create) -> the open
+# folder, or None when it does not exist.
+LocksOf = Callable[[str, bool], AbstractContextManager[Folder | None]]
+
+
+def unverified_name(commit: str) -> str:
+    return f"{commit}.unverified"
+
+
+def selection_name(commit: str) -> str:
+    return f"{commit}.selection.json"
+
+
+def selection_lock_name(commit: str) -> str:
+    return f"{commit}.selection.lock"
 
 
 class RevisionRecords:
-    """The records of one cache; ``locks_folder`` gives a model's folder under ``.locks``."""
+    """The records of one cache, each read and written in the model's folder under ``.locks``
+    through its descriptor (``api.models.anchored``): a link planted there is never followed."""
 
-    def __init__(self, locks_folder: Callable[[str], Path]) -> None:
-        self.locks_folder = locks_folder
+    def __init__(self, locks_of: LocksOf) -> None:
+        self.locks_of = locks_of
 
     # -- the journal of unverified revisions ---------------------------------------------
-
-    def unverified_marker(self, repo_id: str, commit: str) -> Path:
-        return self.locks_folder(repo_id) / f"{commit}.unverified"
 
     def mark_unverified(self, repo_id: str, commit: str, reason: str, files: list[str]) -> None:
         """Record, durably, that the revision's content is not known good: written before a
         download's first byte and kept until every file is verified (a stop at any moment leaves
         it), or by a verification that found bad files (``files``, fetched again first)."""
-        _write_durably(self.unverified_marker(repo_id, commit), {"reason": reason, "files": files})
+        body = json.dumps({"reason": reason, "files": files}).encode()
+        with self.locks_of(repo_id, True) as locks:
+            assert locks is not None  # made when absent
+            locks.write_atomic(unverified_name(commit), body, mode=0o664)
 
     def clear_unverified(self, repo_id: str, commit: str) -> None:
-        self.unverified_marker(repo_id, commit).unlink(missing_ok=True)
+        with self.locks_of(repo_id, False) as locks:
+            if locks is not None:
+                locks.unlink(unverified_name(commit))
 
     def read_unverified(self, repo_id: str, commit: str) -> tuple[str, list[str]] | None:
         """(reason, files known bad) when the revision is marked unverified, else None."""
-        path = self.unverified_marker(repo_id, commit)
+        unreadable: tuple[str, list[str]] = (
+            "the revision's verification journal is unreadable",
+            [],
+        )
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
+            with self.locks_of(repo_id, False) as locks:
+                raw = locks.read(unverified_name(commit), MAX_RECORD_BYTES) if locks else None
+            if raw is None:
+                return None
+            data = json.loads(raw.decode("utf-8"))
         except (OSError, ValueError) as error:
-            logger.warning("unreadable verification journal %s: %s", path, error)
-            return ("the revision's verification journal is unreadable", [])
+            # A link in its place (never followed), a huge or broken file: not known good.
+            logger.warning("unreadable verification journal of %s@%s: %s", repo_id, commit, error)
+            return unreadable
         if not isinstance(data, dict):
-            return ("the revision's verification journal is unreadable", [])
+            return unreadable
         files = [f for f in data.get("files") or [] if isinstance(f, str) and not path_problem(f)]
         # The file is in the cache, which others can write: its text reaches status answers, so
         # it is bounded.
@@ -64,63 +89,51 @@ class RevisionRecords:
 
     # -- the selections a revision was downloaded with --------------------------------------
 
-    def selection_record(self, repo_id: str, commit: str) -> Path:
-        """Beside the journal, in the library's ``.locks`` folder: ``scan_cache_dir`` and
-        ``hf cache`` skip it (a test pins that)."""
-        return self.locks_folder(repo_id) / f"{commit}.selection.json"
-
     def read_selections(self, repo_id: str, commit: str) -> tuple[FileSelection, ...]:
         """The selections the revision's downloads recorded (none when none did)."""
-        path = self.selection_record(repo_id, commit)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            with self.locks_of(repo_id, False) as locks:
+                return self._read_selections(locks, commit)
+        except LinkInTheWay as error:
+            logger.warning("ignoring the selection record of %s@%s: %s", repo_id, commit, error)
+            return ()
+
+    def _read_selections(self, locks: Folder | None, commit: str) -> tuple[FileSelection, ...]:
+        try:
+            raw = locks.read(selection_name(commit), MAX_RECORD_BYTES) if locks else None
+            if raw is None:
+                return ()
+            data = json.loads(raw.decode("utf-8"))
             if data.get("format_version") != SELECTION_FORMAT_VERSION:
                 raise ValueError("unknown format")
             found = tuple(FileSelection.from_json(s) for s in data["selections"])
-        except FileNotFoundError:
-            return ()
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             # The cache is written by others too: a record that does not parse counts as none
             # (the default applies), never as a selection of our guessing.
-            logger.warning("ignoring the selection record %s: %s", path, error)
+            logger.warning("ignoring the selection record of %s: %s", commit, error)
             return ()
         return found[:MAX_RECORDED_SELECTIONS]
 
     def record_selection(self, repo_id: str, commit: str, selection: FileSelection) -> None:
         """Add ``selection`` to the revision's record (written after its files are verified):
         the revision is then kept as the union of what its downloads asked for."""
-        path = self.selection_record(repo_id, commit)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Read, add, replace, under a lock: two processes sharing the cache may finish downloads
-        # of one revision at once, and neither selection may be lost.
-        lock = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o664)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            recorded = self.read_selections(repo_id, commit)
-            if selection.is_everything:
-                merged: tuple[FileSelection, ...] = (selection,)  # everything covers the others
-            elif selection in recorded or any(s.is_everything for s in recorded):
-                return
-            else:
-                merged = (*recorded, selection)[-MAX_RECORDED_SELECTIONS:]
-            body = {
-                "format_version": SELECTION_FORMAT_VERSION,
-                "selections": [s.to_json() for s in merged],
-            }
-            _write_durably(path, body)
-        finally:
-            os.close(lock)
-
-
-def _write_durably(path: Path, data: object) -> None:
-    """``data`` as JSON in ``path``: whole or not at all, and on disk before this returns."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as out:
-        json.dump(data, out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+        with self.locks_of(repo_id, True) as locks:
+            assert locks is not None  # made when absent
+            # Read, add, replace, under a lock: two processes sharing the cache may finish
+            # downloads of one revision at once, and neither selection may be lost.
+            with locks.flock(selection_lock_name(commit)):
+                recorded = self._read_selections(locks, commit)
+                if selection.is_everything:
+                    merged: tuple[FileSelection, ...] = (selection,)  # covers the others
+                elif selection in recorded or any(s.is_everything for s in recorded):
+                    return
+                else:
+                    merged = (*recorded, selection)[-MAX_RECORDED_SELECTIONS:]
+                body = {
+                    "format_version": SELECTION_FORMAT_VERSION,
+                    "selections": [s.to_json() for s in merged],
+                }
+                locks.write_atomic(selection_name(commit), json.dumps(body).encode(), mode=0o664)
 
 
 def journal_note(reason: str, files: list[str]) -> str:

@@ -27,12 +27,13 @@ from typing import Any, BinaryIO
 
 from huggingface_hub import constants, snapshot_download
 
+from api.models.anchored import Folder
 from api.models.backend import DownloadPlan, RemoteFile
 from api.models.errors import DownloadFailed, FailureKind
 from api.models.hub import guard, protocol, throttle
 from api.models.hub.cache import INCOMPLETE_SUFFIX, RANGED_SUFFIX, ModelCache, blob_name
 from api.models.hub.classify import failure_of
-from api.models.hub.hashing import content_matches, new_digest
+from api.models.hub.hashing import descriptor_matches, new_digest
 from api.models.hub.ranged import ChecksumMismatch, Prefix, Ranges, fetch_large_files
 from api.models.hub.selection import exact_patterns
 
@@ -76,9 +77,9 @@ class StreamingHasher(threading.Thread):
 
     def __init__(
         self,
-        blobs: Path,
+        blobs: Folder,
         files: tuple[RemoteFile, ...],
-        keep: tuple[Path, Ranges] | None = None,
+        keep: tuple[Folder, Ranges] | None = None,
     ) -> None:
         """``keep`` (the model's locks folder, the ranged settings): large files the library
         fetches itself are kept for a next attempt as they are hashed (``ranged.Prefix``)."""
@@ -118,20 +119,22 @@ class StreamingHasher(threading.Thread):
         """Open new temporary files, hash what was written since; True when there was work."""
         writing: set[str] = set()  # etags with a temporary file of the library's now
         with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self.blobs):
+            for entry in self.blobs.names():
                 if not entry.name.endswith(INCOMPLETE_SUFFIX) or entry.name.endswith(RANGED_SUFFIX):
                     continue  # a blob, or a ranged part file (written out of order: hashed there)
                 etag = blob_name(entry.name)
                 writing.add(etag)
                 if etag in self.wanted and etag not in self._open and etag not in self.results:
                     with contextlib.suppress(OSError):
-                        source = open(entry.path, "rb", buffering=0)  # noqa: SIM115 - kept open across steps
+                        # Never through a link planted under the library's temporary name.
+                        fd = self.blobs.open(entry.name)
+                        source = os.fdopen(fd, "rb", buffering=0)  # kept open across steps
                         self._open[etag] = (
                             source,
                             new_digest(etag, self.wanted[etag].size),
                             os.fstat(source.fileno()).st_ino,
                         )
-                        self._keep(etag, Path(entry.path))
+                        self._keep(etag, entry.name)
         busy = False
         for etag, (source, digest, inode) in list(self._open.items()):
             count = source.readinto(self._buffer)
@@ -146,7 +149,7 @@ class StreamingHasher(threading.Thread):
             if kept is not None:
                 kept.flush()  # what the last reads held back
             try:
-                final = os.stat(self.blobs / etag)
+                final = os.stat(etag, dir_fd=self.blobs.fd)
             except FileNotFoundError:
                 if etag not in writing:
                     # The library gave up on it: what it wrote stays for the next attempt.
@@ -169,12 +172,12 @@ class StreamingHasher(threading.Thread):
             self.results[etag] = (inode, size == expected.size and digest.hexdigest() == etag)
         return busy
 
-    def _keep(self, etag: str, temporary: Path) -> None:
+    def _keep(self, etag: str, temporary: str) -> None:
         entry = self.wanted[etag]
         if self.keep is None or entry.size < self.keep[1].min_bytes:
             return
         locks, ranges = self.keep
-        if (kept := Prefix.keep(temporary, entry, locks, ranges)) is not None:
+        if (kept := Prefix.keep(self.blobs, temporary, entry, locks, ranges)) is not None:
             self._kept[etag] = kept
 
 
@@ -395,7 +398,21 @@ def download_and_verify(job: protocol.Job, reporter: Reporter) -> None:
 
 
 def _download_and_verify(cache: ModelCache, job: protocol.Job, reporter: Reporter) -> None:
-    """Fetch what is missing, verify everything, fetch a bad file once more."""
+    """Fetch what is missing, verify everything, fetch a bad file once more. The model's
+    ``blobs/`` and its folder under ``.locks`` are opened once, through descriptors
+    (``api.models.anchored``): what this process writes there itself never follows a link."""
+    with (
+        cache.model_folder(job.repo_id, "blobs", create=True) as blobs,
+        cache.locks_of(job.repo_id, True) as locks,
+    ):
+        assert blobs is not None  # made when absent
+        assert locks is not None
+        _fetch_and_verify(cache, job, reporter, blobs, locks)
+
+
+def _fetch_and_verify(
+    cache: ModelCache, job: protocol.Job, reporter: Reporter, blobs: Folder, locks: Folder
+) -> None:
     repo_id, plan = job.repo_id, job.plan
     token: str | bool = os.environ.get("HF_TOKEN") or False
     # The selection, resolved to exact paths (the plan's): the library fetches those only.
@@ -413,8 +430,8 @@ def _download_and_verify(cache: ModelCache, job: protocol.Job, reporter: Reporte
             repo_id=repo_id,
             commit=plan.commit,
             files=list(plan.wanted),
-            folder=cache.folder(repo_id),
-            locks=cache.locks_folder(repo_id),
+            blobs=blobs,
+            locks=locks,
             endpoint=job.endpoint,
             token=token,
             ranges=job.ranges,
@@ -437,9 +454,7 @@ def _download_and_verify(cache: ModelCache, job: protocol.Job, reporter: Reporte
         )
         reporter.flush()  # the pass's last bytes: the interval may have held them back
 
-    hasher = StreamingHasher(
-        cache.folder(repo_id) / "blobs", plan.wanted, (cache.locks_folder(repo_id), job.ranges)
-    )
+    hasher = StreamingHasher(blobs, plan.wanted, (locks, job.ranges))
     watch = _ResumeWatch(hasher.resumed)
     library_log = logging.getLogger("huggingface_hub.file_download")
     library_log.addHandler(watch)
@@ -473,44 +488,36 @@ def verify(
 ) -> list[str]:
     """Files of the plan whose content does not hash to their ETag. A blob hashed while it was
     written (``streamed``: etag -> (inode, matched)) is not read again when it is still that
-    inode and matched; everything else is hashed from disk."""
-    snapshot = cache.folder(repo_id) / "snapshots" / plan.commit
+    inode and matched; everything else is hashed from disk. Each file is read through what
+    the snapshot's links lead to inside the cache (``ModelCache.open_content``): a link that
+    leads anywhere else is a bad file, never read."""
     reporter.restart("verifying")
     reporter.send(protocol.Verifying(0, 0))
     bad = []
     for entry in plan.wanted:
         if only is not None and entry.path not in only:
             continue
-        path = snapshot / entry.path
-        size = _size(path)
-        if size is not None and size != entry.size:
-            # Hash-valid content of another size than the Hub listed: the listing and the file
-            # disagree, so status (which compares sizes) would never say DOWNLOADED.
+        fd = cache.open_content(repo_id, plan.commit, entry.path)
+        if fd is None:
             bad.append(entry.path)
             reporter.add(nfiles=1)
             continue
+        info = os.fstat(fd)
         known = (streamed or {}).get(entry.etag)
-        if known is not None and known[1] and _inode(path) == known[0]:
-            reporter.add(nbytes=entry.size, nfiles=1)
-            continue
-        if not content_matches(path, entry.etag, lambda n: reporter.add(nbytes=n)):
+        if info.st_size != entry.size:
+            # Hash-valid content of another size than the Hub listed: the listing and the file
+            # disagree, so status (which compares sizes) would never say DOWNLOADED.
+            os.close(fd)
             bad.append(entry.path)
-        reporter.add(nfiles=1)
+            reporter.add(nfiles=1)
+        elif known is not None and known[1] and info.st_ino == known[0]:
+            os.close(fd)
+            reporter.add(nbytes=entry.size, nfiles=1)
+        else:
+            if not descriptor_matches(fd, entry.etag, lambda n: reporter.add(nbytes=n)):
+                bad.append(entry.path)
+            reporter.add(nfiles=1)
     return bad
-
-
-def _size(path: Path) -> int | None:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return None
-
-
-def _inode(path: Path) -> int | None:
-    try:
-        return path.stat().st_ino
-    except OSError:
-        return None
 
 
 def run(job: protocol.Job, reporter: Reporter) -> int:
