@@ -313,7 +313,7 @@ async def test_a_state_file_it_cannot_trust_is_moved_aside_or_cleaned(
             assert downloads == []
             assert "event=state_moved_aside" in caplog.text
             assert [p.name.split("-")[0] for p in folder.glob("jobs.sqlite3.*")] == [
-                "jobs.sqlite3.corrupt" if damage == "garbage" else "jobs.sqlite3.newer"
+                "jobs.sqlite3.foreign" if damage == "garbage" else "jobs.sqlite3.newer"
             ]
         # And it keeps new work as before.
         if damage != "hostile-rows":

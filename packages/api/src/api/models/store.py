@@ -14,9 +14,20 @@ download is never run twice.
 
 Every method blocks (SQLite, ``fsync``): the manager calls them on one thread of its own, in the
 order it submits them, so that a row's removal never overtakes its insertion. Nothing read back
-is trusted: a row that does not validate is dropped with a warning, and a file that is not a
-database of this version (corrupt, or written by a newer version of the service) is moved aside
-with a warning; the service then starts with an empty store, never crashes.
+is trusted: a row that does not validate (as a request body would: a repo id, a revision, a
+selection, a message of the length and characters the service writes) is dropped with a
+warning, and a file that is not a database of this version (corrupt, written by a newer version
+of the service, or not a SQLite file at all) is moved aside with a warning; the service then
+starts with an empty store, never crashes.
+
+The folder is reached as the cache is (``api.models.anchored``): opened once, required to be the
+service's own (owned by its user; group and others lose write access to it), and everything in
+it is reached through its descriptor. What the service did not put there is never written
+through: a ``jobs.sqlite3`` (or its ``-wal``, ``-shm``, ``-journal``) that is a link, not a
+regular file, has another name elsewhere (a hard link) or belongs to another user is moved aside
+with a warning, and so is a ``claims`` that is not a folder. SQLite itself opens files by path:
+after it has, the store checks that the files it holds open are the very files of this folder,
+and gives up the store (the service runs without one, saying so) if they are not.
 """
 
 from __future__ import annotations
@@ -26,14 +37,18 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import sqlite3
+import stat
 import time
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from api.models.anchored import Folder, LinkInTheWay
 from api.models.backend import FileSelection
 from api.models.types import Model
 
@@ -42,7 +57,10 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 DATABASE = "jobs.sqlite3"
 CLAIMS = "claims"
-MAX_ERROR_LENGTH = 4096  # an error message is a sentence or two; longer is cut when read back
+MAX_ERROR_LENGTH = 4096  # an error message is a sentence or two: a longer one is not ours
+SQLITE_HEADER = b"SQLite format 3\x00"
+# The database's files: SQLite names its journals after it.
+DATABASE_FILES = (DATABASE, f"{DATABASE}-wal", f"{DATABASE}-shm", f"{DATABASE}-journal")
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS downloads (
@@ -76,6 +94,8 @@ class JobStore:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._db: sqlite3.Connection | None = None
+        self._dir: Folder | None = None  # the state folder, opened once
+        self._claims_dir: Folder | None = None
         self._claims: dict[str, int] = {}  # key -> the fd holding its flock
 
     @property
@@ -85,35 +105,88 @@ class JobStore:
     def open(self) -> None:
         """Open (or create) the database; one that cannot be used is moved aside, with a warning,
         and a new one is made. Raises ``OSError`` or ``sqlite3.Error`` when the folder cannot be
-        written at all (the service then runs without a store)."""
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        (self.folder / CLAIMS).mkdir(mode=0o700, exist_ok=True)
+        written at all, or is not the service's own (the service then runs without a store)."""
+        self._dir = _own_folder(self.folder)
+        self._claims_dir = self._own_subfolder(CLAIMS)
+        for name in DATABASE_FILES:
+            problem = _not_ours(self._dir, name)
+            if problem is not None:
+                self._set_aside(problem)
+                break
+        else:
+            if (problem := self._not_sqlite()) is not None:
+                self._set_aside(problem)
         try:
             self._db = self._connect()
             problem = self._problem()
         except sqlite3.DatabaseError as error:  # not a database, or a damaged one
             problem = f"corrupt ({error})"
         if problem is not None:
-            self.close()
-            aside = self._move_aside(problem.split(" ", 1)[0])
-            logger.warning(
-                "event=state_moved_aside path=%s moved_to=%s reason=%s: the downloads it held are"
-                " not resumed",
-                self.path,
-                aside,
-                problem,
-            )
+            self.close_database()
+            self._set_aside(problem)
             self._db = self._connect()
         db = self._connected()
         db.executescript(_TABLES)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
+    def _set_aside(self, problem: str) -> None:
+        aside = self._move_aside(problem.split(" ", 1)[0])
+        logger.warning(
+            "event=state_moved_aside path=%s moved_to=%s reason=%s downloads_resumed=false",
+            self.path,
+            aside,
+            json.dumps(problem),
+        )
+
+    def _own_subfolder(self, name: str) -> Folder:
+        """A folder of the store's (``claims``): one that is a link, or a file, is moved aside
+        (never entered) and a folder made in its place."""
+        assert self._dir is not None
+        try:
+            found = self._dir.sub(name, create=True, mode=0o700)
+        except LinkInTheWay as link:
+            aside = f"{name}.{link.found.split()[-1]}-{_stamp()}"
+            self._dir.rename(name, aside)
+            logger.warning(
+                "event=state_moved_aside path=%s moved_to=%s reason=%s",
+                self.folder / name,
+                self.folder / aside,
+                json.dumps(f"{link.found}, not a folder"),
+            )
+            found = self._dir.sub(name, create=True, mode=0o700)
+        assert found is not None
+        return found
+
+    def _not_sqlite(self) -> str | None:
+        """Why the database file is not one SQLite wrote (empty or absent: a new one)."""
+        assert self._dir is not None
+        try:
+            fd = self._dir.open(DATABASE)
+        except FileNotFoundError:
+            return None
+        try:
+            head = os.pread(fd, len(SQLITE_HEADER), 0)
+        finally:
+            os.close(fd)
+        if head and head != SQLITE_HEADER:
+            return "foreign (not a SQLite database)"
+        return None
+
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
-        # WAL: a reader (the other service) never blocks a writer; FULL: a commit that returned
-        # survives a power loss.
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = FULL")
+        assert self._dir is not None
+        db = sqlite3.connect(
+            _current_path(self._dir, self.folder) / DATABASE, timeout=10, isolation_level=None
+        )
+        try:
+            # WAL: a reader (the other service) never blocks a writer; FULL: a commit that
+            # returned survives a power loss.
+            db.execute("PRAGMA journal_mode = WAL")
+            db.execute("PRAGMA synchronous = FULL")
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            _check_sqlite_opened(self._dir)
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def _problem(self) -> str | None:
@@ -128,21 +201,30 @@ class JobStore:
         return None
 
     def _move_aside(self, why: str) -> Path:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = self.path.with_name(f"{DATABASE}.{why}-{stamp}")
-        for suffix in ("", "-wal", "-shm"):
+        """The database's files renamed (the entries themselves: a link is moved, never
+        followed) to ``jobs.sqlite3.<why>-<time>``."""
+        assert self._dir is not None
+        aside = f"{DATABASE}.{why}-{_stamp()}"
+        for name in DATABASE_FILES:
             with contextlib.suppress(FileNotFoundError):
-                os.replace(f"{self.path}{suffix}", f"{aside}{suffix}")
-        return aside
+                self._dir.rename(name, aside + name.removeprefix(DATABASE))
+        return self.folder / aside
 
-    def close(self) -> None:
-        """Close the database and release every claim (the rows stay: resumed at next start)."""
+    def close_database(self) -> None:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+    def close(self) -> None:
+        """Close the database and release every claim (the rows stay: resumed at next start)."""
+        self.close_database()
         for fd in self._claims.values():
             os.close(fd)
         self._claims.clear()
+        for folder in (self._claims_dir, self._dir):
+            if folder is not None:
+                folder.close()
+        self._claims_dir = self._dir = None
 
     # -- downloads ---------------------------------------------------------------------------
 
@@ -162,8 +244,7 @@ class JobStore:
         """Forget a download that ended (or that is not to be resumed), then its claim."""
         self._delete_row(key)
         if key in self._claims:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._claim_path(key))
+            self._claims_folder().unlink(_claim_name(key))
             self._release(key)
 
     def claim_unowned(self) -> list[StoredDownload]:
@@ -182,6 +263,7 @@ class JobStore:
                 self._release(key)
                 continue
             try:
+                # As a request body is: a repo id or revision the API would refuse is dropped.
                 model = Model.model_validate({"hf_repo": repo, "hf_commit": commit})
                 asked = None
                 if selection is not None:
@@ -193,7 +275,7 @@ class JobStore:
                 logger.warning(
                     "event=state_row_dropped key=%s reason=%s",
                     key,
-                    str(error).splitlines()[0][:200],
+                    json.dumps(str(error).splitlines()[0][:200]),
                 )
                 continue
             found.append(StoredDownload(key, model, asked))
@@ -201,7 +283,7 @@ class JobStore:
 
     def _drop_row(self, key: object, why: str) -> None:
         self._delete_row(key)
-        logger.warning("event=state_row_dropped reason=%s", why)
+        logger.warning("event=state_row_dropped reason=%s", json.dumps(why))
 
     def _delete_row(self, key: object) -> None:
         with self._transaction() as db:
@@ -211,9 +293,7 @@ class JobStore:
         """Hold the download's claim (an exclusive flock) unless another process does."""
         if key in self._claims:
             return True
-        fd = os.open(
-            self._claim_path(key), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
+        fd = self._claims_folder().open(_claim_name(key), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -227,19 +307,35 @@ class JobStore:
         if fd is not None:
             os.close(fd)
 
-    def _claim_path(self, key: str) -> Path:
-        return self.folder / CLAIMS / f"{key}.lock"
+    def _claims_folder(self) -> Folder:
+        if self._claims_dir is None:
+            raise sqlite3.ProgrammingError("the job store is not open")
+        return self._claims_dir
 
     # -- errors ------------------------------------------------------------------------------
 
     def errors(self) -> dict[str, str]:
-        """The last error of each model (by task id, and by ``repo:commit``)."""
+        """The last error of each model (by task id, and by ``repo:commit``). A row the service
+        would not have written (a key that is not a task id of a valid repo and revision, a
+        message longer than ``MAX_ERROR_LENGTH`` or with control characters) is dropped, with a
+        warning: it would reach status answers."""
         rows = self._read("SELECT task_id, message FROM errors")
-        return {
-            task_id: message[:MAX_ERROR_LENGTH]
-            for task_id, message in rows
-            if isinstance(task_id, str) and isinstance(message, str) and len(task_id) <= 400
-        }
+        kept: dict[str, str] = {}
+        dropped = 0
+        for task_id, message in rows:
+            if _task_id_ok(task_id) and _message_ok(message):
+                assert isinstance(task_id, str)
+                assert isinstance(message, str)
+                kept[task_id] = message
+            else:
+                dropped += 1
+        if dropped:
+            logger.warning(
+                "event=state_row_dropped table=errors count=%d reason=%s",
+                dropped,
+                json.dumps("not a task id and a message this service writes"),
+            )
+        return kept
 
     def set_errors(self, errors: dict[str, str]) -> None:
         now = time.time()
@@ -273,3 +369,97 @@ class JobStore:
         if self._db is None:
             raise sqlite3.ProgrammingError("the job store is not open")
         return self._db
+
+
+def _stamp() -> str:
+    """When, and a few random characters: two files set aside in one second keep both."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _claim_name(key: str) -> str:
+    return f"{key}.lock"
+
+
+def _own_folder(path: Path) -> Folder:
+    """The state folder, made (0700) when absent and opened once. It must be the service's own:
+    owned by its user (raises ``PermissionError`` otherwise); group and others lose write
+    access to it, so that nobody else can plant anything in it afterwards."""
+    folder = Folder.anchor(path, create=True, mode=0o700)
+    assert folder is not None
+    info = os.fstat(folder.fd)
+    if info.st_uid != os.geteuid():
+        folder.close()
+        raise PermissionError(
+            f"the state folder {path} belongs to another user (uid {info.st_uid}): not used"
+        )
+    if stat.S_IMODE(info.st_mode) & 0o022:
+        folder.chmod(stat.S_IMODE(info.st_mode) & ~0o022)
+        logger.warning("event=state_folder_made_private path=%s", path)
+    return folder
+
+
+def _not_ours(folder: Folder, name: str) -> str | None:
+    """Why the file ``name`` of the state folder is not one the service wrote (None: it is, or
+    it is absent): a link, not a regular file, a file with another name elsewhere, another
+    user's."""
+    info = folder.lstat(name)
+    if info is None:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return f"link ({name} is a link)"
+    if not stat.S_ISREG(info.st_mode):
+        return f"foreign ({name} is not a regular file)"
+    if info.st_nlink != 1:
+        return f"foreign ({name} has another name elsewhere: a hard link)"
+    if info.st_uid != os.geteuid():
+        return f"foreign ({name} belongs to uid {info.st_uid})"
+    return None
+
+
+def _current_path(folder: Folder, configured: Path) -> Path:
+    """Where the open folder is now (SQLite opens by path): read from /proc where there is one."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{folder.fd}"))
+    except OSError:
+        return configured
+
+
+def _check_sqlite_opened(folder: Folder) -> None:
+    """After SQLite opened the database by path: the process must now hold open the very
+    database and WAL files of the open state folder (a folder swapped for a link between the
+    store's checks and SQLite's open would have had it open others). Raises ``PermissionError``
+    otherwise. Without /proc: not checked."""
+    if not os.path.isdir("/proc/self/fd"):
+        return
+    opened: set[tuple[int, int]] = set()
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            info = os.stat(f"/proc/self/fd/{name}")
+            opened.add((info.st_dev, info.st_ino))
+    for name in (DATABASE, f"{DATABASE}-wal"):
+        mine = folder.lstat(name)
+        if mine is None or (mine.st_dev, mine.st_ino) not in opened:
+            raise PermissionError(f"SQLite did not open the state folder's {name}: not used")
+
+
+def _task_id_ok(task_id: object) -> bool:
+    """Whether ``task_id`` is one the service writes: ``<repo>:<revision or latest>`` with a repo
+    id and a revision the API accepts."""
+    if not isinstance(task_id, str) or len(task_id) > 400 or ":" not in task_id:
+        return False
+    repo, _, revision = task_id.rpartition(":")
+    try:
+        model = Model.model_validate(
+            {"hf_repo": repo, "hf_commit": None if revision == "latest" else revision}
+        )
+    except ValidationError:
+        return False
+    return model.task_id == task_id
+
+
+def _message_ok(message: object) -> bool:
+    return (
+        isinstance(message, str)
+        and 0 < len(message) <= MAX_ERROR_LENGTH
+        and not any(unicodedata.category(c) == "Cc" for c in message)
+    )
