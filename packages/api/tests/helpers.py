@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -250,4 +251,29 @@ def anchored(path: Path) -> Folder:
     """The folder ``path``, opened as the service opens its roots (``api.models.anchored``)."""
     folder = Folder.anchor(path)
     assert folder is not None, path
+    return folder
+
+
+def make_revision(
+    cache: Path, repo: str, commit: str, files: dict[str, bytes], *, ref: str | None = "main"
+) -> Path:
+    """Write a revision the way huggingface_hub 2.x lays it out: blobs, links, refs, trees."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    (folder / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot = folder / "snapshots" / commit
+    tree = {}
+    for rel, data in files.items():
+        etag = hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+        (folder / "blobs" / etag).write_bytes(data)
+        link = snapshot / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(folder / "blobs" / etag, link.parent))
+        tree[rel] = {"size": len(data), "blob_id": etag}
+    (folder / "trees").mkdir(exist_ok=True)
+    (folder / "trees" / f"{commit}.json").write_text(
+        json.dumps({"format_version": 1, "files": tree})
+    )
+    if ref:
+        (folder / "refs").mkdir(exist_ok=True)
+        (folder / "refs" / ref).write_text(commit)
     return folder
