@@ -63,7 +63,7 @@ async def app_and_client(settings: Settings) -> AsyncIterator[tuple[FastAPI, htt
     app = create_app(settings, zygote=shared_zygote())
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c,
     ):
         yield app, c
 

@@ -27,12 +27,14 @@ from api.auth import Keys, require_read, warn_if_open
 from api.metrics import RequestTimer, ServiceMetrics
 from api.models.errors import ModelError
 from api.models.events import log_event
+from api.models.hub import guard
 from api.models.hub.adapter import HubCacheBackend
 from api.models.hub.zygote import Zygote
 from api.models.manager import ModelManager
 from api.models.routes import model_error_handler
 from api.models.routes import router as models_router
 from api.models.types import REPO_JSON_PATTERN, REVISION_JSON_PATTERN
+from api.perimeter import AllowedHosts, Perimeter, RedactQuery
 from api.settings import Settings
 
 API_PREFIX = "/api"
@@ -147,9 +149,10 @@ def on_stop_signal(callback: Callable[[], None]) -> Callable[[], None]:
     return restore
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, secrets: list[str] | None = None) -> None:
     """Give the service's own loggers a handler (uvicorn configures only its own): one line per
-    record on stderr, the message itself structured (``key=value``) where it reports a state."""
+    record on stderr, the message itself structured (``key=value``) where it reports a state.
+    uvicorn's access log gets a filter that hides secrets a client put in a query string."""
     log = logging.getLogger("api")
     if not any(getattr(h, "_api_handler", False) for h in log.handlers):
         handler = logging.StreamHandler()
@@ -157,6 +160,10 @@ def configure_logging(level: str) -> None:
         handler._api_handler = True  # type: ignore[attr-defined]
         log.addHandler(handler)
     log.setLevel(level.upper())
+    access = logging.getLogger("uvicorn.access")
+    for old in [f for f in access.filters if isinstance(f, RedactQuery)]:
+        access.removeFilter(old)
+    access.addFilter(RedactQuery(secrets or []))
 
 
 WEB = Path(__file__).parent / "web"
@@ -197,7 +204,12 @@ def create_app(
             model_manager = ModelManager(service_settings, backend)
         else:
             model_manager = manager
-        configure_logging(model_manager.settings.log_level)
+        service = model_manager.settings
+        configure_logging(
+            service.log_level,
+            [*service.write_keys, *service.read_keys, *([service.token] if service.token else [])],
+        )
+        app.state.allowed_hosts = AllowedHosts(service.allowed_hosts)
         metrics = ServiceMetrics(model_manager)
         model_manager.events.add_listener(log_event)
         model_manager.events.add_listener(metrics.on_event)
@@ -255,6 +267,9 @@ def create_app(
 
     app.add_middleware(BodySizeLimit)
     app.add_middleware(RequestTimer)
+    # Outermost: a request from a foreign site, or under a name the service is not reached by,
+    # is refused before anything reads its body or runs a route.
+    app.add_middleware(Perimeter, on_origin=guard.note_own_origin)
     app.add_exception_handler(ModelError, model_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -15,6 +16,7 @@ from api.models.serving import display_url
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MIN_KEY_LENGTH = 16
+_HOST_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?")
 
 
 def _split_keys(value: str) -> list[str]:
@@ -172,6 +174,12 @@ class Settings(BaseSettings):
     update_check_concurrency: int = Field(
         default=4, ge=1, le=64, description="models GET /updates checks on the Hub at once"
     )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="comma-separated host names the service is reached by besides localhost,"
+        " this machine's name and IP addresses (a reverse proxy's public name, a DNS alias);"
+        " a request naming another host gets a 400 (DNS rebinding). '*': any",
+    )
     vllm_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="comma-separated base URLs of the vLLM servers using this cache (their"
@@ -207,6 +215,24 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"{name}: each key needs at least {MIN_KEY_LENGTH} printable characters"
                     " without spaces (e.g. the output of `openssl rand -hex 32`)"
+                )
+        return value
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name != "*" and not _HOST_NAME.fullmatch(name):
+                raise ValueError(
+                    f"MODELS_ALLOWED_HOSTS: {name[:100]!r} is not a host name (letters, digits,"
+                    " dots and hyphens, no port, no scheme), nor '*'"
                 )
         return value
 

@@ -142,7 +142,9 @@ async def test_a_zygote_killed_mid_download_is_a_crash_the_retry_mends(
     app = create_app(settings)  # a zygote of its own, not the one the other tests share
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1"
+        ) as client,
     ):
         await client.post("/api/models/download", json=body)
         loop = asyncio.get_running_loop()

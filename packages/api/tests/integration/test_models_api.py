@@ -304,11 +304,19 @@ async def test_models_put_in_the_cache_by_another_tool(
     listed = (await client.get("/api/models/list")).json()["models"]
     assert [m["status"] for m in listed] == ["PARTIAL"]
     blob.write_bytes(content)
-    # A cache written by an older client has no file list: judged by its links, still offline.
+    # A revision put in the cache file by file (transformers, hf_hub_download, an older client)
+    # has no file list: whether every file is here is not known offline, so it is PARTIAL and
+    # says why; what is there still verifies; a download completes it, fetching no content.
     shutil.rmtree(cache_dir / "models--org--model" / "trees")
-    assert (await client.post("/api/models/status", json=body)).json()["status"] == "DOWNLOADED"
+    status = (await client.post("/api/models/status", json=body)).json()
+    assert status["status"] == "PARTIAL"
+    assert "no file list" in status["error_message"]
     assert (await client.post("/api/models/verify", json=body)).json()["verified"] is True
     assert hub.count() == 0
+    await client.post("/api/models/download", json=body)
+    assert (await wait_for_status(client, body, FINAL))["status"] == "DOWNLOADED"
+    assert hub.count("GET", "*/resolve/*") == 0
+    assert hub.count("GET", "/cas/*") == 0
 
 
 async def test_workers_are_forked_from_a_zygote_that_ends_with_the_service(
@@ -326,7 +334,9 @@ async def test_workers_are_forked_from_a_zygote_that_ends_with_the_service(
     app = create_app(settings.model_copy(update={"warm_worker": True}))
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1"
+        ) as client,
     ):
         [zygote] = own_zygotes()  # started with the service, before any download
         for name in ("a", "b"):

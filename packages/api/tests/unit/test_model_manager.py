@@ -94,7 +94,9 @@ class FakeBackend:
         except asyncio.CancelledError:
             self.cancelled.append(key)
             raise
+        # As a real download leaves it: the revision complete under its name and its commit.
         self.states[(request.repo_id, request.revision)] = CacheState.COMPLETE
+        self.states[(request.repo_id, commit)] = CacheState.COMPLETE
         return commit
 
     async def start(self) -> None:
@@ -158,6 +160,18 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+async def status_becomes(
+    manager: ModelManager, model: Model, status: ModelStatus, seconds: float = 10
+) -> None:
+    """Wait (with a deadline) for the model's status: a download's end checks the cache on a
+    thread before it says DOWNLOADED."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while (await manager.get_model_status(model)).status is not status:
+        assert loop.time() < deadline, f"{model.task_id} never became {status.value}"
+        await asyncio.sleep(0.005)
+
+
 async def test_download_lifecycle(manager: ModelManager, backend: FakeBackend) -> None:
     model = Model(hf_repo="org/a")
     started = await manager.add_model(model)
@@ -175,8 +189,7 @@ async def test_download_lifecycle(manager: ModelManager, backend: FakeBackend) -
     assert (progress.total_bytes, progress.downloaded_bytes, progress.percent) == (1000, 250, 25.0)
     assert progress.phase is DownloadPhase.DOWNLOADING
     backend.gates["org/a@main"].set_result(COMMIT)
-    await settle()
-    assert (await manager.get_model_status(model)).status is ModelStatus.DOWNLOADED
+    await status_becomes(manager, model, ModelStatus.DOWNLOADED)
     again = await manager.add_model(model)
     assert again.status is ModelStatus.DOWNLOADED
     assert "org/a@main" in backend.gates

@@ -93,6 +93,12 @@ class Lies:
     - ``size_overrides``: the size the tree listing gives a file (by path), whatever it has.
     - ``endless_tree``: every tree page links to one more, each with new made-up files.
     - ``looping_tree``: every tree page links back to the first.
+    - ``tree_from``: a revision whose file list answers every tree listing (a mirror that mixes
+      commits: each answer well-formed, of another commit than asked).
+    - ``files_from``: a revision whose files answer every ``/resolve`` request (content, ETag and
+      ``X-Repo-Commit`` of that revision).
+    - ``redirect_files_to``: a URL every ``/resolve`` answer redirects to (302).
+    - ``api_redirect_loop``: every API request is redirected to itself.
     """
 
     sha: str | None = None
@@ -101,6 +107,10 @@ class Lies:
     size_overrides: dict[str, int] = field(default_factory=dict)
     endless_tree: bool = False
     looping_tree: bool = False
+    tree_from: str | None = None
+    files_from: str | None = None
+    redirect_files_to: str | None = None
+    api_redirect_loop: bool = False
 
 
 def http_error(status: int = 503, **match: Unpack[Match]) -> Fault:

@@ -337,6 +337,13 @@ class _Handler(BaseHTTPRequestHandler):
                         headers["Retry-After"] = f"{fault.retry_after:g}"
                     raise HubError(fault.status, None, f"injected {fault.status}", headers)
             query = parse_qs(split.query)
+            lies = hub.lies
+            if lies.api_redirect_loop and segments[0] == "api":
+                self._send_head(302, {"Location": self.path, "Content-Length": "0"})
+                return
+            if lies.redirect_files_to and len(segments) >= 5 and segments[2] == "resolve":
+                self._send_head(302, {"Location": lies.redirect_files_to, "Content-Length": "0"})
+                return
             if getattr(self.server, "is_cdn", False):
                 self._from_cdn(method, segments, faults)
             elif segments == ["_fakehub", "served"]:
@@ -423,7 +430,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _tree(
         self, method: str, repo: Repo, revision: str, prefix: str, recursive: bool, cursor: int
     ) -> None:
-        commit = self._commit(repo, revision)
+        commit = self._commit(repo, self.server.hub.lies.tree_from or revision)
         entries = _tree_entries(
             repo.commits[commit], prefix.strip("/"), recursive, with_xet=self.server.hub.xet
         )
@@ -458,7 +465,7 @@ class _Handler(BaseHTTPRequestHandler):
         self, method: str, repo_id: str, revision: str, path: str, faults: list[Fault]
     ) -> None:
         repo = self._authorized_repo(repo_id, files=True)
-        commit = self._commit(repo, revision)
+        commit = self._commit(repo, self.server.hub.lies.files_from or revision)
         entry = repo.commits[commit].get(path)
         if entry is None:
             raise HubError(

@@ -543,6 +543,7 @@ class ModelManager:
             await asyncio.sleep(min(delay, self.settings.retry_max_backoff_seconds))
             async with asyncio.timeout(self.settings.download_timeout_seconds):
                 job.commit = await self.backend.download(request, plan, on_update, job.rate)
+            failure = await self._landed(job, asked)
         except TimeoutError:
             timeout = self.settings.download_timeout_seconds
             failure = DownloadFailed(
@@ -566,6 +567,27 @@ class ModelManager:
                 FailureKind.UNEXPECTED, f"internal error ({type(error).__name__})"
             )
         self._end(job, failure)
+
+    async def _landed(self, job: DownloadJob, asked: FileSelection | None) -> DownloadFailed | None:
+        """Whether what a download that ended well left is what was asked: the very commit when
+        a commit was asked, and the revision complete in the cache. Otherwise the failure that
+        says why (a download never ends without its revision and no word of it)."""
+        wanted, got = job.model.hf_commit, job.commit
+        if got is None:
+            return DownloadFailed(FailureKind.UNEXPECTED, "the download ended without a revision")
+        if wanted is not None and COMMIT_PATTERN.fullmatch(wanted) and got != wanted.lower():
+            return DownloadFailed(
+                FailureKind.UNTRUSTED,
+                f"the Hub answered commit {got[:12]} for commit {wanted.lower()[:12]}: refused",
+            )
+        local = await self._on_cache_pool(self.backend.local_state, job.model.hf_repo, got, asked)
+        if local.state in (CacheState.COMPLETE, CacheState.BUSY):
+            return None
+        why = local.note or f"it is {local.state.value.lower()}"
+        return DownloadFailed(
+            FailureKind.UNEXPECTED,
+            f"the download ended, but the cache does not hold revision {got[:12]} complete: {why}",
+        )
 
     def _end(self, job: DownloadJob, failure: DownloadFailed | None) -> None:
         """The job leaves the table before its last event: whoever reacts to it and asks for the

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, 
 from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from api.auth import require_read, require_write
+from api.auth import KeyFirstRoute, require_read, require_write
 from api.fleet.fleet import Fleet
 from api.models.errors import (
     CacheNotWritable,
@@ -240,7 +240,12 @@ _NO_KEY: dict[int | str, dict[str, Any]] = {
         "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
     }
 }
-router = APIRouter(prefix="/models", tags=["Models"], responses={**_UNEXPECTED, **_NO_KEY})
+router = APIRouter(
+    prefix="/models",
+    tags=["Models"],
+    responses={**_UNEXPECTED, **_NO_KEY},
+    route_class=KeyFirstRoute,
+)
 Reads = [Depends(require_read)]
 Writes = [Depends(require_write)]
 

@@ -45,7 +45,7 @@ from api.models.hub import deletion, guard, protocol
 from api.models.hub import selection as selecting
 from api.models.hub.cache import ModelCache
 from api.models.hub.classify import failure_of
-from api.models.hub.guard import UntrustedAnswer, check_plan
+from api.models.hub.guard import COMMIT_ID, UntrustedAnswer, check_plan
 from api.models.hub.ranged import Ranges
 from api.models.hub.zygote import ForkedWorker, Zygote, ZygoteGone
 
@@ -65,7 +65,7 @@ def fetch_plan(repo_id: str, revision: str, endpoint: str, token: str | bool) ->
     metadata of one file is asked too (a HEAD): a token without access fails here, before the
     first byte, as ``GatedRepoError``."""
     api = HfApi(endpoint=endpoint, token=token)
-    commit, gated = _revision_info(api, repo_id, revision)
+    commit, gated, siblings = _revision_info(api, repo_id, revision)
     files = tuple(
         RemoteFile(
             path=f.path,
@@ -76,6 +76,7 @@ def fetch_plan(repo_id: str, revision: str, endpoint: str, token: str | bool) ->
         if isinstance(f, RepoFile)
     )
     plan = check_plan(DownloadPlan(commit=commit, files=files))
+    _same_revision(commit, siblings, {f.path for f in files})
     if gated and files:
         api.get_hf_file_metadata(
             url=hf_hub_url(repo_id, files[0].path, revision=commit, endpoint=endpoint)
@@ -88,13 +89,42 @@ def fetch_commit(repo_id: str, revision: str, endpoint: str, token: str | bool) 
     return _revision_info(HfApi(endpoint=endpoint, token=token), repo_id, revision)[0]
 
 
-def _revision_info(api: HfApi, repo_id: str, revision: str) -> tuple[str, bool]:
-    """(commit, gated) of a revision on the Hub: one metadata request, its ``sha`` checked by the
-    guard; an answer without one is refused."""
+def _revision_info(
+    api: HfApi, repo_id: str, revision: str
+) -> tuple[str, bool, frozenset[str] | None]:
+    """(commit, gated, the file names it lists) of a revision on the Hub: one metadata request,
+    its ``sha`` checked by the guard; an answer without one is refused, and so is one for a
+    commit id that names another commit."""
     info = api.repo_info(repo_id, revision=revision)
     if info.sha is None:
         raise UntrustedAnswer("the Hub answered without a commit id")
-    return info.sha, bool(info.gated)
+    if COMMIT_ID.fullmatch(revision) and info.sha != revision:
+        raise UntrustedAnswer(f"the Hub answered commit {info.sha[:12]} for commit {revision[:12]}")
+    listed = getattr(info, "siblings", None)
+    siblings = frozenset(s.rfilename for s in listed) if listed else None
+    return info.sha, bool(info.gated), siblings
+
+
+# Beyond this many files the Hub's ``siblings`` may be cut short (the library stops trusting
+# them there: huggingface_hub's ``LARGE_REPO_THRESHOLD``, PR #3565); below it they are whole.
+SIBLINGS_WHOLE_BELOW = 1000
+
+
+def _same_revision(commit: str, siblings: frozenset[str] | None, listed: set[str]) -> None:
+    """The file list (fetched for ``commit``) and the revision answer must name the same files:
+    a mirror that answers the list with another commit's is refused. Every file the revision
+    answer names must be listed; below ``SIBLINGS_WHOLE_BELOW`` files, exactly those."""
+    if siblings is None:
+        return
+    missing = siblings - listed
+    extra = listed - siblings if len(siblings) < SIBLINGS_WHOLE_BELOW else set()
+    if missing or extra:
+        named = sorted(missing or extra)[0]
+        raise UntrustedAnswer(
+            f"the Hub's file list of commit {commit[:12]} and its answer for that revision"
+            f" disagree ({len(missing)} file(s) missing from the list, {len(extra)} not in the"
+            f" revision, for example {named[:80]!r})"
+        )
 
 
 def hub_limits(settings: Settings) -> guard.Limits:
@@ -386,6 +416,7 @@ class HubCacheBackend:
             bytes_per_second=rate.value,
             xet_when_capped=self.settings.xet_when_capped,
             peers=request.peers,
+            own_origins=guard.own_origins(),
         )
         assert process.stdin is not None
         assert process.stdout is not None

@@ -58,6 +58,11 @@ from api.models.hub.records import RevisionRecords, journal_note, name_some
 logger = logging.getLogger(__name__)
 
 TREE_FORMAT_VERSION = 1
+NO_TREE_NOTE = (
+    "the cache holds no file list of this revision (it was put there file by file, by another"
+    " tool), so whether every file is here is not known; POST /api/models/download checks it"
+    " against the Hub and fetches only what is missing"
+)
 INCOMPLETE_SUFFIX = ".incomplete"
 # A large file fetched by parallel ranges (``ranged.py``): its partial content, kept across
 # attempts, and the record of how far each part got, beside the blob's lock.
@@ -284,6 +289,22 @@ class ModelCache:
             assert refs is not None  # made when absent
             refs.write_atomic(name, commit.encode(), mode=0o664)
 
+    def drop_tree_unless(self, repo_id: str, plan: DownloadPlan) -> None:
+        """Remove the revision's cached file list when it is not the plan's (the files, their
+        sizes and ETags): the library would download by it. One that cannot be read goes too."""
+        tree = self.read_tree(repo_id, plan.commit)
+        listed = {f.path: (f.size, f.etag) for f in plan.files}
+        if tree is not None and {r: (e.size, e.etag) for r, e in tree.items()} == listed:
+            return
+        with self.model_folder(repo_id, "trees") as trees:
+            if trees is not None and trees.unlink(f"{plan.commit}.json"):
+                logger.warning(
+                    "event=file_list_dropped repo=%s commit=%s reason=%s",
+                    repo_id,
+                    plan.commit,
+                    json.dumps("the cached file list is not the one the Hub gave for the commit"),
+                )
+
     def discard_file(self, repo_id: str, commit: str, rel: str) -> None:
         """Remove a file of a revision and its blob (a checksum mismatch), so it is fetched again.
 
@@ -433,15 +454,11 @@ class ModelCache:
 
     @staticmethod
     def _state_without_tree(snapshot: Path) -> CacheState:
-        """No file list (a cache written by an older client): a snapshot whose every link resolves
-        is taken as complete; it is the most the cache can tell without the network."""
+        """No file list (the revision was put in the cache file by file: ``hf_hub_download``,
+        transformers' ``from_pretrained``, an older client): whether every file of the revision
+        is here cannot be known offline, so it is never COMPLETE (``NO_TREE_NOTE`` says why)."""
         if not snapshot.is_dir():
             return CacheState.ABSENT
-        entries = list(_iter_files(snapshot))
-        if not entries:
-            return CacheState.PARTIAL
-        if all(_size_of(p) is not None for p in entries):
-            return CacheState.COMPLETE
         return CacheState.PARTIAL
 
     def list_cached(self, repo_id: str | None = None) -> list[CachedRevision]:
@@ -534,6 +551,7 @@ class ModelCache:
                 continue  # only metadata (a ref, a file list): nothing of the model itself
             elif tree is None:
                 state = self._state_without_tree(snapshot)
+                note = NO_TREE_NOTE
             else:
                 wanted = self._wanted(tree, asked, recorded)
                 selected = {rel: e for rel, e in tree.items() if rel in wanted.paths}

@@ -79,6 +79,14 @@ def classify_error(
                 f"the Hub refused access (HTTP {status}): check HF_TOKEN",
             )
         return FailureKind.UNEXPECTED, False, f"the Hub answered HTTP {status}"
+    if isinstance(error, httpx2.TooManyRedirects):
+        # A loop (or a chain longer than the client follows): what the Hub did, said plainly.
+        return (
+            FailureKind.UNTRUSTED,
+            False,
+            "the Hub's answer was refused, nothing was written: it redirected in a loop (more"
+            " redirects than any answer needs)",
+        )
     if isinstance(error, OfflineModeIsEnabled):
         return FailureKind.NETWORK, False, "the Hub client is in offline mode (HF_HUB_OFFLINE)"
     if isinstance(error, (httpx2.TimeoutException,)):

@@ -14,7 +14,15 @@ passes through ``GuardedTransport``, installed as the library's HTTP client fact
   each tree entry a safe relative path (``path_problem``) with well-formed ids and sizes, no path
   twice, at most ``max_files`` files and ``MAX_TREE_PAGES`` pages per listing, and a next page only
   on the same origin;
-- a request the library sends without a timeout gets one (the library's ``HfApi`` calls have none).
+- a request the library sends without a timeout gets one (the library's ``HfApi`` calls have none);
+- one commit per revision: a revision answer for a commit id must name that commit, and every
+  answer for a file of a commit id (``/resolve/<commit>/...``, and a redirect of one) must say that
+  commit in ``X-Repo-Commit`` and redirect only to a file of that commit. In a download worker the
+  plan's file list is installed too (``expect``): a file's answer must give the ETag the list gave
+  (a mirror that answers the list with one commit and the files with another's is refused);
+- a redirect must not carry credentials (``user:password@``, which the client would send to the
+  other origin) nor lead to the service's own address (``refuse_origins``): a request forged
+  against the service itself.
 
 A failed check raises ``UntrustedAnswer``: the download fails at once, with a plain message, before
 anything is written.
@@ -22,6 +30,7 @@ anything is written.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import threading
@@ -29,6 +38,7 @@ import time
 import unicodedata
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import httpx2
 
@@ -44,6 +54,48 @@ MAX_TREE_PAGES = 10_000
 MAX_PATH_BYTES = 4000  # below PATH_MAX (4096) with the cache's own prefix left out
 MAX_NAME_BYTES = 255  # NAME_MAX of every Linux filesystem a cache lives on
 _ETAG_QUOTES = re.compile(r'^(?:W/)?"?([^"]*)"?$')
+# A file's answer: ``/{org}/{name}/resolve/{revision}/{path}`` (and the Hub's own redirect of a
+# small file, ``/api/resolve-cache/models/{org}/{name}/{revision}/{path}``).
+_RESOLVE = re.compile(
+    r"^/(?:(?P<repo>[^/]+/[^/]+)/resolve|api/resolve-cache/models/(?P<cached>[^/]+/[^/]+))"
+    r"/(?P<revision>[^/]+)/(?P<path>.+)$"
+)
+_REVISION_INFO = re.compile(r"^/api/models/[^/]+/[^/]+/revision/(?P<revision>[^/]+)$")
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a download worker's plan says the Hub serves: its commit, and each file's ETag."""
+
+    commit: str
+    etags: dict[str, str]
+
+
+_EXPECTED: Expected | None = None
+_REFUSED_ORIGINS: frozenset[tuple[str, int]] = frozenset()
+
+
+def expect(commit: str, etags: dict[str, str]) -> None:
+    """In a download worker: every answer for a file of ``commit`` must give the ETag of the plan
+    (the file list it was planned with). Set once, before the first request."""
+    global _EXPECTED
+    _EXPECTED = Expected(commit, dict(etags))
+
+
+def refuse_origins(origins: frozenset[tuple[str, int]]) -> None:
+    """The service's own addresses (host, port): no redirect of the Hub may lead there."""
+    global _REFUSED_ORIGINS
+    _REFUSED_ORIGINS = origins
+
+
+def note_own_origin(host: str, port: int) -> None:
+    """An address the service answered on (from a request it served): refused from now on."""
+    if (host, port) not in _REFUSED_ORIGINS:
+        refuse_origins(_REFUSED_ORIGINS | {(host, port)})
+
+
+def own_origins() -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(_REFUSED_ORIGINS))
 
 
 class UntrustedAnswer(Exception):
@@ -127,6 +179,9 @@ class GuardedTransport(httpx2.BaseTransport):
         response = self.inner.handle_request(request)
         try:
             check_headers(request.url.path, response.status_code, response.headers)
+            check_commit(request.url.path, response.status_code, response.headers)
+            if response.is_redirect:
+                check_redirect(request.url, response.headers.get("Location", ""))
             json_answer = "json" in response.headers.get("Content-Type", "")
             if api and json_answer and 200 <= response.status_code < 300:
                 return self._checked_json(request, response)
@@ -161,7 +216,9 @@ class GuardedTransport(httpx2.BaseTransport):
         if "/tree/" in request.url.path:
             self._check_tree(request, response, body)
         else:
-            check_revision_info(_json(body))
+            info = _json(body)
+            check_revision_info(info)
+            check_revision_commit(request.url.path, info)
         return httpx2.Response(
             status_code=response.status_code,
             headers=response.headers,
@@ -262,6 +319,91 @@ def check_headers(path: str, status: int, headers: httpx2.Headers) -> None:
         and not GIT_OR_SHA256.fullmatch(etag_value(etag))
     ):
         raise UntrustedAnswer(f"the Hub sent a malformed ETag {_excerpt(etag)}")
+
+
+def _short(commit: str) -> str:
+    return commit[:12]
+
+
+def check_revision_commit(path: str, info: object) -> None:
+    """A revision answer for a commit id must name that very commit."""
+    match = _REVISION_INFO.match(path)
+    if match is None or not isinstance(info, dict):
+        return
+    asked = unquote(match["revision"])
+    answered = info.get("sha")
+    if COMMIT_ID.fullmatch(asked) and isinstance(answered, str) and answered != asked:
+        raise UntrustedAnswer(
+            f"the Hub answered commit {_short(answered)} for commit {_short(asked)}"
+        )
+
+
+def check_commit(path: str, status: int, headers: httpx2.Headers) -> None:
+    """An answer for a file of a commit id (a redirect included) must be of that commit, and,
+    in a download worker, give the ETag of the plan's file list."""
+    match = _RESOLVE.match(path)
+    if match is None or status >= 400:
+        return
+    asked = unquote(match["revision"])
+    if not COMMIT_ID.fullmatch(asked):
+        return
+    answered = headers.get("X-Repo-Commit")
+    if answered is not None and answered != asked:
+        raise UntrustedAnswer(
+            f"the Hub answered a file of commit {_short(asked)} with commit {_short(answered)}"
+        )
+    expected = _EXPECTED
+    if expected is None or asked != expected.commit:
+        return
+    file = unquote(match["path"])
+    linked = headers.get("X-Linked-Etag")
+    etag = headers.get("ETag") if linked is None else linked
+    want = expected.etags.get(file)
+    if want is not None and etag is not None and etag_value(etag) != want:
+        raise UntrustedAnswer(
+            f"the Hub's file list of commit {_short(asked)} and its answer for {file!r} disagree"
+            f" (ETag {_short(want)} listed, {_short(etag_value(etag))} answered)"
+        )
+
+
+def check_redirect(source: httpx2.URL, location: str) -> None:
+    """A redirect must not carry credentials, lead to the service itself, or turn a file of one
+    commit into a file of another."""
+    try:
+        target = source.join(location)
+    except (httpx2.InvalidURL, ValueError):
+        raise UntrustedAnswer("the Hub sent a redirect that is not a URL") from None
+    if target.userinfo:
+        raise UntrustedAnswer("the Hub redirected to a URL with credentials in it: refused")
+    if _REFUSED_ORIGINS and (target.host, target.port or _default_port(target)) in _own(target):
+        raise UntrustedAnswer("the Hub redirected to this service's own address: refused")
+    before, after = _RESOLVE.match(source.path), _RESOLVE.match(target.path)
+    if before is not None and after is not None:
+        asked, then = unquote(before["revision"]), unquote(after["revision"])
+        if COMMIT_ID.fullmatch(asked) and then != asked:
+            raise UntrustedAnswer(
+                f"the Hub redirected a file of commit {_short(asked)} to revision {then[:40]!r}"
+            )
+
+
+def _default_port(url: httpx2.URL) -> int:
+    return 443 if url.scheme == "https" else 80
+
+
+def _own(target: httpx2.URL) -> frozenset[tuple[str, int]]:
+    """The service's own origins, with every name that means this machine's loopback when the
+    target names one (``localhost``, ``127.x``, ``[::1]``, ``0.0.0.0``)."""
+    origins = set(_REFUSED_ORIGINS)
+    host = target.host
+    local = host == "localhost"
+    try:
+        address = ipaddress.ip_address(host)
+        local = local or address.is_loopback or address.is_unspecified
+    except ValueError:
+        pass
+    if local:
+        origins |= {(host, port) for _, port in _REFUSED_ORIGINS}
+    return frozenset(origins)
 
 
 def check_revision_info(info: object) -> None:

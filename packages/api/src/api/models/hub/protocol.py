@@ -34,6 +34,8 @@ class Job:
     bytes_per_second: float | None = None  # this download's bandwidth share (None: no cap)
     xet_when_capped: str = "http"  # under a cap, Xet files go by plain HTTP ("http") or not
     peers: tuple[Peer, ...] = ()  # a fleet's nodes to copy the files from first
+    # The service's own addresses (host, port): no redirect of the Hub may lead there.
+    own_origins: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,7 @@ def parse_job(raw: bytes) -> Job:
             bytes_per_second=_rate_of(data.get("bytes_per_second")),
             xet_when_capped="xet" if data.get("xet_when_capped") == "xet" else "http",
             peers=tuple(_peer_of(p) for p in data.get("peers") or ()),
+            own_origins=tuple((str(h), int(p)) for h, p in data.get("own_origins") or ()),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ProtocolError("malformed job") from error

@@ -443,6 +443,9 @@ def _fetch_and_verify(
         if placed:
             ranged.update(placed)
             reporter.flush()  # the last bytes of the parts, before the library's pass
+        # The library lists the files from its cached file list when there is one: one that is
+        # not the plan's (planted, or stale) goes, and the library lists them from the Hub.
+        cache.drop_tree_unless(repo_id, plan)
         snapshot_download(
             repo_id,
             revision=plan.commit,
@@ -572,6 +575,11 @@ def main() -> int:
     apply_rate(job.bytes_per_second, job.xet_when_capped)
     _follow_stdin(job.xet_when_capped)
     guard.install(job.limits)
+    # One commit per revision: every answer for a file of the plan's commit must give the ETag
+    # of the plan's file list (a mirror that mixes commits is refused), and no redirect may
+    # lead to the service itself.
+    guard.expect(job.plan.commit, {f.path: f.etag for f in job.plan.files})
+    guard.refuse_origins(frozenset(job.own_origins))
     return run(job, reporter)
 
 
