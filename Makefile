@@ -99,6 +99,7 @@ bench: $(STAMP)
 	cd bench && BENCH_XET=1 ../$(VENV)/bin/python resume.py
 	cd bench && ../$(VENV)/bin/python xet_tuning.py
 	cd bench && ../$(VENV)/bin/python bandwidth.py
+	cd bench && ../$(VENV)/bin/python anchored.py
 
 clean:
 	rm -rf $(BOOT) $(VENV) .demo bench/.data .mypy_cache .ruff_cache .pytest_cache

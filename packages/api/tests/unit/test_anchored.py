@@ -30,7 +30,7 @@ from api.models.anchored import Folder, KeepsChanging, LinkInTheWay, held, resol
 from api.models.backend import FileSelection, FilesPreset, RemoteFile
 from api.models.errors import UnsafeCachePath
 from api.models.hub.cache import ModelCache, _shared_hash
-from api.models.hub.deletion import delete, plan_delete, plan_prune
+from api.models.hub.deletion import delete, execute, plan_delete, plan_prune
 from api.models.hub.ranged import Prefix, Ranges, Record
 from api.models.store import JobStore
 from api.models.types import Model
@@ -450,37 +450,55 @@ def test_the_audit_sees_what_it_must(tmp_path: Path) -> None:
 # -- a revision delete while its folders are swapped for links ----------------------------------
 
 
-@pytest.mark.parametrize("swapped", ["snapshots", "blobs", "snapshot", "trees", "refs"])
-def test_deletes_never_follow_a_folder_swapped_for_a_link(tmp_path: Path, swapped: str) -> None:
-    """While revision deletes and whole-model deletes run, a thread swaps a folder of the model
-    for a link to a victim's copy of the model and back: the victim is never touched, and every
-    delete either completes or answers with the link it refused (a 409, never a crash)."""
+@pytest.mark.parametrize(
+    "swapped", ["snapshots", "blobs", "snapshot", "trees", "refs", ".locks", "model's .locks"]
+)
+def test_deletes_prunes_and_verifications_never_follow_a_folder_swapped_for_a_link(
+    tmp_path: Path, swapped: str
+) -> None:
+    """While revision deletes, whole-model deletes, prunes and verifications run, a thread swaps
+    a folder of the cache for a link to a victim's copy of it (the same files: another user's
+    copy of the model) and back, 160 tries per folder kind: the victim is never touched, and
+    every operation completes or answers with the link it refused (a 409, never a crash)."""
     outside = tmp_path / "victim"
     files = {f"f{i}.txt": b"victim %d" % i for i in range(20)}
     make_revision(outside, "org/m", C1, files)
-    victim_folder = outside / "models--org--m"
+    (outside / ".locks" / "models--org--m").mkdir(parents=True)
+    for name in (f"{C1}.unverified", f"{C1}.selection.json", f"{C1}.download.lock"):
+        (outside / ".locks" / "models--org--m" / name).write_text("keep")
     before = contents(outside)
     cache_path = tmp_path / "cache"
     cache = ModelCache(cache_path)
-    folder = cache_path / "models--org--m"
-    if swapped == "snapshot":
-        pair = (folder / "snapshots" / C1, victim_folder / "snapshots" / C1)
-    else:
-        pair = (folder / swapped, victim_folder / swapped)
+    folder, victim_folder = cache_path / "models--org--m", outside / "models--org--m"
+    pair = {
+        "snapshot": (folder / "snapshots" / C1, victim_folder / "snapshots" / C1),
+        ".locks": (cache_path / ".locks", outside / ".locks"),
+        "model's .locks": (
+            cache_path / ".locks" / "models--org--m",
+            outside / ".locks" / "models--org--m",
+        ),
+    }.get(swapped, (folder / swapped, victim_folder / swapped))
     swapper = Swapper(lambda: [pair])
     swapper.start()
     answers: dict[str, int] = {}
+    operations: list[Callable[[], object]] = [
+        lambda: delete(cache, "org/m", C1),
+        lambda: delete(cache, "org/m", None),
+        lambda: _prune(cache),
+        lambda: cache.verify("org/m", C1),
+    ]
     try:
         for _ in range(40):
-            for revision in (C1, None):
-                # The same files as the victim's copy (another user's copy of the model): a
-                # removal by path through a swapped folder would hit a file of the same name.
+            for operation in operations:
+                # The same files as the victim's: a removal by path through a swapped folder
+                # would hit a file of the same name.
                 make_revision(cache_path, "org/m", C1, files)
                 make_revision(cache_path, "org/m", C2, {"other.txt": b"other"}, ref=None)
+                (cache_path / ".locks" / "models--org--m").mkdir(parents=True, exist_ok=True)
                 with swapper.during():
                     try:
-                        delete(cache, "org/m", revision)
-                        kind = "deleted"
+                        operation()
+                        kind = "done"
                     except UnsafeCachePath:
                         kind = "refused"
                 answers[kind] = answers.get(kind, 0) + 1
@@ -489,7 +507,13 @@ def test_deletes_never_follow_a_folder_swapped_for_a_link(tmp_path: Path, swappe
         swapper.stop()
     assert swapper.swaps > 0
     assert contents(outside) == before
-    assert answers.get("deleted", 0) > 0, answers
+    assert answers.get("done", 0) > 0, answers
+
+
+def _prune(cache: ModelCache) -> None:
+    plan = plan_prune(cache, "org/m", frozenset({C1}))
+    if plan is not None:
+        execute(cache, plan)
 
 
 def _clear(cache_path: Path) -> None:
