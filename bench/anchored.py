@@ -4,8 +4,8 @@ the same run, on the same machine.
 
 "Before" is the commit that preceded the change (``BENCH_BEFORE``, default ``ccb00b3``), checked
 out as a git worktree under ``bench/.data`` and imported in processes of its own; "after" is this
-tree. Each figure is the median of ``RUNS`` fresh caches (built outside the timing, the page cache
-warm), so both sides do the same work on the same files.
+tree. Each figure is the median of ``RUNS`` fresh caches (built and synced outside the timing,
+the page cache warm), so both sides do the same work on the same files.
 
     python bench/anchored.py [RUNS]
 """
@@ -121,6 +121,7 @@ def measure(source: Path, operation: str) -> float:
     times = []
     for _ in range(RUNS):
         build(OPERATIONS[operation], cache)
+        os.sync()  # the cache just written is on disk: no writeback in the timing
         out = subprocess.run(
             [sys.executable, __file__, "--one", operation, str(cache)],
             env={**os.environ, "PYTHONPATH": str(source)},

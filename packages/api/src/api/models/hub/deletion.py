@@ -66,7 +66,9 @@ class DeletePlan:
     files: tuple[Names, ...]  # files and links removed one by one
     own_folders: tuple[Names, ...]  # the cache's own folders (a model's locks, ``.no_exist``)
     shared: tuple[str, ...]  # Xet hashes of shared-store blobs to collect when nothing links them
-    freed_bytes: int  # by what the plan removes itself (the shared store's sweep comes on top)
+    # By what the plan removes itself (the shared store's sweep comes on top); None for a whole
+    # model not measured beforehand (a delete: ``execute`` counts what it removes).
+    freed_bytes: int | None
     links: tuple[Names, ...] = ()  # the model's blobs removed (those that link the shared store)
     by_revision: tuple[tuple[str, int], ...] = ()  # (commit, bytes of the files only it held)
 
@@ -75,10 +77,13 @@ class DeletePlan:
         link any more included, without changing anything."""
         root = cache.anchor()
         if root is None:
-            return self.freed_bytes
+            return self.freed_bytes or 0
         with root:
             doomed = set(self.links)
-            return self.freed_bytes + sum(
+            own = (
+                self.freed_bytes if self.freed_bytes is not None else _model_bytes(root, self.trees)
+            )
+            return own + sum(
                 _shared_size(root, h, str(self.root))
                 for h in self.shared
                 if (refs := _references(root, h, str(self.root))) is not None
@@ -94,14 +99,15 @@ class DeletePlan:
         if root is None:
             return 0
         with root:
-            for tree in self.trees:
-                _remove_at(root, tree, self.repo_id)
+            removed = sum(_remove_at(root, tree, self.repo_id) for tree in self.trees)
             for entry in self.files:
                 _remove_at(root, entry, self.repo_id)
             for folder in self.own_folders:
                 _remove_own(root, folder)
             swept = sum(_sweep(root, h, str(self.root)) for h in self.shared)
-        return self.freed_bytes + swept
+        # A whole model: every regular file its folder held, counted as it went.
+        own = self.freed_bytes if self.freed_bytes is not None else removed
+        return own + swept
 
 
 def delete(cache: ModelCache, repo_id: str, revision: str | None) -> int | None:
@@ -141,7 +147,7 @@ def plan_delete(cache: ModelCache, repo_id: str, revision: str | None) -> Delete
             return None
         if revision is None:
             _refuse_busy(cache, repo_id, None)
-            return _whole_model(cache, repo_id)
+            return _whole_model(cache, repo_id, measure=False)
         commit = cache.resolve_commit(repo_id, revision)
         _refuse_busy(cache, repo_id, {commit} if commit is not None else set())
         if commit is None:
@@ -224,17 +230,23 @@ def _refuse_busy(
 
 
 def _whole_model(
-    cache: ModelCache, repo_id: str, by_revision: tuple[tuple[str, int], ...] = ()
+    cache: ModelCache,
+    repo_id: str,
+    by_revision: tuple[tuple[str, int], ...] = (),
+    measure: bool = True,
 ) -> DeletePlan:
+    """The plan to remove the model's folder whole. ``measure``: its bytes counted now (a prune
+    says what it would free); a delete leaves that to ``execute``, which counts as it removes
+    (one walk of the folder instead of two)."""
     folder = repo_folder_name(repo_id)
-    freed = 0
+    freed: int | None = None
     links: list[Names] = []
     shared: set[str] = set()
-    with cache.model_folder(repo_id) as model:
-        assert model is not None  # _may_change saw it
-        for _, info in walk_files(model):
-            if stat.S_ISREG(info.st_mode):
-                freed += info.st_size
+    if measure:
+        root = cache.anchor()
+        assert root is not None  # _may_change saw it
+        with root:
+            freed = _model_bytes(root, ((folder,),))
     with cache.model_folder(repo_id, "blobs") as blobs:
         for entry in blobs.names() if blobs is not None else []:
             found = _shared_hash(blobs, entry.name, folder, str(cache.root)) if blobs else None
@@ -410,15 +422,26 @@ def _blobs_of(cache: ModelCache, repo_id: str, commit: str) -> set[str]:
     return found
 
 
-def _remove_at(root: Folder, entry: Names, repo_id: str) -> None:
-    """Remove ``entry`` (whatever it is now: a link is removed as a link); a link on the way to
-    it raises ``LinkInTheWay`` (nothing through it is touched)."""
+def _remove_at(root: Folder, entry: Names, repo_id: str) -> int:
+    """Remove ``entry`` (whatever it is now: a link is removed as a link); the bytes of the
+    regular files removed. A link on the way to it raises ``LinkInTheWay`` (nothing through it
+    is touched)."""
     *parents, name = entry
     holder = root.walk(*parents)
     if holder is None:
-        return
+        return 0
     with holder:
-        holder.remove(name)
+        return holder.remove(name)
+
+
+def _model_bytes(root: Folder, trees: tuple[Names, ...]) -> int:
+    """Bytes of the regular files under the folders ``trees`` (read through descriptors)."""
+    total = 0
+    for tree in trees:
+        with held(root.walk(*tree)) as folder:
+            if folder is not None:
+                total += sum(i.st_size for _, i in walk_files(folder) if stat.S_ISREG(i.st_mode))
+    return total
 
 
 def _remove_own(root: Folder, entry: Names) -> None:
