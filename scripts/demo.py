@@ -30,7 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on the port now. SO_REUSEADDR, as the servers themselves
+    bind: the connections of a demo just stopped (in TIME_WAIT for a minute) do not count, a
+    server still listening there does."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:
@@ -163,9 +167,12 @@ def _serve(
         )
         children.append(service)
         _wait_http(f"http://{args.host}:{args.port}/api/health", service, 180)
+        # Its process id, for whoever wants to stop (or crash) exactly this service.
+        pid_file = args.folder / "service.pid"
+        pid_file.write_text(f"{service.pid}\n")
         print(
-            f"demo: the service is at http://{args.host}:{args.port} (Swagger UI at /docs),"
-            f" the fake hub at {hub_url}; Ctrl-C stops both",
+            f"demo: the service is at http://{args.host}:{args.port} (Swagger UI at /docs, pid"
+            f" {service.pid} in {pid_file}), the fake hub at {hub_url}; Ctrl-C stops both",
             file=sys.stderr,
             flush=True,
         )
@@ -177,6 +184,7 @@ def _serve(
         return 0
     finally:
         stop()
+        (args.folder / "service.pid").unlink(missing_ok=True)  # no stale id for a later kill
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ class AllowedHosts:
 
 
 def _json_error(status: int, detail: str) -> tuple[dict[str, object], bytes]:
-    body = json.dumps({"detail": detail}).encode()
+    body = json.dumps({"detail": detail}, separators=(",", ":")).encode()
     start = {
         "type": "http.response.start",
         "status": status,
