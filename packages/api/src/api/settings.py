@@ -174,6 +174,14 @@ class Settings(BaseSettings):
     update_check_concurrency: int = Field(
         default=4, ge=1, le=64, description="models GET /updates checks on the Hub at once"
     )
+    fleet_answer_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="in a fleet, how long a read (status, list, space, plan) waits for each"
+        " node; a node that has not answered by then is reported unreachable, with the reason,"
+        " and the answer comes without it",
+    )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="comma-separated host names the service is reached by besides localhost,"

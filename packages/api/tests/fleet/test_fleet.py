@@ -334,3 +334,69 @@ async def test_an_agent_that_dies_is_restarted_and_its_download_resumed(
     # Fetched twice: the first transfer died with the agent; the resumed one completed it.
     assert hub.count("GET", "*/resolve/*/w.bin") >= 2
     assert (cache / "models--org--model").exists()
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def test_a_node_that_stops_answering_costs_a_line_not_a_minute(
+    fleet_settings: Settings, hub: FakeHub, model: str, cluster: RayCluster
+) -> None:
+    """One node's agent frozen (SIGSTOP): status, list and space answer within the fleet's
+    answer time, that node reported unreachable with the reason (before: 60 s each, every call).
+    Then its raylet killed: its agent, zygote and download worker are gone within seconds (before:
+    they kept writing blobs 45 s later)."""
+    node = cluster.nodes[2]
+    cache = cluster.caches[node]
+    quick = fleet_settings.model_copy(update={"fleet_answer_seconds": 2.0})
+    hub.add_fault(trickle(MB // 4, path="*/resolve/*/w.bin"))
+    async with app_client(quick) as client:
+        assert (
+            await client.post("/api/models/download", json={**BODY, "nodes": [node]})
+        ).status_code == 202
+        await status_until(
+            client, lambda a: bool((a["nodes"][0]["progress"] or {}).get("transferred_bytes"))
+        )
+        [worker] = downloads_using(cache)
+        zygote = _parent(worker)
+        agent = _parent(zygote)
+        raylet = _parent(agent)
+        assert b"raylet" in Path(f"/proc/{raylet}/cmdline").read_bytes()
+        os.kill(agent, signal.SIGSTOP)
+        try:
+            # Each answer comes (the 30 s bound is far above the 2 s answer time, and far below
+            # the 60 s every call took before), with the frozen node named.
+            async with asyncio.timeout(30):
+                status = (await client.post("/api/models/status", json=BODY)).json()
+            [frozen] = [n for n in status["nodes"] if n["node_id"] == node]
+            assert frozen["unreachable"] is True
+            assert "no answer within 2 s" in frozen["error_message"]
+            async with asyncio.timeout(30):
+                listed = (await client.get("/api/models/list")).json()
+            assert [n["node_id"] for n in listed["nodes_unanswered"]] == [node]
+            assert listed["nodes_unanswered"][0]["unreachable"] is True
+            async with asyncio.timeout(30):
+                space = (await client.get("/api/models/space")).json()
+            by_node = {n["node_id"]: n for n in space["nodes"]}
+            assert by_node[node]["unreachable"] is True
+            answered = [n for n in space["nodes"] if n["node_id"] != node]
+            assert all(n["available_bytes"] for n in answered)
+        finally:
+            os.kill(agent, signal.SIGCONT)
+        hub.clear_faults()
+        os.kill(raylet, signal.SIGKILL)  # the node dies as a machine does
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while any(_alive(pid) for pid in (agent, zygote, worker)):
+            assert loop.time() < deadline, "a process of the dead node lives on"
+            await asyncio.sleep(0.1)
+    await asyncio.to_thread(cluster.remove_node, node)  # the cluster's own bookkeeping

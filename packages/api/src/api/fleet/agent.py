@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
+import time
 from typing import Any
 
 from api.models.backend import Peer
@@ -27,11 +29,30 @@ from api.models.manager import ModelManager
 from api.models.types import DownloadEvent, Model, ModelRequest, PruneRequest
 from api.settings import Settings
 
+# How often an agent looks whether its raylet is still its parent.
+NODE_WATCH_SECONDS = 0.5
+
+
+def die_with_the_node() -> None:
+    """Exit the agent's process as soon as its parent (the node's raylet, which started it) is
+    gone: a node killed or cut off must not keep downloading into its cache for a cluster that no
+    longer knows it (a raylet killed with kill -9 left its agent and worker writing blobs 45 s
+    later). The agent's zygote and download workers die with the agent (PR_SET_PDEATHSIG)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(NODE_WATCH_SECONDS)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="node watch", daemon=True).start()
+
 
 class NodeAgent:
     def __init__(
         self, settings: dict[str, Any], cache_dir: str | None, peer_token: str, host: str
     ) -> None:
+        die_with_the_node()
         values = dict(settings)
         if cache_dir:
             values["cache_dir"] = cache_dir

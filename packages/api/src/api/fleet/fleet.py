@@ -3,8 +3,12 @@ keeps one ``NodeAgent`` per alive node (new nodes get one within ``WATCH_SECONDS
 leaves is marked gone), fans requests out to them, and puts their answers together.
 
 Ray is imported here only: the single-node service never loads it. Each agent answers as data
-(``agent.NodeAgent.call``); a node that does not answer within ``CALL_TIMEOUT`` counts as not
-answering for that request, never as a failure of the whole request.
+(``agent.NodeAgent.call``); a node that does not answer in time counts as not answering for that
+request, never as a failure of the whole request. A read (status, list, space, plan) waits
+``MODELS_FLEET_ANSWER_SECONDS`` for each node: one that has not answered by then (its agent
+frozen, its machine overloaded, its network gone) is reported ``unreachable``, with the reason,
+and the answer comes on time without it. Work that takes its time on a node (a download's start,
+a verification, a delete, a prune) waits up to ``CALL_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from api.models.types import (
     KeptRevision,
     Model,
     ModelListItem,
+    ModelListResponse,
     ModelRequest,
     ModelStatus,
     ModelStatusResponse,
@@ -43,6 +48,7 @@ from api.models.types import (
     NodePlan,
     NodeSpace,
     NodeStatus,
+    NodeUnanswered,
     NodeVerified,
     PlanResponse,
     PrunedRevision,
@@ -89,6 +95,10 @@ class _Rollout:
 
 class NodeFailed(Exception):
     """A node did not answer (its agent died, the node left, or it was too slow)."""
+
+
+class NodeUnreachable(NodeFailed):
+    """A node did not answer within the time a request waits for it (it may still be alive)."""
 
 
 @dataclass
@@ -267,15 +277,20 @@ class Fleet:
                 chosen.append(found[0])
         return chosen
 
-    async def _call(self, agent: _Agent, method: str, payload: dict[str, Any]) -> Any:
-        """The agent's answer; ``OnNode`` for its refusal, ``NodeFailed`` when it did not answer."""
+    async def _call(
+        self, agent: _Agent, method: str, payload: dict[str, Any], wait: float | None = None
+    ) -> Any:
+        """The agent's answer; ``OnNode`` for its refusal, ``NodeFailed`` when it did not answer
+        (``NodeUnreachable`` when not within ``wait`` seconds, by default ``CALL_TIMEOUT``)."""
         if agent.gone:
             raise NodeFailed("the node left the cluster")
+        limit = CALL_TIMEOUT if wait is None else wait
         try:
-            async with asyncio.timeout(CALL_TIMEOUT):
+            async with asyncio.timeout(limit):
                 answer: dict[str, Any] = await agent.handle.call.remote(method, payload)
         except TimeoutError:
-            raise NodeFailed(f"no answer within {CALL_TIMEOUT:g} s") from None
+            setting = " (MODELS_FLEET_ANSWER_SECONDS)" if wait is not None else ""
+            raise NodeUnreachable(f"no answer within {limit:g} s{setting}: unreachable") from None
         except Exception as error:  # the actor died, the node left: Ray's own errors
             raise NodeFailed(f"{type(error).__name__}") from None
         if "error" in answer:
@@ -290,10 +305,14 @@ class Fleet:
         return answer["ok"]
 
     async def _fan_out(
-        self, agents: list[_Agent], method: str, payload: dict[str, Any]
+        self, agents: list[_Agent], method: str, payload: dict[str, Any], read: bool = False
     ) -> list[Any | BaseException]:
+        """Every agent's answer (or why it gave none), each called at once. A ``read`` waits
+        ``MODELS_FLEET_ANSWER_SECONDS`` for each node, whatever the others do."""
+        wait = self.settings.fleet_answer_seconds if read else None
         return await asyncio.gather(
-            *(self._call(agent, method, payload) for agent in agents), return_exceptions=True
+            *(self._call(agent, method, payload, wait) for agent in agents),
+            return_exceptions=True,
         )
 
     # -- the API -----------------------------------------------------------------------------
@@ -308,7 +327,7 @@ class Fleet:
         task_id = request.as_model().task_id
         if (running := self._rollouts.get(task_id)) is not None and running.waiting:
             raise DownloadConflict(task_id)
-        plans = await self._fan_out(targets, "plan_space", payload)
+        plans = await self._fan_out(targets, "plan_space", payload, read=True)
         for answer in plans:
             if isinstance(answer, OnNode) and answer.kind != HubAnswer.__name__:
                 raise answer
@@ -371,7 +390,7 @@ class Fleet:
     async def _holders(self, payload: dict[str, Any]) -> list[str]:
         """The alive nodes where the revision is DOWNLOADED (complete and verified)."""
         agents = self._targets_of(None)
-        answers = await self._fan_out(agents, "status", payload)
+        answers = await self._fan_out(agents, "status", payload, read=True)
         return [
             agent.node_id
             for agent, answer in zip(agents, answers, strict=True)
@@ -433,7 +452,9 @@ class Fleet:
             await asyncio.sleep(FOLLOW_SECONDS)
             seed = self.agents[rollout.seed]
             try:
-                answer = await self._call(seed, "status", payload)
+                answer = await self._call(
+                    seed, "status", payload, self.settings.fleet_answer_seconds
+                )
             except (NodeFailed, OnNode) as failure:
                 logger.warning("event=seed_lost node=%s reason=%s", seed.node_id[:12], failure)
                 await self._next_seed(rollout)
@@ -481,7 +502,7 @@ class Fleet:
         else:
             agents = self._targets_of(None)
         payload = request.model_dump(mode="json", exclude={"nodes"})
-        answers = await self._fan_out(agents, "status", payload)
+        answers = await self._fan_out(agents, "status", payload, read=True)
         nodes: list[NodeStatus] = []
         for agent, answer in zip(agents, answers, strict=True):
             if isinstance(answer, dict):
@@ -512,17 +533,32 @@ class Fleet:
                         status=None,
                         error_message=_unanswered(answer),
                         gone=agent.gone,
+                        unreachable=isinstance(answer, NodeUnreachable),
                     )
                 )
         return _together(model, nodes, answers)
 
     async def list_models(self) -> list[ModelListItem]:
         """Each cached revision once, with the nodes that hold it."""
+        return (await self.list_answer()).models
+
+    async def list_answer(self) -> ModelListResponse:
+        """``list_models``, and the nodes that did not answer (and why)."""
         agents = self._targets_of(None)
-        answers = await self._fan_out(agents, "list", {})
+        answers = await self._fan_out(agents, "list", {}, read=True)
         merged: dict[tuple[str, str | None], ModelListItem] = {}
+        unanswered: list[NodeUnanswered] = []
         for agent, answer in zip(agents, answers, strict=True):
             if not isinstance(answer, list):
+                unanswered.append(
+                    NodeUnanswered(
+                        node_id=agent.node_id,
+                        address=agent.address,
+                        error_message=_unanswered(answer),
+                        gone=agent.gone,
+                        unreachable=isinstance(answer, NodeUnreachable),
+                    )
+                )
                 continue
             for raw in answer:
                 item = ModelListItem.model_validate(raw)
@@ -537,12 +573,12 @@ class Fleet:
                     known.status = ModelStatus.DOWNLOADING
                 elif item.status is not ModelStatus.DOWNLOADED:
                     known.status = item.status
-        return list(merged.values())
+        return ModelListResponse(models=list(merged.values()), nodes_unanswered=unanswered or None)
 
     async def get_disk_space(self) -> DiskSpaceInfo:
         """Each node's cache and free space; the top figures are their sums."""
         agents = list(self.agents.values())
-        answers = await self._fan_out(agents, "space", {})
+        answers = await self._fan_out(agents, "space", {}, read=True)
         nodes = []
         for agent, answer in zip(agents, answers, strict=True):
             if isinstance(answer, dict):
@@ -563,6 +599,7 @@ class Fleet:
                         address=agent.address,
                         error_message=_unanswered(answer),
                         gone=agent.gone,
+                        unreachable=isinstance(answer, NodeUnreachable),
                     )
                 )
         return DiskSpaceInfo(
@@ -613,7 +650,7 @@ class Fleet:
         node's (the most to fetch, the least room), and ``fits`` holds only when every node fits."""
         agents = self._targets_of(request.nodes)
         payload = request.model_dump(mode="json", exclude={"nodes"})
-        answers = await self._fan_out(agents, "plan", payload)
+        answers = await self._fan_out(agents, "plan", payload, read=True)
         plans: list[PlanResponse] = []
         nodes: list[NodePlan] = []
         for agent, answer in zip(agents, answers, strict=True):

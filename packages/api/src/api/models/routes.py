@@ -576,7 +576,7 @@ async def list_models(manager: ManagerDep, fleet: FleetDep) -> ModelListResponse
     "refs": ["main"], "progress": null}]}`
     """
     if fleet is not None:
-        return ModelListResponse(models=await fleet.list_models())
+        return await fleet.list_answer()
     return ModelListResponse(models=await manager.list_models())
 
 

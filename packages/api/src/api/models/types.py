@@ -388,6 +388,11 @@ class NodeStatus(BaseModel):
         default=None, description="Why it is not DOWNLOADED there, or why the node did not answer"
     )
     gone: bool = Field(default=False, description="The node left the cluster")
+    unreachable: bool = Field(
+        default=False,
+        description="The node did not answer within MODELS_FLEET_ANSWER_SECONDS (why: in"
+        " error_message); the rest of the answer did not wait for it",
+    )
     waiting_for: str | None = Field(
         default=None,
         description="Not started yet: it copies the model from this node once that node has it"
@@ -460,8 +465,27 @@ class ModelListItem(BaseModel):
     )
 
 
+class NodeUnanswered(BaseModel):
+    """A node of the fleet that is not in an answer, and why."""
+
+    node_id: str
+    address: str
+    error_message: str = Field(description="Why the node did not answer")
+    gone: bool = Field(default=False, description="The node left the cluster")
+    unreachable: bool = Field(
+        default=False,
+        description="The node did not answer within MODELS_FLEET_ANSWER_SECONDS (why: in"
+        " error_message); the rest of the answer did not wait for it",
+    )
+
+
 class ModelListResponse(BaseModel):
     models: list[ModelListItem]
+    nodes_unanswered: list[NodeUnanswered] | None = Field(
+        default=None,
+        exclude_if=_none,
+        description="With a fleet: the nodes whose models are not in this list, and why",
+    )
 
 
 class DiskSpaceInfo(BaseModel):
@@ -489,6 +513,11 @@ class NodeSpace(BaseModel):
     available_bytes: int | None = None
     error_message: str | None = Field(default=None, description="Why the node did not answer")
     gone: bool = False
+    unreachable: bool = Field(
+        default=False,
+        description="The node did not answer within MODELS_FLEET_ANSWER_SECONDS (why: in"
+        " error_message); the rest of the answer did not wait for it",
+    )
 
 
 class PlanFile(BaseModel):
