@@ -526,16 +526,7 @@ class Fleet:
                         node.error_message = rollout.refused.get(agent.node_id)
                 nodes.append(node)
             else:
-                nodes.append(
-                    NodeStatus(
-                        node_id=agent.node_id,
-                        address=agent.address,
-                        status=None,
-                        error_message=_unanswered(answer),
-                        gone=agent.gone,
-                        unreachable=isinstance(answer, NodeUnreachable),
-                    )
-                )
+                nodes.append(NodeStatus(status=None, **_not_answered(agent, answer)))
         return _together(model, nodes, answers)
 
     async def list_models(self) -> list[ModelListItem]:
@@ -550,15 +541,7 @@ class Fleet:
         unanswered: list[NodeUnanswered] = []
         for agent, answer in zip(agents, answers, strict=True):
             if not isinstance(answer, list):
-                unanswered.append(
-                    NodeUnanswered(
-                        node_id=agent.node_id,
-                        address=agent.address,
-                        error_message=_unanswered(answer),
-                        gone=agent.gone,
-                        unreachable=isinstance(answer, NodeUnreachable),
-                    )
-                )
+                unanswered.append(NodeUnanswered(**_not_answered(agent, answer)))
                 continue
             for raw in answer:
                 item = ModelListItem.model_validate(raw)
@@ -593,15 +576,7 @@ class Fleet:
                     )
                 )
             else:
-                nodes.append(
-                    NodeSpace(
-                        node_id=agent.node_id,
-                        address=agent.address,
-                        error_message=_unanswered(answer),
-                        gone=agent.gone,
-                        unreachable=isinstance(answer, NodeUnreachable),
-                    )
-                )
+                nodes.append(NodeSpace(**_not_answered(agent, answer)))
         return DiskSpaceInfo(
             cache_size_bytes=sum(n.cache_size_bytes or 0 for n in nodes),
             available_bytes=sum(n.available_bytes or 0 for n in nodes),
@@ -774,6 +749,18 @@ def _ray() -> Any:
 
 def _unanswered(answer: object) -> str:
     return f"the node did not answer: {answer}"
+
+
+def _not_answered(agent: _Agent, answer: object) -> dict[str, Any]:
+    """What every per-node answer says of a node that gave none: which, why, and whether it
+    left the cluster or only missed the time a read waits for it."""
+    return {
+        "node_id": agent.node_id,
+        "address": agent.address,
+        "error_message": _unanswered(answer),
+        "gone": agent.gone,
+        "unreachable": isinstance(answer, NodeUnreachable),
+    }
 
 
 async def _cancel(rollout: _Rollout) -> None:
