@@ -88,3 +88,36 @@ async def test_workers_die_with_their_zygote(zygote: Zygote) -> None:
     assert zygote.pid not in (None, pid)
     worker.kill()
     await worker.wait()
+
+
+async def test_a_request_cancelled_at_any_moment_of_a_spawn_leaves_no_worker(
+    zygote: Zygote,
+) -> None:
+    """Cancelled at a sweep of moments, from during the fork to the connection of its pipes
+    after it (each an await, each a moment a cancel can land): no worker is left behind. Before,
+    a cancel during the pipes' connection left a forked worker waiting for ever for its job (a
+    later test found it, a download's cancel at its start left it)."""
+    first = zygote.pid
+    assert first is not None
+    returned = 0
+    loop = asyncio.get_running_loop()
+    for step in range(200):
+        request = asyncio.create_task(zygote.spawn(dict(os.environ)))
+        # A moment of the spawn, 0.2 ms later at each step, at the loop's finest grain (a sleep
+        # of that length would wait a whole scheduler tick and land past the window).
+        started = loop.time()
+        for _ in range(1_000_000):
+            if loop.time() - started >= step * 0.0002:
+                break
+            await asyncio.sleep(0)
+        request.cancel()
+        try:
+            worker = await request
+        except asyncio.CancelledError:
+            continue
+        returned += 1  # done before the cancel: the caller owns it, and ends it
+        worker.kill()
+        await worker.wait()
+        worker.stdin.close()
+    await no_children(first)
+    assert returned < 200  # some of the cancels landed during the spawn

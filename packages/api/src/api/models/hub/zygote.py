@@ -219,13 +219,21 @@ class Zygote:
             os.close(stdin_r)
             os.close(stdout_w)
         ended = self._register(session, pid, loop)
-        stdout = asyncio.StreamReader(limit=2**20)
-        await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(stdout), os.fdopen(stdout_r, "rb", 0)
-        )
-        transport, protocol = await loop.connect_write_pipe(
-            _WriteProtocol, os.fdopen(stdin_w, "wb", 0)
-        )
+        # The files own the pipes' ends from here on; connecting them awaits, and a cancel (or a
+        # failure) there must not leave the worker behind: it would wait for its job for ever,
+        # its stdin held open by this process.
+        reader, writer = os.fdopen(stdout_r, "rb", 0), os.fdopen(stdin_w, "wb", 0)
+        try:
+            stdout = asyncio.StreamReader(limit=2**20)
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdout), reader)
+            transport, protocol = await loop.connect_write_pipe(_WriteProtocol, writer)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            for pipe in (reader, writer):
+                with contextlib.suppress(OSError):
+                    pipe.close()
+            raise
         stdin = asyncio.StreamWriter(transport, protocol, None, loop)
         return ForkedWorker(pid, stdin, stdout, ended)
 
