@@ -261,23 +261,18 @@ class Folder:
         """A new, empty file ``name`` (``O_EXCL``: ``FileExistsError`` when anything has that name)."""
         return self.open(name, flags | os.O_CREAT | os.O_EXCL, mode)
 
-    def rename(self, name: str, new: str, into: Folder | None = None) -> None:
+    def rename(self, name: str, new: str) -> None:
         """Rename the entry ``name`` (whatever it is: a link is renamed, never followed) to
-        ``new`` in this folder or in ``into``, replacing what has that name."""
+        ``new`` in this folder, replacing what has that name."""
         _check_name(name)
         _check_name(new)
-        target = into if into is not None else self
-        os.rename(name, new, src_dir_fd=self.fd, dst_dir_fd=target.fd)
+        os.rename(name, new, src_dir_fd=self.fd, dst_dir_fd=self.fd)
 
     def link(self, name: str, new: str) -> None:
         """A second name ``new`` for the file ``name`` (the entry itself: never a link's target)."""
         _check_name(name)
         _check_name(new)
         os.link(name, new, src_dir_fd=self.fd, dst_dir_fd=self.fd, follow_symlinks=False)
-
-    def symlink(self, target: str, name: str) -> None:
-        _check_name(name)
-        os.symlink(target, name, dir_fd=self.fd)
 
     def chmod(self, mode: int) -> None:
         os.fchmod(self.fd, mode)
@@ -390,6 +385,13 @@ class Folder:
             yield True
         finally:
             os.close(fd)  # releases the lock
+
+    def lock_free(self, name: str) -> bool:
+        """Whether nobody holds the flock of the file ``name`` now (taken and let go at once; no
+        such file: nobody ever locked it). Opened read-only: a read-only cache works. A link in
+        its place raises ``LinkInTheWay`` (never opened)."""
+        with self.flock(name, create=False, wait=False) as free:
+            return free
 
 
 def held(folder: Folder | None) -> AbstractContextManager[Folder | None]:

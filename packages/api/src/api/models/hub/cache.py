@@ -252,9 +252,6 @@ class ModelCache:
                 recorded = self.records.read_selections(repo_id, serving)
         return self._selections(asked, recorded)
 
-    def revision_lock(self, repo_id: str, commit: str) -> Path:
-        return self.locks_folder(repo_id) / f"{commit}.download.lock"
-
     @contextlib.contextmanager
     def hold_revision(self, repo_id: str, commit: str) -> Iterator[None]:
         """Held (shared) by every download worker of the revision, from its first byte to its
@@ -271,8 +268,7 @@ class ModelCache:
         with self.locks_of(repo_id) as locks:
             if locks is None:
                 return False
-            with locks.flock(f"{commit}.download.lock", create=False, wait=False) as free:
-                return not free
+            return not locks.lock_free(f"{commit}.download.lock")
 
     def missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
         """Bytes of the plan's wanted files whose blob is not yet complete in the cache."""
@@ -338,16 +334,6 @@ class ModelCache:
                                     store.unlink(shared)
                         blobs.unlink(blob[2])
                 snapshot.unlink(leaf)
-
-    def blob_behind(self, repo_id: str, link: Path) -> Path | None:
-        """The entry of the model's ``blobs/`` a snapshot link names (one hop, not resolved
-        further: it may itself be a link into the shared store), or None."""
-        try:
-            hop = Path(os.path.normpath(link.parent / os.readlink(link)))
-        except OSError:
-            return None  # not a link (a copied file), or gone
-        blobs = self.folder(repo_id) / "blobs"
-        return hop if hop.parent == blobs else None
 
     def open_content(
         self, repo_id: str, commit: str, path: str, blob_only: bool = False
@@ -671,7 +657,7 @@ class ModelCache:
                 ):
                     continue  # the parts received so far: the next attempt goes on from them
                 # (beside its complete blob, a partial file is of no use: it goes, and its record)
-                if _lock_free(locks, f"{etag}.lock") and blobs.unlink(name):
+                if lock_free(locks, f"{etag}.lock") and blobs.unlink(name):
                     removed += 1
             if locks is not None:
                 for record in sorted(records):
@@ -697,7 +683,7 @@ class ModelCache:
                 if not entry.name.endswith(RECORD_SUFFIX):
                     continue
                 etag = entry.name.removesuffix(RECORD_SUFFIX)
-                if _lock_free(locks, f"{etag}.lock"):
+                if lock_free(locks, f"{etag}.lock"):
                     if blobs is not None:
                         blobs.unlink(f"{etag}{RANGED_SUFFIX}")
                     locks.unlink(entry.name)
@@ -814,15 +800,14 @@ def _iter_dirs(root: Path) -> Iterator[Path]:
     yield from dirs
 
 
-def _lock_free(locks: Folder | None, name: str) -> bool:
-    """Whether nobody holds the lock ``name`` (the hub client's flock) of ``locks`` now; an
-    absent folder or file: nobody ever locked it. A link in its place is never opened: then it
-    is not known to be free."""
+def lock_free(locks: Folder | None, name: str) -> bool:
+    """``Folder.lock_free`` of the lock ``name`` (the hub client's flock) of ``locks``, when
+    something is to be removed in its name: an absent folder means nobody ever locked it; a link
+    in its place, never opened, means it is not known to be free (nothing is removed)."""
     if locks is None:
         return True
     try:
-        with locks.flock(name, create=False, wait=False) as free:
-            return free
+        return locks.lock_free(name)
     except LinkInTheWay:
         return False
 

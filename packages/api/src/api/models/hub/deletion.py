@@ -84,7 +84,7 @@ class DeletePlan:
                 self.freed_bytes if self.freed_bytes is not None else _model_bytes(root, self.trees)
             )
             return own + sum(
-                _shared_size(root, h, str(self.root))
+                _shared_size(root, h)
                 for h in self.shared
                 if (refs := _references(root, h, str(self.root))) is not None
                 and refs
@@ -99,9 +99,9 @@ class DeletePlan:
         if root is None:
             return 0
         with root:
-            removed = sum(_remove_at(root, tree, self.repo_id) for tree in self.trees)
+            removed = sum(_remove_at(root, tree) for tree in self.trees)
             for entry in self.files:
-                _remove_at(root, entry, self.repo_id)
+                _remove_at(root, entry)
             for folder in self.own_folders:
                 _remove_own(root, folder)
             swept = sum(_sweep(root, h, str(self.root)) for h in self.shared)
@@ -219,11 +219,8 @@ def _refuse_busy(
             return
         busy = []
         for entry in locks.names():
-            if not entry.name.endswith(".download.lock"):
-                continue
-            with locks.flock(entry.name, create=False, wait=False) as free:
-                if not free:
-                    busy.append(blob_name(entry.name))
+            if entry.name.endswith(".download.lock") and not locks.lock_free(entry.name):
+                busy.append(blob_name(entry.name))
     hit = busy if commits is None else [c for c in busy if c in commits]
     if hit:
         raise RevisionBusy(repo_id, hit[0])
@@ -376,9 +373,10 @@ def _blob_sizes(cache: ModelCache, repo_id: str, names: set[str]) -> dict[str, t
             else:
                 assert blobs is not None
                 shared = _shared_hash(blobs, name, folder, str(cache.root))
-                if shared is None or not _store_holds(root, shared):
+                held_there = _store_entry(root, shared) if shared is not None else None
+                if held_there is None:
                     raise UnsafeCachePath(repo_id, where=f"{folder}/blobs/{name}")
-                sizes[name] = (0, _shared_size(root, shared, str(cache.root)))
+                sizes[name] = (0, held_there.st_size)
     return sizes
 
 
@@ -422,7 +420,7 @@ def _blobs_of(cache: ModelCache, repo_id: str, commit: str) -> set[str]:
     return found
 
 
-def _remove_at(root: Folder, entry: Names, repo_id: str) -> int:
+def _remove_at(root: Folder, entry: Names) -> int:
     """Remove ``entry`` (whatever it is now: a link is removed as a link); the bytes of the
     regular files removed. A link on the way to it raises ``LinkInTheWay`` (nothing through it
     is touched)."""
@@ -519,23 +517,20 @@ def _references(root: Folder, xet_hash: str, root_path: str) -> set[Names] | Non
     return found
 
 
-def _store_holds(root: Folder, xet_hash: str) -> bool:
-    """Whether the library's store holds ``xet_hash`` as a regular file."""
+def _store_entry(root: Folder, xet_hash: str) -> os.stat_result | None:
+    """The ``lstat`` of the library's store's blob ``xet_hash`` when it holds it as a regular
+    file, else None."""
     prefix = _store_prefix(root, xet_hash)
     if prefix is None:
-        return False
+        return None
     with prefix:
         info = prefix.lstat(xet_hash)
-    return info is not None and stat.S_ISREG(info.st_mode)
+    return info if info is not None and stat.S_ISREG(info.st_mode) else None
 
 
-def _shared_size(root: Folder, xet_hash: str, root_path: str) -> int:
-    prefix = _store_prefix(root, xet_hash)
-    if prefix is None:
-        return 0
-    with prefix:
-        info = prefix.lstat(xet_hash)
-    return info.st_size if info is not None and stat.S_ISREG(info.st_mode) else 0
+def _shared_size(root: Folder, xet_hash: str) -> int:
+    info = _store_entry(root, xet_hash)
+    return info.st_size if info is not None else 0
 
 
 def _sweep(root: Folder, xet_hash: str, root_path: str) -> int:

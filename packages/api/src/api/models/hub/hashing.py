@@ -6,8 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 _HASH_CHUNK = 8 * 1024 * 1024
 
@@ -24,38 +23,17 @@ def new_digest(etag: str, size: int) -> Any:
 
 
 def descriptor_matches(fd: int, etag: str, on_bytes: Callable[[int], None] | None = None) -> bool:
-    """``content_matches`` for a file already open (``fd``, read from its start, then closed):
-    what the cache's anchored opening (``ModelCache.open_content``) gives."""
+    """Whether the content of a file already open (``fd``, read from its start, then closed:
+    what the cache's anchored opening, ``ModelCache.open_content``, gives) hashes to ``etag``:
+    sha256 for a 64-hex ETag (LFS/Xet files), the git blob id (sha1 of ``blob <size>\\0`` +
+    content) for a 40-hex one (regular files)."""
     with os.fdopen(fd, "rb") as source:
         size = os.fstat(source.fileno()).st_size
         digest = new_digest(etag.lower(), size)
         if digest is None:
-            return False
-        return _digest_of(source, digest, on_bytes) == etag.lower()
-
-
-def _digest_of(source: BinaryIO, digest: Any, on_bytes: Callable[[int], None] | None) -> str:
-    while chunk := source.read(_HASH_CHUNK):
-        digest.update(chunk)  # hashlib releases the GIL on large buffers
-        if on_bytes is not None:
-            on_bytes(len(chunk))
-    return str(digest.hexdigest())
-
-
-def content_matches(path: Path, etag: str, on_bytes: Callable[[int], None] | None = None) -> bool:
-    """Whether the file's content hashes to ``etag``: sha256 for a 64-hex ETag (LFS/Xet files),
-    the git blob id (sha1 of ``blob <size>\\0`` + content) for a 40-hex one (regular files)."""
-    etag = etag.lower()
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return False  # gone (another process sharing the cache discarded it): not a match
-    digest = new_digest(etag, size)
-    if digest is None:
-        return False  # not an ETag the Hub serves: cannot be vouched for
-    try:
-        source = path.open("rb")
-    except FileNotFoundError:
-        return False
-    with source:
-        return _digest_of(source, digest, on_bytes) == etag
+            return False  # not an ETag the Hub serves: cannot be vouched for
+        while chunk := source.read(_HASH_CHUNK):
+            digest.update(chunk)  # hashlib releases the GIL on large buffers
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+        return bool(digest.hexdigest() == etag.lower())

@@ -5,8 +5,9 @@ download path of another node can copy from it as from the Hub (``ranged.fetch_l
 
 It answers only the fleet: a request without the fleet's secret (``Authorization: Bearer``) gets
 a 401, whatever it asks. It names revisions by commit only (a peer never decides what a branch
-means), serves only what ``ModelCache.servable_blob`` vouches for (a link of a snapshot to a blob
-named by an ETag, inside the cache), and writes nothing. Anything else is a 404.
+means), serves only what ``ModelCache.open_content(..., blob_only=True)`` opens (a snapshot's
+link to a blob named by an ETag, inside the cache, reached without following any other link),
+and writes nothing. Anything else is a 404.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ from huggingface_hub.utils._runtime import is_xet_available
 from api.models.anchored import Folder, LinkInTheWay
 from api.models.backend import Peer, RemoteFile
 from api.models.errors import DownloadFailed, FailureKind
-from api.models.hub.cache import RANGED_SUFFIX, RECORD_SUFFIX
+from api.models.hub.cache import RANGED_SUFFIX, RECORD_SUFFIX, lock_free
 from api.models.hub.guard import Limits
 from api.models.hub.hashing import new_digest
 from api.models.hub.throttle import LIMITER
@@ -457,13 +457,9 @@ def _drop_kept(entry: RemoteFile, blobs: Folder, locks: Folder) -> None:
 
 
 def _drop_if_free(etag: str, blobs: Folder, locks: Folder) -> None:
-    try:
-        with locks.flock(f"{etag}.lock", create=False, wait=False) as free:
-            if free:
-                blobs.unlink(partial_name(etag))
-                locks.unlink(record_name(etag))
-    except LinkInTheWay:
-        return  # a link in place of the lock: never opened, and nothing removed
+    if lock_free(locks, f"{etag}.lock"):
+        blobs.unlink(partial_name(etag))
+        locks.unlink(record_name(etag))
 
 
 class Prefix:
