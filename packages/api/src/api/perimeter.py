@@ -38,6 +38,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+MAX_OWN_ORIGINS = 64  # the addresses and names the service notes as its own
 # Parameter names whose values are secrets, wherever they appear in a query string.
 SECRET_NAME = re.compile(r"key|token|secret|passw|auth|signature|credential|session", re.I)
 
@@ -160,11 +161,15 @@ class Perimeter:
         found: list[tuple[str, int]] = []
         server = scope.get("server")
         if server and server[1] is not None:
+            # The socket's own address (as many as the machine has), and the name the request
+            # used when it is a name (an address is the socket's already; any address is allowed
+            # as a Host, so a client could otherwise grow this set, and every worker's job, at
+            # will). At most ``MAX_OWN_ORIGINS`` in all.
             found.append((str(server[0]), int(server[1])))
-            if host:
+            if host and not _is_address(host_name(host)):
                 found.append((host_name(host), int(server[1])))
         for origin in found:
-            if origin not in self._seen:
+            if origin not in self._seen and len(self._seen) < MAX_OWN_ORIGINS:
                 self._seen.add(origin)
                 self.on_origin(*origin)
 

@@ -137,3 +137,18 @@ def test_the_access_log_filter_hides_query_secrets() -> None:
     assert redact("/x?api_key=abc&limit=5") == "/x?api_key=***&limit=5"
     assert redact("/x?q=the-configured-key-123456") == "/x?q=***"
     assert redact("/x?access_token=t&Authorization=b") == "/x?access_token=***&Authorization=***"
+
+
+async def test_the_addresses_noted_as_the_service_own_stay_bounded(
+    asgi: httpx.AsyncClient,
+) -> None:
+    """Any IP address is an allowed Host: a client naming thousands of them must not grow what
+    the service notes as its own (each worker's job carries it)."""
+    from api.models.hub import guard
+
+    for n in range(300):
+        await asgi.get("/api/health", headers={"Host": f"10.9.{n // 256}.{n % 256}:8000"})
+    await asgi.get("/api/health", headers={"Host": "localhost:8000"})
+    noted = guard.own_origins()
+    assert not any(host.startswith("10.9.") for host, _ in noted)
+    assert ("localhost", 8000) in noted
