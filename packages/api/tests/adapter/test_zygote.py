@@ -5,7 +5,9 @@ known on the loop that asked for it."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
+import warnings
 from collections.abc import AsyncIterator
 
 import pytest
@@ -121,3 +123,8 @@ async def test_a_request_cancelled_at_any_moment_of_a_spawn_leaves_no_worker(
         worker.stdin.close()
     await no_children(first)
     assert returned < 200  # some of the cancels landed during the spawn
+    # Nor a pipe left open: a transport of a cancelled spawn, unclosed, warns when collected.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []

@@ -223,13 +223,19 @@ class Zygote:
         # failure) there must not leave the worker behind: it would wait for its job for ever,
         # its stdin held open by this process.
         reader, writer = os.fdopen(stdout_r, "rb", 0), os.fdopen(stdin_w, "wb", 0)
+        stdout_transport: asyncio.BaseTransport | None = None
         try:
             stdout = asyncio.StreamReader(limit=2**20)
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdout), reader)
+            stdout_transport, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(stdout), reader
+            )
             transport, protocol = await loop.connect_write_pipe(_WriteProtocol, writer)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+            # asyncio closes a transport whose own connection failed; one already made is ours.
+            if stdout_transport is not None:
+                stdout_transport.close()
             for pipe in (reader, writer):
                 with contextlib.suppress(OSError):
                     pipe.close()
