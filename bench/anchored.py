@@ -1,6 +1,7 @@
 """The cost of anchored file operations (issue 27): delete and prune of a 300-file model and of a
-model with 1000 revisions, by the code before the change (paths) and after it (descriptors), in
-the same run, on the same machine.
+model with 1000 revisions, and the listing of 10,000 cached models (its file lists, records and
+locks are read through descriptors too), by the code before the change (paths) and after it
+(descriptors), in the same run, on the same machine.
 
 "Before" is the commit that preceded the change (``BENCH_BEFORE``, default ``ccb00b3``), checked
 out as a git worktree under ``bench/.data`` and imported in processes of its own; "after" is this
@@ -54,14 +55,24 @@ def write_revision(cache: Path, repo: str, commit: str, files: dict[str, bytes])
 
 
 def build(kind: str, cache: Path) -> None:
+    if kind == "models" and (cache / f".built-{LISTED}").exists():
+        return  # listing changes nothing: built once, kept in bench/.data
     shutil.rmtree(cache, ignore_errors=True)
-    if kind == "300-file":
+    if kind == "models":
+        for i in range(LISTED):
+            files = {"config.json": b'{"i": %d}' % i, "w.bin": b"w" * 64}
+            write_revision(cache, f"bench/m{i:05d}", C(i + 1), files)
+        (cache / f".built-{LISTED}").touch()
+    elif kind == "300-file":
         files = {f"shard/{i:03d}.bin": os.urandom(4096) for i in range(300)}
         write_revision(cache, "bench/many", C(1), files)
     else:
         shared = {"a.bin": b"a" * 4096, "b.bin": b"b" * 4096}
         for n in range(1, 1001):
             write_revision(cache, "bench/revs", C(n), {**shared, "config.json": b'{"n": %d}' % n})
+
+
+LISTED = 10_000
 
 
 def operate(operation: str, cache: Path) -> float:
@@ -71,7 +82,9 @@ def operate(operation: str, cache: Path) -> float:
 
     model = ModelCache(cache)
     started = time.perf_counter()
-    if operation == "delete model (300 files)":
+    if operation == f"list {LISTED:,} models":
+        assert len(model.list_cached()) == LISTED
+    elif operation == "delete model (300 files)":
         assert deletion.delete(model, "bench/many", None)
     elif operation == "delete model (1000 revisions)":
         assert deletion.delete(model, "bench/revs", None)
@@ -94,6 +107,7 @@ def operate(operation: str, cache: Path) -> float:
 
 
 OPERATIONS = {
+    f"list {LISTED:,} models": "models",
     "delete model (300 files)": "300-file",
     "delete model (1000 revisions)": "1000-revision",
     "delete one revision of 1000": "1000-revision",
@@ -117,10 +131,11 @@ def before_tree() -> Path:
 
 def measure(source: Path, operation: str) -> float:
     """Median of RUNS fresh caches, in a process importing ``api`` from ``source``."""
-    cache = DATA / "anchored-cache"
+    kind = OPERATIONS[operation]
+    cache = DATA / ("anchored-models" if kind == "models" else "anchored-cache")
     times = []
     for _ in range(RUNS):
-        build(OPERATIONS[operation], cache)
+        build(kind, cache)
         os.sync()  # the cache just written is on disk: no writeback in the timing
         out = subprocess.run(
             [sys.executable, __file__, "--one", operation, str(cache)],
@@ -130,7 +145,8 @@ def measure(source: Path, operation: str) -> float:
             text=True,
         )
         times.append(float(out.stdout.strip()))
-    shutil.rmtree(cache, ignore_errors=True)
+    if kind != "models":
+        shutil.rmtree(cache, ignore_errors=True)
     return statistics.median(times)
 
 

@@ -218,10 +218,17 @@ class Folder:
             return None
         try:
             data = bytearray()
-            while chunk := os.read(fd, limit + 1 - len(data)):
+            # What fstat says is there, and one byte more (a file that grew meanwhile is still
+            # bounded): one read for a file that holds still. Never a read of ``limit`` bytes at
+            # once: each allocates a buffer of that size (256 MiB for a file list).
+            step = min(limit + 1, os.fstat(fd).st_size + 1)
+            while chunk := os.read(fd, step):
                 data += chunk
                 if len(data) > limit:
                     raise ValueError(f"{self._child_where(name)} is larger than {limit} bytes")
+                if len(chunk) < step:
+                    break  # a short read: the end of the file
+                step = min(limit + 1 - len(data), 1024 * 1024)
             return bytes(data)
         finally:
             os.close(fd)

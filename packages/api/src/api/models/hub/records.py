@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 SELECTION_FORMAT_VERSION = 1
 MAX_RECORDED_SELECTIONS = 32
 MAX_RECORD_BYTES = 1024 * 1024  # a journal names at most 1000 files; a selection 32 x 64 patterns
+UNREADABLE_JOURNAL: tuple[str, list[str]] = (
+    "the revision's verification journal is unreadable",
+    [],
+)
 
 # The model's folder under ``.locks`` (``ModelCache.locks_of``): (repo id, create) -> the open
 # folder, or None when it does not exist.
@@ -66,22 +70,28 @@ class RevisionRecords:
 
     def read_unverified(self, repo_id: str, commit: str) -> tuple[str, list[str]] | None:
         """(reason, files known bad) when the revision is marked unverified, else None."""
-        unreadable: tuple[str, list[str]] = (
-            "the revision's verification journal is unreadable",
-            [],
-        )
         try:
             with self.locks_of(repo_id, False) as locks:
-                raw = locks.read(unverified_name(commit), MAX_RECORD_BYTES) if locks else None
+                return self.unverified_in(locks, repo_id, commit)
+        except OSError as error:  # a link in place of the model's folder: never followed
+            logger.warning("unreadable verification journal of %s@%s: %s", repo_id, commit, error)
+            return UNREADABLE_JOURNAL
+
+    def unverified_in(
+        self, locks: Folder | None, repo_id: str, commit: str
+    ) -> tuple[str, list[str]] | None:
+        """``read_unverified`` from the model's locks folder, already open."""
+        try:
+            raw = locks.read(unverified_name(commit), MAX_RECORD_BYTES) if locks else None
             if raw is None:
                 return None
             data = json.loads(raw.decode("utf-8"))
         except (OSError, ValueError) as error:
             # A link in its place (never followed), a huge or broken file: not known good.
             logger.warning("unreadable verification journal of %s@%s: %s", repo_id, commit, error)
-            return unreadable
+            return UNREADABLE_JOURNAL
         if not isinstance(data, dict):
-            return unreadable
+            return UNREADABLE_JOURNAL
         files = [f for f in data.get("files") or [] if isinstance(f, str) and not path_problem(f)]
         # The file is in the cache, which others can write: its text reaches status answers, so
         # it is bounded.
@@ -93,12 +103,13 @@ class RevisionRecords:
         """The selections the revision's downloads recorded (none when none did)."""
         try:
             with self.locks_of(repo_id, False) as locks:
-                return self._read_selections(locks, commit)
+                return self.selections_in(locks, commit)
         except LinkInTheWay as error:
             logger.warning("ignoring the selection record of %s@%s: %s", repo_id, commit, error)
             return ()
 
-    def _read_selections(self, locks: Folder | None, commit: str) -> tuple[FileSelection, ...]:
+    def selections_in(self, locks: Folder | None, commit: str) -> tuple[FileSelection, ...]:
+        """``read_selections`` from the model's locks folder, already open."""
         try:
             raw = locks.read(selection_name(commit), MAX_RECORD_BYTES) if locks else None
             if raw is None:
@@ -122,7 +133,7 @@ class RevisionRecords:
             # Read, add, replace, under a lock: two processes sharing the cache may finish
             # downloads of one revision at once, and neither selection may be lost.
             with locks.flock(selection_lock_name(commit)):
-                recorded = self._read_selections(locks, commit)
+                recorded = self.selections_in(locks, commit)
                 if selection.is_everything:
                     merged: tuple[FileSelection, ...] = (selection,)  # covers the others
                 elif selection in recorded or any(s.is_everything for s in recorded):
