@@ -5,6 +5,7 @@ each test starts with them empty."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -47,7 +48,22 @@ def pytest_runtest_makereport(
     report = yield
     if report.failed and _LOG:
         report.sections.append(("Ray cluster log (last lines)", log_tail(_LOG[-1], 60)))
+        report.sections.append(("the nodes' peer hand-overs", _peer_lines(_LOG[-1].parent)))
     return report
+
+
+def _peer_lines(root: Path, most: int = 40) -> str:
+    """What the download workers said of their peers (a peer that could not serve a file, or
+    served other content): in the nodes' worker logs, which a test's own output does not hold."""
+    found = []
+    for log in sorted(root.glob("ray/session_*/logs/*.err")):
+        with contextlib.suppress(OSError):
+            found += [
+                f"{log.name}: {line}"
+                for line in log.read_text(errors="replace").splitlines()
+                if line.startswith("peer ")
+            ]
+    return "\n".join(found[-most:]) or "(none)"
 
 
 @pytest.fixture(autouse=True)
