@@ -33,6 +33,7 @@ from api.models.hub.zygote import Zygote
 from api.models.manager import ModelManager
 from api.models.routes import model_error_handler
 from api.models.routes import router as models_router
+from api.models.service import ModelService
 from api.models.types import REPO_JSON_PATTERN, REVISION_JSON_PATTERN
 from api.perimeter import AllowedHosts, Perimeter, RedactQuery
 from api.settings import Settings
@@ -213,18 +214,22 @@ def create_app(
         metrics = ServiceMetrics(model_manager)
         model_manager.events.add_listener(log_event)
         model_manager.events.add_listener(metrics.on_event)
-        app.state.model_manager = model_manager
         app.state.metrics = metrics
+        app.state.model_manager = model_manager
         app.state.keys = Keys.of(model_manager.settings)
         warn_if_open(model_manager.settings)
         logger.info("model cache at %s", model_manager.backend.cache_path)
         await model_manager.start()
         app.state.fleet = None
+        in_use: ModelService = model_manager
         if model_manager.settings.ray_address:
             from api.fleet.fleet import Fleet  # Ray is loaded for a fleet only
 
-            app.state.fleet = Fleet(model_manager.settings, bus=model_manager.events)
+            # The nodes' events come on the manager's bus, with their node: one stream.
+            app.state.fleet = in_use = Fleet(model_manager.settings, bus=model_manager.events)
             await app.state.fleet.start()
+        # What the routes, the page and the metrics act on: never chosen again.
+        app.state.service = metrics.service = in_use
         # The server waits for open responses before it runs the shutdown below, and an event
         # stream never ends by itself: end the streams on the stop signal itself.
         restore = on_stop_signal(model_manager.events.close)

@@ -10,7 +10,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.models.manager import ModelManager
+from api.models.service import ModelService
 from api.models.types import DownloadEvent, DownloadEventType
 
 _ENDED = {
@@ -21,8 +21,8 @@ _ENDED = {
 
 
 class ServiceMetrics:
-    def __init__(self, manager: ModelManager) -> None:
-        self.manager = manager
+    def __init__(self, service: ModelService) -> None:
+        self.service = service  # the one in use: the manager, or the fleet (its gauges sum nodes)
         self.registry = CollectorRegistry()
         r = self.registry
         self.active = Gauge("models_active_downloads", "Downloads running now", registry=r)
@@ -43,10 +43,17 @@ class ServiceMetrics:
             "The cap on all downloads together (0: none)",
             registry=r,
         )
-        self.cache_size = Gauge("models_cache_size_bytes", "Bytes in the cache", registry=r)
-        self.free = Gauge(
-            "models_cache_free_bytes", "Free bytes on the cache's filesystem", registry=r
+        self.cache_size = Gauge(
+            "models_cache_size_bytes", "Bytes in the cache (a fleet: every node's)", registry=r
         )
+        self.free = Gauge(
+            "models_cache_free_bytes",
+            "Free bytes on the cache's filesystem (a fleet: the sum over its nodes)",
+            registry=r,
+        )
+        # With a fleet, the same gauges per node (registered at the first fleet figures, so that
+        # one machine's metrics are unchanged); the totals above are their sums.
+        self.node_gauges: dict[str, Gauge] = {}
         self.latency = Histogram(
             "http_request_duration_seconds",
             "Time to answer HTTP requests, by route",
@@ -106,15 +113,42 @@ class ServiceMetrics:
             )
         return self.node_bytes
 
+    def _node_gauge(self, name: str, help_text: str) -> Gauge:
+        gauge = self.node_gauges.get(name)
+        if gauge is None:
+            gauge = Gauge(name, help_text, ["node"], registry=self.registry)
+            self.node_gauges[name] = gauge
+        return gauge
+
     async def render(self) -> bytes:
-        """The metrics text, with the gauges read now."""
-        running, queued = self.manager.counts()
-        self.active.set(running)
-        self.queued.set(queued)
-        self.bandwidth.set(self.manager.bandwidth().max_bytes_per_second or 0)
-        space = await self.manager.get_disk_space()
-        self.cache_size.set(space.cache_size_bytes)
-        self.free.set(space.available_bytes)
+        """The metrics text, with the gauges read now (in a fleet: from every node that answers
+        within MODELS_FLEET_ANSWER_SECONDS; one that does not is counted in
+        ``models_nodes_unanswered``)."""
+        figures = await self.service.figures()
+        total = figures.total
+        self.active.set(total.running)
+        self.queued.set(total.queued)
+        self.bandwidth.set(total.cap or 0)
+        self.cache_size.set(total.cache_bytes)
+        self.free.set(total.free_bytes)
+        if figures.nodes or figures.unanswered:
+            per_node = (
+                ("models_node_active_downloads", "Downloads running now on each node", "running"),
+                ("models_node_queued_downloads", "Downloads waiting on each node", "queued"),
+                ("models_node_cache_size_bytes", "Bytes in each node's cache", "cache_bytes"),
+                ("models_node_cache_free_bytes", "Free bytes on each node's cache", "free_bytes"),
+            )
+            for name, help_text, attribute in per_node:
+                gauge = self._node_gauge(name, help_text)
+                gauge.clear()  # a node that left or did not answer is not shown with old figures
+                for node, node_figures in figures.nodes.items():
+                    gauge.labels(node).set(getattr(node_figures, attribute))
+            self._node_gauge(
+                "models_nodes_unanswered",
+                "1 for each node that did not answer this scrape in time",
+            ).clear()
+            for node in figures.unanswered:
+                self.node_gauges["models_nodes_unanswered"].labels(node).set(1)
         return generate_latest(self.registry)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from api.models.hub.throttle import BURST_SECONDS
 from api.settings import Settings
 from fakehub import FakeHub, Generated, RepoBuilder, trickle
 from fakehub.raycluster import RayCluster
@@ -400,3 +401,100 @@ async def test_a_node_that_stops_answering_costs_a_line_not_a_minute(
             assert loop.time() < deadline, "a process of the dead node lives on"
             await asyncio.sleep(0.1)
     await asyncio.to_thread(cluster.remove_node, node)  # the cluster's own bookkeeping
+
+
+def _on_disk_bytes(cache: Path) -> int:
+    """Bytes a node has written for org/model (allocated: a file being written is sparse)."""
+    folder = cache / "models--org--model"
+    return sum(p.lstat().st_blocks * 512 for p in folder.rglob("*") if p.is_file())
+
+
+async def test_downloads_events_bandwidth_metrics_and_updates_cover_every_node(
+    fleet_settings: Settings, hub: FakeHub, repos: RepoBuilder, node_caches: list[Path]
+) -> None:
+    """Each endpoint of the service acts on every node (before: /downloads, /updates, both
+    bandwidth routes and the metrics' gauges answered for the head's local manager only)."""
+    size = 24 * MB
+    repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(size, seed=84)})
+    async with app_and_client(fleet_settings) as (app, client):
+        ids = await node_ids(client)
+        # One node has it (from the Hub, uncapped); then a cap of 4 MB/s set on the running
+        # fleet holds for the two nodes that copy it from that one: 6 s each.
+        seed, copiers = ids[0], ids[1:]
+        body = {**BODY, "nodes": [seed]}
+        assert (await client.post("/api/models/download", json=body)).status_code == 202
+        assert (await wait_for_status(client, BODY, FINAL))["status"] == "DOWNLOADED"
+        cap = 4 * MB
+        capped = await client.put(
+            "/api/models/settings/bandwidth", json={"max_bytes_per_second": cap}
+        )
+        assert capped.json()["per_node"] is True
+        assert capped.json()["max_bytes_per_second"] == cap
+        with app.state.service.events.subscribe(None) as queue:
+            assert (await client.post("/api/models/download", json=BODY)).status_code == 202
+
+            def both_copy(answer: dict[str, Any]) -> bool:
+                by_node = {n["node_id"]: n for n in answer.get("nodes") or []}
+                return all(
+                    ((by_node.get(n, {}).get("progress") or {}).get("transferred_bytes") or 0) > 0
+                    for n in copiers
+                )
+
+            await status_until(client, both_copy)
+            # GET /downloads: the download once, with each node that runs it.
+            listed = (await client.get("/api/models/downloads")).json()
+            [running] = listed["downloads"]
+            assert running["model"]["hf_repo"] == "org/model"
+            assert sorted(
+                n["node_id"] for n in running["nodes"] if n["status"] == "DOWNLOADING"
+            ) == sorted(copiers), running
+            # The shares: each node's download has the whole cap of its node.
+            shares = (await client.get("/api/models/settings/bandwidth")).json()
+            assert sorted((d["node_id"], d["bytes_per_second"]) for d in shares["downloads"]) == [
+                (n, cap) for n in sorted(copiers)
+            ]
+            # The metrics' gauges: every node's, and their sums.
+            metrics = (await client.get("/metrics")).text
+            assert "models_active_downloads 2.0" in metrics
+            for node in copiers:
+                assert f'models_node_active_downloads{{node="{node}"}} 1.0' in metrics
+            assert f'models_node_active_downloads{{node="{seed}"}} 0.0' in metrics
+            # A lower cap, set while they copy, slows every node's copy at once (bytes on disk).
+            lower = 256 * 1024
+            loop = asyncio.get_running_loop()
+            before = [_on_disk_bytes(cluster_cache) for cluster_cache in node_caches]
+            began = loop.time()
+            lowered = await client.put(
+                "/api/models/settings/bandwidth", json={"max_bytes_per_second": lower}
+            )
+            assert sorted(d["bytes_per_second"] for d in lowered.json()["downloads"]) == [lower] * 2
+            await asyncio.sleep(2.0)  # a while under the lower cap
+            after = [_on_disk_bytes(cluster_cache) for cluster_cache in node_caches]
+            elapsed = loop.time() - began
+            slack = 2 * (cap * BURST_SECONDS + 4 * 256 * 1024 + 64 * 1024)
+            grown = [b - a for a, b in zip(before, after, strict=True)]
+            # At 4 MB/s, 2 s would have written 8 MB on each copying node.
+            assert all(g <= lower * elapsed + slack for g in grown), (grown, elapsed)
+            lifted = await client.put(
+                "/api/models/settings/bandwidth", json={"max_bytes_per_second": 0}
+            )
+            assert lifted.json()["max_bytes_per_second"] is None
+            final = await wait_for_status(client, BODY, FINAL, seconds=90)
+            assert final["status"] == "DOWNLOADED", final
+            seen = [queue.get_nowait() for _ in range(queue.qsize())]
+        # The event stream's bus: each copying node's download, with its node.
+        started = {e.node_id for e in seen if e.type == "started"}
+        completed = {e.node_id for e in seen if e.type == "completed"}
+        assert started == completed == set(copiers), seen
+        assert not (await client.get("/api/models/downloads")).json()["downloads"]
+        # GET /updates: the Hub's main moved: every node's cached main says so, once.
+        old = final["commit"]
+        new = repos.commit(
+            "org/model", {"config.json": '{"v": 2}', "w.bin": Generated(size, seed=84)}
+        )
+        updates = (await client.get("/api/models/updates", params={"refresh": "true"})).json()
+        [entry] = updates["models"]
+        assert (entry["cached_commit"], entry["hub_commit"]) == (old, new)
+        assert entry["update_available"] is True
+        assert sorted(entry["nodes"]) == sorted(ids)
+        assert entry["bytes_to_download"] == len('{"v": 2}')

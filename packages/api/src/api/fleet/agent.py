@@ -2,9 +2,11 @@
 
 It is created by ``Fleet`` pinned to its node (a hard node-affinity strategy), with the service's
 settings less the node's own (the cache folder, from the node's environment or its Ray label
-``models-cache``; the state folder beside it). Every request crosses as JSON-ready data, and every
-``ModelError`` comes back as data (``{"error": {...}}``): an exception with its own constructor
-would not survive Ray's pickling intact, and the service must answer with the right status.
+``models-cache``; the state folder beside it). It has one method per operation of the service
+(``api.models.service.ModelService``), each taking and returning the API's own types; a
+``ModelError`` the node's manager raises comes back as a value, ``Refusal`` (the error itself,
+which pickles intact), so that the service answers with that error's status and words, and a
+refusal costs no traceback.
 
 Each agent also serves its node's complete blobs to the other nodes (``PeerServer``, on the node's
 address in the cluster, answering only the fleet's secret), so that a model crosses the uplink
@@ -18,16 +20,37 @@ import contextlib
 import os
 import threading
 import time
-from typing import Any
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from api.models.backend import Peer
-from api.models.errors import HubAnswer, ModelError
+from api.models.errors import ModelError
 from api.models.hub.adapter import HubCacheBackend
 from api.models.hub.cache import ModelCache
 from api.models.hub.peers import PeerServer
 from api.models.manager import ModelManager
-from api.models.types import DownloadEvent, Model, ModelRequest, PruneRequest
+from api.models.service import ServiceFigures
+from api.models.types import (
+    BandwidthResponse,
+    DeleteResponse,
+    DiskSpaceInfo,
+    DownloadEvent,
+    DownloadListResponse,
+    DownloadStartedResponse,
+    Model,
+    ModelListResponse,
+    ModelRequest,
+    ModelStatusResponse,
+    PlanResponse,
+    PruneRequest,
+    PruneResponse,
+    UpdatesResponse,
+    VerifyResponse,
+)
 from api.settings import Settings
+
+_T = TypeVar("_T")
 
 # How often an agent looks whether its raylet is still its parent.
 NODE_WATCH_SECONDS = 0.5
@@ -48,6 +71,30 @@ def die_with_the_node() -> None:
     threading.Thread(target=watch, name="node watch", daemon=True).start()
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """The node's service refused: the ``ModelError`` it raised, as it raised it."""
+
+    error: ModelError
+
+
+async def refusing(work: Awaitable[_T]) -> _T | Refusal:
+    try:
+        return await work
+    except ModelError as error:
+        return Refusal(error)
+
+
+@dataclass(frozen=True)
+class NodeModelStatus:
+    """A model's status on the node, and what its last download fetched from the Hub and from
+    peers (still known once it ended, when the status no longer has a progress)."""
+
+    status: ModelStatusResponse
+    from_hub_bytes: int | None
+    from_peers_bytes: int | None
+
+
 class NodeAgent:
     def __init__(
         self, settings: dict[str, Any], cache_dir: str | None, peer_token: str, host: str
@@ -62,14 +109,15 @@ class NodeAgent:
         self.settings = Settings(**values)
         self.manager: ModelManager | None = None
         self.peers = PeerServer(ModelCache(self.settings.cache_dir), peer_token, host)
-        # What each download fetched, from the Hub and from peers (its last event's figures):
-        # still known once it ended, when its status no longer has a progress.
-        self.fetched: dict[str, dict[str, int]] = {}
+        # What each download fetched, from the Hub and from peers (its last event's figures).
+        self.fetched: dict[str, tuple[int, int]] = {}
 
-    async def start(self) -> dict[str, str]:
-        """Start the manager (it resumes what this node's job store kept) and the blob server;
-        say where the cache is and where its blobs are served."""
-        await self._manager()
+    async def start(self, bandwidth: int | None = None) -> dict[str, str]:
+        """Start the manager (it resumes what this node's job store kept) with the fleet's
+        bandwidth cap now, and the blob server; say where the cache and the blobs are."""
+        manager = await self._manager()
+        if manager.bandwidth().max_bytes_per_second != bandwidth:
+            manager.set_bandwidth(bandwidth)
         if not self.peers.url:
             await self.peers.start()
         return {"cache_path": str(self.settings.cache_dir), "peer_url": self.peers.url}
@@ -84,27 +132,7 @@ class NodeAgent:
     def _remember(self, event: DownloadEvent) -> None:
         if event.progress is not None and event.progress.transferred_bytes is not None:
             peers = event.progress.from_peers_bytes or 0
-            self.fetched[event.task_id] = {
-                "hub": event.progress.transferred_bytes - peers,
-                "peers": peers,
-            }
-
-    async def _events(
-        self, manager: ModelManager, after: int | None, wait: float
-    ) -> list[dict[str, Any]]:
-        """The events after ``after`` (a ``seq`` of this agent's), or, when there are none yet,
-        those that come within ``wait`` seconds."""
-        with manager.events.subscribe(after) as queue:
-            if queue.empty():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        first = await manager.events.next(queue)
-                        if first is not None:
-                            queue.put_nowait(first)
-            found = []
-            while not queue.empty():
-                found.append(queue.get_nowait().model_dump(mode="json"))
-            return found
+            self.fetched[event.task_id] = (event.progress.transferred_bytes - peers, peers)
 
     async def stop(self) -> None:
         await self.peers.stop()
@@ -112,66 +140,68 @@ class NodeAgent:
             await self.manager.shutdown()
             self.manager = None
 
-    async def call(self, method: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """``{"ok": answer}``, or ``{"error": {"kind", "message", "retry_after"}}``."""
-        manager = await self._manager()
-        try:
-            return {"ok": await self._answer(manager, method, payload)}
-        except ModelError as error:
-            retry_after = getattr(error, "retry_after", None)
-            failure = error.kind.value if isinstance(error, HubAnswer) else None
-            return {
-                "error": {
-                    "kind": type(error).__name__,
-                    "message": str(error),
-                    "retry_after": retry_after if isinstance(retry_after, (int, float)) else None,
-                    "failure": failure,
-                }
-            }
+    # -- one method per operation ------------------------------------------------------------
 
-    async def _answer(self, manager: ModelManager, method: str, payload: dict[str, Any]) -> Any:
-        if method == "download":
-            request = ModelRequest.model_validate(payload["request"])
-            peers = tuple(Peer(str(p["url"]), str(p["token"])) for p in payload["peers"])
-            model = request.as_model()
-            self.fetched.pop(model.task_id, None)
-            started = await manager.add_model(model, request.selection, peers)
-            return started.model_dump(mode="json")
-        if method == "events":
-            return await self._events(manager, payload.get("after"), float(payload["wait"]))
-        if method == "plan":
-            request = ModelRequest.model_validate(payload)
-            planned = await manager.plan_model(request.as_model(), request.selection)
-            return planned.model_dump(mode="json")
-        if method == "verify":
-            verified = await manager.verify_model(Model.model_validate(payload))
-            return verified.model_dump(mode="json")
-        if method == "prune":
-            asked = PruneRequest.model_validate(payload["request"])
-            pruned = await manager.prune(asked, force=bool(payload.get("force")))
-            return pruned.model_dump(mode="json")
-        if method == "plan_space":
-            request = ModelRequest.model_validate(payload)
-            plan = await manager.plan_model(request.as_model(), request.selection)
-            return {
-                "fits": plan.fits,
-                "needed": plan.missing_bytes,
-                "available": plan.available_bytes,
-            }
-        if method == "status":
-            request = ModelRequest.model_validate(payload)
-            model = request.as_model()
-            answer = await manager.get_model_status(model, request.selection)
-            return {
-                **answer.model_dump(mode="json"),
-                "fetched": self.fetched.get(model.task_id),
-            }
-        if method == "list":
-            return [item.model_dump(mode="json") for item in await manager.list_models()]
-        if method == "space":
-            return (await manager.get_disk_space()).model_dump(mode="json")
-        if method == "delete":
-            model = Model.model_validate(payload["model"])
-            deleted = await manager.delete_model(model, force=bool(payload.get("force")))
-            return deleted.model_dump(mode="json")
-        raise ValueError(f"no such method: {method}")
+    async def events(self, after: int | None, wait: float) -> list[DownloadEvent]:
+        """The events after ``after`` (a ``seq`` of this agent's), or, when there are none yet,
+        those that come within ``wait`` seconds."""
+        bus = (await self._manager()).events
+        with bus.subscribe(after) as queue:
+            if queue.empty():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        first = await bus.next(queue)
+                        if first is not None:
+                            queue.put_nowait(first)
+            found = []
+            while not queue.empty():
+                found.append(queue.get_nowait())
+            return found
+
+    async def download(
+        self, request: ModelRequest, peers: tuple[Peer, ...]
+    ) -> DownloadStartedResponse | Refusal:
+        manager = await self._manager()
+        model = request.as_model()
+        self.fetched.pop(model.task_id, None)
+        return await refusing(manager.add_model(model, request.selection, peers))
+
+    async def plan(self, request: ModelRequest) -> PlanResponse | Refusal:
+        return await refusing((await self._manager()).plan(request))
+
+    async def status(self, request: ModelRequest) -> NodeModelStatus | Refusal:
+        answer = await refusing((await self._manager()).status(request))
+        if isinstance(answer, Refusal):
+            return answer
+        hub, peers = self.fetched.get(answer.model.task_id, (None, None))
+        return NodeModelStatus(answer, hub, peers)
+
+    async def verify_model(self, model: Model) -> VerifyResponse | Refusal:
+        return await refusing((await self._manager()).verify_model(model))
+
+    async def delete_model(self, model: Model, force: bool) -> DeleteResponse | Refusal:
+        return await refusing((await self._manager()).delete_model(model, force))
+
+    async def prune(self, request: PruneRequest, force: bool) -> PruneResponse | Refusal:
+        return await refusing((await self._manager()).prune(request, force))
+
+    async def listing(self) -> ModelListResponse:
+        return await (await self._manager()).listing()
+
+    async def get_disk_space(self) -> DiskSpaceInfo:
+        return await (await self._manager()).get_disk_space()
+
+    async def updates(self, refresh: bool) -> UpdatesResponse:
+        return await (await self._manager()).updates(refresh)
+
+    async def downloads(self) -> DownloadListResponse:
+        return await (await self._manager()).downloads()
+
+    async def bandwidth_now(self) -> BandwidthResponse:
+        return await (await self._manager()).bandwidth_now()
+
+    async def cap_bandwidth(self, bytes_per_second: int | None) -> BandwidthResponse:
+        return await (await self._manager()).cap_bandwidth(bytes_per_second)
+
+    async def figures(self) -> ServiceFigures:
+        return await (await self._manager()).figures()

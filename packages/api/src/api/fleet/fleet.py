@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
+from api.fleet.agent import NodeAgent, NodeModelStatus, Refusal
+from api.models.backend import Peer
 from api.models.errors import (
     DownloadConflict,
+    FleetUnavailable,
     HubAnswer,
     ModelNotFound,
     NodesLackSpace,
@@ -30,12 +34,15 @@ from api.models.errors import (
     UnknownNode,
 )
 from api.models.events import EventBus
+from api.models.service import Figures, ServiceFigures
 from api.models.types import (
+    BandwidthResponse,
     DeleteResponse,
     DeleteStatus,
     DiskSpaceInfo,
-    DownloadEvent,
+    DownloadListResponse,
     DownloadProgress,
+    DownloadShare,
     DownloadStartedResponse,
     KeptRevision,
     Model,
@@ -54,11 +61,15 @@ from api.models.types import (
     PrunedRevision,
     PruneRequest,
     PruneResponse,
+    UpdateInfo,
+    UpdatesResponse,
     VerifyResponse,
 )
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 NAMESPACE = "model-service"
 CACHE_LABEL = "models-cache"  # a node's own cache folder, as a Ray node label
@@ -106,7 +117,7 @@ class Fleet:
     settings: Settings
     # The service's own event bus: the nodes' events are published on it, with their node, so
     # that the event stream, the logs and the metrics have them.
-    bus: EventBus | None = None
+    bus: EventBus = field(default_factory=EventBus)
     agents: dict[str, _Agent] = field(default_factory=dict)
     _pumps: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _rollouts: dict[str, _Rollout] = field(default_factory=dict)  # by task id
@@ -114,6 +125,12 @@ class Fleet:
     _refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The nodes' blob servers answer this secret only (the fleet's own, never the Hub's token).
     _peer_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # The cap on each node's downloads (MODELS_MAX_DOWNLOAD_BYTES_PER_SECOND, then PUT
+    # /settings/bandwidth): given to each agent when it starts, and to all at each change.
+    _bandwidth: int | None = None
+
+    def __post_init__(self) -> None:
+        self._bandwidth = self.settings.max_download_bytes_per_second or None
 
     # -- membership --------------------------------------------------------------------------
 
@@ -136,8 +153,6 @@ class Fleet:
         """Agents for the nodes that joined; the ones that left are marked gone."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        from api.fleet.agent import NodeAgent
 
         async with self._refreshing:
             nodes = await asyncio.to_thread(ray.nodes)
@@ -167,10 +182,9 @@ class Fleet:
                 if not ok:
                     continue
                 self.agents[agent.node_id] = agent
-                if self.bus is not None:
-                    self._pumps[agent.node_id] = asyncio.create_task(
-                        self._pump(agent, self.bus), name=f"events of {agent.node_id[:12]}"
-                    )
+                self._pumps[agent.node_id] = asyncio.create_task(
+                    self._pump(agent, self.bus), name=f"events of {agent.node_id[:12]}"
+                )
                 logger.info(
                     "event=agent_started node=%s address=%s cache=%s",
                     agent.node_id[:12],
@@ -187,9 +201,11 @@ class Fleet:
         did not answer (logged as ``event``)."""
         try:
             async with asyncio.timeout(CALL_TIMEOUT):
-                started: dict[str, str] = await agent.handle.start.remote()
+                started: dict[str, str] = await agent.handle.start.remote(self._bandwidth)
         except Exception as error:
-            logger.warning("event=%s node=%s reason=%s", event, agent.node_id[:12], error)
+            logger.warning(
+                "event=%s node=%s reason=%s", event, agent.node_id[:12], json.dumps(str(error))
+            )
             return None
         return started
 
@@ -220,12 +236,11 @@ class Fleet:
         after: int | None = None
         while not agent.gone:
             try:
-                events = await self._call(agent, "events", {"after": after, "wait": EVENTS_WAIT})
+                events = await self._call(agent, CALL_TIMEOUT, NodeAgent.events, after, EVENTS_WAIT)
             except (NodeFailed, OnNode):
                 await asyncio.sleep(1.0)  # its agent is being restarted, or the node is leaving
                 continue
-            for raw in events:
-                event = DownloadEvent.model_validate(raw)
+            for event in events:
                 after = event.seq
                 bus.publish(event.model_copy(update={"node_id": agent.node_id, "seq": None}))
 
@@ -277,78 +292,85 @@ class Fleet:
                 chosen.append(found[0])
         return chosen
 
+    @property
+    def _read(self) -> float:
+        """How long a read waits for each node (MODELS_FLEET_ANSWER_SECONDS)."""
+        return self.settings.fleet_answer_seconds
+
     async def _call(
-        self, agent: _Agent, method: str, payload: dict[str, Any], wait: float | None = None
-    ) -> Any:
-        """The agent's answer; ``OnNode`` for its refusal, ``NodeFailed`` when it did not answer
-        (``NodeUnreachable`` when not within ``wait`` seconds, by default ``CALL_TIMEOUT``)."""
+        self,
+        agent: _Agent,
+        wait: float,
+        method: Callable[Concatenate[NodeAgent, _P], Awaitable[_T | Refusal]],
+        *args: _P.args,
+        **kwargs: _P.kwargs,
+    ) -> _T:
+        """The agent's answer to ``method`` (one of ``NodeAgent``'s); ``OnNode`` with the error
+        its service raised when it refused; ``NodeFailed`` when it did not answer
+        (``NodeUnreachable`` when not within ``wait`` seconds)."""
         if agent.gone:
             raise NodeFailed("the node left the cluster")
-        limit = CALL_TIMEOUT if wait is None else wait
         try:
-            async with asyncio.timeout(limit):
-                answer: dict[str, Any] = await agent.handle.call.remote(method, payload)
+            async with asyncio.timeout(wait):
+                answer = await getattr(agent.handle, method.__name__).remote(*args, **kwargs)
         except TimeoutError:
-            setting = " (MODELS_FLEET_ANSWER_SECONDS)" if wait is not None else ""
-            raise NodeUnreachable(f"no answer within {limit:g} s{setting}: unreachable") from None
+            setting = " (MODELS_FLEET_ANSWER_SECONDS)" if wait == self._read else ""
+            raise NodeUnreachable(f"no answer within {wait:g} s{setting}: unreachable") from None
         except Exception as error:  # the actor died, the node left: Ray's own errors
             raise NodeFailed(f"{type(error).__name__}") from None
-        if "error" in answer:
-            refusal = answer["error"]
-            raise OnNode(
-                agent.node_id,
-                refusal["kind"],
-                refusal["message"],
-                refusal.get("retry_after"),
-                refusal.get("failure"),
-            )
-        return answer["ok"]
+        if isinstance(answer, Refusal):
+            raise OnNode(agent.node_id, answer.error)
+        result: _T = answer
+        return result
 
     async def _fan_out(
-        self, agents: list[_Agent], method: str, payload: dict[str, Any], read: bool = False
-    ) -> list[Any | BaseException]:
-        """Every agent's answer (or why it gave none), each called at once. A ``read`` waits
-        ``MODELS_FLEET_ANSWER_SECONDS`` for each node, whatever the others do."""
-        wait = self.settings.fleet_answer_seconds if read else None
-        return await asyncio.gather(
-            *(self._call(agent, method, payload, wait) for agent in agents),
-            return_exceptions=True,
-        )
+        self, agents: list[_Agent], ask: Callable[[_Agent], Awaitable[_T]]
+    ) -> list[_T | BaseException]:
+        """Every agent's answer (or why it gave none), all asked at once: each ``ask`` is a
+        ``_call``, whose deadline holds for each node whatever the others do."""
+        return await asyncio.gather(*(ask(agent) for agent in agents), return_exceptions=True)
 
-    # -- the API -----------------------------------------------------------------------------
+    # -- the API (``api.models.service.ModelService``) ----------------------------------------
 
-    async def add_model(self, request: ModelRequest) -> DownloadStartedResponse:
+    @property
+    def events(self) -> EventBus:
+        return self.bus
+
+    async def download(self, request: ModelRequest) -> DownloadStartedResponse:
         """Download on every targeted node, each checking its own space first: when one lacks it,
         nothing starts anywhere (507 naming those nodes). The Hub is paid once: nodes that
         already have the revision serve it to the others; when none has it, one node fetches it
         from the Hub and the others copy it from that node once it is complete."""
         targets = self._targets_of(request.nodes)
-        payload = request.model_dump(mode="json", exclude={"nodes"})
+        asked = _on_a_node(request)
         task_id = request.as_model().task_id
         if (running := self._rollouts.get(task_id)) is not None and running.waiting:
             raise DownloadConflict(task_id)
-        plans = await self._fan_out(targets, "plan_space", payload, read=True)
+        plans = await self._fan_out(
+            targets, lambda a: self._call(a, self._read, NodeAgent.plan, asked)
+        )
         for answer in plans:
-            if isinstance(answer, OnNode) and answer.kind != HubAnswer.__name__:
+            if isinstance(answer, OnNode) and not isinstance(answer.error, HubAnswer):
                 raise answer
         # A Hub that gives no file list (not found, gated, slow) is no reason to refuse here: as
         # on one machine, the download starts and its status says why it failed (on the first
         # node only: the others wait for it, and say why they did not start).
         lacking = [
-            (agent.node_id, int(answer["needed"]), int(answer["available"]))
-            for agent, answer in zip(targets, plans, strict=True)
-            if isinstance(answer, dict) and not answer["fits"]
+            (agent.node_id, plan.missing_bytes, plan.available_bytes)
+            for agent, plan in zip(targets, plans, strict=True)
+            if isinstance(plan, PlanResponse) and not plan.fits
         ]
         if lacking:
             raise NodesLackSpace(lacking)
         answering = [
             a
             for a, p in zip(targets, plans, strict=True)
-            if isinstance(p, dict) or (isinstance(p, OnNode) and p.kind == HubAnswer.__name__)
+            if isinstance(p, PlanResponse)
+            or (isinstance(p, OnNode) and isinstance(p.error, HubAnswer))
         ]
         if not answering:
-            raise OnNode(targets[0].node_id, "NodeFailed", str(plans[0]))
-        holders = await self._holders(payload)
+            raise FleetUnavailable(_why(plans[0]) if plans else "no alive node")
+        holders = await self._holders(asked)
         todo = [a for a in answering if a.node_id not in holders]
         if not todo:
             return DownloadStartedResponse(
@@ -356,7 +378,7 @@ class Fleet:
                 status=ModelStatus.DOWNLOADED,
                 nodes=[a.node_id for a in answering],
             )
-        rollout = _Rollout(request, [a.node_id for a in answering])
+        rollout = _Rollout(asked, [a.node_id for a in answering])
         refusals: list[BaseException] = []
         if holders:
             started, refusals = await self._start(rollout, todo, holders)
@@ -375,7 +397,7 @@ class Fleet:
             refusal = next(iter(refusals), None)
             if isinstance(refusal, OnNode):
                 raise refusal
-            raise OnNode(targets[0].node_id, "NodeFailed", str(refusal or "no node answered"))
+            raise FleetUnavailable(str(refusal or "no node answered"))
         if rollout.waiting:
             rollout.seed = started[0].node_id
             rollout.task = asyncio.create_task(self._follow(rollout), name=f"rollout {task_id}")
@@ -387,17 +409,20 @@ class Fleet:
             task_id=task_id, status=ModelStatus.DOWNLOADING, nodes=rollout.targets
         )
 
-    async def _holders(self, payload: dict[str, Any]) -> list[str]:
+    async def _holders(self, asked: ModelRequest) -> list[str]:
         """The alive nodes where the revision is DOWNLOADED (complete and verified)."""
         agents = self._targets_of(None)
-        answers = await self._fan_out(agents, "status", payload, read=True)
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, self._read, NodeAgent.status, asked)
+        )
         return [
             agent.node_id
             for agent, answer in zip(agents, answers, strict=True)
-            if isinstance(answer, dict) and answer["status"] == ModelStatus.DOWNLOADED
+            if isinstance(answer, NodeModelStatus)
+            and answer.status.status is ModelStatus.DOWNLOADED
         ]
 
-    def _peers_for(self, agent: _Agent, holders: list[str], index: int) -> list[dict[str, str]]:
+    def _peers_for(self, agent: _Agent, holders: list[str], index: int) -> tuple[Peer, ...]:
         """The holders' blob servers, in an order that spreads the copies over them."""
         urls = [
             self.agents[n].peer_url
@@ -407,7 +432,7 @@ class Fleet:
         if urls:
             turn = index % len(urls)
             urls = urls[turn:] + urls[:turn]
-        return [{"url": url, "token": self._peer_token} for url in urls]
+        return tuple(Peer(url, self._peer_token) for url in urls)
 
     async def _start(
         self, rollout: _Rollout, agents: list[_Agent], holders: list[str]
@@ -415,17 +440,12 @@ class Fleet:
         """Start the download on ``agents`` (copying from ``holders``); those that started, and
         the others' refusals. A node that refuses (a download already running there, no slot)
         says why in its status."""
-        payload = rollout.request.model_dump(mode="json", exclude={"nodes"})
-        answers = await asyncio.gather(
-            *(
-                self._call(
-                    agent,
-                    "download",
-                    {"request": payload, "peers": self._peers_for(agent, holders, index)},
-                )
-                for index, agent in enumerate(agents)
+        peers = {a.node_id: self._peers_for(a, holders, i) for i, a in enumerate(agents)}
+        answers = await self._fan_out(
+            agents,
+            lambda a: self._call(
+                a, CALL_TIMEOUT, NodeAgent.download, rollout.request, peers[a.node_id]
             ),
-            return_exceptions=True,
         )
         started: list[_Agent] = []
         refusals: list[BaseException] = []
@@ -437,7 +457,7 @@ class Fleet:
                     "event=node_refused node=%s task_id=%s reason=%s",
                     agent.node_id[:12],
                     rollout.request.as_model().task_id,
-                    answer,
+                    json.dumps(str(answer)),
                 )
             else:
                 started.append(agent)
@@ -447,30 +467,29 @@ class Fleet:
         """Wait for the seed's copy, then start the waiting nodes from it. A seed that leaves or
         fails hands over to the next waiting node (from the Hub again, resuming nothing of the
         other's); a failure of the Hub's is every node's: the waiting ones say so."""
-        payload = rollout.request.model_dump(mode="json", exclude={"nodes"})
         while rollout.waiting and rollout.seed is not None:
             await asyncio.sleep(FOLLOW_SECONDS)
             seed = self.agents[rollout.seed]
             try:
-                answer = await self._call(
-                    seed, "status", payload, self.settings.fleet_answer_seconds
-                )
+                answer = await self._call(seed, self._read, NodeAgent.status, rollout.request)
             except (NodeFailed, OnNode) as failure:
-                logger.warning("event=seed_lost node=%s reason=%s", seed.node_id[:12], failure)
+                logger.warning(
+                    "event=seed_lost node=%s reason=%s", seed.node_id[:12], json.dumps(str(failure))
+                )
                 await self._next_seed(rollout)
                 continue
-            status = answer["status"]
-            if status == ModelStatus.DOWNLOADING:
+            status = answer.status.status
+            if status is ModelStatus.DOWNLOADING:
                 continue
-            if status == ModelStatus.DOWNLOADED:
+            if status is ModelStatus.DOWNLOADED:
                 # They stay "waiting" (DOWNLOADING in the status) until their own download runs:
                 # the fleet's status never says PARTIAL in between.
                 waiting = [self.agents[n] for n in rollout.waiting if n in self.agents]
-                holders = await self._holders(payload)
+                holders = await self._holders(rollout.request)
                 await self._start(rollout, [a for a in waiting if not a.gone], holders)
                 rollout.waiting = []
                 return
-            why = answer.get("error_message") or f"it is {status} there"
+            why = answer.status.error_message or f"it is {status} there"
             for node in rollout.waiting:
                 rollout.refused[node] = (
                     f"not started: the first copy, on node {seed.node_id[:12]}, failed: {why}"
@@ -490,7 +509,30 @@ class Fleet:
                 return
         rollout.seed = None
 
-    async def get_model_status(self, request: ModelRequest) -> ModelStatusResponse:
+    def _node_status(
+        self, agent: _Agent, answer: NodeModelStatus, rollout: _Rollout | None
+    ) -> NodeStatus:
+        """One node's answer for a model, with what the rollout knows of it: a node that waits
+        for the seed's copy is DOWNLOADING (from that node), one that refused says why."""
+        status = answer.status
+        node = NodeStatus(
+            node_id=agent.node_id,
+            address=agent.address,
+            status=status.status,
+            progress=status.progress,
+            error_message=status.error_message,
+            from_hub_bytes=answer.from_hub_bytes,
+            from_peers_bytes=answer.from_peers_bytes,
+        )
+        if rollout is not None and status.status is not ModelStatus.DOWNLOADED:
+            if agent.node_id in rollout.waiting and rollout.seed is not None:
+                node.status = ModelStatus.DOWNLOADING
+                node.waiting_for = rollout.seed
+            elif node.error_message is None:
+                node.error_message = rollout.refused.get(agent.node_id)
+        return node
+
+    async def status(self, request: ModelRequest) -> ModelStatusResponse:
         """DOWNLOADED only when DOWNLOADED on every node it was downloaded to (else every alive
         node); DOWNLOADING while one downloads; PARTIAL when some have it; NOT_FOUND when none."""
         model = request.as_model()
@@ -501,50 +543,37 @@ class Fleet:
             agents = [self.agents[n] for n in rollout.targets if n in self.agents]
         else:
             agents = self._targets_of(None)
-        payload = request.model_dump(mode="json", exclude={"nodes"})
-        answers = await self._fan_out(agents, "status", payload, read=True)
+        asked = _on_a_node(request)
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, self._read, NodeAgent.status, asked)
+        )
         nodes: list[NodeStatus] = []
+        statuses: list[ModelStatusResponse] = []
         for agent, answer in zip(agents, answers, strict=True):
-            if isinstance(answer, dict):
-                fetched = answer.pop("fetched", None) or {}
-                status = ModelStatusResponse.model_validate(answer)
-                node = NodeStatus(
-                    node_id=agent.node_id,
-                    address=agent.address,
-                    status=status.status,
-                    progress=status.progress,
-                    error_message=status.error_message,
-                    from_hub_bytes=fetched.get("hub"),
-                    from_peers_bytes=fetched.get("peers"),
-                )
-                if rollout is not None and status.status is not ModelStatus.DOWNLOADED:
-                    if agent.node_id in rollout.waiting and rollout.seed is not None:
-                        # Not started: it copies from the seed once the seed has it.
-                        node.status = ModelStatus.DOWNLOADING
-                        node.waiting_for = rollout.seed
-                    elif node.error_message is None:
-                        node.error_message = rollout.refused.get(agent.node_id)
-                nodes.append(node)
+            if isinstance(answer, NodeModelStatus):
+                nodes.append(self._node_status(agent, answer, rollout))
+                statuses.append(answer.status)
             else:
                 nodes.append(NodeStatus(status=None, **_not_answered(agent, answer)))
-        return _together(model, nodes, answers)
+        refusal = next((a for a in answers if isinstance(a, OnNode)), None)
+        if not statuses and refusal is not None:
+            raise refusal  # the request's own fault (a selection no node can use)
+        return _together(model, nodes, statuses)
 
-    async def list_models(self) -> list[ModelListItem]:
-        """Each cached revision once, with the nodes that hold it."""
-        return (await self.list_answer()).models
-
-    async def list_answer(self) -> ModelListResponse:
-        """``list_models``, and the nodes that did not answer (and why)."""
+    async def listing(self) -> ModelListResponse:
+        """Each cached revision once, with the nodes that hold it, and the nodes that did not
+        answer (and why)."""
         agents = self._targets_of(None)
-        answers = await self._fan_out(agents, "list", {}, read=True)
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, self._read, NodeAgent.listing)
+        )
         merged: dict[tuple[str, str | None], ModelListItem] = {}
         unanswered: list[NodeUnanswered] = []
         for agent, answer in zip(agents, answers, strict=True):
-            if not isinstance(answer, list):
+            if not isinstance(answer, ModelListResponse):
                 unanswered.append(NodeUnanswered(**_not_answered(agent, answer)))
                 continue
-            for raw in answer:
-                item = ModelListItem.model_validate(raw)
+            for item in answer.models:
                 key = (item.model.hf_repo, item.model.hf_commit)
                 known = merged.get(key)
                 if known is None:
@@ -561,18 +590,19 @@ class Fleet:
     async def get_disk_space(self) -> DiskSpaceInfo:
         """Each node's cache and free space; the top figures are their sums."""
         agents = list(self.agents.values())
-        answers = await self._fan_out(agents, "space", {}, read=True)
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, self._read, NodeAgent.get_disk_space)
+        )
         nodes = []
         for agent, answer in zip(agents, answers, strict=True):
-            if isinstance(answer, dict):
-                space = DiskSpaceInfo.model_validate(answer)
+            if isinstance(answer, DiskSpaceInfo):
                 nodes.append(
                     NodeSpace(
                         node_id=agent.node_id,
                         address=agent.address,
-                        cache_path=space.cache_path,
-                        cache_size_bytes=space.cache_size_bytes,
-                        available_bytes=space.available_bytes,
+                        cache_path=answer.cache_path,
+                        cache_size_bytes=answer.cache_size_bytes,
+                        available_bytes=answer.available_bytes,
                     )
                 )
             else:
@@ -590,18 +620,18 @@ class Fleet:
         if rollout is not None:
             await _cancel(rollout)  # the nodes still waiting never start
         agents = self._targets_of(None)
-        payload = {"model": model.model_dump(mode="json"), "force": force}
-        answers = await self._fan_out(agents, "delete", payload)
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, CALL_TIMEOUT, NodeAgent.delete_model, model, force)
+        )
         nodes: list[NodeDeleted] = []
         for agent, answer in zip(agents, answers, strict=True):
-            if isinstance(answer, dict):
-                done = DeleteResponse.model_validate(answer)
+            if isinstance(answer, DeleteResponse):
                 nodes.append(
                     NodeDeleted(
-                        node_id=agent.node_id, status=done.status, freed_bytes=done.freed_bytes
+                        node_id=agent.node_id, status=answer.status, freed_bytes=answer.freed_bytes
                     )
                 )
-            elif isinstance(answer, OnNode) and answer.kind == ModelNotFound.__name__:
+            elif isinstance(answer, OnNode) and isinstance(answer.error, ModelNotFound):
                 nodes.append(NodeDeleted(node_id=agent.node_id, status=None))
             elif isinstance(answer, OnNode):
                 raise answer  # in use, busy, unsafe: the node's refusal, as it said it
@@ -620,34 +650,33 @@ class Fleet:
             nodes=nodes,
         )
 
-    async def plan_model(self, request: ModelRequest) -> PlanResponse:
+    async def plan(self, request: ModelRequest) -> PlanResponse:
         """The Hub's file list once, with each node's figures; the top figures are the worst
         node's (the most to fetch, the least room), and ``fits`` holds only when every node fits."""
         agents = self._targets_of(request.nodes)
-        payload = request.model_dump(mode="json", exclude={"nodes"})
-        answers = await self._fan_out(agents, "plan", payload, read=True)
+        asked = _on_a_node(request)
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, self._read, NodeAgent.plan, asked)
+        )
         plans: list[PlanResponse] = []
         nodes: list[NodePlan] = []
         for agent, answer in zip(agents, answers, strict=True):
             if isinstance(answer, OnNode):
                 raise answer  # the Hub's answer: the same on every node
-            if isinstance(answer, dict):
-                plan = PlanResponse.model_validate(answer)
-                plans.append(plan)
+            if isinstance(answer, PlanResponse):
+                plans.append(answer)
                 nodes.append(
                     NodePlan(
                         node_id=agent.node_id,
-                        missing_bytes=plan.missing_bytes,
-                        available_bytes=plan.available_bytes,
-                        fits=plan.fits,
+                        missing_bytes=answer.missing_bytes,
+                        available_bytes=answer.available_bytes,
+                        fits=answer.fits,
                     )
                 )
             else:
-                nodes.append(
-                    NodePlan(node_id=agent.node_id, fits=None, error_message=_unanswered(answer))
-                )
+                nodes.append(NodePlan(node_id=agent.node_id, fits=None, error_message=_why(answer)))
         if not plans:
-            raise OnNode(agents[0].node_id, "NodeFailed", _unanswered(answers[0]))
+            raise FleetUnavailable(_why(answers[0]) if answers else "no alive node")
         worst = max(plans, key=lambda p: p.missing_bytes - p.available_bytes)
         return worst.model_copy(
             update={
@@ -662,23 +691,24 @@ class Fleet:
         """Every node with a copy checks it; verified only when every copy is. 404 only when no
         node has one."""
         agents = self._targets_of(None)
-        answers = await self._fan_out(agents, "verify", model.model_dump(mode="json"))
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, CALL_TIMEOUT, NodeAgent.verify_model, model)
+        )
         checked: list[VerifyResponse] = []
         nodes: list[NodeVerified] = []
         for agent, answer in zip(agents, answers, strict=True):
-            if isinstance(answer, dict):
-                done = VerifyResponse.model_validate(answer)
-                checked.append(done)
+            if isinstance(answer, VerifyResponse):
+                checked.append(answer)
                 nodes.append(
                     NodeVerified(
                         node_id=agent.node_id,
-                        verified=done.verified,
-                        files_checked=done.files_checked,
-                        missing=done.missing,
-                        mismatched=done.mismatched,
+                        verified=answer.verified,
+                        files_checked=answer.files_checked,
+                        missing=answer.missing,
+                        mismatched=answer.mismatched,
                     )
                 )
-            elif isinstance(answer, OnNode) and answer.kind == ModelNotFound.__name__:
+            elif isinstance(answer, OnNode) and isinstance(answer.error, ModelNotFound):
                 nodes.append(
                     NodeVerified(node_id=agent.node_id, verified=None, error_message=str(answer))
                 )
@@ -686,9 +716,7 @@ class Fleet:
                 raise answer  # downloading there (409): verified when it completes
             else:
                 nodes.append(
-                    NodeVerified(
-                        node_id=agent.node_id, verified=None, error_message=_unanswered(answer)
-                    )
+                    NodeVerified(node_id=agent.node_id, verified=None, error_message=_why(answer))
                 )
         if not checked:
             raise ModelNotFound(model.task_id)
@@ -705,8 +733,9 @@ class Fleet:
     async def prune(self, request: PruneRequest, force: bool = False) -> PruneResponse:
         """Prune on every node; each revision and kept revision names its node."""
         agents = self._targets_of(None)
-        payload = {"request": request.model_dump(mode="json"), "force": force}
-        answers = await self._fan_out(agents, "prune", payload)
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, CALL_TIMEOUT, NodeAgent.prune, request, force)
+        )
         revisions: list[PrunedRevision] = []
         kept: list[KeptRevision] = []
         notes: list[str] = []
@@ -714,15 +743,14 @@ class Fleet:
         for agent, answer in zip(agents, answers, strict=True):
             if isinstance(answer, OnNode):
                 raise answer  # a vLLM server that did not answer there: nothing forced
-            if not isinstance(answer, dict):
-                notes.append(f"node {agent.node_id[:12]}: {_unanswered(answer)}")
+            if not isinstance(answer, PruneResponse):
+                notes.append(f"node {agent.node_id[:12]}: {_why(answer)}")
                 continue
-            pruned = PruneResponse.model_validate(answer)
-            freed += pruned.freed_bytes
-            revisions += [r.model_copy(update={"node_id": agent.node_id}) for r in pruned.revisions]
-            kept += [k.model_copy(update={"node_id": agent.node_id}) for k in pruned.kept]
-            if pruned.note:
-                notes.append(f"node {agent.node_id[:12]}: {pruned.note}")
+            freed += answer.freed_bytes
+            revisions += [r.model_copy(update={"node_id": agent.node_id}) for r in answer.revisions]
+            kept += [k.model_copy(update={"node_id": agent.node_id}) for k in answer.kept]
+            if answer.note:
+                notes.append(f"node {agent.node_id[:12]}: {answer.note}")
         return PruneResponse(
             dry_run=request.dry_run,
             revisions=revisions,
@@ -730,6 +758,149 @@ class Fleet:
             kept=kept,
             note="; ".join(notes) or None,
         )
+
+    async def updates(self, refresh: bool = False) -> UpdatesResponse:
+        """Every node's cached branches, each asked of the Hub by its node (within its own
+        reuse time); a branch at the same commit on several nodes is one entry, naming them.
+        A node waits the read deadline plus one Hub check's (MODELS_PLAN_TIMEOUT_SECONDS)."""
+        agents = self._targets_of(None)
+        wait = self._read + self.settings.plan_timeout_seconds
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, wait, NodeAgent.updates, refresh)
+        )
+        merged: dict[tuple[str, str, str], UpdateInfo] = {}
+        unanswered: list[NodeUnanswered] = []
+        for agent, answer in zip(agents, answers, strict=True):
+            if not isinstance(answer, UpdatesResponse):
+                unanswered.append(NodeUnanswered(**_not_answered(agent, answer)))
+                continue
+            for info in answer.models:
+                key = (info.model.hf_repo, info.ref, info.cached_commit)
+                known = merged.get(key)
+                if known is None:
+                    merged[key] = info.model_copy(update={"nodes": [agent.node_id]})
+                    continue
+                known.nodes = [*(known.nodes or []), agent.node_id]
+                known.checked_at = min(known.checked_at, info.checked_at)
+                known.error = known.error or info.error
+                if known.hub_commit is None:
+                    known.hub_commit = info.hub_commit
+                    known.update_available = info.update_available
+                if info.bytes_to_download is not None:  # the node with the most to fetch
+                    known.bytes_to_download = max(
+                        known.bytes_to_download or 0, info.bytes_to_download
+                    )
+        return UpdatesResponse(models=list(merged.values()), nodes_unanswered=unanswered or None)
+
+    async def downloads(self) -> DownloadListResponse:
+        """Each download running or queued on a node once, with every node's status (the nodes
+        that wait for the first node's copy too)."""
+        agents = self._targets_of(None)
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, self._read, NodeAgent.downloads)
+        )
+        by_task: dict[str, tuple[Model, list[NodeStatus], list[ModelStatusResponse]]] = {}
+        unanswered: list[NodeUnanswered] = []
+        for agent, answer in zip(agents, answers, strict=True):
+            if not isinstance(answer, DownloadListResponse):
+                unanswered.append(NodeUnanswered(**_not_answered(agent, answer)))
+                continue
+            for status in answer.downloads:
+                task_id = status.model.task_id
+                rollout = self._rollouts.get(task_id)
+                _, nodes, statuses = by_task.setdefault(task_id, (status.model, [], []))
+                nodes.append(self._node_status(agent, NodeModelStatus(status, None, None), rollout))
+                statuses.append(status)
+        for task_id, (_, nodes, _) in by_task.items():
+            rollout = self._rollouts.get(task_id)
+            for node in rollout.waiting if rollout is not None and rollout.seed else []:
+                if node in self.agents and all(n.node_id != node for n in nodes):
+                    nodes.append(
+                        NodeStatus(
+                            node_id=node,
+                            address=self.agents[node].address,
+                            status=ModelStatus.DOWNLOADING,
+                            waiting_for=rollout.seed if rollout else None,
+                        )
+                    )
+        return DownloadListResponse(
+            downloads=[
+                _together(model, nodes, statuses) for model, nodes, statuses in by_task.values()
+            ],
+            nodes_unanswered=unanswered or None,
+        )
+
+    async def bandwidth_now(self) -> BandwidthResponse:
+        """The fleet's cap (it holds on each node) and each node's downloads' shares."""
+        agents = self._targets_of(None)
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, self._read, NodeAgent.bandwidth_now)
+        )
+        return self._bandwidth_answer(agents, answers)
+
+    async def cap_bandwidth(self, bytes_per_second: int | None) -> BandwidthResponse:
+        """A new cap on every node, applied to its running downloads at once (and given to the
+        nodes that join, or whose agent restarts, from now on)."""
+        self._bandwidth = bytes_per_second
+        logger.info(
+            "event=bandwidth_cap bytes_per_second=%s per_node=true", bytes_per_second or "none"
+        )
+        agents = self._targets_of(None)
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, self._read, NodeAgent.cap_bandwidth, bytes_per_second)
+        )
+        return self._bandwidth_answer(agents, answers)
+
+    def _bandwidth_answer(
+        self, agents: list[_Agent], answers: list[BandwidthResponse | BaseException]
+    ) -> BandwidthResponse:
+        shares: list[DownloadShare] = []
+        unanswered: list[NodeUnanswered] = []
+        for agent, answer in zip(agents, answers, strict=True):
+            if isinstance(answer, BandwidthResponse):
+                shares += [
+                    d.model_copy(update={"node_id": agent.node_id}) for d in answer.downloads
+                ]
+            else:
+                unanswered.append(NodeUnanswered(**_not_answered(agent, answer)))
+        return BandwidthResponse(
+            max_bytes_per_second=self._bandwidth,
+            xet_when_capped=self.settings.xet_when_capped,
+            downloads=shares,
+            per_node=True,
+            nodes_unanswered=unanswered or None,
+        )
+
+    async def figures(self) -> ServiceFigures:
+        """Each node's figures, and their sums (the cap: the one each node holds)."""
+        agents = self._targets_of(None)
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, self._read, NodeAgent.figures)
+        )
+        nodes = {
+            agent.node_id: answer.total
+            for agent, answer in zip(agents, answers, strict=True)
+            if isinstance(answer, ServiceFigures)
+        }
+        figures = list(nodes.values())
+        return ServiceFigures(
+            Figures(
+                running=sum(f.running for f in figures),
+                queued=sum(f.queued for f in figures),
+                cap=self._bandwidth,
+                cache_bytes=sum(f.cache_bytes for f in figures),
+                free_bytes=sum(f.free_bytes for f in figures),
+            ),
+            nodes,
+            [a.node_id for a in agents if a.node_id not in nodes],
+        )
+
+
+if TYPE_CHECKING:
+    from api.models.service import ModelService
+
+    def _checked(fleet: Fleet) -> ModelService:
+        return fleet  # mypy fails here when the fleet lacks an operation
 
 
 def _ray() -> Any:
@@ -747,8 +918,13 @@ def _ray() -> Any:
     return module
 
 
-def _unanswered(answer: object) -> str:
+def _why(answer: object) -> str:
     return f"the node did not answer: {answer}"
+
+
+def _on_a_node(request: ModelRequest) -> ModelRequest:
+    """The request as one node's service takes it: ``nodes`` is the fleet's to use."""
+    return request.model_copy(update={"nodes": None})
 
 
 def _not_answered(agent: _Agent, answer: object) -> dict[str, Any]:
@@ -757,7 +933,7 @@ def _not_answered(agent: _Agent, answer: object) -> dict[str, Any]:
     return {
         "node_id": agent.node_id,
         "address": agent.address,
-        "error_message": _unanswered(answer),
+        "error_message": _why(answer),
         "gone": agent.gone,
         "unreachable": isinstance(answer, NodeUnreachable),
     }
@@ -772,9 +948,9 @@ async def _cancel(rollout: _Rollout) -> None:
 
 
 def _together(
-    model: Model, nodes: list[NodeStatus], answers: list[Any | BaseException]
+    model: Model, nodes: list[NodeStatus], answers: list[ModelStatusResponse]
 ) -> ModelStatusResponse:
-    """The fleet's status of a model from its nodes' (``get_model_status``)."""
+    """The fleet's status of a model from its nodes' (``status``, ``downloads``)."""
     statuses = [n.status for n in nodes]
     if ModelStatus.DOWNLOADING in statuses:
         status = ModelStatus.DOWNLOADING
@@ -784,9 +960,7 @@ def _together(
         status = ModelStatus.PARTIAL
     else:
         status = ModelStatus.NOT_FOUND
-    first = next(
-        (ModelStatusResponse.model_validate(a) for a in answers if isinstance(a, dict)), None
-    )
+    first = next(iter(answers), None)
     error = None
     if status is not ModelStatus.DOWNLOADED:
         have = sum(1 for s in statuses if s is ModelStatus.DOWNLOADED)

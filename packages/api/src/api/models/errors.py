@@ -7,7 +7,23 @@ import enum
 
 
 class ModelError(Exception):
-    """Base class: ``str(error)`` is a message safe to show a client (no URL, path or token)."""
+    """Base class: ``str(error)`` is a message safe to show a client (no URL, path or token).
+
+    Every one crosses a process boundary intact (a fleet node's refusal comes back to the service
+    as the error it raised, its class, message and data): pickling rebuilds it without calling
+    its own constructor, whose parameters are not its ``args``."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuilt, (type(self), self.args, self.__dict__))
+
+
+def _rebuilt(
+    cls: type[ModelError], args: tuple[object, ...], state: dict[str, object]
+) -> ModelError:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class DownloadConflict(ModelError):
@@ -163,23 +179,21 @@ class HubAnswer(ModelError):
 
 
 class OnNode(ModelError):
-    """A node of the fleet refused (its agent raised the ``ModelError`` named ``kind``; for a
-    ``HubAnswer``, ``failure`` is its ``FailureKind`` value), or no node answered (``kind``
-    ``NodeFailed``): the answer is that error's, naming the node."""
+    """A node of the fleet refused: ``error`` is the ``ModelError`` its service raised, as it
+    raised it; the answer is that error's (its status code), with the node named."""
 
-    def __init__(
-        self,
-        node: str,
-        kind: str,
-        message: str,
-        retry_after: float | None = None,
-        failure: str | None = None,
-    ) -> None:
-        super().__init__(f"node {node[:12]}: {message}")
+    def __init__(self, node: str, error: ModelError) -> None:
+        super().__init__(f"node {node[:12]}: {error}")
         self.node = node
-        self.kind = kind
-        self.retry_after = retry_after
-        self.failure = failure
+        self.error = error
+
+
+class FleetUnavailable(ModelError):
+    """No node of the fleet could act (each left, or did not answer in time): the fleet is
+    unavailable for now, which is neither the request's fault nor a bug (503)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"no node of the fleet could answer: {why}")
 
 
 class NodesLackSpace(ModelError):

@@ -43,6 +43,7 @@ from api.models.errors import (
     InUseUnknown,
     ModelInUse,
     ModelNotFound,
+    NotAFleet,
     SelectionUnusable,
     TooManyDownloads,
     TooManyVerifications,
@@ -50,6 +51,7 @@ from api.models.errors import (
 from api.models.events import EventBus
 from api.models.job import DownloadJob
 from api.models.revisions import Revision, UpdateChecker, in_use_map
+from api.models.service import Figures, ServiceFigures
 from api.models.serving import ServedModel, ServedNow, VllmServers
 from api.models.store import JobStore
 from api.models.types import (
@@ -59,6 +61,7 @@ from api.models.types import (
     DeleteStatus,
     DiskSpaceInfo,
     DownloadEventType,
+    DownloadListResponse,
     DownloadPhase,
     DownloadShare,
     DownloadStartedResponse,
@@ -66,6 +69,8 @@ from api.models.types import (
     KeptRevision,
     Model,
     ModelListItem,
+    ModelListResponse,
+    ModelRequest,
     ModelStatus,
     ModelStatusResponse,
     PlanFile,
@@ -75,6 +80,7 @@ from api.models.types import (
     PruneResponse,
     SelectionInfo,
     UpdateInfo,
+    UpdatesResponse,
     VerifyResponse,
     WeightChoice,
     revision_problem,
@@ -104,7 +110,7 @@ class ModelManager:
         self.servers = servers or VllmServers(
             settings.vllm_urls, settings.vllm_key, settings.vllm_timeout_seconds
         )
-        self.updates = UpdateChecker(
+        self.update_checks = UpdateChecker(
             backend.resolve,
             self._plan_of_ref,
             self._missing_bytes,
@@ -758,7 +764,7 @@ class ModelManager:
                 if revision_problem(ref) is None and not COMMIT_PATTERN.fullmatch(ref)
             }
         )
-        checks = await self.updates.check_all(refs, refresh)
+        checks = await self.update_checks.check_all(refs, refresh)
         return [
             UpdateInfo(
                 model=Model.model_construct(
@@ -914,6 +920,39 @@ class ModelManager:
             mismatched=list(report.mismatched),
         )
 
+    # -- the service's operations (``api.models.service.ModelService``) ------------------------
+
+    async def status(self, request: ModelRequest) -> ModelStatusResponse:
+        return await self.get_model_status(_one_machine(request), request.selection)
+
+    async def download(self, request: ModelRequest) -> DownloadStartedResponse:
+        return await self.add_model(_one_machine(request), request.selection)
+
+    async def plan(self, request: ModelRequest) -> PlanResponse:
+        return await self.plan_model(_one_machine(request), request.selection)
+
+    async def listing(self) -> ModelListResponse:
+        return ModelListResponse(models=await self.list_models())
+
+    async def updates(self, refresh: bool = False) -> UpdatesResponse:
+        return UpdatesResponse(models=await self.check_updates(refresh))
+
+    async def downloads(self) -> DownloadListResponse:
+        return DownloadListResponse(downloads=self.active_downloads())
+
+    async def bandwidth_now(self) -> BandwidthResponse:
+        return self.bandwidth()
+
+    async def cap_bandwidth(self, bytes_per_second: int | None) -> BandwidthResponse:
+        return self.set_bandwidth(bytes_per_second)
+
+    async def figures(self) -> ServiceFigures:
+        running, queued = self.counts()
+        space = await self.get_disk_space()
+        return ServiceFigures(
+            Figures(running, queued, self._bandwidth, space.cache_size_bytes, space.available_bytes)
+        )
+
     def active_downloads(self) -> list[ModelStatusResponse]:
         """Every running download with its progress, then the queued ones in their order."""
         return [job.status() for job in self._jobs.values()]
@@ -1026,6 +1065,13 @@ def _lower_thread_priority(nice: int) -> None:
     """Hashing is background work: on Linux a thread has a niceness of its own."""
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
+def _one_machine(request: ModelRequest) -> Model:
+    """``nodes`` means something only to a fleet: on one machine it is refused, not ignored."""
+    if request.nodes is not None:
+        raise NotAFleet()
+    return request.as_model()
 
 
 def _in_use_info(cards: list[ServedModel]) -> list[InUseInfo]:

@@ -10,12 +10,12 @@ from fastapi.responses import JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.auth import KeyFirstRoute, require_read, require_write
-from api.fleet.fleet import Fleet
 from api.models.errors import (
     CacheNotWritable,
     DownloadCancelled,
     DownloadConflict,
     FailureKind,
+    FleetUnavailable,
     HubAnswer,
     InsufficientStorage,
     InUseUnknown,
@@ -32,7 +32,7 @@ from api.models.errors import (
     UnknownNode,
     UnsafeCachePath,
 )
-from api.models.manager import ModelManager
+from api.models.service import ModelService
 from api.models.types import (
     COMMIT_EXAMPLE,
     REPO_EXAMPLE,
@@ -74,6 +74,7 @@ ERROR_STATUS: dict[type[ModelError], int] = {
     NodesLackSpace: status.HTTP_507_INSUFFICIENT_STORAGE,
     UnknownNode: status.HTTP_422_UNPROCESSABLE_CONTENT,
     NotAFleet: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    FleetUnavailable: status.HTTP_503_SERVICE_UNAVAILABLE,
 }
 # Why the Hub gave no file list (POST /plan): the repo's own answer, or a gateway's.
 HUB_ANSWER_STATUS: dict[FailureKind, int] = {
@@ -87,61 +88,34 @@ HUB_ANSWER_STATUS: dict[FailureKind, int] = {
 
 
 def model_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    """Map a ``ModelError`` (any subclass) to its status code and a JSON ``detail``."""
+    """Map a ``ModelError`` (any subclass) to its status code and a JSON ``detail``. A fleet
+    node's refusal (``OnNode``) answers with the status of the error the node raised, and its
+    words with the node named."""
     assert isinstance(exc, ModelError)
+    cause = exc.error if isinstance(exc, OnNode) else exc
     code = next(
-        (ERROR_STATUS[cls] for cls in type(exc).__mro__ if cls in ERROR_STATUS),
+        (ERROR_STATUS[cls] for cls in type(cause).__mro__ if cls in ERROR_STATUS),
         status.HTTP_500_INTERNAL_SERVER_ERROR,
     )
-    headers = (
-        {"Retry-After": str(exc.retry_after)}
-        if isinstance(exc, (TooManyDownloads, TooManyVerifications))
-        else None
-    )
-    if isinstance(exc, OnNode):  # a node's refusal: the status of the error it raised
-        if exc.kind == HubAnswer.__name__:
-            failure = next((k for k in FailureKind if k.value == exc.failure), None)
-            code = status.HTTP_504_GATEWAY_TIMEOUT
-            if failure is not None:
-                code = HUB_ANSWER_STATUS.get(failure, code)
-        else:
-            # No node could answer (they left, or did not answer in time): the fleet is
-            # unavailable for now, which is not a bug of the request nor of ours.
-            code = next(
-                (code for cls, code in ERROR_STATUS.items() if cls.__name__ == exc.kind),
-                status.HTTP_503_SERVICE_UNAVAILABLE,
-            )
-        if exc.retry_after is not None:
-            headers = {"Retry-After": str(max(int(exc.retry_after), 1))}
-    if isinstance(exc, HubAnswer):
+    retry_after: float | None = None
+    if isinstance(cause, (TooManyDownloads, TooManyVerifications)):
+        retry_after = cause.retry_after
+    if isinstance(cause, HubAnswer):
         # Anything else (no answer, a 5xx, a timeout) is the Hub's side not answering in time.
-        code = HUB_ANSWER_STATUS.get(exc.kind, status.HTTP_504_GATEWAY_TIMEOUT)
-        if exc.retry_after is not None:
-            headers = {"Retry-After": str(max(int(exc.retry_after), 1))}
+        code = HUB_ANSWER_STATUS.get(cause.kind, status.HTTP_504_GATEWAY_TIMEOUT)
+        retry_after = cause.retry_after
+    headers = {"Retry-After": str(max(int(retry_after), 1))} if retry_after is not None else None
     return JSONResponse({"detail": str(exc)}, status_code=code, headers=headers)
 
 
-def get_manager(request: Request) -> ModelManager:
-    manager: ModelManager = request.app.state.model_manager
-    return manager
+def get_service(request: Request) -> ModelService:
+    """The service in use: the fleet's when the service runs over a Ray cluster
+    (MODELS_RAY_ADDRESS), else the one machine's manager (the lifespan chose)."""
+    service: ModelService = request.app.state.service
+    return service
 
 
-ManagerDep = Annotated[ModelManager, Depends(get_manager)]
-
-
-def get_fleet(request: Request) -> Fleet | None:
-    """The fleet, when the service runs over a Ray cluster (MODELS_RAY_ADDRESS), else None."""
-    fleet: Fleet | None = getattr(request.app.state, "fleet", None)
-    return fleet
-
-
-FleetDep = Annotated[Fleet | None, Depends(get_fleet)]
-
-
-def _one_machine(model: ModelRequest) -> None:
-    """``nodes`` means something only to a fleet: on one machine it is refused, not ignored."""
-    if model.nodes is not None:
-        raise NotAFleet()
+ServiceDep = Annotated[ModelService, Depends(get_service)]
 
 
 ForceQuery = Annotated[
@@ -256,9 +230,7 @@ Writes = [Depends(require_write)]
     response_model=ModelStatusResponse,
     responses=_SELECTION_ERRORS,
 )
-async def model_status(
-    model: RequestBody, manager: ManagerDep, fleet: FleetDep
-) -> ModelStatusResponse:
+async def model_status(model: RequestBody, service: ServiceDep) -> ModelStatusResponse:
     """Status of a model in the cache, checked offline.
 
     For the files selected: those the request names (`files`, `allow_patterns`,
@@ -272,10 +244,7 @@ async def model_status(
     Response: `{"model": {...}, "status": "DOWNLOADED", "progress": null, "error_message": null,
     "commit": "01c7f73d771dfac7d292323805ebc428287df4f9"}`
     """
-    if fleet is not None:
-        return await fleet.get_model_status(model)
-    _one_machine(model)
-    return await manager.get_model_status(model.as_model(), model.selection)
+    return await service.status(model)
 
 
 @router.post(
@@ -319,7 +288,7 @@ async def model_status(
     },
 )
 async def download_model(
-    model: RequestBody, manager: ManagerDep, fleet: FleetDep, response: Response
+    model: RequestBody, service: ServiceDep, response: Response
 ) -> DownloadStartedResponse:
     """Start downloading a model in the background (non-blocking).
 
@@ -334,11 +303,7 @@ async def download_model(
 
     Response (200, already complete): `{"task_id": "meta-llama/Llama-2-7b-hf:latest", "status": "DOWNLOADED"}`
     """
-    if fleet is not None:
-        started = await fleet.add_model(model)
-    else:
-        _one_machine(model)
-        started = await manager.add_model(model.as_model(), model.selection)
+    started = await service.download(model)
     if started.status is ModelStatus.DOWNLOADED:
         response.status_code = status.HTTP_200_OK
     return started
@@ -375,7 +340,7 @@ async def download_model(
         **_BODY_ERRORS,
     },
 )
-async def plan_download(model: RequestBody, manager: ManagerDep, fleet: FleetDep) -> PlanResponse:
+async def plan_download(model: RequestBody, service: ServiceDep) -> PlanResponse:
     """What a download would fetch, before the first byte: nothing is downloaded or written.
 
     Every file of the revision with its size and whether the selection takes it, the bytes
@@ -392,10 +357,7 @@ async def plan_download(model: RequestBody, manager: ManagerDep, fleet: FleetDep
     "fits": true, "weights": [{"format": "safetensors", "pattern": "*.safetensors", ...}],
     "note": null}`
     """
-    if fleet is not None:
-        return await fleet.plan_model(model)
-    _one_machine(model)
-    return await manager.plan_model(model.as_model(), model.selection)
+    return await service.plan(model)
 
 
 @router.delete(
@@ -426,7 +388,7 @@ async def plan_download(model: RequestBody, manager: ManagerDep, fleet: FleetDep
     },
 )
 async def delete_model(
-    model: ModelBody, manager: ManagerDep, fleet: FleetDep, force: ForceQuery = False
+    model: ModelBody, service: ServiceDep, force: ForceQuery = False
 ) -> DeleteResponse:
     """Cancel the model's download if one runs, otherwise delete it from the cache.
 
@@ -441,9 +403,7 @@ async def delete_model(
 
     Response: `{"status": "deleted", "freed_bytes": 13958643712}` or `{"status": "cancelled"}`
     """
-    if fleet is not None:
-        return await fleet.delete_model(model, force)
-    return await manager.delete_model(model, force)
+    return await service.delete_model(model, force)
 
 
 _PRUNE_EXAMPLES: dict[str, Any] = {
@@ -476,8 +436,7 @@ _PRUNE_EXAMPLES: dict[str, Any] = {
 )
 async def prune_models(
     request: Annotated[PruneRequest, Body(openapi_examples=_PRUNE_EXAMPLES)],
-    manager: ManagerDep,
-    fleet: FleetDep,
+    service: ServiceDep,
     force: ForceQuery = False,
 ) -> PruneResponse:
     """Remove the cached revisions no ref (branch or tag) points to: what updates left behind,
@@ -493,14 +452,12 @@ async def prune_models(
     "hf_commit": "01c7f73d771dfac7d292323805ebc428287df4f9"}, "size_bytes": 13476839424}],
     "freed_bytes": 13476839424, "kept": [], "note": null}`
     """
-    if fleet is not None:
-        return await fleet.prune(request, force)
-    return await manager.prune(request, force)
+    return await service.prune(request, force)
 
 
 @router.get("/updates", dependencies=Reads, response_model=UpdatesResponse)
 async def model_updates(
-    manager: ManagerDep,
+    service: ServiceDep,
     refresh: Annotated[
         bool,
         Query(
@@ -522,7 +479,7 @@ async def model_updates(
     "ref": "main", "cached_commit": "01c7f7...", "hub_commit": "8cca52...", "update_available":
     true, "bytes_to_download": 9976576152, "error": null, "checked_at": 1795548651.4}]}`
     """
-    return UpdatesResponse(models=await manager.check_updates(refresh))
+    return await service.updates(refresh)
 
 
 @router.post(
@@ -552,7 +509,7 @@ async def model_updates(
         **_BODY_ERRORS,
     },
 )
-async def verify_model(model: ModelBody, manager: ManagerDep, fleet: FleetDep) -> VerifyResponse:
+async def verify_model(model: ModelBody, service: ServiceDep) -> VerifyResponse:
     """Check every cached file of a revision against its ETag (sha256 for LFS files, git blob id
     for regular files), offline. Hashing runs off the event loop; a large model takes a while
     (about the time to read it from disk).
@@ -562,34 +519,28 @@ async def verify_model(model: ModelBody, manager: ManagerDep, fleet: FleetDep) -
     Response: `{"model": {...}, "commit": "01c7f73d771dfac7d292323805ebc428287df4f9", "verified":
     false, "files_checked": 12, "missing": [], "mismatched": ["model-00001-of-00002.safetensors"]}`
     """
-    if fleet is not None:
-        return await fleet.verify_model(model)
-    return await manager.verify_model(model)
+    return await service.verify_model(model)
 
 
 @router.get("/list", dependencies=Reads, response_model=ModelListResponse)
-async def list_models(manager: ManagerDep, fleet: FleetDep) -> ModelListResponse:
+async def list_models(service: ServiceDep) -> ModelListResponse:
     """Every model revision in the cache (`DOWNLOADED` or `PARTIAL`) and every running download.
 
     Response: `{"models": [{"model": {"hf_repo": "meta-llama/Llama-2-7b-hf", "hf_commit":
     "01c7f73d771dfac7d292323805ebc428287df4f9"}, "status": "DOWNLOADED", "size_bytes": 13958643712,
     "refs": ["main"], "progress": null}]}`
     """
-    if fleet is not None:
-        return await fleet.list_answer()
-    return ModelListResponse(models=await manager.list_models())
+    return await service.listing()
 
 
 @router.get("/space", dependencies=Reads, response_model=DiskSpaceInfo)
-async def disk_space(manager: ManagerDep, fleet: FleetDep) -> DiskSpaceInfo:
+async def disk_space(service: ServiceDep) -> DiskSpaceInfo:
     """Bytes used by the cache, bytes free on its filesystem, and the cache's path.
 
     Response: `{"cache_size_bytes": 13958643712, "available_bytes": 500000000000, "cache_path":
     "/root/.cache/huggingface/hub"}`
     """
-    if fleet is not None:
-        return await fleet.get_disk_space()
-    return await manager.get_disk_space()
+    return await service.get_disk_space()
 
 
 @router.get(
@@ -608,7 +559,7 @@ async def disk_space(manager: ManagerDep, fleet: FleetDep) -> DiskSpaceInfo:
     },
 )
 async def download_events(
-    manager: ManagerDep,
+    service: ServiceDep,
     last_event_id: Annotated[
         str | None,
         Header(
@@ -639,9 +590,10 @@ async def download_events(
     ```
     """
     after = int(last_event_id) if last_event_id and last_event_id.isdigit() else None
-    with manager.events.subscribe(after) as queue:
+    bus = service.events
+    with bus.subscribe(after) as queue:
         yield ServerSentEvent(comment="connected")
-        while (event := await manager.events.next(queue)) is not None:
+        while (event := await bus.next(queue)) is not None:
             if hf_repo is None or event.model.hf_repo == hf_repo:
                 yield ServerSentEvent(
                     event=event.type.value, data=event.model_dump(mode="json"), id=str(event.seq)
@@ -649,24 +601,26 @@ async def download_events(
 
 
 @router.get("/downloads", dependencies=Reads, response_model=DownloadListResponse)
-async def active_downloads(manager: ManagerDep) -> DownloadListResponse:
-    """Every download running in this service, with its progress.
+async def active_downloads(service: ServiceDep) -> DownloadListResponse:
+    """Every download running in this service, with its progress. In a fleet, each download
+    once, with every node that runs it (or waits for another node's copy) in `nodes`.
 
     Response: `{"downloads": [{"model": {"hf_repo": "meta-llama/Llama-2-7b-hf", "hf_commit":
     null}, "status": "DOWNLOADING", "progress": {...}, "error_message": null, "commit": "..."}]}`
     """
-    return DownloadListResponse(downloads=manager.active_downloads())
+    return await service.downloads()
 
 
 @router.get("/settings/bandwidth", dependencies=Reads, response_model=BandwidthResponse)
-async def bandwidth(manager: ManagerDep) -> BandwidthResponse:
-    """The cap on the total download rate, and each running download's share of it.
+async def bandwidth(service: ServiceDep) -> BandwidthResponse:
+    """The cap on the total download rate, and each running download's share of it. In a
+    fleet, the cap holds on each node (`per_node: true`; each share names its node).
 
     Response: `{"max_bytes_per_second": 50000000, "xet_when_capped": "http", "downloads":
     [{"task_id": "meta-llama/Llama-2-7b-hf:latest", "bytes_per_second": 25000000.0, "note":
     null}]}`
     """
-    return manager.bandwidth()
+    return await service.bandwidth_now()
 
 
 @router.put(
@@ -681,12 +635,14 @@ async def bandwidth(manager: ManagerDep) -> BandwidthResponse:
         },
     },
 )
-async def set_bandwidth(manager: ManagerDep, setting: BandwidthSetting) -> BandwidthResponse:
+async def set_bandwidth(service: ServiceDep, setting: BandwidthSetting) -> BandwidthResponse:
     """Cap the total rate of all downloads of the service (`null` or `0`: no cap), shared fairly
     between the running ones and applied to them at once, without restarting them; it lasts
-    until the service stops (`MODELS_MAX_DOWNLOAD_BYTES_PER_SECOND` sets it at start).
+    until the service stops (`MODELS_MAX_DOWNLOAD_BYTES_PER_SECOND` sets it at start). In a
+    fleet, every node takes the cap for its own downloads, from the Hub and from other nodes
+    together (a node that joins later takes it too).
 
     `curl -X PUT localhost:8000/api/models/settings/bandwidth -H 'Content-Type: application/json'
     -d '{"max_bytes_per_second": 50000000}'`
     """
-    return manager.set_bandwidth(setting.max_bytes_per_second)
+    return await service.cap_bandwidth(setting.max_bytes_per_second)

@@ -316,6 +316,9 @@ class DownloadShare(BaseModel):
     task_id: str
     bytes_per_second: float | None = Field(description="Its share now; null: no cap")
     note: str | None = Field(default=None, description="Why the cap does not hold for it")
+    node_id: str | None = Field(
+        default=None, exclude_if=_none, description="With a fleet: the node it runs on (addition)"
+    )
 
 
 class BandwidthResponse(BaseModel):
@@ -325,6 +328,18 @@ class BandwidthResponse(BaseModel):
         " hf_xet, which cannot be capped (MODELS_XET_WHEN_CAPPED)"
     )
     downloads: list[DownloadShare] = Field(description="Each running download's share")
+    per_node: bool | None = Field(
+        default=None,
+        exclude_if=_none,
+        description="With a fleet: true, the cap holds on each node, for its downloads from the"
+        " Hub and its copies from other nodes together (addition)",
+    )
+    nodes_unanswered: list[NodeUnanswered] | None = Field(
+        default=None,
+        exclude_if=_none,
+        description="With a fleet: the nodes whose downloads are not in this answer (and that"
+        " a new cap may not have reached), and why",
+    )
 
 
 class InUseInfo(BaseModel):
@@ -643,7 +658,15 @@ class DownloadEvent(BaseModel):
 
 
 class DownloadListResponse(BaseModel):
-    downloads: list[ModelStatusResponse]
+    downloads: list[ModelStatusResponse] = Field(
+        description="Each running or queued download (with a fleet: each once, with every node's"
+        " status in its nodes)"
+    )
+    nodes_unanswered: list[NodeUnanswered] | None = Field(
+        default=None,
+        exclude_if=_none,
+        description="With a fleet: the nodes whose downloads are not in this list, and why",
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -675,10 +698,20 @@ class UpdateInfo(BaseModel):
         default=None, description="Why the Hub could not say, in plain words (gone, gated, down)"
     )
     checked_at: float = Field(description="Unix time of the check (answers are reused a while)")
+    nodes: list[str] | None = Field(
+        default=None,
+        exclude_if=_none,
+        description="With a fleet: the nodes whose cache has this ref at cached_commit (addition)",
+    )
 
 
 class UpdatesResponse(BaseModel):
     models: list[UpdateInfo]
+    nodes_unanswered: list[NodeUnanswered] | None = Field(
+        default=None,
+        exclude_if=_none,
+        description="With a fleet: the nodes whose branches are not in this answer, and why",
+    )
 
 
 class PruneRequest(BaseModel):
