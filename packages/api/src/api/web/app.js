@@ -11,6 +11,8 @@ const state = {
   updates: new Map(),       // "repo@ref" -> UpdateInfo
   problems: [],             // [{time, text}]
   lastEventId: null,
+  nodes: [],                // in a fleet: GET /space's nodes (none on one machine)
+  unanswered: [],           // in a fleet: the nodes the last list could not ask, and why
 };
 
 class ApiError extends Error {
@@ -161,8 +163,11 @@ async function refresh() {
       api("GET", "/api/models/downloads"),
     ]);
     state.models = listed.models.filter((m) => m.status !== "DOWNLOADING");
-    state.downloads = new Map(downloads.downloads.map((d) => [taskId(d.model), d]));
+    state.downloads = new Map(downloads.downloads.map((d) => [taskId(d.model), withNodes(d)]));
+    state.nodes = space.nodes || [];
+    state.unanswered = [...(listed.nodes_unanswered || []), ...(downloads.nodes_unanswered || [])];
     renderDisk(space);
+    renderFleet();
     renderModels();
     renderDownloads();
   } catch (error) {
@@ -177,6 +182,17 @@ function refreshSoon() {
     refreshTimer = null;
     refresh();
   }, 150);
+}
+
+// In a fleet, a download's nodes by node id: {status, progress, waiting_for}, from /downloads and
+// then from each node's events.
+function withNodes(d) {
+  if (d.nodes) d.byNode = new Map(d.nodes.map((n) => [n.node_id, n]));
+  return d;
+}
+
+function nodeName(id) {
+  return id ? id.slice(0, 12) : "";
 }
 
 function taskId(model) {
@@ -244,15 +260,23 @@ function onEvent(raw) {
   }
   const id = event.task_id;
   const ended = ["completed", "failed", "cancelled"].includes(event.type);
+  const node = event.node_id; // in a fleet: the node that sent it
+  const known = state.downloads.get(id);
   if (ended) {
-    state.downloads.delete(id);
-    if (event.type === "failed") problem(`${modelName(event.model)}: ${event.error_message}`);
+    // In a fleet, the download goes on while another node still runs it.
+    if (node && known && known.byNode) known.byNode.delete(node);
+    if (!node || !known || !known.byNode || known.byNode.size === 0) state.downloads.delete(id);
+    const where = node ? ` (node ${nodeName(node)})` : "";
+    if (event.type === "failed") problem(`${modelName(event.model)}${where}: ${event.error_message}`);
     refreshSoon();
   } else {
-    const known = state.downloads.get(id) || { model: event.model, status: "DOWNLOADING" };
-    known.progress = event.progress;
-    if (event.commit) known.commit = event.commit;
-    state.downloads.set(id, known);
+    const live = known || { model: event.model, status: "DOWNLOADING" };
+    if (node) {
+      live.byNode = live.byNode || new Map();
+      live.byNode.set(node, { node_id: node, status: "DOWNLOADING", progress: event.progress });
+    } else live.progress = event.progress;
+    if (event.commit) live.commit = event.commit;
+    state.downloads.set(id, live);
     if (event.type === "started" || event.type === "queued") refreshSoon();
   }
   renderDownloads();
@@ -279,6 +303,32 @@ function renderDisk(space) {
   $("disk-text").textContent = `Cache ${size(used)}, ${size(space.available_bytes)} free (${space.cache_path})`;
 }
 
+function renderFleet() {
+  // In a fleet: each node's cache and free space, and the nodes that did not answer (their
+  // models and downloads are not on the page until they do).
+  const fleet = $("fleet");
+  fleet.hidden = state.nodes.length === 0;
+  if (fleet.hidden) return;
+  const silent = new Map(state.unanswered.map((n) => [n.node_id, n]));
+  for (const n of state.nodes) if (n.unreachable || n.gone) silent.set(n.node_id, n);
+  $("fleet-title").textContent = `Fleet: ${state.nodes.length} node(s)${silent.size ? `, ${silent.size} not answering` : ""}`;
+  $("fleet-nodes").replaceChildren(
+    ...state.nodes.map((n) => {
+      const quiet = silent.get(n.node_id);
+      const text = quiet
+        ? `${quiet.gone ? "gone" : "unreachable"}: ${quiet.error_message}`
+        : `cache ${size(n.cache_size_bytes)}, ${size(n.available_bytes)} free (${n.cache_path})`;
+      return el(
+        "li",
+        { class: quiet ? "node bad" : "node", "data-node": n.node_id },
+        el("span", { class: "node-id" }, nodeName(n.node_id)),
+        ` ${n.address || ""} `,
+        text,
+      );
+    }),
+  );
+}
+
 function renderDownloads() {
   const list = $("downloads");
   const items = [...state.downloads.values()];
@@ -287,7 +337,47 @@ function renderDownloads() {
   document.title = items.length ? `(${items.length}) Models - vLLM API server` : "Models - vLLM API server";
 }
 
+function figuresOf(p) {
+  let figures;
+  if (p.total_bytes !== null && p.total_bytes !== undefined) {
+    figures = `${p.phase}: ${size(p.downloaded_bytes || 0)} of ${size(p.total_bytes)}`;
+    if (p.percent !== null && p.percent !== undefined) figures += ` (${p.percent.toFixed(1)}%)`;
+    if (p.bytes_per_second >= 1000) figures += `, ${size(p.bytes_per_second)}/s, ${duration(p.eta_seconds)} left`;
+  } else figures = `${p.phase || "starting"}...`;
+  return figures;
+}
+
+// In a fleet: one line and one bar per node that runs (or waits to run) the download.
+function nodeBars(d) {
+  const rows = [...d.byNode.values()].sort((a, b) => a.node_id.localeCompare(b.node_id));
+  return el(
+    "ul",
+    { class: "node-bars" },
+    ...rows.map((n) => {
+      const p = n.progress || {};
+      const text = n.waiting_for
+        ? `waiting for node ${nodeName(n.waiting_for)}'s copy`
+        : n.status === "DOWNLOADING"
+          ? figuresOf(p)
+          : `${n.status || "no answer"}${n.error_message ? `: ${n.error_message}` : ""}`;
+      return el(
+        "li",
+        { "data-node": n.node_id },
+        el("span", { class: "node-id" }, nodeName(n.node_id)),
+        " ",
+        el("span", { class: "figures" }, text),
+        el("progress", {
+          max: p.total_bytes || 1,
+          value: p.total_bytes ? p.downloaded_bytes || 0 : n.waiting_for ? 0 : null,
+          "aria-label": `progress of ${d.model.hf_repo} on node ${nodeName(n.node_id)}`,
+        }),
+      );
+    }),
+  );
+}
+
 function downloadCard(d) {
+  if (d.byNode && d.byNode.size) return fleetDownloadCard(d);
   const p = d.progress || {};
   const queued = p.phase === "queued";
   let figures;
@@ -318,6 +408,18 @@ function downloadCard(d) {
   );
 }
 
+function fleetDownloadCard(d) {
+  const cancel = el("button", { type: "button", onclick: () => cancelDownload(d.model) }, "Cancel");
+  return el(
+    "li",
+    { class: "card", "data-task": taskId(d.model) },
+    el("div", { class: "name" }, modelName(d.model), el("span", { class: "status DOWNLOADING" }, "DOWNLOADING")),
+    el("div", { class: "meta" }, `on ${d.byNode.size} node(s)`),
+    nodeBars(d),
+    el("div", { class: "buttons" }, cancel),
+  );
+}
+
 function renderModels() {
   const list = $("models");
   $("no-models").hidden = state.models.length > 0;
@@ -331,6 +433,7 @@ function modelCard(m) {
     m.refs && m.refs.length ? `refs ${m.refs.join(", ")}` : null,
     size(m.size_bytes),
     m.selection ? `files: ${selectionWords(m.selection)}` : null,
+    m.nodes ? `on ${m.nodes.length} of ${state.nodes.length || m.nodes.length} node(s): ${m.nodes.map(nodeName).join(", ")}` : null,
   ].filter(Boolean);
   const inUse = (m.in_use_by || []).map((u) => `${u.server} (${u.model})`).join(", ");
   const update = (m.refs || []).map((r) => state.updates.get(`${m.model.hf_repo}@${r}`)).find((u) => u && u.update_available);
