@@ -567,25 +567,20 @@ class Fleet:
         answers = await self._fan_out(
             agents, lambda a: self._call(a, self._read, NodeAgent.listing)
         )
-        merged: dict[tuple[str, str | None], ModelListItem] = {}
-        unanswered: list[NodeUnanswered] = []
-        for agent, answer in zip(agents, answers, strict=True):
-            if not isinstance(answer, ModelListResponse):
-                unanswered.append(NodeUnanswered(**_not_answered(agent, answer)))
-                continue
-            for item in answer.models:
-                key = (item.model.hf_repo, item.model.hf_commit)
-                known = merged.get(key)
-                if known is None:
-                    item.nodes = [agent.node_id]
-                    merged[key] = item
-                    continue
-                known.nodes = [*(known.nodes or []), agent.node_id]
-                if ModelStatus.DOWNLOADING in (known.status, item.status):
-                    known.status = ModelStatus.DOWNLOADING
-                elif item.status is not ModelStatus.DOWNLOADED:
-                    known.status = item.status
-        return ModelListResponse(models=list(merged.values()), nodes_unanswered=unanswered or None)
+
+        def join(known: ModelListItem, item: ModelListItem) -> None:
+            if ModelStatus.DOWNLOADING in (known.status, item.status):
+                known.status = ModelStatus.DOWNLOADING
+            elif item.status is not ModelStatus.DOWNLOADED:
+                known.status = item.status
+
+        models, unanswered = _merged(
+            agents,
+            [a.models if isinstance(a, ModelListResponse) else a for a in answers],
+            lambda item: (item.model.hf_repo, item.model.hf_commit),
+            join,
+        )
+        return ModelListResponse(models=models, nodes_unanswered=unanswered or None)
 
     async def get_disk_space(self) -> DiskSpaceInfo:
         """Each node's cache and free space; the top figures are their sums."""
@@ -768,29 +763,23 @@ class Fleet:
         answers = await self._fan_out(
             agents, lambda a: self._call(a, wait, NodeAgent.updates, refresh)
         )
-        merged: dict[tuple[str, str, str], UpdateInfo] = {}
-        unanswered: list[NodeUnanswered] = []
-        for agent, answer in zip(agents, answers, strict=True):
-            if not isinstance(answer, UpdatesResponse):
-                unanswered.append(NodeUnanswered(**_not_answered(agent, answer)))
-                continue
-            for info in answer.models:
-                key = (info.model.hf_repo, info.ref, info.cached_commit)
-                known = merged.get(key)
-                if known is None:
-                    merged[key] = info.model_copy(update={"nodes": [agent.node_id]})
-                    continue
-                known.nodes = [*(known.nodes or []), agent.node_id]
-                known.checked_at = min(known.checked_at, info.checked_at)
-                known.error = known.error or info.error
-                if known.hub_commit is None:
-                    known.hub_commit = info.hub_commit
-                    known.update_available = info.update_available
-                if info.bytes_to_download is not None:  # the node with the most to fetch
-                    known.bytes_to_download = max(
-                        known.bytes_to_download or 0, info.bytes_to_download
-                    )
-        return UpdatesResponse(models=list(merged.values()), nodes_unanswered=unanswered or None)
+
+        def join(known: UpdateInfo, info: UpdateInfo) -> None:
+            known.checked_at = min(known.checked_at, info.checked_at)
+            known.error = known.error or info.error
+            if known.hub_commit is None:
+                known.hub_commit = info.hub_commit
+                known.update_available = info.update_available
+            if info.bytes_to_download is not None:  # the node with the most to fetch
+                known.bytes_to_download = max(known.bytes_to_download or 0, info.bytes_to_download)
+
+        models, unanswered = _merged(
+            agents,
+            [a.models if isinstance(a, UpdatesResponse) else a for a in answers],
+            lambda info: (info.model.hf_repo, info.ref, info.cached_commit),
+            join,
+        )
+        return UpdatesResponse(models=models, nodes_unanswered=unanswered or None)
 
     async def downloads(self) -> DownloadListResponse:
         """Each download running or queued on a node once, with every node's status (the nodes
@@ -937,6 +926,34 @@ def _not_answered(agent: _Agent, answer: object) -> dict[str, Any]:
         "gone": agent.gone,
         "unreachable": isinstance(answer, NodeUnreachable),
     }
+
+
+_Item = TypeVar("_Item", ModelListItem, UpdateInfo)
+
+
+def _merged(
+    agents: list[_Agent],
+    answers: list[list[_Item] | BaseException],
+    key: Callable[[_Item], tuple[str | None, ...]],
+    join: Callable[[_Item, _Item], None],
+) -> tuple[list[_Item], list[NodeUnanswered]]:
+    """Each node's items (list entries, update entries) as one list: an item several nodes have
+    (same ``key``) once, naming them in ``nodes``, ``join`` putting its figures together; and the
+    nodes that gave no answer, and why."""
+    merged: dict[tuple[str | None, ...], _Item] = {}
+    unanswered: list[NodeUnanswered] = []
+    for agent, answer in zip(agents, answers, strict=True):
+        if isinstance(answer, BaseException):
+            unanswered.append(NodeUnanswered(**_not_answered(agent, answer)))
+            continue
+        for item in answer:
+            found: tuple[str | None, ...] = key(item)
+            if found not in merged:
+                merged[found] = item.model_copy(update={"nodes": [agent.node_id]})
+                continue
+            merged[found].nodes = [*(merged[found].nodes or []), agent.node_id]
+            join(merged[found], item)
+    return list(merged.values()), unanswered
 
 
 async def _cancel(rollout: _Rollout) -> None:
