@@ -228,9 +228,14 @@ def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
 
 
 async def sse(
-    client: httpx.AsyncClient, url: str, headers: dict[str, str] | None = None
+    client: httpx.AsyncClient,
+    url: str,
+    headers: dict[str, str] | None = None,
+    connected: asyncio.Event | None = None,
 ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """(event, data) pairs of a Server-Sent Events stream."""
+    """(event, data) pairs of a Server-Sent Events stream; ``connected`` is set when the service
+    says the stream is subscribed (its ``: connected`` comment), so that a test can act then,
+    not after a guessed while."""
     async with client.stream(
         "GET", url, headers=headers, timeout=httpx.Timeout(30, read=60)
     ) as response:
@@ -238,7 +243,9 @@ async def sse(
         assert response.headers["content-type"].startswith("text/event-stream")
         event, data = "message", ""
         async for line in response.aiter_lines():
-            if line.startswith("event:"):
+            if line.startswith(": connected") and connected is not None:
+                connected.set()
+            elif line.startswith("event:"):
                 event = line[6:].strip()
             elif line.startswith("data:"):
                 data += line[5:].strip()

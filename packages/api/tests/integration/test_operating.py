@@ -18,9 +18,13 @@ from tests.helpers import FINAL, MB, running_service, sse, wait_for_status
 
 
 async def collect(
-    client: httpx.AsyncClient, url: str, until: set[str], found: list[tuple[str, dict[str, Any]]]
+    client: httpx.AsyncClient,
+    url: str,
+    until: set[str],
+    found: list[tuple[str, dict[str, Any]]],
+    connected: asyncio.Event | None = None,
 ) -> None:
-    async for event, data in sse(client, url):
+    async for event, data in sse(client, url, connected=connected):
         found.append((event, data))
         if event in until:
             return
@@ -43,12 +47,17 @@ async def test_event_stream_tells_the_whole_story(
     ) as (base, _):
         async with httpx.AsyncClient(base_url=base) as client:
             found: list[tuple[str, dict[str, Any]]] = []
+            subscribed = asyncio.Event()
             listener = asyncio.create_task(
                 collect(
-                    client, "/api/models/events?hf_repo=org/model", {"completed", "failed"}, found
+                    client,
+                    "/api/models/events?hf_repo=org/model",
+                    {"completed", "failed"},
+                    found,
+                    subscribed,
                 )
             )
-            await asyncio.sleep(0.3)  # subscribed
+            await asyncio.wait_for(subscribed.wait(), 30)
             await client.post("/api/models/download", json={"hf_repo": "org/other"})
             await client.post("/api/models/download", json=body)
             active = (await client.get("/api/models/downloads")).json()["downloads"]

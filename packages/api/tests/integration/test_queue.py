@@ -136,7 +136,12 @@ async def test_a_start_that_fails_at_once_hands_its_slot_to_the_queue(
     client = queued_client
     hub.add_fault(latency(1.0, path="/api/models/org/missing*"))  # a slow "not found"
     missing = asyncio.ensure_future(client.post("/api/models/download", json=body("missing")))
-    await asyncio.sleep(0.3)  # it holds the slot while it waits for its file list
+    # It holds the slot while it waits for its file list: from the Hub's first look at it on.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while not hub.count(None, "/api/models/org/missing*"):
+        assert loop.time() < deadline, "the download never asked the Hub"
+        await asyncio.sleep(0.02)
     queued = await client.post("/api/models/download", json=body("a"))
     assert queued.status_code == 202
     assert (await status(client, "a"))["progress"]["phase"] == "queued"

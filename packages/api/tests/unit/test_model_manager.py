@@ -223,7 +223,7 @@ async def test_failure_is_reported_in_status(manager: ModelManager, backend: Fak
     status = await manager.get_model_status(model)
     assert status.status is ModelStatus.NOT_FOUND
     assert status.error_message == "org/gated is gated: accept its terms"
-    assert not manager._download_tasks
+    assert manager.counts() == (0, 0)  # nothing running, nothing queued
 
 
 async def test_cancel_and_delete(manager: ModelManager, backend: FakeBackend) -> None:
@@ -232,7 +232,7 @@ async def test_cancel_and_delete(manager: ModelManager, backend: FakeBackend) ->
     await settle()
     assert (await manager.delete_model(model)).status is DeleteStatus.CANCELLED
     assert backend.cancelled == ["org/a@main"]
-    assert not manager._download_tasks
+    assert manager.counts() == (0, 0)  # nothing running, nothing queued
     with pytest.raises(ModelNotFound):
         await manager.delete_model(model)
     backend.states[("org/a", "main")] = CacheState.COMPLETE
@@ -297,7 +297,7 @@ async def test_space_check_refuses_what_cannot_fit(
     with pytest.raises(InsufficientStorage) as info:
         await manager.add_model(Model(hf_repo="org/big"))
     assert (info.value.needed, info.value.available) == (5000, 4999)
-    assert not manager._download_tasks
+    assert manager.counts() == (0, 0)  # nothing running, nothing queued
     backend.free = margin + 5000
     await manager.add_model(Model(hf_repo="org/big"))
     await settle()
