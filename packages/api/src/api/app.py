@@ -35,6 +35,7 @@ from api.models.routes import model_error_handler
 from api.models.routes import router as models_router
 from api.models.service import ModelService
 from api.models.types import REPO_JSON_PATTERN, REVISION_JSON_PATTERN
+from api.perimeter import OPENAPI_RESPONSES as PERIMETER_RESPONSES
 from api.perimeter import AllowedHosts, Perimeter, RedactQuery
 from api.settings import Settings
 
@@ -247,6 +248,7 @@ def create_app(
         " in the local cache.",
         version="0.1.0",
         lifespan=lifespan,
+        responses=PERIMETER_RESPONSES,
         # Swagger UI is served from the package (below), never from a CDN: GPU servers are
         # often air-gapped. ReDoc has no packaged copy here: off.
         docs_url=None,

@@ -33,11 +33,42 @@ import logging
 import re
 import socket
 from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+# What the perimeter can answer on any endpoint, before the endpoint runs: in the OpenAPI schema
+# of every operation (the app's own responses), so that a client, and the schema fuzzer, knows.
+OPENAPI_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {
+        "description": "The request's Host is not a name of this service (MODELS_ALLOWED_HOSTS);"
+        " nothing was done",
+        "content": {
+            "application/json": {
+                "example": {
+                    "detail": "this service does not answer under the name 'evil.example' (the"
+                    " request's Host): ..."
+                }
+            }
+        },
+    },
+    403: {
+        "description": "A browser page of another site sent it (its Origin, or Sec-Fetch-Site:"
+        " cross-site); nothing was done",
+        "content": {
+            "application/json": {
+                "example": {
+                    "detail": "a request from another site (https://evil.example) may not change"
+                    " anything here; use this service's own page, or a client that is not a"
+                    " browser"
+                }
+            }
+        },
+    },
+}
 MAX_OWN_ORIGINS = 64  # the addresses and names the service notes as its own
 # Parameter names whose values are secrets, wherever they appear in a query string.
 SECRET_NAME = re.compile(r"key|token|secret|passw|auth|signature|credential|session", re.I)

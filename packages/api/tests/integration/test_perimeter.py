@@ -152,3 +152,19 @@ async def test_the_addresses_noted_as_the_service_own_stay_bounded(
     noted = guard.own_origins()
     assert not any(host.startswith("10.9.") for host, _ in noted)
     assert ("localhost", 8000) in noted
+
+
+async def test_every_operation_documents_what_the_perimeter_answers(
+    asgi: httpx.AsyncClient,
+) -> None:
+    """A foreign Host (400) and a foreign site's request (403) can be the answer of any operation,
+    before it runs: each says so in the schema (the fuzzer found a 403 of POST /download that
+    the schema did not list, from a generated Origin header)."""
+    schema = (await asgi.get("/openapi.json")).json()
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert {"400", "403"} <= set(responses), (method, path, sorted(responses))
+    plan = schema["paths"]["/api/models/plan"]["post"]["responses"]["403"]["description"]
+    assert "gated" in plan  # both causes of this one's 403
+    assert "another site" in plan

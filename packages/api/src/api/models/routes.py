@@ -176,7 +176,17 @@ _INVALID: dict[str, Any] = {
 }
 # What every endpoint that takes a Model body can answer before it reaches the manager.
 _BODY_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: _error("The body could not be read as JSON text", "There was an error parsing the body"),
+    400: _error(
+        "The body could not be read as JSON text, or the request's Host is not a name of this"
+        " service (MODELS_ALLOWED_HOSTS)",
+        "There was an error parsing the body",
+    ),
+    403: _error(
+        "A browser page of another site sent it (its Origin, or Sec-Fetch-Site: cross-site);"
+        " nothing was done",
+        "a request from another site (https://evil.example) may not change anything here; use"
+        " this service's own page, or a client that is not a browser",
+    ),
     413: _error(
         "The body is larger than the service accepts",
         "request body too large: at most 65536 bytes are accepted",
@@ -314,6 +324,7 @@ async def download_model(
     dependencies=Reads,
     response_model=PlanResponse,
     responses={
+        **_BODY_ERRORS,  # first: the codes below say more for this endpoint
         401: _error(
             "The Hub wants a token for this repo (private, or HF_TOKEN is wrong); or an API key"
             " is set and the request carries none of its keys (WWW-Authenticate: Bearer)",
@@ -321,7 +332,8 @@ async def download_model(
             " retried)",
         ),
         403: _error(
-            "The repo is gated and the token has not been granted access",
+            "The repo is gated and the token has not been granted access; or a browser page of"
+            " another site sent the request (nothing was asked of the Hub then)",
             "org/gated-model is gated: request access on the Hub (attempt 1, not retried)",
         ),
         404: _error(
@@ -337,7 +349,6 @@ async def download_model(
             " error that may pass: try again",
             "the file list is slow",
         ),
-        **_BODY_ERRORS,
     },
 )
 async def plan_download(model: RequestBody, service: ServiceDep) -> PlanResponse:
