@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
+from api import logfmt
 from api.auth import Keys, require_read, warn_if_open
 from api.metrics import RequestTimer, ServiceMetrics
 from api.models.errors import ModelError
@@ -152,16 +153,11 @@ def on_stop_signal(callback: Callable[[], None]) -> Callable[[], None]:
 
 
 def configure_logging(level: str, secrets: list[str] | None = None) -> None:
-    """Give the service's own loggers a handler (uvicorn configures only its own): one line per
-    record on stderr, the message itself structured (``key=value``) where it reports a state.
-    uvicorn's access log gets a filter that hides secrets a client put in a query string."""
-    log = logging.getLogger("api")
-    if not any(getattr(h, "_api_handler", False) for h in log.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-        handler._api_handler = True  # type: ignore[attr-defined]
-        log.addHandler(handler)
-    log.setLevel(level.upper())
+    """Every line the service writes is logfmt (``api.logfmt``): its own loggers get a handler
+    (uvicorn configures only its own), uvicorn's handlers the same format. uvicorn's access log
+    gets a filter that hides secrets a client put in a query string."""
+    logfmt.install("api", level.upper())
+    logfmt.reformat("uvicorn", "uvicorn.error", "uvicorn.access")
     access = logging.getLogger("uvicorn.access")
     for old in [f for f in access.filters if isinstance(f, RedactQuery)]:
         access.removeFilter(old)
@@ -196,6 +192,9 @@ def create_app(
     zygote: Zygote | None = None,
 ) -> FastAPI:
     """Build the application. Tests pass their own settings (or a manager with a fake backend)."""
+    # The server that imports the app (uvicorn) logs its start before the lifespan runs: its
+    # lines are logfmt from the first.
+    logfmt.reformat("uvicorn", "uvicorn.error", "uvicorn.access")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -219,7 +218,7 @@ def create_app(
         app.state.model_manager = model_manager
         app.state.keys = Keys.of(model_manager.settings)
         warn_if_open(model_manager.settings)
-        logger.info("model cache at %s", model_manager.backend.cache_path)
+        logfmt.log(logger, logging.INFO, "cache", path=model_manager.backend.cache_path)
         await model_manager.start()
         app.state.fleet = None
         in_use: ModelService = model_manager
@@ -282,7 +281,14 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        logfmt.log(
+            logger,
+            logging.ERROR,
+            "unhandled_error",
+            exc_info=True,
+            method=request.method,
+            path=request.url.path,
+        )
         return JSONResponse({"detail": "internal error; see the service log"}, status_code=500)
 
     @app.get(f"{API_PREFIX}/health", tags=["Health"])

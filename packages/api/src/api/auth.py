@@ -26,6 +26,7 @@ from fastapi import HTTPException, Request, Response, Security, status
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from api import logfmt
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -138,11 +139,14 @@ def warn_if_open(
         return False
     host = listening_host(sys.argv if argv is None else argv, os.environ if env is None else env)
     if host is not None and not _loopback(host):
-        logger.warning(
-            "event=open_api host=%s: no MODELS_API_KEY is set and the service listens beyond"
-            " loopback: anyone who can reach it can download and delete models. Set"
-            " MODELS_API_KEY (and MODELS_READ_API_KEY to protect reads too)",
-            host,
+        logfmt.log(
+            logger,
+            logging.WARNING,
+            "open_api",
+            host=host,
+            why="no MODELS_API_KEY is set and the service listens beyond loopback: anyone who can"
+            " reach it can download and delete models. Set MODELS_API_KEY (and"
+            " MODELS_READ_API_KEY to protect reads too)",
         )
         return True
     return False

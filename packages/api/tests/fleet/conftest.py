@@ -61,7 +61,7 @@ def _peer_lines(root: Path, most: int = 40) -> str:
             found += [
                 f"{log.name}: {line}"
                 for line in log.read_text(errors="replace").splitlines()
-                if line.startswith("peer ")
+                if "event=peer_" in line
             ]
     return "\n".join(found[-most:]) or "(none)"
 

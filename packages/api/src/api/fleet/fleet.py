@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
+from api import logfmt
 from api.fleet.agent import NodeAgent, NodeModelStatus, Refusal
 from api.models.backend import Peer
 from api.models.errors import (
@@ -147,7 +147,7 @@ class Fleet:
         )
         await self.refresh()
         self._watcher = asyncio.create_task(self._watch(), name="fleet nodes")
-        logger.info("event=fleet_joined address=%s nodes=%d", address, len(self.agents))
+        logfmt.log(logger, logging.INFO, "fleet_joined", address=address, nodes=len(self.agents))
 
     async def refresh(self) -> None:
         """Agents for the nodes that joined; the ones that left are marked gone."""
@@ -185,16 +185,18 @@ class Fleet:
                 self._pumps[agent.node_id] = asyncio.create_task(
                     self._pump(agent, self.bus), name=f"events of {agent.node_id[:12]}"
                 )
-                logger.info(
-                    "event=agent_started node=%s address=%s cache=%s",
-                    agent.node_id[:12],
-                    agent.address,
-                    agent.cache_path,
+                logfmt.log(
+                    logger,
+                    logging.INFO,
+                    "agent_started",
+                    node=agent.node_id[:12],
+                    address=agent.address,
+                    cache=agent.cache_path,
                 )
             for node_id, agent in self.agents.items():
                 if node_id not in alive and not agent.gone:
                     agent.gone = True
-                    logger.warning("event=node_gone node=%s", node_id[:12])
+                    logfmt.log(logger, logging.WARNING, "node_gone", node=node_id[:12])
 
     async def _started(self, agent: _Agent, event: str) -> dict[str, str] | None:
         """The agent's ``start`` answer (where its cache and blob server are), or None when it
@@ -203,9 +205,7 @@ class Fleet:
             async with asyncio.timeout(CALL_TIMEOUT):
                 started: dict[str, str] = await agent.handle.start.remote(self._bandwidth)
         except Exception as error:
-            logger.warning(
-                "event=%s node=%s reason=%s", event, agent.node_id[:12], json.dumps(str(error))
-            )
+            logfmt.log(logger, logging.WARNING, event, node=agent.node_id[:12], reason=error)
             return None
         return started
 
@@ -228,7 +228,7 @@ class Fleet:
         # No answer: it is being restarted, or its node is leaving.
         started = await self._started(agent, "agent_unanswered")
         if started is not None and started["peer_url"] != agent.peer_url:
-            logger.warning("event=agent_restarted node=%s", agent.node_id[:12])
+            logfmt.log(logger, logging.WARNING, "agent_restarted", node=agent.node_id[:12])
             agent.peer_url = started["peer_url"]
 
     async def _pump(self, agent: _Agent, bus: EventBus) -> None:
@@ -250,7 +250,7 @@ class Fleet:
             try:
                 await self.refresh()
             except Exception:  # the cluster hiccuped: try again at the next turn
-                logger.exception("fleet: could not read the cluster's nodes")
+                logfmt.log(logger, logging.ERROR, "cluster_unreadable", exc_info=True)
 
     async def shutdown(self) -> None:
         """Stop every agent (their downloads stay in each node's job store), leave the cluster."""
@@ -453,11 +453,13 @@ class Fleet:
             if isinstance(answer, BaseException):
                 rollout.refused[agent.node_id] = str(answer)
                 refusals.append(answer)
-                logger.warning(
-                    "event=node_refused node=%s task_id=%s reason=%s",
-                    agent.node_id[:12],
-                    rollout.request.as_model().task_id,
-                    json.dumps(str(answer)),
+                logfmt.log(
+                    logger,
+                    logging.WARNING,
+                    "node_refused",
+                    node=agent.node_id[:12],
+                    task_id=rollout.request.as_model().task_id,
+                    reason=answer,
                 )
             else:
                 started.append(agent)
@@ -473,8 +475,8 @@ class Fleet:
             try:
                 answer = await self._call(seed, self._read, NodeAgent.status, rollout.request)
             except (NodeFailed, OnNode) as failure:
-                logger.warning(
-                    "event=seed_lost node=%s reason=%s", seed.node_id[:12], json.dumps(str(failure))
+                logfmt.log(
+                    logger, logging.WARNING, "seed_lost", node=seed.node_id[:12], reason=failure
                 )
                 await self._next_seed(rollout)
                 continue
@@ -831,8 +833,12 @@ class Fleet:
         """A new cap on every node, applied to its running downloads at once (and given to the
         nodes that join, or whose agent restarts, from now on)."""
         self._bandwidth = bytes_per_second
-        logger.info(
-            "event=bandwidth_cap bytes_per_second=%s per_node=true", bytes_per_second or "none"
+        logfmt.log(
+            logger,
+            logging.INFO,
+            "bandwidth_cap",
+            bytes_per_second=bytes_per_second or "none",
+            per_node="true",
         )
         agents = self._targets_of(None)
         answers = await self._fan_out(

@@ -9,6 +9,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 
+from api import logfmt
 from api.models.types import DownloadEvent, DownloadEventType
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,9 @@ class EventBus:
             try:
                 listener(event)
             except Exception:  # a listener's bug must not stop a download
-                logger.exception("event listener failed on %s", event.type.value)
+                logfmt.log(
+                    logger, logging.ERROR, "listener_failed", exc_info=True, on=event.type.value
+                )
         for queue in self._queues:
             _put(queue, event)
 
@@ -89,20 +92,12 @@ def _put(queue: asyncio.Queue[DownloadEvent], event: DownloadEvent) -> None:
     queue.put_nowait(event)
 
 
-def _logfmt_value(value: object) -> str:
-    text = str(value)
-    if text == "" or any(c in text for c in ' "=\n'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
-    return text
-
-
 def log_event(event: DownloadEvent) -> None:
     """One structured (logfmt) line per state change of a download; progress is not logged."""
     if event.type is DownloadEventType.PROGRESS:
         return
     progress = event.progress
     fields: dict[str, object] = {
-        "event": event.type.value,
         "task_id": event.task_id,
         "repo": event.model.hf_repo,
         "commit": event.commit or "-",
@@ -118,6 +113,5 @@ def log_event(event: DownloadEvent) -> None:
         fields["reason"] = event.retry_reason
     if event.error_message is not None:
         fields["error"] = event.error_message
-    line = " ".join(f"{key}={_logfmt_value(value)}" for key, value in fields.items())
     level = logging.WARNING if event.type is DownloadEventType.FAILED else logging.INFO
-    logger.log(level, "%s", line)
+    logfmt.log_line(logger, level, logfmt.line(event.type.value, **fields))

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from api import logfmt
 from api.models.backend import (
     CachedRevision,
     CacheState,
@@ -386,11 +387,13 @@ class ModelManager:
             async with asyncio.timeout(self.settings.plan_timeout_seconds):
                 commit = await self.backend.resolve(model.hf_repo, model.revision)
         except (DownloadFailed, TimeoutError) as failure:
-            logger.info(
-                "event=update_check_failed repo=%s revision=%s reason=%s",
-                model.hf_repo,
-                model.revision,
-                failure,
+            logfmt.log(
+                logger,
+                logging.INFO,
+                "update_check_failed",
+                repo=model.hf_repo,
+                revision=model.revision,
+                reason=failure,
             )
             return False
         return commit != local.commit
@@ -568,7 +571,9 @@ class ModelManager:
             self._start_queued()  # its slot is free (after its last event: in that order)
             raise
         except Exception as error:  # a bug: keep the service up, say so in the status
-            logger.exception("download %s crashed", job.task_id)
+            logfmt.log(
+                logger, logging.ERROR, "download_crashed", exc_info=True, task_id=job.task_id
+            )
             failure = DownloadFailed(
                 FailureKind.UNEXPECTED, f"internal error ({type(error).__name__})"
             )
@@ -636,7 +641,9 @@ class ModelManager:
         """A new cap for all downloads together (None: none), applied to the running ones now,
         without restarting them."""
         self._bandwidth = bytes_per_second
-        logger.info("event=bandwidth_cap bytes_per_second=%s", bytes_per_second or "none")
+        logfmt.log(
+            logger, logging.INFO, "bandwidth_cap", bytes_per_second=bytes_per_second or "none"
+        )
         self._share_bandwidth()
         return self.bandwidth()
 
@@ -701,12 +708,14 @@ class ModelManager:
         if freed is None:
             raise ModelNotFound(model.task_id)
         self._drop_errors(model.task_id)
-        logger.info(
-            "event=deleted task_id=%s repo=%s revision=%s freed_bytes=%d",
-            model.task_id,
-            model.hf_repo,
-            model.hf_commit or "all",
-            freed,
+        logfmt.log(
+            logger,
+            logging.INFO,
+            "deleted",
+            task_id=model.task_id,
+            repo=model.hf_repo,
+            revision=model.hf_commit or "all",
+            freed_bytes=freed,
         )
         return DeleteResponse(status=DeleteStatus.DELETED, freed_bytes=freed)
 
@@ -859,8 +868,13 @@ class ModelManager:
             if not request.dry_run:
                 self._forget_errors(repo_id, commits, cached)
         if not request.dry_run and revisions:
-            logger.info(
-                "event=pruned revisions=%d freed_bytes=%d kept=%d", len(revisions), freed, len(kept)
+            logfmt.log(
+                logger,
+                logging.INFO,
+                "pruned",
+                revisions=len(revisions),
+                freed_bytes=freed,
+                kept=len(kept),
             )
         note = None
         if now.unreachable:
@@ -903,13 +917,15 @@ class ModelManager:
         if report is None:
             raise ModelNotFound(model.task_id)
         verified = not report.missing and not report.mismatched
-        logger.info(
-            "event=verified task_id=%s commit=%s checked=%d missing=%d mismatched=%d",
-            model.task_id,
-            report.commit,
-            report.files_checked,
-            len(report.missing),
-            len(report.mismatched),
+        logfmt.log(
+            logger,
+            logging.INFO,
+            "verified",
+            task_id=model.task_id,
+            commit=report.commit,
+            checked=report.files_checked,
+            missing=len(report.missing),
+            mismatched=len(report.mismatched),
         )
         return VerifyResponse(
             model=model,
@@ -967,7 +983,7 @@ class ModelManager:
         running or queued when the service stopped (``MODELS_RESUME_ON_START``)."""
         removed = await self._on_cache_pool(self.backend.remove_all_orphans)
         if removed:
-            logger.info("event=orphans_removed count=%d", removed)
+            logfmt.log(logger, logging.INFO, "orphans_removed", count=removed)
         await self.backend.start()
         await self._resume()
 
@@ -980,11 +996,13 @@ class ModelManager:
             errors = await self._on_state_pool(self.store.errors)
             kept = await self._on_state_pool(self.store.claim_unowned)
         except (OSError, sqlite3.Error) as error:
-            logger.warning(
-                "event=state_unavailable path=%s reason=%s: downloads will not be resumed after"
-                " a restart",
-                self.settings.state_path,
-                error,
+            logfmt.log(
+                logger,
+                logging.WARNING,
+                "state_unavailable",
+                path=self.settings.state_path,
+                reason=error,
+                resumed_after_restart="false",
             )
             return
         self._store_open = True
@@ -1003,9 +1021,17 @@ class ModelManager:
             waiting.job.publish(DownloadEventType.QUEUED)
         resumed = [job.task_id for job in self._jobs.values()]
         if resumed:
-            logger.info("event=resumed count=%d task_ids=%s", len(resumed), ",".join(resumed))
+            logfmt.log(
+                logger, logging.INFO, "resumed", count=len(resumed), task_ids=",".join(resumed)
+            )
         elif kept and not self.settings.resume_on_start:
-            logger.info("event=not_resumed count=%d (MODELS_RESUME_ON_START=false)", len(kept))
+            logfmt.log(
+                logger,
+                logging.INFO,
+                "not_resumed",
+                count=len(kept),
+                why="MODELS_RESUME_ON_START=false",
+            )
 
     async def shutdown(self) -> None:
         """Stop every running download and wait for each (no worker outlives the service)."""
@@ -1058,7 +1084,13 @@ class _Queued:
 
 def _log_store_failure(future: asyncio.Future[None]) -> None:
     if not future.cancelled() and (error := future.exception()) is not None:
-        logger.warning("event=state_write_failed reason=%s: a restart may not resume it", error)
+        logfmt.log(
+            logger,
+            logging.WARNING,
+            "state_write_failed",
+            reason=error,
+            resumed_after_restart="maybe not",
+        )
 
 
 def _lower_thread_priority(nice: int) -> None:

@@ -11,6 +11,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from api import logfmt
 from api.models.backend import CachedRevision, DownloadFailed, DownloadPlan
 from api.models.serving import ServedModel, ServedNow
 from api.models.types import repo_id_problem
@@ -140,7 +141,9 @@ class UpdateChecker:
         check = UpdateCheck(repo_id, ref, cached, hub, missing, error, time.time())
         self._done[(repo_id, ref)] = check
         if error is not None:
-            logger.info("event=update_check_failed repo=%s ref=%s reason=%s", repo_id, ref, error)
+            logfmt.log(
+                logger, logging.INFO, "update_check_failed", repo=repo_id, ref=ref, reason=error
+            )
         return check
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from api import logfmt
 from api.models.anchored import Folder, LinkInTheWay
 from api.models.backend import FileSelection
 from api.models.types import Model
@@ -131,11 +132,14 @@ class JobStore:
 
     def _set_aside(self, problem: str) -> None:
         aside = self._move_aside(problem.split(" ", 1)[0])
-        logger.warning(
-            "event=state_moved_aside path=%s moved_to=%s reason=%s downloads_resumed=false",
-            self.path,
-            aside,
-            json.dumps(problem),
+        logfmt.log(
+            logger,
+            logging.WARNING,
+            "state_moved_aside",
+            path=self.path,
+            moved_to=aside,
+            reason=problem,
+            downloads_resumed="false",
         )
 
     def _own_subfolder(self, name: str) -> Folder:
@@ -147,11 +151,13 @@ class JobStore:
         except LinkInTheWay as link:
             aside = f"{name}.{link.found.split()[-1]}-{_stamp()}"
             self._dir.rename(name, aside)
-            logger.warning(
-                "event=state_moved_aside path=%s moved_to=%s reason=%s",
-                self.folder / name,
-                self.folder / aside,
-                json.dumps(f"{link.found}, not a folder"),
+            logfmt.log(
+                logger,
+                logging.WARNING,
+                "state_moved_aside",
+                path=self.folder / name,
+                moved_to=self.folder / aside,
+                reason=f"{link.found}, not a folder",
             )
             found = self._dir.sub(name, create=True, mode=0o700)
         assert found is not None
@@ -272,10 +278,12 @@ class JobStore:
                     asked = FileSelection.from_json(json.loads(selection))
             except (ValidationError, ValueError, TypeError) as error:
                 self.remove(key)
-                logger.warning(
-                    "event=state_row_dropped key=%s reason=%s",
-                    key,
-                    json.dumps(str(error).splitlines()[0][:200]),
+                logfmt.log(
+                    logger,
+                    logging.WARNING,
+                    "state_row_dropped",
+                    key=key,
+                    reason=str(error).splitlines()[0][:200],
                 )
                 continue
             found.append(StoredDownload(key, model, asked))
@@ -283,7 +291,7 @@ class JobStore:
 
     def _drop_row(self, key: object, why: str) -> None:
         self._delete_row(key)
-        logger.warning("event=state_row_dropped reason=%s", json.dumps(why))
+        logfmt.log(logger, logging.WARNING, "state_row_dropped", reason=why)
 
     def _delete_row(self, key: object) -> None:
         with self._transaction() as db:
@@ -330,10 +338,13 @@ class JobStore:
             else:
                 dropped += 1
         if dropped:
-            logger.warning(
-                "event=state_row_dropped table=errors count=%d reason=%s",
-                dropped,
-                json.dumps("not a task id and a message this service writes"),
+            logfmt.log(
+                logger,
+                logging.WARNING,
+                "state_row_dropped",
+                table="errors",
+                count=dropped,
+                reason="not a task id and a message this service writes",
             )
         return kept
 
@@ -394,7 +405,7 @@ def _own_folder(path: Path) -> Folder:
         )
     if stat.S_IMODE(info.st_mode) & 0o022:
         folder.chmod(stat.S_IMODE(info.st_mode) & ~0o022)
-        logger.warning("event=state_folder_made_private path=%s", path)
+        logfmt.log(logger, logging.WARNING, "state_folder_made_private", path=path)
     return folder
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from huggingface_hub.utils._shared_blobs import shared_blob_target
 
+from api import logfmt
 from api.models.anchored import Folder, LinkInTheWay, held, resolve_link
 from api.models.backend import (
     EVERYTHING,
@@ -128,7 +129,7 @@ class ModelCache:
                 if fresh is None:
                     return None
                 if self._anchor is not None:
-                    logger.info("event=cache_reopened path=%s", self.root)
+                    logfmt.log(logger, logging.INFO, "cache_reopened", path=self.root)
                     self._anchor.close()  # callers hold descriptors of their own
                 self._anchor = current = fresh
             return current.dup()
@@ -190,7 +191,7 @@ class ModelCache:
             try:  # the opening only: what the caller's block raises is the caller's
                 trees = stack.enter_context(self.model_folder(repo_id, "trees"))
             except LinkInTheWay as link:
-                logger.warning("ignoring the file lists of %s: %s", repo_id, link)
+                logfmt.log(logger, logging.WARNING, "file_lists_ignored", repo=repo_id, reason=link)
             yield trees
 
     def _tree_in(
@@ -218,7 +219,7 @@ class ModelCache:
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            logger.warning("ignoring unreadable file list %s: %s", path, error)
+            logfmt.log(logger, logging.WARNING, "file_list_ignored", path=path, reason=error)
             return None
         # The file is in the cache, which other tools and users write too: a path or an id that
         # could lead outside the snapshot makes the whole list untrusted (the rule a plan from
@@ -227,7 +228,7 @@ class ModelCache:
         try:
             check_plan(DownloadPlan(commit, files))
         except UntrustedAnswer as problem:
-            logger.warning("ignoring the file list %s: %s", path, problem)
+            logfmt.log(logger, logging.WARNING, "file_list_ignored", path=path, reason=problem)
             return None
         return tree
 
@@ -312,11 +313,13 @@ class ModelCache:
             return
         with self.model_folder(repo_id, "trees") as trees:
             if trees is not None and trees.unlink(f"{plan.commit}.json"):
-                logger.warning(
-                    "event=file_list_dropped repo=%s commit=%s reason=%s",
-                    repo_id,
-                    plan.commit,
-                    json.dumps("the cached file list is not the one the Hub gave for the commit"),
+                logfmt.log(
+                    logger,
+                    logging.WARNING,
+                    "file_list_dropped",
+                    repo=repo_id,
+                    commit=plan.commit,
+                    reason="the cached file list is not the one the Hub gave for the commit",
                 )
 
     def discard_file(self, repo_id: str, commit: str, rel: str) -> None:
@@ -454,7 +457,9 @@ class ModelCache:
             elif not self.revision_busy(repo_id, commit):
                 self.records.clear_unverified(repo_id, commit)  # every file checked good: verified
         except OSError as error:
-            logger.warning("cannot record the verification of %s: %s", repo_id, error)
+            logfmt.log(
+                logger, logging.WARNING, "verification_not_recorded", repo=repo_id, reason=error
+            )
 
     @staticmethod
     def _state_without_tree(snapshot: Path) -> CacheState:
@@ -670,7 +675,9 @@ class ModelCache:
                 try:
                     found.append(stack.enter_context(opener))
                 except LinkInTheWay as error:
-                    logger.warning("event=link_not_followed repo=%s path=%s", repo_id, error.where)
+                    logfmt.log(
+                        logger, logging.WARNING, "link_not_followed", repo=repo_id, path=error.where
+                    )
                     found.append(None)
             yield found[0], found[1]
 
@@ -709,7 +716,7 @@ class ModelCache:
                     ):
                         locks.unlink(record)  # of a partial file that is gone
         if removed:
-            logger.info("removed %d orphaned temporary file(s) of %s", removed, repo_id)
+            logfmt.log(logger, logging.INFO, "orphans_removed", repo=repo_id, count=removed)
         return removed
 
     def discard_ranged(self, repo_id: str) -> int:
@@ -756,7 +763,7 @@ def _unreadable(repo_id: str, error: BaseException, commit: str | None = None) -
     reason = type(error).__name__
     if isinstance(error, OSError) and error.errno is not None:
         reason = errno.errorcode.get(error.errno, str(error.errno))
-    logger.warning("cannot read the cache folder of %s: %s", repo_id, error)
+    logfmt.log(logger, logging.WARNING, "cache_folder_unreadable", repo=repo_id, reason=error)
     note = f"the cache folder of {repo_id} cannot be read ({reason}); delete it or fix its files"
     return CachedRevision(repo_id, commit, CacheState.PARTIAL, 0, (), note)
 

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from api import logfmt
 from api.models.anchored import (
     Folder,
     KeepsChanging,
@@ -130,10 +131,12 @@ def execute(cache: ModelCache, plan: DeletePlan) -> int:
     except OSError as error:
         if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise CacheNotWritable(plan.repo_id, partly=True) from None
-        logger.warning(
-            "event=delete_stopped repo=%s errno=%s",
-            plan.repo_id,
-            errno.errorcode.get(error.errno or 0, error.errno),
+        logfmt.log(
+            logger,
+            logging.WARNING,
+            "delete_stopped",
+            repo=plan.repo_id,
+            errno=errno.errorcode.get(error.errno or 0, error.errno),
         )
         raise UnsafeCachePath(plan.repo_id, partly=True) from None
 

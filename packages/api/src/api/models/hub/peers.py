@@ -27,6 +27,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from api import logfmt
 from api.models.hub.cache import ModelCache
 from api.models.hub.guard import COMMIT_ID
 
@@ -104,7 +105,7 @@ class PeerServer:
             if self._task.done():
                 self._task.result()  # its failure, raised here
             await asyncio.sleep(0.01)
-        logger.info("event=peer_server url=%s", self.url)
+        logfmt.log(logger, logging.INFO, "peer_server", url=self.url)
         return self.url
 
     async def stop(self) -> None:

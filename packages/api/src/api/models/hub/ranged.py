@@ -51,6 +51,7 @@ from huggingface_hub.utils._headers import build_hf_headers
 from huggingface_hub.utils._http import _is_same_or_hub_host
 from huggingface_hub.utils._runtime import is_xet_available
 
+from api import logfmt
 from api.models.anchored import Folder, LinkInTheWay
 from api.models.backend import Peer, RemoteFile
 from api.models.errors import DownloadFailed, FailureKind
@@ -300,12 +301,26 @@ def _from_peers(
                 PEER_PART_ATTEMPTS,
             )
         except (DownloadFailed, _UseLibrary) as failure:
-            logger.warning("peer %s could not serve %s: %s", peer.url, entry.path, failure)
+            logfmt.log(
+                logger,
+                logging.WARNING,
+                "peer_failed",
+                peer=peer.url,
+                path=entry.path,
+                reason=failure,
+            )
             failed.add(peer)
             continue
         if inode is not None:
             return inode, True
-        logger.warning("peer %s served other content for %s: refused", peer.url, entry.path)
+        logfmt.log(
+            logger,
+            logging.WARNING,
+            "peer_refused",
+            peer=peer.url,
+            path=entry.path,
+            reason="other content",
+        )
         failed.add(peer)
     begun = _resumable(entry, blobs, locks, ranges)
     if tried and not begun:

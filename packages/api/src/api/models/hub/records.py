@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
+from api import logfmt
 from api.models.anchored import Folder, LinkInTheWay
 from api.models.backend import FileSelection
 from api.models.hub.guard import path_problem
@@ -74,7 +75,14 @@ class RevisionRecords:
             with self.locks_of(repo_id, False) as locks:
                 return self.unverified_in(locks, repo_id, commit)
         except OSError as error:  # a link in place of the model's folder: never followed
-            logger.warning("unreadable verification journal of %s@%s: %s", repo_id, commit, error)
+            logfmt.log(
+                logger,
+                logging.WARNING,
+                "journal_unreadable",
+                repo=repo_id,
+                commit=commit,
+                reason=error,
+            )
             return UNREADABLE_JOURNAL
 
     def unverified_in(
@@ -88,7 +96,14 @@ class RevisionRecords:
             data = json.loads(raw.decode("utf-8"))
         except (OSError, ValueError) as error:
             # A link in its place (never followed), a huge or broken file: not known good.
-            logger.warning("unreadable verification journal of %s@%s: %s", repo_id, commit, error)
+            logfmt.log(
+                logger,
+                logging.WARNING,
+                "journal_unreadable",
+                repo=repo_id,
+                commit=commit,
+                reason=error,
+            )
             return UNREADABLE_JOURNAL
         if not isinstance(data, dict):
             return UNREADABLE_JOURNAL
@@ -105,7 +120,14 @@ class RevisionRecords:
             with self.locks_of(repo_id, False) as locks:
                 return self.selections_in(locks, commit)
         except LinkInTheWay as error:
-            logger.warning("ignoring the selection record of %s@%s: %s", repo_id, commit, error)
+            logfmt.log(
+                logger,
+                logging.WARNING,
+                "selection_record_ignored",
+                repo=repo_id,
+                commit=commit,
+                reason=error,
+            )
             return ()
 
     def selections_in(self, locks: Folder | None, commit: str) -> tuple[FileSelection, ...]:
@@ -121,7 +143,9 @@ class RevisionRecords:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             # The cache is written by others too: a record that does not parse counts as none
             # (the default applies), never as a selection of our guessing.
-            logger.warning("ignoring the selection record of %s: %s", commit, error)
+            logfmt.log(
+                logger, logging.WARNING, "selection_record_ignored", commit=commit, reason=error
+            )
             return ()
         return found[:MAX_RECORDED_SELECTIONS]
 

@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 
 from huggingface_hub import constants, snapshot_download
 
+from api import logfmt
 from api.models.anchored import Folder
 from api.models.backend import DownloadPlan, RemoteFile
 from api.models.errors import DownloadFailed, FailureKind
@@ -556,6 +557,7 @@ def main() -> int:
     for name, value in XET_DEFAULTS.items():
         os.environ.setdefault(name, value)
     die_with_parent()
+    logfmt.install_in_worker()  # its lines, and the library's warnings, are the service's log's
     # Downloads are background work: the API that shares these cores answers first.
     with contextlib.suppress(OSError):
         os.nice(int(os.environ.get("MODELS_WORKER_NICE", "10")))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import queue
 import selectors
@@ -31,7 +32,6 @@ import socket
 import subprocess
 import sys
 import threading
-import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -102,7 +102,11 @@ def _fork_worker(control: socket.socket, own_fds: tuple[int, int]) -> bool:
 
             code = worker.main()
         except BaseException:
-            traceback.print_exc()  # the service sees the worker end without a message: a crash
+            # The service sees the worker end without a message (a crash); the log says why.
+            from api import logfmt
+
+            logfmt.install_in_worker()
+            logfmt.log(logging.getLogger(__name__), logging.ERROR, "worker_crashed", exc_info=True)
         finally:
             sys.stderr.flush()
             os._exit(code)
