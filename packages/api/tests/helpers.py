@@ -21,6 +21,7 @@ import pytest
 from fastapi import FastAPI
 
 from api.app import create_app
+from api.cli import EventLines
 from api.models.anchored import Folder
 from api.models.hub.zygote import Zygote
 from api.settings import Settings
@@ -241,17 +242,13 @@ async def sse(
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        event, data = "message", ""
+        lines = EventLines()
         async for line in response.aiter_lines():
-            if line.startswith(": connected") and connected is not None:
+            done = lines.feed(line)
+            if connected is not None and lines.comment == "connected":
                 connected.set()
-            elif line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data += line[5:].strip()
-            elif line == "" and data:
-                yield event, json.loads(data)
-                event, data = "message", ""
+            if done is not None:
+                yield done
 
 
 def anchored(path: Path) -> Folder:

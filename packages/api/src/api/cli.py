@@ -32,6 +32,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from api.units import human_bytes
+
 OK, FAILURE, USAGE, NOT_FOUND, BUSY = 0, 1, 2, 3, 4
 _EXIT_BY_STATUS = {404: NOT_FOUND, 409: BUSY, 429: BUSY, 422: USAGE, 400: USAGE, 413: USAGE}
 
@@ -223,14 +225,7 @@ def _print_json(data: Any) -> None:
 
 
 def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{n} B"
+    return "-" if n is None else human_bytes(n, decimal=True)
 
 
 def _status_line(answer: dict[str, Any]) -> str:
@@ -327,16 +322,34 @@ def _detached(client: httpx.Client, repo: str, commit: str | None, body: dict[st
         err.print(f"interrupted; `modelctl status {_plain(repo)}` says what the service has")
 
 
-def _events(stream: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
-    event, data = "message", ""
-    for line in stream.iter_lines():
-        if line.startswith("event:"):
-            event = line[6:].strip()
+class EventLines:
+    """The service's Server-Sent Events, read a line at a time: ``feed`` gives an ``(event,
+    data)`` pair when a line ends one; ``comment`` is the last comment line's text (the service
+    sends ``connected`` once the stream is subscribed). The one parser of ``modelctl`` and of the
+    tests."""
+
+    def __init__(self) -> None:
+        self.event, self.data, self.comment = "message", "", ""
+
+    def feed(self, line: str) -> tuple[str, dict[str, Any]] | None:
+        if line.startswith(":"):
+            self.comment = line[1:].strip()
+        elif line.startswith("event:"):
+            self.event = line[6:].strip()
         elif line.startswith("data:"):
-            data += line[5:].strip()
-        elif line == "" and data:
-            yield event, json.loads(data)
-            event, data = "message", ""
+            self.data += line[5:].strip()
+        elif line == "" and self.data:
+            done = (self.event, json.loads(self.data))
+            self.event, self.data = "message", ""
+            return done
+        return None
+
+
+def _events(stream: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
+    lines = EventLines()
+    for line in stream.iter_lines():
+        if (done := lines.feed(line)) is not None:
+            yield done
 
 
 def _follow(stream: httpx.Response, task_id: str, as_json: bool) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import enum
 
+from api.units import human_bytes
+
 
 class ModelError(Exception):
     """Base class: ``str(error)`` is a message safe to show a client (no URL, path or token).
@@ -85,16 +87,6 @@ class InsufficientStorage(ModelError):
         self.free = free
         self.reserved = reserved
         self.margin = margin
-
-
-def human_bytes(count: int) -> str:
-    """``1.5 GiB``: sizes as people read them (binary units, one decimal)."""
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 class UnsafeCachePath(ModelError):

@@ -27,7 +27,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import stat
 import threading
@@ -52,7 +51,14 @@ from api.models.backend import (
     VerifyReport,
 )
 from api.models.hub import selection as selecting
-from api.models.hub.guard import COMMIT_ID, UntrustedAnswer, check_plan, path_problem
+from api.models.hub.guard import (
+    COMMIT_ID,
+    GIT_OR_SHA256,
+    SHA256,
+    UntrustedAnswer,
+    check_plan,
+    path_problem,
+)
 from api.models.hub.hashing import descriptor_matches
 from api.models.hub.records import RevisionRecords, journal_note, name_some
 
@@ -71,8 +77,6 @@ RANGED_SUFFIX = ".ranged" + INCOMPLETE_SUFFIX
 RECORD_SUFFIX = ".ranged.json"
 
 
-_BLOB_NAME = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a git blob id or a sha256: an ETag
-_XET_HASH = re.compile(r"[0-9a-f]{64}")
 MAX_TREE_BYTES = 256 * 1024 * 1024  # 100,000 files (``MODELS_MAX_REPO_FILES``) of long paths
 
 
@@ -386,7 +390,7 @@ class ModelCache:
                 blob = resolve_link(at, target, str(self.root))
                 if blob is None or blob[:2] != (folder, "blobs") or len(blob) != 3:
                     return None
-                if blob_only and not _BLOB_NAME.fullmatch(blob[2]):
+                if blob_only and not GIT_OR_SHA256.fullmatch(blob[2]):
                     return None
                 with held(root.walk(folder, "blobs")) as blobs:
                     if blobs is None:
@@ -872,7 +876,7 @@ def _shared_hash(blobs: Folder, name: str, folder: str, root: str) -> str | None
         at is None
         or len(at) != 3
         or at[0] != "blobs"
-        or not _XET_HASH.fullmatch(at[2])
+        or not SHA256.fullmatch(at[2])
         or at[1] != at[2][:2]
     ):
         return None

@@ -22,7 +22,7 @@ from api.models.errors import DownloadFailed, FailureKind
 from api.models.hub.guard import UntrustedAnswer
 
 _NO_RETRY_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
-_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})  # worth another attempt
 
 
 def classify_error(
@@ -70,7 +70,7 @@ def classify_error(
         )
     if isinstance(error, HfHubHTTPError):
         status = error.response.status_code if error.response is not None else 0
-        if status in _RETRY_STATUS:
+        if status in RETRYABLE_STATUS:
             return FailureKind.NETWORK, True, f"the Hub answered HTTP {status}"
         if status in (401, 403):
             return (
@@ -150,7 +150,7 @@ def _classify_xet_error(text: str) -> tuple[FailureKind, bool, str]:
         return FailureKind.DISK_FULL, False, "the cache's disk is full"
     if "permission denied" in lowered or "read-only file system" in lowered:
         return FailureKind.PERMISSION, False, "the cache folder is not writable"
-    if code in _RETRY_STATUS:
+    if code in RETRYABLE_STATUS:
         return FailureKind.NETWORK, True, f"the Xet storage answered HTTP {code}"
     if code in (401, 403) or "authentication" in lowered:
         return (

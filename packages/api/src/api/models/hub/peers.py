@@ -17,7 +17,6 @@ import contextlib
 import hmac
 import logging
 import os
-import re
 import socket
 
 import uvicorn
@@ -30,11 +29,9 @@ from starlette.routing import Route
 from api import logfmt
 from api.models.hub.cache import ModelCache
 from api.models.hub.guard import COMMIT_ID
+from api.models.types import REPO_ID_PATTERN
 
 logger = logging.getLogger(__name__)
-
-_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.\-]{0,94}[A-Za-z0-9_])?"
-_REPO_ID = re.compile(rf"{_PART}/{_PART}")  # the API's own rule for a repo id
 
 
 class _Blob(FileResponse):
@@ -53,7 +50,11 @@ def peer_app(cache: ModelCache, token: str) -> Starlette:
         org, name = request.path_params["org"], request.path_params["name"]
         commit, path = request.path_params["commit"], request.path_params["path"]
         repo_id = f"{org}/{name}"
-        if not COMMIT_ID.fullmatch(commit) or not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+        if (
+            not COMMIT_ID.fullmatch(commit)
+            or not REPO_ID_PATTERN.fullmatch(repo_id)
+            or ".." in repo_id
+        ):
             return PlainTextResponse("not served here", status_code=404)
         fd = await asyncio.to_thread(cache.open_content, repo_id, commit, path, True)
         if fd is None:

@@ -56,6 +56,7 @@ from api.models.anchored import Folder, LinkInTheWay
 from api.models.backend import Peer, RemoteFile
 from api.models.errors import DownloadFailed, FailureKind
 from api.models.hub.cache import RANGED_SUFFIX, RECORD_SUFFIX, lock_free
+from api.models.hub.classify import RETRYABLE_STATUS
 from api.models.hub.guard import Limits
 from api.models.hub.hashing import new_digest
 from api.models.hub.throttle import LIMITER
@@ -74,7 +75,6 @@ PEER_PART_ATTEMPTS = 1
 # a kill's loss and of the stall watchdog's view (1 MiB measured no faster on loopback).
 BUFFER = 256 * 1024
 HASH_STEP = 8 * MiB
-_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 
 
 @dataclass(frozen=True)
@@ -848,7 +848,7 @@ class _Connection:
             return response
         response.read(64 * 1024)
         response.close()
-        if status in _RETRY_STATUS:
+        if status in RETRYABLE_STATUS:
             after = response.getheader("Retry-After")
             seconds = float(after) if after and after.replace(".", "", 1).isdigit() else None
             raise _Retry(f"the Hub answered HTTP {status} for a part", seconds)
