@@ -20,15 +20,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from huggingface_hub.utils._shared_blobs import (
-    publish_blob_to_shared_store,
-    shared_blob_target,
-)
+from huggingface_hub.utils._shared_blobs import publish_blob_to_shared_store
 
 import api
 from api.models.anchored import Folder, KeepsChanging, LinkInTheWay, held, resolve_link, walk_files
 from api.models.backend import FileSelection, FilesPreset, RemoteFile
 from api.models.errors import UnsafeCachePath
+from api.models.hub._compat import shared_blob_target
 from api.models.hub.cache import ModelCache, _shared_hash
 from api.models.hub.deletion import delete, execute, plan_delete, plan_prune
 from api.models.hub.ranged import Prefix, Ranges, Record

@@ -7,10 +7,10 @@ import fnmatch
 from pathlib import Path
 
 import pytest
-from huggingface_hub.utils._paths import filter_repo_objects
 from pydantic import ValidationError
 
 from api.models.backend import FileSelection, FilesPreset, RemoteFile
+from api.models.hub._compat import filter_repo_objects
 from api.models.hub.cache import ModelCache
 from api.models.hub.records import selection_name
 from api.models.hub.selection import exact_patterns, resolve, resolve_all, weight_groups

@@ -35,8 +35,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub.utils._shared_blobs import shared_blob_target
-
 from api import logfmt
 from api.models.anchored import Folder, LinkInTheWay, held, resolve_link
 from api.models.backend import (
@@ -51,6 +49,7 @@ from api.models.backend import (
     VerifyReport,
 )
 from api.models.hub import selection as selecting
+from api.models.hub._compat import shared_blob_target
 from api.models.hub.guard import (
     COMMIT_ID,
     GIT_OR_SHA256,

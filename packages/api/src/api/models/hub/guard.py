@@ -467,7 +467,8 @@ def install(limits: Limits) -> None:
     """Make every client the library builds in this process a guarded one (idempotent)."""
     global _INSTALLED
     from huggingface_hub import set_client_factory
-    from huggingface_hub.utils._http import hf_request_event_hook
+
+    from api.models.hub._compat import hf_request_event_hook
 
     with _INSTALL_LOCK:
         if limits == _INSTALLED:

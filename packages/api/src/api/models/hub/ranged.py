@@ -46,15 +46,18 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
-from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
-from huggingface_hub.utils._headers import build_hf_headers
-from huggingface_hub.utils._http import _is_same_or_hub_host
-from huggingface_hub.utils._runtime import is_xet_available
+from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
 from api import logfmt
 from api.models.anchored import Folder, LinkInTheWay
 from api.models.backend import Peer, RemoteFile
 from api.models.errors import DownloadFailed, FailureKind
+from api.models.hub._compat import (
+    build_hf_headers,
+    is_xet_available,
+    same_origin_or_hub,
+    xet_disabled,
+)
 from api.models.hub.cache import RANGED_SUFFIX, RECORD_SUFFIX, lock_free
 from api.models.hub.classify import RETRYABLE_STATUS
 from api.models.hub.guard import Limits
@@ -345,7 +348,7 @@ def _hub_source(
         not xet_ok
         and metadata.xet_file_data is not None
         and is_xet_available()
-        and not constants.HF_HUB_DISABLE_XET
+        and not xet_disabled()
     ):
         raise _UseLibrary("served through Xet")
     if metadata.size is None:
@@ -364,7 +367,7 @@ def _hub_source(
         raise _UseLibrary("a proxy is configured for it")
     headers = build_hf_headers(token=token)
     headers["Accept-Encoding"] = "identity"
-    if not _is_same_or_hub_host(url, location):
+    if not same_origin_or_hub(url, location):
         headers.pop("authorization", None)  # a CDN's signed URL: the token stays with the Hub
     return _Source(location, headers)
 

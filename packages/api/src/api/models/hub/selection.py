@@ -28,9 +28,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from huggingface_hub.utils._paths import filter_repo_objects  # the library's own matcher
-
 from api.models.backend import FileSelection, FilesPreset, RemoteFile, WeightGroup
+from api.models.hub._compat import filter_repo_objects  # the library's own matcher
 
 # vLLM's order of preference for the `hf` format (``_prepare_weights``: "*.safetensors", "*.bin",
 # then "*.pt" with fall_back_to_pt), and the Mistral format it prefers when present.

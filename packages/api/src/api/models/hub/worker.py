@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from huggingface_hub import constants, snapshot_download
+from huggingface_hub import snapshot_download
 
 from api import logfmt
 from api.models.anchored import Folder
 from api.models.backend import DownloadPlan, RemoteFile
 from api.models.errors import DownloadFailed, FailureKind
-from api.models.hub import guard, protocol, throttle
+from api.models.hub import _compat, guard, protocol, throttle
 from api.models.hub.cache import INCOMPLETE_SUFFIX, RANGED_SUFFIX, ModelCache, blob_name
 from api.models.hub.classify import failure_of
 from api.models.hub.hashing import descriptor_matches, new_digest
@@ -337,7 +337,7 @@ def die_with_parent() -> None:
         pass
 
 
-_XET_DISABLED = constants.HF_HUB_DISABLE_XET  # as the environment set it
+_XET_DISABLED = _compat.xet_disabled()  # as the environment set it
 
 
 def apply_rate(rate: float | None, xet_when_capped: str) -> None:
@@ -345,7 +345,7 @@ def apply_rate(rate: float | None, xet_when_capped: str) -> None:
     stored in Xet go through hf_xet (out of the cap's reach) or by plain HTTP (``throttle``). The
     library asks ``is_xet_available()`` for each file: the next file goes the new way."""
     throttle.LIMITER.set_rate(rate)
-    constants.HF_HUB_DISABLE_XET = _XET_DISABLED or not throttle.xet_allowed(rate, xet_when_capped)
+    _compat.disable_xet(_XET_DISABLED or not throttle.xet_allowed(rate, xet_when_capped))
 
 
 def _follow_stdin(xet_when_capped: str) -> None:
@@ -553,7 +553,7 @@ def main() -> int:
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     # Anything the library prints goes to stderr, never into the event stream.
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    constants.DOWNLOAD_CHUNK_SIZE = CHUNK_SIZE
+    _compat.set_download_chunk_size(CHUNK_SIZE)
     for name, value in XET_DEFAULTS.items():
         os.environ.setdefault(name, value)
     die_with_parent()
