@@ -60,7 +60,7 @@ browser-deps:
 	  || echo "could not install chromium with apt: the browser tests will be skipped"; \
 	else echo "chromium is not installed and this is not root: the browser tests will be skipped"; fi
 
-# The README's screenshot of the operator's page, from the browser test that takes it.
+# The screenshot of the operator's page in docs/using.md, from the browser test that takes it.
 screenshot: $(STAMP) browser-deps
 	MODELS_SCREENSHOT=$(CURDIR)/docs/operator-page.png $(VENV)/bin/pytest -q -n 0 \
 	  packages/api/tests/browser -k new_user

@@ -1,4 +1,7 @@
-"""Service settings, read from the environment (and tests can build them with other values)."""
+"""Service settings, read from the environment (and tests can build them with other values).
+
+Depends on nothing of the service: every other module may read it. ``docs/configuration.md``
+says which settings an operator decides (and when) and which are tuning."""
 
 from __future__ import annotations
 
@@ -6,13 +9,10 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-
-from api.models.backend import FilesPreset
-from api.models.serving import display_url
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MIN_KEY_LENGTH = 16
@@ -22,6 +22,16 @@ _HOST_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?")
 def _split_keys(value: str) -> list[str]:
     """Several keys, comma-separated (to rotate one without downtime)."""
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def display_url(url: str) -> str:
+    """The URL as it may be shown: without a user or password."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def default_cache_dir() -> Path:
@@ -46,104 +56,11 @@ class Settings(BaseSettings):
         env_prefix="MODELS_", extra="ignore", populate_by_name=True, hide_input_in_errors=True
     )
 
+    # -- what an operator decides (docs/configuration.md says when to set each) --------------
+
     cache_dir: Path = Field(default_factory=default_cache_dir)
     hf_endpoint: str = Field(default=DEFAULT_ENDPOINT, validation_alias="HF_ENDPOINT")
     hf_token: SecretStr | None = Field(default=None, validation_alias="HF_TOKEN")
-    max_concurrent_downloads: int = Field(default=3, ge=1, le=64)
-    max_queued_downloads: int = Field(
-        default=0,
-        ge=0,
-        le=1000,
-        description="downloads beyond MODELS_MAX_CONCURRENT_DOWNLOADS wait in a queue of this"
-        " many (first in, first out); 0: refused with 429, as the spec has it",
-    )
-    state_dir: Path | None = Field(
-        default=None,
-        description="the service's own folder: the downloads to resume after a restart and the"
-        " last errors (SQLite); default: 'model-service' beside the cache folder",
-    )
-    resume_on_start: bool = Field(
-        default=True,
-        description="resume, at start-up, the downloads that were running or queued when the"
-        " service stopped or died; false: they are forgotten (the spec's first version)",
-    )
-    max_download_bytes_per_second: int = Field(
-        default=0,
-        ge=0,
-        description="the total rate of all downloads of this service, shared fairly between the"
-        " running ones; 0: no cap (changeable at run time: PUT /api/models/settings/bandwidth)",
-    )
-    xet_when_capped: Literal["http", "xet"] = Field(
-        default="http",
-        description="under a bandwidth cap, files stored in Xet are fetched by the Hub's plain"
-        " HTTP download ('http': capped) or through hf_xet ('xet': faster, but hf_xet cannot be"
-        " capped: those bytes are not)",
-    )
-    ray_address: str | None = Field(
-        default=None,
-        description="a fleet: join this Ray cluster ('auto', or host:port) and act on every node"
-        " (needs the api[fleet] extra); unset: this machine only",
-    )
-    retry_attempts: int = Field(default=5, ge=1, le=50)
-    retry_min_backoff_seconds: float = Field(default=1.0, ge=0)
-    retry_max_backoff_seconds: float = Field(default=60.0, ge=0)
-    download_timeout_seconds: float = Field(default=24 * 3600, gt=0)
-    stall_timeout_seconds: float = Field(
-        default=60.0, gt=0, description="an attempt with no progress for this long is restarted"
-    )
-    space_margin_bytes: int = Field(
-        default=512 * 1024 * 1024, ge=0, description="free space kept beyond what downloads need"
-    )
-    worker_start_timeout_seconds: float = Field(
-        default=60.0,
-        gt=0,
-        description="a download worker that has not taken its job after this long is restarted"
-        " (the stall watchdog counts from then)",
-    )
-    plan_timeout_seconds: float = Field(
-        default=10.0,
-        gt=0,
-        description="how long POST /download and /plan wait for the file list, and for where a"
-        " cached branch points now",
-    )
-    max_repo_files: int = Field(
-        default=100_000, ge=1, description="a Hub file list longer than this is refused"
-    )
-    hub_connect_timeout_seconds: float = Field(
-        default=10.0, gt=0, description="connecting to the Hub gives up after this long"
-    )
-    hub_read_timeout_seconds: float = Field(
-        default=30.0, gt=0, description="a Hub answer silent for this long is given up"
-    )
-    max_concurrent_verifications: int = Field(
-        default=2, ge=1, le=64, description="POST /verify beyond this many at once gets 429"
-    )
-    cache_threads: int = Field(
-        default=4, ge=1, le=64, description="threads reading the cache (status, list, space)"
-    )
-    hub_call_slots: int = Field(
-        default=8, ge=1, le=64, description="Hub metadata calls of the service at once"
-    )
-    warm_worker: bool = Field(
-        default=True,
-        description="start the process download workers are forked from at start-up, not at the"
-        " first download (it imports the Hub library once: about 0.5 s of CPU)",
-    )
-    worker_nice: int = Field(
-        default=10, ge=0, le=19, description="CPU niceness of download workers (API answers first)"
-    )
-    default_files: FilesPreset = Field(
-        default=FilesPreset.ALL,
-        description="the files of a revision downloaded without a selection, and of one no"
-        " download of the service recorded a selection for: 'all' (every file) or 'vllm' (what"
-        " vLLM's default loader reads)",
-    )
-    log_level: str = Field(
-        default="INFO", pattern=r"^(?i:debug|info|warning|error|critical)$", description="log level"
-    )
-    retry_after_seconds: int = Field(
-        default=5, ge=1, description="Retry-After sent with a 429 when all download slots are busy"
-    )
     api_key: SecretStr | None = Field(
         default=None,
         description="bearer key(s), comma-separated, that requests which change something need"
@@ -153,34 +70,6 @@ class Settings(BaseSettings):
         default=None,
         description="bearer key(s), comma-separated, that reads need (a write key also does);"
         " unset: reads are open",
-    )
-    ranged_min_bytes: int = Field(
-        default=64 * 1024 * 1024,
-        ge=0,
-        description="a file this large or larger, served over plain HTTP, is fetched as parallel"
-        " byte ranges, resumable (0: never)",
-    )
-    ranged_part_bytes: int = Field(
-        default=16 * 1024 * 1024, ge=1024 * 1024, description="the size of those ranges"
-    )
-    ranged_connections: int = Field(
-        default=8, ge=1, le=64, description="connections per file for them (1: never)"
-    )
-    update_check_ttl_seconds: float = Field(
-        default=300.0,
-        ge=0,
-        description="GET /updates reuses a model's check for this long (unless ?refresh=true)",
-    )
-    update_check_concurrency: int = Field(
-        default=4, ge=1, le=64, description="models GET /updates checks on the Hub at once"
-    )
-    fleet_answer_seconds: float = Field(
-        default=5.0,
-        gt=0,
-        le=600,
-        description="in a fleet, how long a read (status, list, space, plan) waits for each"
-        " node; a node that has not answered by then is reported unreachable, with the reason,"
-        " and the answer comes without it",
     )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -195,6 +84,109 @@ class Settings(BaseSettings):
     )
     vllm_api_key: SecretStr | None = Field(
         default=None, description="the bearer key of those servers (vLLM's --api-key), if any"
+    )
+    default_files: Literal["all", "vllm"] = Field(
+        default="all",
+        description="the files of a revision downloaded without a selection, and of one no"
+        " download of the service recorded a selection for: 'all' (every file) or 'vllm' (what"
+        " vLLM's default loader reads)",
+    )
+    max_download_bytes_per_second: int = Field(
+        default=0,
+        ge=0,
+        description="the total rate of all downloads of this service, shared fairly between the"
+        " running ones; 0: no cap (changeable at run time: PUT /api/models/settings/bandwidth)",
+    )
+    max_concurrent_downloads: int = Field(default=3, ge=1, le=64)
+    max_queued_downloads: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="downloads beyond MODELS_MAX_CONCURRENT_DOWNLOADS wait in a queue of this"
+        " many (first in, first out); 0: refused with 429, as the spec has it",
+    )
+    space_margin_bytes: int = Field(
+        default=512 * 1024 * 1024, ge=0, description="free space kept beyond what downloads need"
+    )
+    state_dir: Path | None = Field(
+        default=None,
+        description="the service's own folder: the downloads to resume after a restart and the"
+        " last errors (SQLite); default: 'model-service' beside the cache folder",
+    )
+    resume_on_start: bool = Field(
+        default=True,
+        description="resume, at start-up, the downloads that were running or queued when the"
+        " service stopped or died; false: they are forgotten (the spec's first version)",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="a fleet: join this Ray cluster ('auto', or host:port) and act on every node"
+        " (needs the api[fleet] extra); unset: this machine only",
+    )
+    fleet_answer_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="in a fleet, how long a read (status, list, space, plan) waits for each"
+        " node; a node that has not answered by then is reported unreachable, with the reason,"
+        " and the answer comes without it",
+    )
+    log_level: str = Field(
+        default="INFO", pattern=r"^(?i:debug|info|warning|error|critical)$", description="log level"
+    )
+
+    # -- tuning: the defaults are measured; change one only for a reason you can measure -----
+
+    xet_when_capped: Literal["http", "xet"] = Field(
+        default="http",
+        description="under a bandwidth cap, files stored in Xet are fetched by the Hub's plain"
+        " HTTP download ('http': capped) or through hf_xet ('xet': faster, but hf_xet cannot be"
+        " capped: those bytes are not)",
+    )
+    retry_attempts: int = Field(default=5, ge=1, le=50)
+    retry_min_backoff_seconds: float = Field(default=1.0, ge=0)
+    retry_max_backoff_seconds: float = Field(default=60.0, ge=0)
+    download_timeout_seconds: float = Field(default=24 * 3600, gt=0)
+    stall_timeout_seconds: float = Field(
+        default=60.0, gt=0, description="an attempt with no progress for this long is restarted"
+    )
+    plan_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="how long POST /download and /plan wait for the file list, and for where a"
+        " cached branch points now",
+    )
+    max_repo_files: int = Field(
+        default=100_000, ge=1, description="a Hub file list longer than this is refused"
+    )
+    hub_read_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="a Hub answer silent for this long is given up"
+    )
+    max_concurrent_verifications: int = Field(
+        default=2, ge=1, le=64, description="POST /verify beyond this many at once gets 429"
+    )
+    warm_worker: bool = Field(
+        default=True,
+        description="start the process download workers are forked from at start-up, not at the"
+        " first download (it imports the Hub library once: about 0.5 s of CPU)",
+    )
+    worker_nice: int = Field(
+        default=10, ge=0, le=19, description="CPU niceness of download workers (API answers first)"
+    )
+    retry_after_seconds: int = Field(
+        default=5, ge=1, description="Retry-After sent with a 429 when all download slots are busy"
+    )
+    ranged_min_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        description="a file this large or larger, served over plain HTTP, is fetched as parallel"
+        " byte ranges, resumable (0: never)",
+    )
+    ranged_part_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024 * 1024, description="the size of those ranges"
+    )
+    ranged_connections: int = Field(
+        default=8, ge=1, le=64, description="connections per file for them (1: never)"
     )
     vllm_timeout_seconds: float = Field(
         default=5.0,

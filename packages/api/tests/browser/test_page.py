@@ -4,7 +4,7 @@ against the service as its own process and the fake hub.
 A newcomer's path (download, watch the bar, verify, delete), cancel, a corrupt model's failed
 verification, the API's own words for a 409 and a 429, the API key, and a narrow window with the
 longest repo id. ``MODELS_SCREENSHOT=path`` keeps the screenshot of running downloads there
-(``make screenshot`` refreshes the README's)."""
+(``make screenshot`` refreshes the one in ``docs/using.md``)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,6 @@ import pytest
 from huggingface_hub import scan_cache_dir
 from pydantic import SecretStr
 
-from api.models.backend import FilesPreset
 from api.settings import Settings
 from conftest import TOKEN
 from fakehub import FakeHub, RepoBuilder
@@ -202,7 +201,7 @@ async def test_the_default_selection_is_a_setting(
     settings: Settings, hub: FakeHub, repos: RepoBuilder, cache_dir: Path
 ) -> None:
     commit = repos.commit("org/llama", llama_layout(MB, seed=5))
-    vllm_default = settings.model_copy(update={"default_files": FilesPreset.VLLM})
+    vllm_default = settings.model_copy(update={"default_files": "vllm"})
     async with app_client(vllm_default) as client:
         answer = await download(client, {"hf_repo": "org/llama"})
         assert answer["status"] == "DOWNLOADED"

@@ -12,7 +12,8 @@ import pytest
 from api.models.backend import CachedRevision, CacheState, DownloadFailed, DownloadPlan, FailureKind
 from api.models.hub.cache import ModelCache
 from api.models.revisions import UpdateChecker, in_use_map
-from api.models.serving import ServedModel, ServedNow, base_url, display_url, parse_models
+from api.models.serving import ServedModel, ServedNow, base_url, parse_models
+from api.settings import display_url
 
 A, B, C = "a" * 40, "b" * 40, "c" * 40
 

@@ -91,6 +91,11 @@ from api.settings import Settings
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
+# Tuning, fixed here (they were settings no operator story or test set):
+CACHE_THREADS = 4  # threads reading the cache for status, list, space and delete
+UPDATE_CHECK_CONCURRENCY = 4  # branches GET /updates asks the Hub about at once
+UPDATE_CHECK_TTL_SECONDS = 300.0  # a branch's check is reused this long (unless ?refresh=true)
+
 _STATE_TO_STATUS = {
     CacheState.COMPLETE: ModelStatus.DOWNLOADED,
     CacheState.PARTIAL: ModelStatus.PARTIAL,
@@ -115,9 +120,9 @@ class ModelManager:
             backend.resolve,
             self._plan_of_ref,
             self._missing_bytes,
-            concurrency=settings.update_check_concurrency,
+            concurrency=UPDATE_CHECK_CONCURRENCY,
             timeout=settings.plan_timeout_seconds,
-            ttl=settings.update_check_ttl_seconds,
+            ttl=UPDATE_CHECK_TTL_SECONDS,
         )
         self._download_tasks: dict[str, asyncio.Task[None]] = {}
         self._jobs: dict[str, DownloadJob] = {}
@@ -137,9 +142,7 @@ class ModelManager:
         self._bandwidth: int | None = settings.max_download_bytes_per_second or None
         # Threads of their own for cache reads (status, list, space, delete) and for hashing
         # (verify): neither waits behind the other, nor behind the Hub calls (the backend's).
-        self._cache_pool = ThreadPoolExecutor(
-            max_workers=settings.cache_threads, thread_name_prefix="cache"
-        )
+        self._cache_pool = ThreadPoolExecutor(max_workers=CACHE_THREADS, thread_name_prefix="cache")
         self._verify_slots = asyncio.Semaphore(settings.max_concurrent_verifications)
         self._hash_pool = ThreadPoolExecutor(
             max_workers=settings.max_concurrent_verifications,

@@ -471,18 +471,15 @@ async def model_updates(
     service: ServiceDep,
     refresh: Annotated[
         bool,
-        Query(
-            description="Ask the Hub now, not reusing answers of the last"
-            " MODELS_UPDATE_CHECK_TTL_SECONDS"
-        ),
+        Query(description="Ask the Hub now, not reusing the answers of the last 5 minutes"),
     ] = False,
 ) -> UpdatesResponse:
     """For every branch or tag cached (refs/main...), whether it points at another commit on the
     Hub now, and how many bytes an update would fetch (the new revision's files, for the selection
     the cached one was downloaded with, less those already in the cache). A repo the Hub cannot
     answer for (gone, gated, down, slow) carries its `error`; the others are answered all the
-    same. Checks run a few at a time (`MODELS_UPDATE_CHECK_CONCURRENCY`), each within
-    `MODELS_PLAN_TIMEOUT_SECONDS`, and are reused for `MODELS_UPDATE_CHECK_TTL_SECONDS`.
+    same. Checks run 4 at a time, each within `MODELS_PLAN_TIMEOUT_SECONDS`, and are reused for
+    5 minutes.
 
     To update: `POST /api/models/download` with the entry's `model`.
 

@@ -18,9 +18,10 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+
+from api.settings import display_url
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +46,6 @@ class ServedNow:
     served: tuple[ServedModel, ...] = ()
     unreachable: tuple[tuple[str, str], ...] = ()
     time: float = 0.0
-
-
-def display_url(url: str) -> str:
-    """The URL as it may be shown: without a user or password."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port is not None else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def base_url(url: str) -> str:

@@ -34,6 +34,7 @@ from api.models.backend import (
     DownloadRequest,
     DownloadUpdate,
     FileSelection,
+    FilesPreset,
     LocalState,
     Pruned,
     RateShare,
@@ -108,6 +109,12 @@ def _revision_info(
 # Beyond this many files the Hub's ``siblings`` may be cut short (the library stops trusting
 # them there: huggingface_hub's ``LARGE_REPO_THRESHOLD``, PR #3565); below it they are whole.
 SIBLINGS_WHOLE_BELOW = 1000
+# Tuning, fixed here (they were settings no operator story or test set):
+HUB_CALL_SLOTS = 8  # the service's metadata calls to the Hub at once (file lists, revisions)
+HUB_CONNECT_TIMEOUT_SECONDS = 10.0  # a connection to the Hub that does not open in this long
+# A worker that has not taken its job after this long is restarted (a fresh one imports the
+# library first, slow on a busy machine); the stall watchdog counts from then.
+WORKER_START_TIMEOUT_SECONDS = 60.0
 
 
 def _same_revision(commit: str, siblings: frozenset[str] | None, listed: set[str]) -> None:
@@ -130,7 +137,7 @@ def _same_revision(commit: str, siblings: frozenset[str] | None, listed: set[str
 def hub_limits(settings: Settings) -> guard.Limits:
     return guard.Limits(
         max_files=settings.max_repo_files,
-        connect_timeout=settings.hub_connect_timeout_seconds,
+        connect_timeout=HUB_CONNECT_TIMEOUT_SECONDS,
         read_timeout=settings.hub_read_timeout_seconds,
         json_deadline=settings.plan_timeout_seconds * 6,
     )
@@ -141,9 +148,11 @@ class HubCacheBackend:
 
     def __init__(self, settings: Settings, zygote: Zygote | None = None) -> None:
         self.settings = settings
-        self.cache = ModelCache(settings.cache_dir, FileSelection(settings.default_files))
+        self.cache = ModelCache(
+            settings.cache_dir, FileSelection(FilesPreset(settings.default_files))
+        )
         guard.install(hub_limits(settings))
-        self._hub_slots = asyncio.Semaphore(settings.hub_call_slots)
+        self._hub_slots = asyncio.Semaphore(HUB_CALL_SLOTS)
         # Workers are forked from a zygote that has imported them (``zygote.py``): a worker then
         # starts in milliseconds instead of 0.5 s of CPU, on every attempt. One given here is
         # shared (its owner stops it); else the backend has its own.
@@ -163,7 +172,7 @@ class HubCacheBackend:
             await self._zygote.aclose()
 
     async def _hub_call(self, function: Callable[..., _T], *args: Any) -> _T:
-        """Run a blocking Hub call in a daemon thread of its own, at most ``hub_call_slots`` at
+        """Run a blocking Hub call in a daemon thread of its own, at most ``HUB_CALL_SLOTS`` at
         once, so that no Hub call ever waits behind the cache's threads or holds them.
 
         A cancelled caller returns at once and its slot is free again; the abandoned thread
@@ -424,7 +433,7 @@ class HubCacheBackend:
         stall = self.settings.stall_timeout_seconds
         # Until the worker has its job (a fresh one imports the library first, slow on a busy
         # machine) only a crash or a long silence ends it; the stall watchdog counts from then.
-        timeout = max(stall, self.settings.worker_start_timeout_seconds)
+        timeout = max(stall, WORKER_START_TIMEOUT_SECONDS)
         stdin = process.stdin
 
         def send_rate(value: float | None) -> None:
