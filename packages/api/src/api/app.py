@@ -31,7 +31,7 @@ from api.models.events import log_event
 from api.models.hub import guard
 from api.models.hub.adapter import HubCacheBackend
 from api.models.hub.zygote import Zygote
-from api.models.manager import ModelManager
+from api.models.manager import ModelManager, compose
 from api.models.routes import model_error_handler
 from api.models.routes import router as models_router
 from api.models.service import ModelService
@@ -202,7 +202,7 @@ def create_app(
         if manager is None:
             service_settings = settings or Settings()
             backend = HubCacheBackend(service_settings, zygote)
-            model_manager = ModelManager(service_settings, backend)
+            model_manager = compose(service_settings, backend)
         else:
             model_manager = manager
         service = model_manager.settings

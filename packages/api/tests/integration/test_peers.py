@@ -20,7 +20,7 @@ from api.models.backend import Peer
 from api.models.hub.adapter import HubCacheBackend
 from api.models.hub.cache import ModelCache
 from api.models.hub.peers import PeerServer
-from api.models.manager import ModelManager
+from api.models.manager import ModelManager, compose
 from api.models.types import DownloadEvent, Model, ModelStatus, ModelStatusResponse
 from api.settings import Settings
 from conftest import TOKEN
@@ -65,7 +65,7 @@ async def download(
 ) -> ModelStatusResponse:
     """Download the model with a manager of ``settings``, copying from ``peers`` first; its
     final status, with the figures of its last event as its progress."""
-    manager = ModelManager(settings, HubCacheBackend(settings))
+    manager = compose(settings, HubCacheBackend(settings))
     managers.append(manager)
     events: list[DownloadEvent] = []
     manager.events.add_listener(events.append)

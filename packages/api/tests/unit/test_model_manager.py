@@ -29,7 +29,7 @@ from api.models.errors import (
     ModelNotFound,
     TooManyDownloads,
 )
-from api.models.manager import ModelManager
+from api.models.manager import ModelManager, compose
 from api.models.types import DeleteStatus, DownloadPhase, Model, ModelStatus
 from api.settings import Settings
 
@@ -150,9 +150,7 @@ def backend() -> FakeBackend:
 
 @pytest.fixture
 def manager(backend: FakeBackend, tmp_path: Path) -> ModelManager:
-    return ModelManager(
-        Settings(cache_dir=tmp_path / "cache", max_concurrent_downloads=2), backend=backend
-    )
+    return compose(Settings(cache_dir=tmp_path / "cache", max_concurrent_downloads=2), backend)
 
 
 async def settle() -> None:
@@ -250,7 +248,7 @@ async def test_delete_whole_model_refused_while_a_revision_downloads(manager: Mo
 
 async def test_timeout_fails_the_download(backend: FakeBackend, tmp_path: Path) -> None:
     settings = Settings(cache_dir=tmp_path / "cache", download_timeout_seconds=0.05)
-    manager = ModelManager(settings, backend=backend)
+    manager = compose(settings, backend)
     model = Model(hf_repo="org/slow")
     await manager.add_model(model)
     await asyncio.sleep(0.2)
@@ -344,7 +342,7 @@ async def test_the_bandwidth_cap_is_shared_between_the_downloads_that_fetch(
     settings = Settings(
         cache_dir=tmp_path / "cache", max_concurrent_downloads=3, max_download_bytes_per_second=9000
     )
-    manager = ModelManager(settings, backend=backend)
+    manager = compose(settings, backend)
     for name in ("org/a", "org/b", "org/c"):
         await manager.add_model(Model(hf_repo=name))
     await settle()  # the tasks reach the backend

@@ -29,7 +29,7 @@ from api.models.errors import ModelError
 from api.models.hub.adapter import HubCacheBackend
 from api.models.hub.cache import ModelCache
 from api.models.hub.peers import PeerServer
-from api.models.manager import ModelManager
+from api.models.manager import ModelManager, compose
 from api.models.service import ServiceFigures
 from api.models.types import (
     BandwidthResponse,
@@ -124,7 +124,7 @@ class NodeAgent:
 
     async def _manager(self) -> ModelManager:
         if self.manager is None:
-            self.manager = ModelManager(self.settings, HubCacheBackend(self.settings))
+            self.manager = compose(self.settings, HubCacheBackend(self.settings))
             self.manager.events.add_listener(self._remember)
             await self.manager.start()
         return self.manager

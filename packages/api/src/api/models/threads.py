@@ -1,0 +1,96 @@
+"""The threads the manager's parts run blocking work on, each pool for one kind of work, so that
+none waits behind another: cache reads (status, list, space, delete), hashing (verify, at a
+lower CPU priority), and the job store's writes (one thread: in the order submitted).
+
+``Keeper`` is the job store's writer: what outlives the service (downloads to resume, the last
+errors) is written on the state thread, after every write submitted before it; a write that fails
+is logged, never raised (the download goes on, unkept), and nothing is written while the store is
+not open (its folder could not be used)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from api import logfmt
+from api.models.store import JobStore
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+CACHE_THREADS = 4  # threads reading the cache for status, list, space and delete (tuning)
+
+
+class Threads:
+    def __init__(self, hashing: int, nice: int) -> None:
+        self._cache = ThreadPoolExecutor(max_workers=CACHE_THREADS, thread_name_prefix="cache")
+        self._hash = ThreadPoolExecutor(
+            max_workers=hashing,
+            thread_name_prefix="hash",
+            initializer=_lower_thread_priority,
+            initargs=(nice,),
+        )
+
+    async def cache(self, function: Callable[..., _T], *args: Any) -> _T:
+        """``function(*args)`` on a cache thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._cache, function, *args)
+
+    async def hash(self, function: Callable[..., _T], *args: Any) -> _T:
+        """``function(*args)`` on a hashing thread (background priority)."""
+        return await asyncio.get_running_loop().run_in_executor(self._hash, function, *args)
+
+    def shutdown(self) -> None:
+        self._cache.shutdown(wait=False, cancel_futures=True)
+        self._hash.shutdown(wait=False, cancel_futures=True)
+
+
+class Keeper:
+    """The job store, written on a thread of its own (above)."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self.open = False  # set once the store opened (``run(store.open)`` succeeded)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state")
+
+    async def run(self, function: Callable[..., _T], *args: Any) -> _T:
+        """``function(*args)`` on the state thread, its result or its error."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
+
+    def keep(self, function: Callable[..., None], *args: Any) -> asyncio.Future[None]:
+        """A write, after every write submitted before it; its failure is logged."""
+        loop = asyncio.get_running_loop()
+        if not self.open:
+            done: asyncio.Future[None] = loop.create_future()
+            done.set_result(None)
+            return done
+        future = loop.run_in_executor(self._thread, function, *args)
+        future.add_done_callback(_log_failure)
+        return future
+
+    async def close(self) -> None:
+        """Close the store after every write submitted before (the claims are released last)."""
+        await self.run(self.store.close)
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def _log_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and (error := future.exception()) is not None:
+        logfmt.log(
+            logger,
+            logging.WARNING,
+            "state_write_failed",
+            reason=error,
+            resumed_after_restart="maybe not",
+        )
+
+
+def _lower_thread_priority(nice: int) -> None:
+    """Hashing is background work: on Linux a thread has a niceness of its own."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)

@@ -1,0 +1,193 @@
+"""``Views``: what the service says of the cache, read offline: one model's status, the list, the
+disk space, and whether each cached branch moved on the Hub (updates). Each answer is the cache's
+state, with what runs now (``Downloads``), the last failures, and what vLLM serves. Nothing here
+changes anything."""
+
+from __future__ import annotations
+
+from api.models.backend import (
+    CachedRevision,
+    CacheState,
+    DownloadPlan,
+    DownloadRequest,
+    FileSelection,
+    HubBackend,
+)
+from api.models.downloads import Downloads
+from api.models.failures import Failures
+from api.models.inuse import InUse, in_use_info
+from api.models.job import DownloadJob
+from api.models.revisions import UpdateChecker
+from api.models.threads import Threads
+from api.models.types import (
+    COMMIT_PATTERN,
+    DiskSpaceInfo,
+    Model,
+    ModelListItem,
+    ModelStatus,
+    ModelStatusResponse,
+    SelectionInfo,
+    UpdateInfo,
+    revision_problem,
+)
+
+STATE_TO_STATUS = {
+    CacheState.COMPLETE: ModelStatus.DOWNLOADED,
+    CacheState.PARTIAL: ModelStatus.PARTIAL,
+    CacheState.ABSENT: ModelStatus.NOT_FOUND,
+    CacheState.BUSY: ModelStatus.DOWNLOADING,  # by another process sharing the cache
+}
+UPDATE_CHECK_CONCURRENCY = 4  # branches GET /updates asks the Hub about at once (tuning)
+UPDATE_CHECK_TTL_SECONDS = 300.0  # a branch's check is reused this long (unless ?refresh=true)
+
+
+class Views:
+    def __init__(
+        self,
+        backend: HubBackend,
+        threads: Threads,
+        downloads: Downloads,
+        failures: Failures,
+        in_use: InUse,
+        plan_timeout: float,
+    ) -> None:
+        self._backend = backend
+        self._threads = threads
+        self._downloads = downloads
+        self._failures = failures
+        self._in_use = in_use
+        self.update_checks = UpdateChecker(
+            backend.resolve,
+            self._plan_of_ref,
+            self._missing_bytes,
+            concurrency=UPDATE_CHECK_CONCURRENCY,
+            timeout=plan_timeout,
+            ttl=UPDATE_CHECK_TTL_SECONDS,
+        )
+
+    async def exists(self, model: Model) -> bool:
+        """True when every file of the revision is in the cache (offline)."""
+        state = await self._threads.cache(self._backend.local_state, model.hf_repo, model.revision)
+        return state.state is CacheState.COMPLETE
+
+    async def status(self, model: Model, asked: FileSelection | None = None) -> ModelStatusResponse:
+        """The status of the revision for the files ``asked``, else for those it was downloaded
+        with, else for the default selection."""
+        job = self._downloads.job_for(model)
+        if job is not None:
+            answer = job.status().model_copy(update={"model": model})  # as it was asked
+        else:
+            local = await self._threads.cache(
+                self._backend.local_state, model.hf_repo, model.revision, asked
+            )
+            status = STATE_TO_STATUS[local.state]
+            error = None
+            if status is not ModelStatus.DOWNLOADED:
+                error = self._failures.get(model.task_id)
+                error = error or self._failures.of(model.hf_repo, local.commit) or local.note
+            answer = ModelStatusResponse(
+                model=model,
+                status=status,
+                error_message=error,
+                commit=local.commit,
+                selection=[SelectionInfo.of(s) for s in local.selections] or None,
+            )
+        served = answer.served_commit or answer.commit
+        if self._in_use.configured and served is not None:
+            _, users = await self._in_use.users(model.hf_repo, fresh=False)
+            answer.in_use_by = in_use_info(users.get((model.hf_repo, served), []))
+        return answer
+
+    async def listing(self) -> list[ModelListItem]:
+        """Every cached model revision (DOWNLOADED or PARTIAL), and every running download."""
+        cached = await self._threads.cache(self._backend.list_cached)
+        users = None
+        if self._in_use.configured:
+            _, users = await self._in_use.users(None, fresh=False, revisions=cached)
+        jobs = self._downloads.jobs()
+        items: list[ModelListItem] = []
+        covered: set[int] = set()
+        for revision in cached:
+            job = next((j for j in jobs if _same_revision(j, revision)), None)
+            if job is not None:
+                covered.add(id(job))
+            items.append(
+                ModelListItem(
+                    model=Model.model_construct(
+                        hf_repo=revision.repo_id, hf_commit=revision.commit
+                    ),
+                    status=ModelStatus.DOWNLOADING
+                    if job is not None
+                    else STATE_TO_STATUS[revision.state],
+                    size_bytes=revision.size_bytes,
+                    refs=list(revision.refs),
+                    progress=job.progress() if job is not None else None,
+                    error_message=None
+                    if job is not None or revision.state is CacheState.COMPLETE
+                    else self._failures.of(revision.repo_id, revision.commit) or revision.note,
+                    selection=[SelectionInfo.of(s) for s in revision.selections] or None,
+                    in_use_by=None
+                    if users is None or revision.commit is None
+                    else in_use_info(users.get((revision.repo_id, revision.commit), [])),
+                )
+            )
+        for job in jobs:
+            if id(job) not in covered:
+                items.append(
+                    ModelListItem(
+                        model=job.model, status=ModelStatus.DOWNLOADING, progress=job.progress()
+                    )
+                )
+        return items
+
+    async def space(self) -> DiskSpaceInfo:
+        used, free = await self._threads.cache(self._backend.cache_usage)
+        return DiskSpaceInfo(
+            cache_size_bytes=used, available_bytes=free, cache_path=self._backend.cache_path
+        )
+
+    async def updates(self, refresh: bool = False) -> list[UpdateInfo]:
+        """For every branch (or tag) cached, whether it points at another commit on the Hub now,
+        and what an update would fetch; a check that fails says why in ``error``."""
+        cached = await self._threads.cache(self._backend.list_cached)
+        refs = sorted(
+            {
+                (revision.repo_id, ref, revision.commit)
+                for revision in cached
+                if revision.commit is not None
+                for ref in revision.refs
+                if revision_problem(ref) is None and not COMMIT_PATTERN.fullmatch(ref)
+            }
+        )
+        checks = await self.update_checks.check_all(refs, refresh)
+        return [
+            UpdateInfo(
+                model=Model.model_construct(
+                    hf_repo=check.repo_id, hf_commit=None if check.ref == "main" else check.ref
+                ),
+                ref=check.ref,
+                cached_commit=check.cached_commit,
+                hub_commit=check.hub_commit,
+                update_available=check.update_available,
+                bytes_to_download=check.bytes_to_download,
+                error=check.error,
+                checked_at=check.checked_at,
+            )
+            for check in checks
+        ]
+
+    async def _plan_of_ref(self, repo_id: str, ref: str) -> DownloadPlan:
+        """The file list of what ``ref`` points at on the Hub, for the selection its cached
+        revision was downloaded with."""
+        return await self._backend.plan(DownloadRequest(repo_id, ref))
+
+    async def _missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
+        return await self._threads.cache(self._backend.missing_bytes, repo_id, plan)
+
+
+def _same_revision(job: DownloadJob, revision: CachedRevision) -> bool:
+    return (
+        job.model.hf_repo == revision.repo_id
+        and job.commit is not None
+        and job.commit == revision.commit
+    )
