@@ -167,7 +167,7 @@ async def test_a_subset_of_the_nodes_then_the_rest_from_it(
 
 
 async def test_no_room_on_the_nodes_starts_nothing_anywhere(
-    fleet_settings: Settings, model: str, node_caches: list[Path]
+    fleet_settings: Settings, model: str, node_caches: list[Path], repos: RepoBuilder
 ) -> None:
     tight = fleet_settings.model_copy(update={"space_margin_bytes": 1 << 60})
     async with app_client(tight) as client:
@@ -175,17 +175,24 @@ async def test_no_room_on_the_nodes_starts_nothing_anywhere(
         assert answer.status_code == 507, answer.text
         assert "not enough space on 3 node(s)" in answer.json()["detail"]
         assert (await client.post("/api/models/status", json=BODY)).json()["status"] == "NOT_FOUND"
-        # A repo the Hub does not have: as on one machine, 404 for the plan; the download starts
-        # (on one node: the others wait for it) and its status says why it failed, everywhere.
+        # A repo the Hub does not have (a typo): as on one machine, 404 for the plan and for
+        # the download, which starts nowhere.
         absent = {"hf_repo": "org/absent"}
         planned = await client.post("/api/models/plan", json=absent)
         assert planned.status_code == 404, planned.text
-        started = await client.post("/api/models/download", json=absent)
+        refused = await client.post("/api/models/download", json=absent)
+        assert refused.status_code == 404, refused.text
+        assert "org/absent" in refused.json()["detail"]
+        # A gated one (no token here): the download starts (on one node: the others wait for
+        # it) and its status says why it failed, everywhere.
+        repos.commit("org/gated", {"config.json": "{}"}, gated=True)
+        gated = {"hf_repo": "org/gated"}
+        started = await client.post("/api/models/download", json=gated)
         assert started.status_code == 202, started.text
         failed = await status_until(
             client,
             lambda a: not any(n["status"] == "DOWNLOADING" for n in a["nodes"]),
-            body=absent,
+            body=gated,
         )
         assert failed["status"] == "NOT_FOUND", failed
         assert all(n["error_message"] for n in failed["nodes"]), failed["nodes"]

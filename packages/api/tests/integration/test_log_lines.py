@@ -83,6 +83,7 @@ async def test_every_line_a_service_writes_parses(
     download, a verification, a delete with a Hub that does not have a repo, and a prune: every
     line of its log (uvicorn's start and access lines included) is logfmt."""
     repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(2 * MB, seed=61)})
+    repos.commit("org/gated", {"config.json": "{}"}, gated=True)  # no token here: it fails
     hub.add_fault(http_error(503, path="*/w.bin", method="GET", times=1))
     log = tmp_path / "service.log"
     body = {"hf_repo": "org/model"}
@@ -97,9 +98,9 @@ async def test_every_line_a_service_writes_parses(
             assert (await client.post("/api/models/download", json=body)).status_code == 202
             assert (await wait_for_status(client, body, FINAL))["status"] == "DOWNLOADED"
             assert (await client.post("/api/models/verify", json=body)).json()["verified"]
-            missing = {"hf_repo": "org/missing"}
-            await client.post("/api/models/download", json=missing)
-            await wait_for_status(client, missing, FINAL)
+            gated = {"hf_repo": "org/gated"}
+            await client.post("/api/models/download", json=gated)
+            await wait_for_status(client, gated, FINAL)
             assert (await client.request("DELETE", "/api/models", json=body)).status_code == 200
             assert (await client.post("/api/models/prune", json={"dry_run": True})).is_success
     lines = [line for line in log.read_text(encoding="utf-8").splitlines() if line]

@@ -91,9 +91,10 @@ def test_busy_cancel_and_usage_exit_codes(service_url: str) -> None:
     assert bad.returncode == 2
     assert "hf_repo" in bad.stderr
     assert modelctl(service_url, "frobnicate").returncode == 2
-    failed = modelctl(service_url, "download", "org/missing", "--wait")
-    assert failed.returncode == 1
-    assert "not found on the Hub" in failed.stdout
+    # A typo: refused at once with the API's words (404), nothing started.
+    typo = modelctl(service_url, "download", "org/missing", "--wait")
+    assert typo.returncode == 3, (typo.stdout, typo.stderr)
+    assert "not found on the Hub" in typo.stderr
 
 
 def test_unreachable_service_is_a_failure() -> None:
@@ -105,7 +106,9 @@ def test_unreachable_service_is_a_failure() -> None:
 def test_rough_edges_a_new_user_hits(service_url: str) -> None:
     # A commit named like an emoji code, a name like markup: printed as they are.
     fire = modelctl(service_url, "download", "org/model", "--commit", "fire")
-    assert "org/model:fire: DOWNLOADING" in fire.stdout, fire.stdout
+    assert fire.returncode == 3, (fire.stdout, fire.stderr)  # no such branch: refused (404)
+    assert "'fire'" in fire.stderr or " fire " in fire.stderr, fire.stderr
+    assert "\N{FIRE}" not in fire.stdout + fire.stderr
     marked = modelctl(service_url, "status", "org/model", "--commit", "red]x[")
     assert marked.returncode == 2
     assert "hf_commit" in marked.stderr

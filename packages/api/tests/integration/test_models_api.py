@@ -212,9 +212,23 @@ async def test_not_found_gated_and_bad_revision_fail_without_retry(
             1,
         ),
     ]
-    for body, *_ in cases:
-        assert (await client.post("/api/models/download", json=body)).status_code == 202
+    # What the Hub says does not exist (a typo in the repo or the branch) is refused at once
+    # with the Hub's words (404), nothing started; what exists but fails (gated) starts, and
+    # its status says why.
+    for body, words, *_ in cases:
+        started = await client.post("/api/models/download", json=body)
+        if body["hf_repo"] == "org/gated":
+            assert started.status_code == 202
+        else:
+            assert started.status_code == 404, started.text
+            assert words in started.json()["detail"]
+            assert hub.url not in started.json()["detail"]
     for body, words, failing_request, once in cases:
+        if body["hf_repo"] != "org/gated":
+            status = (await client.post("/api/models/status", json=body)).json()
+            assert (status["status"], status["error_message"]) == ("NOT_FOUND", None)
+            assert hub.count(None, failing_request) == once
+            continue
         answer = await wait_for_status(client, body, {"NOT_FOUND", "PARTIAL", "DOWNLOADED"})
         assert answer["status"] == "NOT_FOUND"  # no byte of content arrived
         assert words in answer["error_message"]

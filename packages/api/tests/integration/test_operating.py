@@ -97,14 +97,15 @@ async def test_failed_and_cancelled_events(
     """Through the in-process app: the manager's bus carries failed and cancelled too."""
     caplog.set_level(logging.INFO)
     repos.commit("org/slow", {"w.bin": Generated(8 * MB, seed=61)})
+    repos.commit("org/gated", {"config.json": "{}"}, gated=True)  # no token here: it fails
     hub.add_fault(trickle(MB, path="*/w.bin"))
-    await client.post("/api/models/download", json={"hf_repo": "org/missing"})
-    await wait_for_status(client, {"hf_repo": "org/missing"}, FINAL)
+    await client.post("/api/models/download", json={"hf_repo": "org/gated"})
+    await wait_for_status(client, {"hf_repo": "org/gated"}, FINAL)
     await client.post("/api/models/download", json={"hf_repo": "org/slow"})
     await client.request("DELETE", "/api/models", json={"hf_repo": "org/slow"})
     lines = caplog.text.splitlines()
     assert any(
-        "event=failed task_id=org/missing:latest" in line and "error=" in line for line in lines
+        "event=failed task_id=org/gated:latest" in line and "error=" in line for line in lines
     )
     assert any("event=cancelled task_id=org/slow:latest" in line for line in lines)
 
@@ -127,8 +128,9 @@ async def test_metrics(client: httpx.AsyncClient, hub: FakeHub, repos: RepoBuild
     assert (await wait_for_status(client, {"hf_repo": "org/model"}, FINAL))[
         "status"
     ] == "DOWNLOADED"
-    await client.post("/api/models/download", json={"hf_repo": "org/missing"})
-    await wait_for_status(client, {"hf_repo": "org/missing"}, FINAL)
+    repos.commit("org/gated", {"config.json": "{}"}, gated=True)  # no token here: it fails
+    await client.post("/api/models/download", json={"hf_repo": "org/gated"})
+    await wait_for_status(client, {"hf_repo": "org/gated"}, FINAL)
     await client.post("/api/models/download", json={"hf_repo": "org/slow"})
     during = (await client.get("/metrics")).text
     assert metric(during, "models_active_downloads") == 1

@@ -145,6 +145,6 @@ async def test_a_start_that_fails_at_once_hands_its_slot_to_the_queue(
     queued = await client.post("/api/models/download", json=body("a"))
     assert queued.status_code == 202
     assert (await status(client, "a"))["progress"]["phase"] == "queued"
-    assert (await missing).status_code == 202
+    assert (await missing).status_code == 404  # the Hub has no such repo: nothing started
     assert (await wait_for_status(client, body("missing"), FINAL))["status"] == "NOT_FOUND"
     assert (await wait_for_status(client, body("a"), FINAL, seconds=30))["status"] == "DOWNLOADED"

@@ -260,8 +260,9 @@ async def test_cancelled_and_deleted_downloads_are_not_resumed(
         assert (await client.get("/api/models/downloads")).json()["downloads"] == []
 
 
-async def test_the_last_error_survives_a_restart(settings: Settings) -> None:
-    body = {"hf_repo": "org/missing"}
+async def test_the_last_error_survives_a_restart(settings: Settings, repos: RepoBuilder) -> None:
+    repos.commit("org/gated", {"config.json": "{}"}, gated=True)  # no token here: it fails
+    body = {"hf_repo": "org/gated"}
     async with restarted(settings) as client:
         await client.post("/api/models/download", json=body)
         failed = await wait_for_status(client, body, FINAL)

@@ -25,6 +25,7 @@ from api.models.backend import (
 )
 from api.models.errors import (
     DownloadConflict,
+    HubAnswer,
     InsufficientStorage,
     ModelNotFound,
     TooManyDownloads,
@@ -312,11 +313,20 @@ async def test_unmendable_plan_failure_is_reported_at_once(
     manager: ModelManager, backend: FakeBackend
 ) -> None:
     backend.plans["org/gone"] = DownloadFailed(FailureKind.NOT_FOUND, "org/gone not found")
+    backend.plans["org/gated"] = DownloadFailed(FailureKind.GATED, "org/gated is gated")
     backend.plans["org/flaky"] = DownloadFailed(FailureKind.NETWORK, "timed out", retryable=True)
-    await manager.add_model(Model(hf_repo="org/gone"))
-    await settle()
+    # A repo the Hub does not have (a typo): refused at once, nothing started or remembered.
+    with pytest.raises(HubAnswer) as refused:
+        await manager.add_model(Model(hf_repo="org/gone"))
+    assert refused.value.kind is FailureKind.NOT_FOUND
+    assert manager.counts() == (0, 0)
     status = await manager.get_model_status(Model(hf_repo="org/gone"))
-    assert status.error_message == "org/gone not found"
+    assert (status.status, status.error_message) == (ModelStatus.NOT_FOUND, None)
+    # Any other failure no retry mends is the download's: started, and its status says why.
+    await manager.add_model(Model(hf_repo="org/gated"))
+    await settle()
+    status = await manager.get_model_status(Model(hf_repo="org/gated"))
+    assert status.error_message == "org/gated is gated"
     assert backend.plans_given == []  # no download was tried
     await manager.add_model(Model(hf_repo="org/flaky"))
     await settle()

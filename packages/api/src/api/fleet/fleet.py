@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 from api import logfmt
 from api.fleet.agent import NodeAgent, NodeModelStatus, Refusal
 from api.models.backend import Peer
+from api.models.downloads import NO_SUCH_THING
 from api.models.errors import (
     DownloadConflict,
     FleetUnavailable,
@@ -352,6 +353,12 @@ class Fleet:
         for answer in plans:
             if isinstance(answer, OnNode) and not isinstance(answer.error, HubAnswer):
                 raise answer
+            if (
+                isinstance(answer, OnNode)
+                and isinstance(answer.error, HubAnswer)
+                and answer.error.kind in NO_SUCH_THING
+            ):
+                raise answer.error  # a typo: the Hub has no such repo or revision (404)
         # A Hub that gives no file list (not found, gated, slow) is no reason to refuse here: as
         # on one machine, the download starts and its status says why it failed (on the first
         # node only: the others wait for it, and say why they did not start).

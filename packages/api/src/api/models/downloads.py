@@ -61,6 +61,8 @@ from api.models.types import (
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
+# What the Hub says of a repo or a revision that does not exist: a download of it is refused (404).
+NO_SUCH_THING = frozenset({FailureKind.NOT_FOUND, FailureKind.REVISION_NOT_FOUND})
 
 
 class Downloads:
@@ -124,6 +126,10 @@ class Downloads:
         self._starting[task_id] = start
         try:
             planned = await self._plan_with_space_check(model, asked)
+            if isinstance(planned, DownloadFailed) and planned.kind in NO_SUCH_THING:
+                # A typo: the Hub says the repo (or the branch, or the commit) does not exist.
+                # Refused now, as `hf download` would; nothing starts, nothing is remembered.
+                raise HubAnswer(planned)
             plan = planned if isinstance(planned, DownloadPlan) else None
             if plan is not None:
                 # Now the commit is known: one revision, one job, whatever it was asked as.

@@ -273,6 +273,12 @@ async def model_status(model: RequestBody, service: ServiceDep) -> ModelStatusRe
             },
         },
         202: {"description": "Download started in the background; poll /status for progress"},
+        404: _error(
+            "The Hub says the repo, or the branch or commit asked, does not exist (a typo?):"
+            " nothing was started. A Hub that does not answer within MODELS_PLAN_TIMEOUT_SECONDS"
+            " gets 202, and the status says what happened",
+            "org/tiny-modle was not found on the Hub (attempt 1, not retried)",
+        ),
         409: _error(
             "This revision is already downloading (the task id named may be another name of it:"
             " the branch, or the commit it points to), or a DELETE cancelled it while it started",
