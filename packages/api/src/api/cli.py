@@ -533,11 +533,16 @@ def remove(
 
     def human() -> None:
         if answer["status"] == "cancelled":
-            # A DELETE of a running download only stops it: what it fetched stays (PARTIAL).
+            # A DELETE of a running download only stops it: the files it completed stay
+            # (PARTIAL); one stopped before its first file left nothing (NOT_FOUND).
+            left = _ask(ctx, "POST", "/api/models/status", _model(repo, commit))
+            if left["status"] == "NOT_FOUND":
+                _say(f"{repo}: download cancelled; no file of it was complete: nothing stays.")
+                return
             again = f"modelctl rm {repo}" + (f" --commit {commit}" if commit else "")
             _say(
-                f"{repo}: download cancelled; the files it fetched stay in the cache (PARTIAL)."
-                f" Run `{again}` again to delete them."
+                f"{repo}: download cancelled; the files it completed stay in the cache"
+                f" ({left['status']}). Run `{again}` again to delete them."
             )
         else:
             _say(f"{repo}: {answer['status']}" + (f" ({_size(freed)} freed)" if freed else ""))

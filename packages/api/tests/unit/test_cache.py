@@ -175,3 +175,44 @@ def test_a_kept_partial_file_goes_once_its_blob_is_complete(tmp_path: Path) -> N
     assert not (locks / "done.ranged.json").exists()
     assert (blobs / "going.ranged.incomplete").exists()  # what a next attempt goes on from
     assert (locks / "going.ranged.json").exists()
+
+
+def test_tidy_leaves_what_the_library_scans_without_a_warning(tmp_path: Path) -> None:
+    """What a download stopped before its first file leaves (a ref naming an empty or absent
+    snapshot) goes; a revision with files, and its ref, stay; with nothing left, the folder goes."""
+    from huggingface_hub import scan_cache_dir
+
+    folder = make_revision(tmp_path, "org/m", C1, {"a.txt": b"alpha"})  # refs/main -> C1
+    (folder / "refs" / "dev").write_text(C2)  # the library's ref of a download stopped early
+    (folder / "snapshots" / C2).mkdir()
+    assert scan_cache_dir(tmp_path).warnings == []  # an empty revision is legal to the library
+    (folder / "refs" / "gone").write_text("c" * 40)  # names no snapshot at all: "corrupted"
+    assert scan_cache_dir(tmp_path).warnings
+    cache = ModelCache(tmp_path)
+    assert cache.tidy("org/m")
+    assert sorted(p.name for p in (folder / "refs").iterdir()) == ["main"]
+    assert [p.name for p in (folder / "snapshots").iterdir()] == [C1]
+    assert scan_cache_dir(tmp_path).warnings == []
+    assert not cache.tidy("org/m")  # nothing more to do
+    # Nothing of a model left but a ref and empty folders: the folder goes.
+    empty = tmp_path / "models--org--e"
+    (empty / "refs").mkdir(parents=True)
+    (empty / "blobs").mkdir()
+    (empty / "refs" / "main").write_text(C2)
+    assert scan_cache_dir(tmp_path).warnings  # no snapshots/: "corrupted"
+    assert cache.tidy("org/e")
+    assert not empty.exists()
+    assert scan_cache_dir(tmp_path).warnings == []
+
+
+def test_tidy_follows_no_link(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "main").write_text(C2)
+    cache_root = tmp_path / "cache"
+    folder = cache_root / "models--org--m"
+    folder.mkdir(parents=True)
+    (folder / "refs").symlink_to(outside)  # planted: a link where the refs folder belongs
+    ModelCache(cache_root).tidy("org/m")
+    assert (outside / "main").read_text() == C2  # nothing removed through the link
+    assert (folder / "refs").is_symlink()

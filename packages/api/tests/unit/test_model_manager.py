@@ -53,6 +53,7 @@ class FakeBackend:
         self.plans_given: list[DownloadPlan | None] = []
         self.pruned: list[tuple[str, frozenset[str] | None, bool]] = []
         self.discarded: list[str] = []
+        self.tidied: list[str] = []
 
     @property
     def cache_path(self) -> str:
@@ -137,6 +138,10 @@ class FakeBackend:
         self.discarded.append(repo_id)
         return 0
 
+    def tidy(self, repo_id: str) -> bool:
+        self.tidied.append(repo_id)
+        return False
+
     def free_bytes(self) -> int:
         return self.free
 
@@ -218,7 +223,7 @@ async def test_failure_is_reported_in_status(manager: ModelManager, backend: Fak
     backend.gates["org/gated@main"].set_exception(
         DownloadFailed(FailureKind.GATED, "org/gated is gated: accept its terms", 1)
     )
-    await settle()
+    await status_becomes(manager, model, ModelStatus.NOT_FOUND)  # its end tidies on a thread
     status = await manager.get_model_status(model)
     assert status.status is ModelStatus.NOT_FOUND
     assert status.error_message == "org/gated is gated: accept its terms"

@@ -325,6 +325,12 @@ class HubBackend(Protocol):
         return how many files (blocking)."""
         ...
 
+    def tidy(self, repo_id: str) -> bool:
+        """After a download that ended without its revision (cancelled, failed): leave the
+        model's folder as the library's own scan reads it, without a warning; whether anything
+        changed (blocking)."""
+        ...
+
     def remove_all_orphans(self) -> int:
         """Remove the temporary files no live process writes (what a killed service left);
         return how many (blocking)."""

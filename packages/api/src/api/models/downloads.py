@@ -400,6 +400,8 @@ class Downloads:
                 # keeps them, so that the download goes on from there after the restart.
                 with contextlib.suppress(OSError):
                     await self._threads.cache(self.backend.discard_partial, job.model.hf_repo)
+                    # A cancel before the first file left a ref and no snapshot: tidied.
+                    await self._tidy(job)
             job.publish(DownloadEventType.CANCELLED)
             self._start_queued()  # its slot is free (after its last event: in that order)
             raise
@@ -410,7 +412,19 @@ class Downloads:
             failure = DownloadFailed(
                 FailureKind.UNEXPECTED, f"internal error ({type(error).__name__})"
             )
+        if failure is not None:
+            # A download that failed before its first file left a ref and no snapshot: tidied
+            # (its parts kept for a next attempt stay).
+            with contextlib.suppress(OSError):
+                await self._tidy(job)
         self._end(job, failure)
+
+    async def _tidy(self, job: DownloadJob) -> None:
+        """The model's folder as the library's scan reads it (``HubBackend.tidy``), unless
+        another download of the model runs or starts here (its revision may be empty yet)."""
+        repo = job.model.hf_repo
+        if not any(m.hf_repo == repo for t, m, _ in self.running() if t != job.task_id):
+            await self._threads.cache(self.backend.tidy, repo)
 
     async def _landed(self, job: DownloadJob, asked: FileSelection | None) -> DownloadFailed | None:
         """Whether what a download that ended well left is what was asked: the very commit when

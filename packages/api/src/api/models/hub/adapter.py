@@ -261,6 +261,9 @@ class HubCacheBackend:
     def discard_partial(self, repo_id: str) -> int:
         return self.cache.discard_ranged(repo_id)
 
+    def tidy(self, repo_id: str) -> bool:
+        return self.cache.tidy(repo_id)
+
     def missing_bytes(self, repo_id: str, plan: DownloadPlan) -> int:
         return self.cache.missing_bytes(repo_id, plan)
 

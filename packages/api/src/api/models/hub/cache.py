@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api import logfmt
-from api.models.anchored import Folder, LinkInTheWay, held, resolve_link
+from api.models.anchored import Folder, KeepsChanging, LinkInTheWay, held, resolve_link
 from api.models.backend import (
     EVERYTHING,
     CachedRevision,
@@ -740,6 +740,82 @@ class ModelCache:
                     locks.unlink(entry.name)
                     removed += 1
         return removed
+
+    def tidy(self, repo_id: str) -> bool:
+        """After a download that ended without its revision (a cancel, a failure), the model's
+        folder as ``scan_cache_dir`` and ``hf cache ls`` read it without a warning: the library
+        writes ``refs/<branch>`` before the first file, so a download stopped before its first
+        file left a ref that names no snapshot, and no ``snapshots/`` (both "corrupted" to the
+        library). A ref naming a commit that has no snapshot folder, and that no process is
+        downloading, goes; the model's folder goes when nothing of it is left (no snapshot, no
+        blob, no ref); when blobs stay (another revision's, or parts kept for a next attempt), an
+        empty ``snapshots/`` is made. Through descriptors; a link found is never followed (the
+        folder is then left as it is). Returns whether anything changed."""
+        folder = repo_folder_name(repo_id)
+        changed = False
+        with self._blobs_and_locks(repo_id) as (blobs, locks):
+            blob_names = [] if blobs is None else [e.name for e in blobs.names()]
+            if any(
+                name.endswith(INCOMPLETE_SUFFIX) and not lock_free(locks, f"{blob_name(name)}.lock")
+                for name in blob_names
+            ):
+                return False  # a download (of any process) writes into the model now
+        try:
+            with self.model_folder(repo_id) as model:
+                if model is None:
+                    return False
+                kept: set[str] = set()
+                with held(model.sub("snapshots")) as snapshots:
+                    has_snapshots = snapshots is not None
+                    for entry in [] if snapshots is None else snapshots.names():
+                        assert snapshots is not None
+                        if entry.is_dir(follow_symlinks=False) and self._empty_and_idle(
+                            snapshots, entry.name, repo_id
+                        ):
+                            snapshots.remove(entry.name)  # a revision with no file of it
+                            changed = True
+                        else:
+                            kept.add(entry.name)
+                left = 0
+                with held(model.sub("refs")) as refs:
+                    for entry in [] if refs is None else refs.names():
+                        assert refs is not None
+                        raw = (
+                            refs.read(entry.name, 100)
+                            if entry.is_file(follow_symlinks=False)
+                            else None
+                        )
+                        commit = (raw or b"").decode("ascii", "replace").strip()
+                        if (
+                            COMMIT_ID.fullmatch(commit)
+                            and commit not in kept
+                            and not self.revision_busy(repo_id, commit)
+                        ):
+                            changed |= refs.unlink(entry.name)
+                        else:
+                            left += 1  # a ref of a snapshot, or refs/pr/...: not this rule's
+                if not kept and not blob_names and not left:
+                    root = self.anchor()
+                    if root is not None:
+                        with root:
+                            root.remove(folder)
+                    return True
+                if has_snapshots:
+                    return changed
+                with held(model.sub("snapshots", create=True)):
+                    return True
+        except (LinkInTheWay, KeepsChanging) as error:
+            logfmt.log(
+                logger, logging.WARNING, "model_folder_not_tidied", repo=repo_id, reason=error
+            )
+            return changed
+
+    def _empty_and_idle(self, snapshots: Folder, commit: str, repo_id: str) -> bool:
+        """Whether the snapshot folder ``commit`` holds nothing and no download holds it."""
+        with held(snapshots.sub(commit)) as folder:
+            if folder is None or folder.names():
+                return False
+        return COMMIT_ID.fullmatch(commit) is not None and not self.revision_busy(repo_id, commit)
 
     def remove_all_orphans(self) -> int:
         """``remove_orphans`` for every model of the cache (at start-up: what a killed service
