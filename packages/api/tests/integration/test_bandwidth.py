@@ -183,3 +183,40 @@ async def test_xet_chosen_over_the_cap_says_the_cap_does_not_hold(
             assert listed[0]["note"] == note
             await wait_for_status(client, body, FINAL)
         assert hub.count(None, "/cas/*") > 0
+
+
+async def test_a_capped_download_from_a_hub_without_xet_says_nothing_of_hf_xet(
+    settings: Settings, hub: FakeHub, repos: RepoBuilder
+) -> None:
+    """A hub that serves plain HTTP only: no word of hf_xet (the library's transfer bar counts
+    HTTP bytes too, which had been read as hf_xet's), and transferred_bytes keeps up with what
+    arrives, the large file's parallel ranges included (it had counted only the small files)."""
+    repos.commit(
+        "org/model",
+        {
+            "config.json": "{}",
+            "small.bin": Generated(MB, seed=6),
+            "big.bin": Generated(6 * MB, seed=7),
+        },
+    )
+    body = {"hf_repo": "org/model"}
+    async with app_client(capped(settings)) as client:
+        assert (await client.post("/api/models/download", json=body)).status_code == 202
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        seen: list[dict[str, Any]] = []
+        while True:
+            answer = (await client.post("/api/models/status", json=body)).json()
+            if answer["status"] != "DOWNLOADING":
+                break
+            progress = answer["progress"] or {}
+            assert progress.get("bandwidth_note") is None, progress
+            seen.append(progress)
+            assert loop.time() < deadline
+            await asyncio.sleep(0.05)
+        assert answer["status"] == "DOWNLOADED", answer
+    # Under the 2 MB/s cap the 7 MB take seconds: the looks mid-way saw the large file arrive.
+    late = [p for p in seen if (p.get("downloaded_bytes") or 0) >= 4 * MB]
+    assert late, seen[-3:]
+    for progress in late:
+        assert progress["transferred_bytes"] >= progress["downloaded_bytes"] - 2 * MB, progress

@@ -49,3 +49,26 @@ def test_progress_after_updates(updates: list[DownloadUpdate], expected: dict[st
         job.apply(update)
     progress = job.progress().model_dump()
     assert {key: progress[key] for key in expected} == expected
+
+
+def test_no_eta_until_the_speed_was_measured_a_few_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first fraction of a second of a download (a small file, a first burst) is no speed
+    to promise a time by: it said '648 h 16 min left' at the start."""
+    import time
+
+    from api.models import job as job_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    job = DownloadJob(model=Model(hf_repo="org/m"))
+    job.apply(U(total_bytes=10_000_000_000, downloaded_bytes=0))
+    clock[0] += 0.5
+    job.apply(U(downloaded_bytes=1_000))  # 2 kB/s: a start, not a speed
+    progress = job.progress()
+    assert progress.bytes_per_second == 2000.0
+    assert progress.eta_seconds is None
+    clock[0] += job_module.ETA_AFTER_SECONDS
+    job.apply(U(downloaded_bytes=1_000 + 300_000_000))
+    eta = job.progress().eta_seconds
+    assert eta is not None
+    assert eta < 3600  # at the measured speed, not the first one's

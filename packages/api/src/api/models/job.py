@@ -25,6 +25,9 @@ from api.models.types import (
 
 _RATE_SMOOTHING = 0.3  # weight of the newest sample in the speed average
 PROGRESS_EVENT_INTERVAL = 0.5  # seconds between two progress events of one download
+# No ETA before the speed was measured this long (an attempt's first small file, or its first
+# burst, said "648 h left" at the start of a download).
+ETA_AFTER_SECONDS = 3.0
 XET_UNCAPPED = (
     "some of its files come through hf_xet, which cannot be capped: the bandwidth cap does not"
     " hold for them (MODELS_XET_WHEN_CAPPED=xet, or a file already under way when the cap was set)"
@@ -56,6 +59,7 @@ class DownloadJob:
     attempt: int = 1
     bytes_per_second: float | None = None
     _sample: tuple[float, int] | None = None
+    _measured_since: float | None = None  # the attempt's first speed sample
     _last_progress_event: float = 0.0
     selections: tuple[FileSelection, ...] = ()  # what it fetches, once the plan is known
     peers: tuple[Peer, ...] = ()  # a fleet's nodes to copy its files from first
@@ -101,6 +105,7 @@ class DownloadJob:
         if update.attempt is not None and update.attempt != self.attempt:
             self.attempt = update.attempt
             self._sample = None  # a new attempt: the speed starts over
+            self._measured_since = None
         if update.retry_reason is not None:
             self.publish(
                 DownloadEventType.RETRYING,
@@ -143,6 +148,7 @@ class DownloadJob:
                 self._sample = (now, downloaded)
         else:
             self._sample = (now, downloaded)
+            self._measured_since = now
 
     def status(self) -> ModelStatusResponse:
         return ModelStatusResponse(
@@ -162,7 +168,10 @@ class DownloadJob:
                 100.0 if self.total_bytes == 0 else 100.0 * self.downloaded_bytes / self.total_bytes
             )
             percent = round(min(percent, 100.0), 2)
-            if self.bytes_per_second:
+            measured = self._measured_since is not None and (
+                time.monotonic() - self._measured_since >= ETA_AFTER_SECONDS
+            )
+            if self.bytes_per_second and measured:
                 remaining = max(self.total_bytes - self.downloaded_bytes, 0)
                 eta = round(remaining / self.bytes_per_second, 1)
         return DownloadProgress(

@@ -254,7 +254,10 @@ class DownloadProgress(BaseModel):
         default=None, description="downloaded_bytes of total_bytes, 0-100"
     )
     bytes_per_second: float | None = Field(default=None, description="Recent speed (smoothed)")
-    eta_seconds: float | None = Field(default=None, description="Seconds left at that speed")
+    eta_seconds: float | None = Field(
+        default=None,
+        description="Seconds left at that speed; null until the speed was measured for 3 s",
+    )
     files_done: int | None = Field(default=None, description="Files fetched by the current pass")
     files_total: int | None = Field(default=None, description="Files of the revision")
     verified_bytes: int | None = Field(

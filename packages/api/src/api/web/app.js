@@ -342,7 +342,10 @@ function figuresOf(p) {
   if (p.total_bytes !== null && p.total_bytes !== undefined) {
     figures = `${p.phase}: ${size(p.downloaded_bytes || 0)} of ${size(p.total_bytes)}`;
     if (p.percent !== null && p.percent !== undefined) figures += ` (${p.percent.toFixed(1)}%)`;
-    if (p.bytes_per_second >= 1000) figures += `, ${size(p.bytes_per_second)}/s, ${duration(p.eta_seconds)} left`;
+    // A speed from the first few bytes (a small file before the large ones) says nothing yet;
+    // the service gives an ETA only once the speed was measured a few seconds.
+    if (p.bytes_per_second >= 1000) figures += `, ${size(p.bytes_per_second)}/s`;
+    if (p.eta_seconds !== null && p.eta_seconds !== undefined) figures += `, ${duration(p.eta_seconds)} left`;
   } else figures = `${p.phase || "starting"}...`;
   return figures;
 }
@@ -380,14 +383,7 @@ function downloadCard(d) {
   if (d.byNode && d.byNode.size) return fleetDownloadCard(d);
   const p = d.progress || {};
   const queued = p.phase === "queued";
-  let figures;
-  if (queued) figures = `queued: #${p.queue_position} in line`;
-  else if (p.total_bytes !== null && p.total_bytes !== undefined) {
-    figures = `${p.phase}: ${size(p.downloaded_bytes || 0)} of ${size(p.total_bytes)}`;
-    if (p.percent !== null && p.percent !== undefined) figures += ` (${p.percent.toFixed(1)}%)`;
-    // A speed from the first few bytes (a small file before the large ones) says nothing yet.
-    if (p.bytes_per_second >= 1000) figures += `, ${size(p.bytes_per_second)}/s, ${duration(p.eta_seconds)} left`;
-  } else figures = `${p.phase || "starting"}...`;
+  let figures = queued ? `queued: #${p.queue_position} in line` : figuresOf(p);
   if (p.attempt > 1) figures += `, attempt ${p.attempt}`;
   const bar = queued
     ? null

@@ -241,8 +241,13 @@ class Reporter:
             if peer:
                 self.from_peers += nbytes
             self.files += nfiles
-            self.network += network
-            self.through_xet = self.through_xet or network > 0
+            # The library's transfer bar counts bytes off the network on both of its paths (in
+            # huggingface_hub 2.x its plain HTTP download feeds it too, with the very bytes the
+            # byte bar counts). Only hf_xet's are network bytes of their own: hf_xet is imported
+            # by the library's Xet download alone (never by this worker, nor by the zygote).
+            if network and "hf_xet" in sys.modules:
+                self.network += network
+                self.through_xet = True
             now = time.monotonic()
             if now - self._last < PROGRESS_INTERVAL and not nfiles:
                 return
