@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import subprocess
+import sys
 
 import pytest
 from huggingface_hub import file_download, set_client_factory
@@ -63,3 +65,22 @@ def test_the_request_hook_is_the_one_the_librarys_own_client_uses() -> None:
     finally:
         client.close()
     assert callable(set_client_factory)
+
+
+def test_hf_xet_is_imported_only_by_a_xet_download() -> None:
+    """The worker tells hf_xet's bytes from the plain HTTP download's (both feed the library's
+    transfer bar) by whether hf_xet is imported: neither the worker nor the library imports it
+    before a Xet download."""
+    code = (
+        "import sys, huggingface_hub, api.models.hub.worker, api.models.hub.zygote;"
+        " from huggingface_hub import snapshot_download, file_download;"
+        " print('hf_xet' in sys.modules)"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "False", found.stderr
+
+
+def test_the_plain_http_download_feeds_the_transfer_bar_too() -> None:
+    """Why the worker cannot read the transfer bar as hf_xet's alone (huggingface_hub 2.x)."""
+    source = inspect.getsource(file_download.http_get)
+    assert "update_transfer" in source
