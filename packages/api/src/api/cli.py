@@ -8,13 +8,14 @@ answered, as JSON, on stdout.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TextIO
 
 import httpx
 import typer
@@ -43,10 +44,18 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+
+
 # No emoji codes (a commit named "fire" printed as an emoji); values from the user or the Hub are
 # escaped (``_plain``) wherever markup is on.
-out = Console(emoji=False, highlight=False)
-err = Console(stderr=True, emoji=False, highlight=False)
+# Piped to another program, lines are not hard-wrapped at 80 columns (a table or a file list cut
+# in two is no input to grep or awk): no width but the content's.
+def _unwrapped(stream: TextIO) -> dict[str, Any]:
+    return {} if stream.isatty() else {"soft_wrap": True, "width": 100_000}
+
+
+out = Console(emoji=False, highlight=False, **_unwrapped(sys.stdout))
+err = Console(stderr=True, emoji=False, highlight=False, **_unwrapped(sys.stderr))
 
 
 @dataclass
@@ -59,7 +68,26 @@ class Context:
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the API's answer as JSON")]
 CommitOpt = Annotated[
-    str | None, typer.Option("--commit", "-c", help="Commit id or branch/tag (default: main)")
+    str | None,
+    typer.Option(
+        "--revision",
+        "-r",
+        "--commit",
+        "-c",
+        help="Commit id or branch/tag, as hf and vLLM say it (--commit: the same) [default: main]",
+    ),
+]
+# For rm: without a revision it deletes every cached revision of the model, not main's alone.
+RmRevisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--revision",
+        "-r",
+        "--commit",
+        "-c",
+        help="Delete only this revision (commit id or branch/tag); without it, every cached"
+        " revision of the model (or cancel its running download)",
+    ),
 ]
 RepoArg = Annotated[str, typer.Argument(help="Repo id, 'namespace/name'")]
 IncludeOpt = Annotated[
@@ -85,6 +113,19 @@ FilesOpt = Annotated[
 ]
 
 
+def _version(asked: bool) -> None:
+    if asked:
+        out.print(f"modelctl {_package_version()}", markup=False, highlight=False)
+        raise typer.Exit(OK)
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("api")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 @app.callback()
 def _options(
     ctx: typer.Context,
@@ -104,6 +145,12 @@ def _options(
             show_default=False,
         ),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit"
+        ),
+    ] = False,
 ) -> None:
     ctx.obj = Context(url=_base_url(url), timeout=timeout, as_json=as_json, token=token or None)
 
@@ -147,7 +194,11 @@ def _client(ctx: typer.Context) -> Iterator[httpx.Client]:
 def _call(client: httpx.Client, method: str, path: str, body: Any = None) -> Any:
     """One request; a 4xx or 5xx exits with the API's words (its ``?force=true`` said as the
     command's ``--force``) and the exit code the status maps to."""
-    response = client.request(method, path, json=body)
+    return _call_answered(client.request(method, path, json=body))
+
+
+def _call_answered(response: httpx.Response) -> Any:
+    """The answer's JSON; a 4xx or 5xx exits (``_call``)."""
     if response.status_code >= 400:
         try:
             detail = response.json().get("detail", response.text)
@@ -290,7 +341,7 @@ def download(
                 stream.read()
                 _fail(stream.text, _EXIT_BY_STATUS.get(stream.status_code, FAILURE))
             try:
-                answer = _call(client, "POST", "/api/models/download", body)
+                answer = _start_or_join(client, repo, commit, body)
                 if answer["status"] == "DOWNLOADED":
                     final = _call(client, "POST", "/api/models/status", body)
                     _finish(final, as_json)
@@ -303,6 +354,27 @@ def download(
                 raise typer.Exit(130) from None
         final = _call(client, "POST", "/api/models/status", body)
         _finish(final, as_json)
+
+
+def _start_or_join(
+    client: httpx.Client, repo: str, commit: str | None, body: dict[str, Any]
+) -> Any:
+    """The download's start; when this revision downloads already (409), the running download
+    to follow instead (as ``ollama pull`` joins a pull under way), said on stderr."""
+    response = client.post("/api/models/download", json=body)
+    if response.status_code == 409:
+        running = client.get("/api/models/downloads").json().get("downloads", [])
+        ours = [d for d in running if d["model"]["hf_repo"] == repo]
+        wanted = commit or "main"
+        named = [
+            d for d in ours if wanted in (d["model"].get("hf_commit") or "main", d.get("commit"))
+        ]
+        chosen = named or (ours if len(ours) == 1 else [])
+        if chosen:
+            task_id = f"{repo}:{chosen[0]['model'].get('hf_commit') or 'latest'}"
+            err.print(f"{_plain(task_id)} is already downloading: following it")
+            return {"task_id": task_id, "status": "DOWNLOADING"}
+    return _call_answered(response)
 
 
 def _detached(client: httpx.Client, repo: str, commit: str | None, body: dict[str, Any]) -> None:
@@ -456,6 +528,91 @@ def list_models(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     out.print(table)
 
 
+@app.command("ps")
+def running(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """What downloads now, its progress, and where (in a fleet: the nodes), as `ollama ps`."""
+    answer = _ask(ctx, "GET", "/api/models/downloads")
+
+    def human() -> None:
+        if not answer["downloads"]:
+            _say("nothing is downloading")
+            return
+        table = Table("MODEL", "PHASE", "DONE", "SPEED", "LEFT", "WHERE")
+        for item in answer["downloads"]:
+            progress = item.get("progress") or {}
+            model = item["model"]
+            name = f"{model['hf_repo']}:{model.get('hf_commit') or 'latest'}"
+            percent = progress.get("percent")
+            done = _size(progress.get("downloaded_bytes"))
+            if progress.get("total_bytes") is not None:
+                done += f" of {_size(progress['total_bytes'])}"
+            if percent is not None:
+                done += f" ({percent:.1f}%)"
+            speed = progress.get("bytes_per_second")
+            eta = progress.get("eta_seconds")
+            nodes = [n["node_id"][:12] for n in item.get("nodes") or []]
+            table.add_row(
+                Text(name),
+                Text(progress.get("phase") or "-"),
+                Text(done),
+                Text(f"{_size(round(speed))}/s" if speed else "-"),
+                Text(_seconds(eta)),
+                Text(", ".join(nodes) or "this service"),
+            )
+        out.print(table)
+
+    _show(answer, _json_wanted(ctx, as_json), human)
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    whole = int(value)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60} min"
+
+
+@app.command()
+def show(
+    ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
+) -> None:
+    """One model: its status, and each cached revision with its refs, size, files and who
+    serves it, as `ollama show` (exit 3 when nothing of it is cached or downloading)."""
+    with _client(ctx) as client:
+        status = _call(client, "POST", "/api/models/status", _model(repo, commit))
+        listed = _call(client, "GET", "/api/models/list")
+    revisions = [m for m in listed["models"] if m["model"]["hf_repo"] == repo]
+    answer = {"status": status, "revisions": revisions}
+
+    def human() -> None:
+        _say(_status_line(status))
+        if not revisions:
+            return
+        table = Table("COMMIT", "REFS", "STATUS", "SIZE", "FILES", "SERVED BY")
+        for item in revisions:
+            users = item.get("in_use_by")
+            table.add_row(
+                Text((item["model"].get("hf_commit") or "-")[:12]),
+                Text(",".join(item.get("refs") or []) or "-"),
+                Text(item["status"]),
+                _size(item.get("size_bytes")),
+                Text(_selection_words(item.get("selection"))),
+                Text(
+                    "not asked (MODELS_VLLM_URLS unset)"
+                    if users is None
+                    else ", ".join(f"{u['server']} ({u['model']})" for u in users) or "-"
+                ),
+            )
+        out.print(table)
+
+    _show(answer, _json_wanted(ctx, as_json), human)
+    if status["status"] == "NOT_FOUND" and not revisions:
+        raise typer.Exit(NOT_FOUND)
+
+
 @app.command()
 def plan(
     ctx: typer.Context,
@@ -521,7 +678,7 @@ ForceOpt = Annotated[
 def remove(
     ctx: typer.Context,
     repo: RepoArg,
-    commit: CommitOpt = None,
+    commit: RmRevisionOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:

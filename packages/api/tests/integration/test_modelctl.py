@@ -265,3 +265,55 @@ def test_the_bandwidth_cap(service_url: str) -> None:
     assert "65536" in too_low.stderr
     assert modelctl(service_url, "bandwidth", "none").stdout.startswith("bandwidth cap: none")
     assert modelctl(service_url, "cancel", "org/slow").returncode == 0
+
+
+def test_the_habits_of_hf_and_ollama(service_url: str) -> None:
+    """--version, --revision (as hf and vLLM say it), ps, show, a --wait that joins a download
+    under way, and output piped to another program that is not cut at 80 columns (issue 30)."""
+    version = modelctl(service_url, "--version")
+    assert version.returncode == 0
+    assert version.stdout.startswith("modelctl ")
+    # The selection's words make a status line far over 80 characters: one line, whole.
+    pattern = "a-pattern-long-enough-to-pass-eighty-columns-by-itself-*.safetensors"
+    done = modelctl(
+        service_url, "download", "org/model", "--revision", "main", "--exclude", pattern, "--wait"
+    )
+    assert done.returncode == 0, done.stderr
+    [line] = [line for line in done.stdout.splitlines() if "[files:" in line]
+    nothing = modelctl(service_url, "download", "org/model", "--include", pattern)
+    assert nothing.returncode == 2
+    assert len(nothing.stderr.strip().splitlines()) == 1  # the error, whole, on one line
+    assert len(line) > 80
+    assert pattern in line
+    shown = modelctl(service_url, "show", "org/model", "-r", "main")
+    assert shown.returncode == 0, shown.stderr
+    assert "DOWNLOADED" in shown.stdout
+    assert "main" in shown.stdout
+    assert json.loads(modelctl(service_url, "show", "org/model", "--json").stdout)["revisions"]
+    assert modelctl(service_url, "show", "org/nothing").returncode == 3
+    assert "nothing is downloading" in modelctl(service_url, "ps").stdout
+    # A download under way: ps shows it, and a --wait of the same model follows it (it had
+    # exited 4 with advice); it ends when the download is cancelled, saying so.
+    assert modelctl(service_url, "download", "org/slow").returncode == 0
+    listed = modelctl(service_url, "ps")
+    assert "org/slow:latest" in listed.stdout
+    assert "this service" in listed.stdout
+    env = {**os.environ, "MODELCTL_URL": service_url}
+    joining = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "download", "org/slow", "--wait"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert joining.stderr is not None
+        first = joining.stderr.readline()  # the line it writes before following
+        assert "org/slow:latest is already downloading: following it" in first, first
+        assert modelctl(service_url, "cancel", "org/slow").returncode == 0
+        out, _ = joining.communicate(timeout=60)
+    finally:
+        if joining.poll() is None:
+            joining.kill()
+    assert joining.returncode == 1  # followed to its end: cancelled, not downloaded
+    assert "org/slow" in out
