@@ -116,6 +116,9 @@ async def test_a_request_cancelled_at_any_moment_of_a_spawn_leaves_no_worker(
         try:
             worker = await request
         except asyncio.CancelledError:
+            # Gone when the cancelled request ends, not a moment later (a test that counted the
+            # workers as its download's cancel returned found one still there).
+            assert children_of(first) == [], step
             continue
         returned += 1  # done before the cancel: the caller owns it, and ends it
         worker.kill()

@@ -243,6 +243,11 @@ class Zygote:
             for pipe in (reader, writer):
                 with contextlib.suppress(OSError):
                     pipe.close()
+            # Gone before the request ends, as a worker killed later is: the zygote reaps it
+            # (it had outlived its cancelled download for a moment, seen by a test under load).
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                async with asyncio.timeout(10):
+                    await asyncio.shield(ended)
             raise
         stdin = asyncio.StreamWriter(transport, protocol, None, loop)
         return ForkedWorker(pid, stdin, stdout, ended)
