@@ -293,8 +293,8 @@ def create_app(
 
     @app.get(f"{API_PREFIX}/health", tags=["Health"])
     async def health() -> dict[str, str]:
-        """Liveness: `{"status": "ok"}`."""
-        return {"status": "ok"}
+        """Liveness, and the service's version: `{"status": "ok", "version": "0.1.0"}`."""
+        return {"status": "ok", "version": app.version}
 
     @app.get(
         "/metrics",

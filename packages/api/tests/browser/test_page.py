@@ -14,11 +14,12 @@ import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from fakehub import FakeHub, Generated, RepoBuilder, trickle
-from tests.helpers import MB, running_service
+from tests.helpers import MB, running_service, wait_for_status
 
 pytestmark = pytest.mark.browser
 
@@ -189,6 +190,37 @@ async def test_a_corrupt_model_fails_its_verification_on_the_page(
             "verification failed: model.safetensors does not match"
         )
         await expect(page.locator("#problems")).to_contain_text("model.safetensors does not match")
+
+
+async def test_a_prune_a_silent_vllm_refuses_is_a_warning_that_offers_the_forced_prune(
+    page: Page, models: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path
+) -> None:
+    """With a vLLM server that does not answer, a prune is refused unless forced: the page says so
+    as a warning (it was green, and named an API flag the page did not offer), offers the forced
+    prune, and confirms it first. The header says which service the page looks at (issue 30)."""
+    commit = repos.commit("org/old", {"config.json": "{}"})
+    env = {"MODELS_VLLM_URLS": "http://127.0.0.1:9", "MODELS_VLLM_TIMEOUT_SECONDS": "1"}
+    with running_service(cache_dir, models.url, tmp_path / "service.log", **env) as (url, _):
+        # A revision downloaded by its commit: no branch names it, prune takes it.
+        async with httpx.AsyncClient(base_url=url) as client:
+            body = {"hf_repo": "org/old", "hf_commit": commit}
+            assert (await client.post("/api/models/download", json=body)).status_code == 202
+            assert (await wait_for_status(client, body, {"DOWNLOADED"}))["status"] == "DOWNLOADED"
+        await page.goto(url)
+        host = url.removeprefix("http://")
+        await expect(page.locator("#about")).to_contain_text(f"{host}, version ")
+        await expect(page.locator("#about a[href='/docs']")).to_have_text("API docs")
+        await expect(page.locator("#about a[href='/metrics']")).to_have_text("Metrics")
+        await expect(page.locator("#models li.card[data-repo='org/old']")).to_be_visible()
+        await page.click("#prune")
+        warning = page.locator("#alerts .alert.warn")
+        await expect(warning).to_contain_text("did not answer")
+        await expect(warning).not_to_contain_text("?force=true")
+        await warning.get_by_role("button", name="Prune anyway").click()
+        await expect(page.locator("#confirm-text")).to_contain_text("may be among them")
+        await page.click("#confirm-ok")
+        await expect(page.locator("#alerts .alert.info")).to_contain_text("Pruned 1 revision(s)")
+        await expect(page.locator("#models li.card[data-repo='org/old']")).to_have_count(0)
 
 
 async def test_with_an_api_key_it_asks_for_it_and_keeps_it_in_the_tab_only(

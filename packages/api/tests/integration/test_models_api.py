@@ -280,7 +280,7 @@ async def test_space(client: httpx.AsyncClient, cache_dir: Path) -> None:
 
 
 async def test_health_and_openapi(client: httpx.AsyncClient) -> None:
-    assert (await client.get("/api/health")).json() == {"status": "ok"}
+    assert (await client.get("/api/health")).json() == {"status": "ok", "version": "0.1.0"}
     schema = (await client.get("/openapi.json")).json()
     download = schema["paths"]["/api/models/download"]["post"]
     assert {"200", "202", "409", "422", "429"} <= set(download["responses"])

@@ -140,9 +140,18 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
-function alertUser(text, kind = "bad") {
+// kind: "bad" (a failure), "warn" (something to decide), "info" (done). An action, when the API
+// offers one for what it refused (a forced prune), is a button of the alert.
+function alertUser(text, kind = "bad", action = null) {
   const close = el("button", { type: "button", "aria-label": "dismiss" }, "x");
-  const box = el("div", { class: kind === "bad" ? "alert" : "alert info" }, el("span", {}, text), close);
+  const classes = { bad: "alert", warn: "alert warn", info: "alert info" };
+  const box = el("div", { class: classes[kind] || "alert", role: kind === "info" ? "status" : "alert" }, el("span", {}, text));
+  if (action) {
+    box.append(
+      el("button", { type: "button", class: "danger", onclick: () => { box.remove(); action.run(); } }, action.label),
+    );
+  }
+  box.append(close);
   close.addEventListener("click", () => box.remove());
   $("alerts").append(box);
 }
@@ -543,13 +552,34 @@ async function prune() {
     const plan = await api("POST", "/api/models/prune", { dry_run: true });
     const items = plan.revisions.map((r) => `${r.model.hf_repo} at ${(r.model.hf_commit || "(no revision)").slice(0, 12)}: ${size(r.size_bytes)}`);
     for (const k of plan.kept) items.push(`kept: ${k.model.hf_repo} at ${(k.model.hf_commit || "").slice(0, 12)}: ${k.reason}`);
-    if (!plan.revisions.length) {
-      alertUser(`Nothing to prune${plan.note ? `: ${plan.note}` : ""}`, "info");
+    if (plan.note) {
+      // A vLLM server did not answer: what it serves is not known, and a prune is refused
+      // unless forced. A warning, with the forced prune offered (and confirmed).
+      const offer = plan.revisions.length
+        ? { label: "Prune anyway", run: () => prunePlanned(plan, items, true) }
+        : null;
+      alertUser(`Prune: ${plan.note.replace(/ unless \?force=true$/, " unless forced")}`, "warn", offer);
       return;
     }
-    const sure = await confirmDialog(`Remove ${plan.revisions.length} revision(s) no branch or tag names, freeing ${size(plan.freed_bytes)}?`, items, "Prune");
+    if (!plan.revisions.length) {
+      alertUser("Nothing to prune", "info");
+      return;
+    }
+    await prunePlanned(plan, items, false);
+    return;
+  } catch (error) {
+    alertUser(`Prune: ${error.message}`);
+  }
+  refresh();
+}
+
+async function prunePlanned(plan, items, force) {
+  try {
+    const what = `Remove ${plan.revisions.length} revision(s) no branch or tag names, freeing ${size(plan.freed_bytes)}?`;
+    const warning = force ? " A vLLM server did not answer: one it serves may be among them." : "";
+    const sure = await confirmDialog(what + warning, items, force ? "Prune anyway" : "Prune");
     if (!sure) return;
-    const done = await api("POST", "/api/models/prune", { dry_run: false });
+    const done = await api("POST", force ? "/api/models/prune?force=true" : "/api/models/prune", { dry_run: false });
     alertUser(`Pruned ${done.revisions.length} revision(s), ${size(done.freed_bytes)} freed`, "info");
   } catch (error) {
     alertUser(`Prune: ${error.message}`);
@@ -648,11 +678,22 @@ async function submit(event) {
   }
 }
 
+async function about() {
+  // Which service this page is looking at: its host and version, and where its API and metrics are.
+  try {
+    const health = await api("GET", "/api/health");
+    $("about-host").textContent = `${location.host}${health.version ? `, version ${health.version}` : ""}`;
+  } catch (_) {
+    $("about-host").textContent = location.host;
+  }
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   $("add").addEventListener("submit", submit);
   $("preview").addEventListener("click", preview);
   $("check-updates").addEventListener("click", checkUpdates);
   $("prune").addEventListener("click", prune);
+  about();
   refresh();
   stream();
 });
