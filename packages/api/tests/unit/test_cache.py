@@ -216,3 +216,21 @@ def test_tidy_follows_no_link(tmp_path: Path) -> None:
     ModelCache(cache_root).tidy("org/m")
     assert (outside / "main").read_text() == C2  # nothing removed through the link
     assert (folder / "refs").is_symlink()
+
+
+def test_tidy_removes_only_what_it_saw_empty(tmp_path: Path) -> None:
+    """A model folder that holds something tidy does not know (the library's .no_exist/, or a
+    file another process just wrote) is not removed with it: only the empty folders go, and the
+    library's scan still reads the rest without a warning."""
+    from huggingface_hub import scan_cache_dir
+
+    folder = tmp_path / "models--org--e"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "blobs").mkdir()
+    (folder / "refs" / "main").write_text(C2)
+    (folder / ".no_exist" / C2).mkdir(parents=True)
+    (folder / ".no_exist" / C2 / "missing.json").write_text("")
+    assert ModelCache(tmp_path).tidy("org/e")
+    assert (folder / ".no_exist" / C2 / "missing.json").exists()
+    assert not (folder / "refs" / "main").exists()
+    assert scan_cache_dir(tmp_path).warnings == []

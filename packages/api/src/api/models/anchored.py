@@ -296,6 +296,18 @@ class Folder:
             return False
         return True
 
+    def remove_empty(self, name: str) -> bool:
+        """Remove the folder ``name`` only while it is empty (never a link, never what was
+        added to it meanwhile); whether it was removed."""
+        _check_name(name)
+        try:
+            os.rmdir(name, dir_fd=self.fd)
+        except OSError as error:
+            if error.errno in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                return False
+            raise
+        return True
+
     def remove(self, name: str) -> int:
         """Remove the entry ``name`` whatever it is, and return the bytes of the regular files
         removed with it: a file or a link is unlinked (a link never followed); a folder is

@@ -765,15 +765,17 @@ class ModelCache:
                 if model is None:
                     return False
                 kept: set[str] = set()
+                gone: set[str] = set()  # commits of which nothing is left
                 with held(model.sub("snapshots")) as snapshots:
                     has_snapshots = snapshots is not None
                     for entry in [] if snapshots is None else snapshots.names():
                         assert snapshots is not None
-                        if entry.is_dir(follow_symlinks=False) and self._empty_and_idle(
-                            snapshots, entry.name, repo_id
+                        if (
+                            entry.is_dir(follow_symlinks=False)
+                            and self._idle(repo_id, entry.name)
+                            and snapshots.remove_empty(entry.name)  # only while empty
                         ):
-                            snapshots.remove(entry.name)  # a revision with no file of it
-                            changed = True
+                            gone.add(entry.name)  # a revision with no file of it
                         else:
                             kept.add(entry.name)
                 left = 0
@@ -786,22 +788,31 @@ class ModelCache:
                             else None
                         )
                         commit = (raw or b"").decode("ascii", "replace").strip()
-                        if (
-                            COMMIT_ID.fullmatch(commit)
-                            and commit not in kept
-                            and not self.revision_busy(repo_id, commit)
-                        ):
-                            changed |= refs.unlink(entry.name)
+                        if commit not in kept and self._idle(repo_id, commit):
+                            if refs.unlink(entry.name):
+                                gone.add(commit)
                         else:
                             left += 1  # a ref of a snapshot, or refs/pr/...: not this rule's
+                changed = bool(gone)
                 if not kept and not blob_names and not left:
+                    # Nothing of the model is left: its folder goes, piece by piece and each
+                    # only while empty (what another process adds meanwhile stays), the file
+                    # lists this service kept for the commits gone with it.
+                    with held(model.sub("trees")) as trees:
+                        for commit in gone if trees is not None else ():
+                            assert trees is not None
+                            trees.unlink(f"{commit}.json")
+                    for name in ("trees", "refs", "blobs", "snapshots"):
+                        model.remove_empty(name)
                     root = self.anchor()
                     if root is not None:
                         with root:
-                            root.remove(folder)
-                    return True
-                if has_snapshots:
+                            if root.remove_empty(folder):
+                                return True
+                elif has_snapshots:
                     return changed
+                # Blobs stay (or something appeared meanwhile): a snapshots/ folder, even empty,
+                # is what the library's scan needs.
                 with held(model.sub("snapshots", create=True)):
                     return True
         except (LinkInTheWay, KeepsChanging) as error:
@@ -810,11 +821,8 @@ class ModelCache:
             )
             return changed
 
-    def _empty_and_idle(self, snapshots: Folder, commit: str, repo_id: str) -> bool:
-        """Whether the snapshot folder ``commit`` holds nothing and no download holds it."""
-        with held(snapshots.sub(commit)) as folder:
-            if folder is None or folder.names():
-                return False
+    def _idle(self, repo_id: str, commit: str) -> bool:
+        """Whether ``commit`` is a commit id that no download (of any process) holds now."""
         return COMMIT_ID.fullmatch(commit) is not None and not self.revision_busy(repo_id, commit)
 
     def remove_all_orphans(self) -> int:
