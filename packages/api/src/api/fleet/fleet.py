@@ -811,14 +811,16 @@ class Fleet:
                 statuses.append(status)
         for task_id, (_, nodes, _) in by_task.items():
             rollout = self._rollouts.get(task_id)
-            for node in rollout.waiting if rollout is not None and rollout.seed else []:
+            if rollout is None or rollout.seed is None:
+                continue
+            for node in rollout.waiting:
                 if node in self.agents and all(n.node_id != node for n in nodes):
                     nodes.append(
                         NodeStatus(
                             node_id=node,
                             address=self.agents[node].address,
                             status=ModelStatus.DOWNLOADING,
-                            waiting_for=rollout.seed if rollout else None,
+                            waiting_for=rollout.seed,
                         )
                     )
         return DownloadListResponse(
