@@ -188,6 +188,38 @@ def running_service(
         process.wait(timeout=30)
 
 
+def modelctl(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``modelctl ARGS`` against ``url``, run in this process (its real code, through click's test
+    runner, talking HTTP to the service): what a script sees of it (exit code, stdout, stderr),
+    without the half second of imports a new process pays per command. The tests of what only a
+    process has (signals, its entry point) start ``python -m api.cli`` instead."""
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    result = CliRunner().invoke(
+        app, list(args), env={"MODELCTL_URL": url, **env}, catch_exceptions=True
+    )
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        # A crash shows as one: its traceback where a test's message will print it.
+        import traceback
+
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["modelctl", *args], result.exit_code, result.stdout, stderr)
+
+
+def modelctl_process(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``modelctl ARGS`` as its own process (``python -m api.cli``), its output piped."""
+    return subprocess.run(
+        [sys.executable, "-m", "api.cli", *args],
+        env={**os.environ, "MODELCTL_URL": url, "COLUMNS": "80"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def workers_using(cache_dir: Path) -> list[int]:
     """Download workers and zygotes on this machine, whatever their parent, of a service working
     on ``cache_dir`` (a forked worker's environment is its zygote's)."""

@@ -72,7 +72,7 @@ def fuzz_operation(
     url: str,
     root: Path,
     cache: Path,
-    examples: int = 40,
+    examples: int = 30,  # the stress tier sends 500 (tests/stress)
 ) -> int:
     """Run generated requests against one operation; return how many were sent."""
     from hypothesis import HealthCheck, given, settings
@@ -137,4 +137,4 @@ def test_every_endpoint_survives_generated_input(server: tuple[str, Path, Path])
     for operation in operations:
         assert fuzz_operation(operation, GenerationMode.POSITIVE, url, root, cache) >= 1
         if operation.method.upper() != "GET":  # a GET without parameters has no invalid input
-            assert fuzz_operation(operation, GenerationMode.NEGATIVE, url, root, cache) >= 20
+            assert fuzz_operation(operation, GenerationMode.NEGATIVE, url, root, cache) >= 15

@@ -16,7 +16,7 @@ import pytest
 
 from fakehub import FakeHub, FakeVllm, Generated, RepoBuilder, trickle
 from fakehub.samples import llama_layout
-from tests.helpers import MB, running_service
+from tests.helpers import MB, modelctl, modelctl_process, running_service
 
 
 @pytest.fixture
@@ -28,17 +28,6 @@ def service_url(hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Pat
     hub.add_fault(trickle(MB, path="*/org/slow/*"))
     with running_service(cache_dir, hub.url, tmp_path / "service.log") as (url, _):
         yield url
-
-
-def modelctl(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "MODELCTL_URL": url, "COLUMNS": "120"}
-    return subprocess.run(
-        [sys.executable, "-m", "api.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_a_session(service_url: str) -> None:
@@ -98,7 +87,8 @@ def test_busy_cancel_and_usage_exit_codes(service_url: str) -> None:
 
 
 def test_unreachable_service_is_a_failure() -> None:
-    result = modelctl("http://127.0.0.1:9", "ls")
+    # As its own process: the entry point, and the exit code a shell sees.
+    result = modelctl_process("http://127.0.0.1:9", "ls")
     assert result.returncode == 1
     assert "cannot reach http://127.0.0.1:9" in result.stderr
 
@@ -273,14 +263,15 @@ def test_the_habits_of_hf_and_ollama(service_url: str) -> None:
     version = modelctl(service_url, "--version")
     assert version.returncode == 0
     assert version.stdout.startswith("modelctl ")
-    # The selection's words make a status line far over 80 characters: one line, whole.
+    # The selection's words make a status line far over 80 characters: one line, whole, from a
+    # modelctl process whose output is a pipe (and whose terminal would say 80 columns).
     pattern = "a-pattern-long-enough-to-pass-eighty-columns-by-itself-*.safetensors"
-    done = modelctl(
+    done = modelctl_process(
         service_url, "download", "org/model", "--revision", "main", "--exclude", pattern, "--wait"
     )
     assert done.returncode == 0, done.stderr
     [line] = [line for line in done.stdout.splitlines() if "[files:" in line]
-    nothing = modelctl(service_url, "download", "org/model", "--include", pattern)
+    nothing = modelctl_process(service_url, "download", "org/model", "--include", pattern)
     assert nothing.returncode == 2
     assert len(nothing.stderr.strip().splitlines()) == 1  # the error, whole, on one line
     assert len(line) > 80

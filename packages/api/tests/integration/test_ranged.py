@@ -379,6 +379,11 @@ async def test_a_failed_xet_transfer_is_kept_and_the_retry_goes_on_by_ranges(
             status = await wait_for_status(client, BODY, FINAL)
         assert status["status"] == "DOWNLOADED", status
         assert hub.served(xorbs) == SIZE // 2 + 4 * 128  # hf_xet got the first half only...
-        # ...and the retry fetched by ranges only what it had not written.
-        assert hub.served(resolve) == SIZE // 2
+        # ...and the retry fetched by ranges only what it had not written in order: the kept
+        # prefix is at most that half (hf_xet writes the pieces it got in parallel; a busy
+        # machine can stop it with the last of them fetched but not yet written), more than
+        # nothing, and no byte of the file came twice.
+        kept = min(start for start, _ in hub.ranges_asked(resolve))
+        assert 0 < kept <= SIZE // 2, kept
+        assert hub.served(resolve) == SIZE - kept
         assert_the_cache_is_the_librarys(cache_dir, hub)

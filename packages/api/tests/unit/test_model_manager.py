@@ -257,8 +257,12 @@ async def test_timeout_fails_the_download(backend: FakeBackend, tmp_path: Path) 
     manager = compose(settings, backend)
     model = Model(hf_repo="org/slow")
     await manager.add_model(model)
-    await asyncio.sleep(0.2)
-    status = await manager.get_model_status(model)
+    async with asyncio.timeout(30):  # the 0.05 s timeout fires; a busy machine takes longer
+        while True:
+            status = await manager.get_model_status(model)
+            if status.status is not ModelStatus.DOWNLOADING:
+                break
+            await asyncio.sleep(0.01)
     assert status.status is ModelStatus.NOT_FOUND
     assert status.error_message is not None
     assert "timeout" in status.error_message

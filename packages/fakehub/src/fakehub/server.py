@@ -116,6 +116,7 @@ class FakeHub(LoopbackServer):
         self.lies = Lies()  # what this hub says instead of the truth (hostile mode)
         self.requests: Counter[tuple[str, str]] = Counter()
         self.body_bytes: Counter[str] = Counter()  # content bytes sent, by decoded path
+        self._ranges: list[tuple[str, int, int]] = []  # (decoded path, start, end) of file GETs
         self._sending = 0  # response bodies being sent now
         self._lock = threading.Lock()
         self._repos: dict[str, tuple[tuple[int, int, int], Repo]] = {}
@@ -196,6 +197,14 @@ class FakeHub(LoopbackServer):
         with self._lock:
             return sum(n for p, n in self.body_bytes.items() if fnmatch.fnmatchcase(p, pattern))
 
+    def ranges_asked(self, pattern: str = "*") -> list[tuple[int, int]]:
+        """The byte ranges (start, end exclusive) of the ``Range`` GETs of files (``/resolve``)
+        whose decoded path matches ``pattern``, in the order they came."""
+        import fnmatch
+
+        with self._lock:
+            return [(a, b) for p, a, b in self._ranges if fnmatch.fnmatchcase(p, pattern)]
+
     def _through_uplink(self, nbytes: int) -> None:
         """Wait until ``nbytes`` more fit in the uplink's rate (a shared schedule, 50 ms burst)."""
         with self._lock:
@@ -219,6 +228,7 @@ class FakeHub(LoopbackServer):
         with self._lock:
             self.requests.clear()
             self.body_bytes.clear()
+            self._ranges.clear()
 
     def _count_body(self, path: str, nbytes: int) -> None:
         with self._lock:
@@ -531,6 +541,9 @@ class _Handler(BaseHTTPRequestHandler):
             start, end = self._requested_range(entry.size)
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
+            hub = self.server.hub
+            with hub._lock:
+                hub._ranges.append((unquote(urlsplit(self.path).path), start, end))
         headers["Content-Length"] = str(end - start)
         self._send_head(status, headers)
         if method == "HEAD":
