@@ -815,6 +815,64 @@ def prune(
 
 
 @app.command()
+def pin(
+    ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Keep a revision from eviction and prune (a branch's or tag's pin follows it)."""
+    as_json = _json_wanted(ctx, as_json)
+    answer = _ask(ctx, "PUT", "/api/models/pin", _model(repo, commit))
+    _show(answer, as_json, lambda: _say(_pin_line(answer)))
+
+
+@app.command()
+def unpin(
+    ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Remove a pin (named as it was made); exit 3 when there is none."""
+    as_json = _json_wanted(ctx, as_json)
+    answer = _ask(ctx, "DELETE", "/api/models/pin", _model(repo, commit))
+    _show(answer, as_json, lambda: _say(_pin_line(answer)))
+
+
+def _pin_line(answer: dict[str, Any]) -> str:
+    model = answer["model"]
+    name = f"{model['hf_repo']}@{model.get('hf_commit') or 'main'}"
+    if not answer["pinned"]:
+        return f"{name}: not pinned"
+    held = ", ".join(c[:12] for c in answer["commits"]) or "nothing cached yet"
+    return f"{name}: pinned (keeps {held})"
+
+
+@app.command()
+def budget(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """The cache budget, what the cache holds, and what eviction would remove first."""
+    as_json = _json_wanted(ctx, as_json)
+    answer = _ask(ctx, "GET", "/api/models/budget")
+
+    def human() -> None:
+        limit = answer["budget_bytes"]
+        _say(
+            f"budget: {_size(limit) if limit is not None else 'none (nothing is evicted)'};"
+            f" cache: {_size(answer['usage_bytes'])}; downloads still need"
+            f" {_size(answer['reserved_bytes'])}"
+        )
+        for entry in answer["candidates"]:
+            model = entry["model"]
+            used = entry.get("last_used_how") or "never used"
+            _say(
+                f"  {model['hf_repo']}@{model['hf_commit'][:12]}: frees"
+                f" {_size(entry['size_bytes'])} (last use: {used})"
+            )
+        for entry in answer["kept"]:
+            model = entry["model"]
+            _say(f"  kept {model['hf_repo']}@{model['hf_commit'][:12]}: {entry['reason']}")
+        if answer.get("note"):
+            _say(f"note: {answer['note']}")
+
+    _show(answer, as_json, human)
+
+
+@app.command()
 def cancel(
     ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
 ) -> None:

@@ -35,6 +35,12 @@ class ServiceMetrics:
         self.transferred = Counter(
             "models_downloaded_bytes", "Bytes fetched from the Hub by downloads", registry=r
         )
+        self.evicted = Counter(
+            "models_evicted_revisions", "Revisions evicted to keep the cache budget", registry=r
+        )
+        self.evicted_bytes = Counter(
+            "models_evicted_bytes", "Bytes freed by evictions (the cache budget)", registry=r
+        )
         self.retries = Counter(
             "models_download_retries", "Download attempts retried, by cause", ["cause"], registry=r
         )
@@ -71,6 +77,10 @@ class ServiceMetrics:
 
     def on_event(self, event: DownloadEvent) -> None:
         key = (event.node_id, event.task_id)
+        if event.type is DownloadEventType.EVICTED:
+            self.evicted.inc()
+            self.evicted_bytes.inc(event.freed_bytes or 0)
+            return
         if event.type is DownloadEventType.STARTED:
             self._seen[key] = (0, 0)
         progress = event.progress

@@ -108,6 +108,13 @@ class Settings(BaseSettings):
     space_margin_bytes: int = Field(
         default=512 * 1024 * 1024, ge=0, description="free space kept beyond what downloads need"
     )
+    cache_budget_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="the most the cache may hold: a download that would exceed it (or the free"
+        " space) first evicts the least recently used revisions that are not pinned, served by"
+        " vLLM or downloading; unset: nothing is ever evicted",
+    )
     state_dir: Path | None = Field(
         default=None,
         description="the service's own folder: the downloads to resume after a restart and the"

@@ -308,3 +308,22 @@ def test_the_habits_of_hf_and_ollama(service_url: str) -> None:
             joining.kill()
     assert joining.returncode == 1  # followed to its end: cancelled, not downloaded
     assert "org/slow" in out
+
+
+def test_pin_unpin_and_the_budget(service_url: str) -> None:
+    assert modelctl(service_url, "download", "org/model", "--wait").returncode == 0
+    pinned = modelctl(service_url, "pin", "org/model")
+    assert pinned.returncode == 0, pinned.stderr
+    assert pinned.stdout.startswith("org/model@main: pinned (keeps ")
+    shown = modelctl(service_url, "budget")
+    assert shown.returncode == 0, shown.stderr
+    assert "budget: none (nothing is evicted)" in shown.stdout
+    assert "kept org/model@" in shown.stdout
+    assert ": pinned" in shown.stdout
+    assert json.loads(modelctl(service_url, "status", "org/model", "--json").stdout)["pinned"]
+    assert (
+        modelctl(service_url, "unpin", "org/model").stdout.strip() == "org/model@main: not pinned"
+    )
+    again = modelctl(service_url, "unpin", "org/model")
+    assert again.returncode == 3
+    assert "is not pinned" in again.stderr

@@ -76,8 +76,11 @@ async def test_full_flow(
             # Downloaded without a selection: the default (every file), recorded.
             "selection": [{"files": "all", "allow_patterns": [], "ignore_patterns": []}],
             "in_use_by": None,  # no vLLM server configured
+            "pinned": False,
+            "last_used_at": listed[0]["last_used_at"],  # its download, just now
         }
     ]
+    assert listed[0]["last_used_at"] > 0
 
     # Already complete: 200, nothing started. For the branch, one metadata request asks where
     # it points now (it has not moved); no file is fetched.

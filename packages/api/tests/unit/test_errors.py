@@ -13,6 +13,7 @@ from starlette.requests import Request
 
 from api.models import errors
 from api.models.errors import (
+    BudgetExceeded,
     CacheNotWritable,
     DownloadCancelled,
     DownloadConflict,
@@ -25,8 +26,10 @@ from api.models.errors import (
     ModelError,
     ModelInUse,
     ModelNotFound,
+    NoBudget,
     NodesLackSpace,
     NotAFleet,
+    NotPinned,
     OnNode,
     RevisionBusy,
     SelectionUnusable,
@@ -44,6 +47,9 @@ SAMPLES: list[ModelError] = [
     TooManyVerifications(2, 5),
     ModelNotFound("org/a:latest"),
     InsufficientStorage(needed=10, available=5, free=8, reserved=1, margin=2),
+    BudgetExceeded(needed=10, evictable=4, kept=["org/a@0123456789ab (pinned)"], budget=100),
+    NoBudget(),
+    NotPinned("org/a at main"),
     UnsafeCachePath("org/a", "blobs/x", partly=True),
     RevisionBusy("org/a", "c" * 40),
     CacheNotWritable("org/a", partly=True),
@@ -98,6 +104,8 @@ def _answer(error: ModelError) -> tuple[int, dict[str, str], dict[str, object]]:
         (HubAnswer(DownloadFailed(FailureKind.NETWORK, "slow")), 504),
         (SelectionUnusable("no file matches"), 422),
         (InsufficientStorage(needed=10, available=5, free=8, reserved=1, margin=2), 507),
+        (BudgetExceeded(needed=10, evictable=4, kept=["org/a@0123 (pinned)"], budget=100), 507),
+        (NotPinned("org/a at main"), 404),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, ModelError) else str(v),
 )

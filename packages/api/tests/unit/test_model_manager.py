@@ -131,6 +131,9 @@ class FakeBackend:
     def cache_usage(self) -> tuple[int, int]:
         return 10, self.free
 
+    def last_access(self, repo_id: str, commit: str) -> float | None:
+        return None
+
     def remove_all_orphans(self) -> int:
         return 0
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from api.models.backend import CachedRevision, CacheState
+from api.models.budget import Budget, Uses
 from api.models.downloads import Downloads
 from api.models.errors import DownloadConflict, ModelNotFound
 from api.models.events import EventBus
@@ -48,10 +49,13 @@ def parts(tmp_path: Path) -> tuple[FakeBackend, Downloads, Views, Housekeeping]:
     threads = Threads(1, 10)
     keeper = Keeper(JobStore(settings.state_path))
     failures = Failures(keeper)
-    in_use = InUse(VllmServers([], None, 1.0), backend, threads, 1.0)
-    downloads = Downloads(settings, backend, threads, keeper, failures, EventBus())
-    views = Views(backend, threads, downloads, failures, in_use, 5.0)
-    housekeeping = Housekeeping(backend, threads, downloads, failures, in_use, 1, 5)
+    uses = Uses(keeper)
+    in_use = InUse(VllmServers([], None, 1.0), backend, threads, 1.0, uses)
+    events = EventBus()
+    budget = Budget(None, backend, threads, uses, in_use, events)
+    downloads = Downloads(settings, backend, threads, keeper, failures, events, uses, budget)
+    views = Views(backend, threads, downloads, failures, in_use, 5.0, uses)
+    housekeeping = Housekeeping(backend, threads, downloads, failures, in_use, 1, 5, uses)
     return backend, downloads, views, housekeeping
 
 

@@ -33,15 +33,19 @@ from api.models.manager import ModelManager, compose
 from api.models.service import ServiceFigures
 from api.models.types import (
     BandwidthResponse,
+    BudgetResponse,
     DeleteResponse,
     DiskSpaceInfo,
     DownloadEvent,
     DownloadListResponse,
     DownloadStartedResponse,
+    EvictRequest,
+    EvictResponse,
     Model,
     ModelListResponse,
     ModelRequest,
     ModelStatusResponse,
+    PinResponse,
     PlanResponse,
     PruneRequest,
     PruneResponse,
@@ -187,6 +191,18 @@ class NodeAgent:
 
     async def listing(self) -> ModelListResponse:
         return await (await self._manager()).listing()
+
+    async def budget(self) -> BudgetResponse:
+        return await (await self._manager()).budget()
+
+    async def evict(self, request: EvictRequest, dry_run: bool) -> EvictResponse | Refusal:
+        return await refusing((await self._manager()).evict(request, dry_run))
+
+    async def pin(self, request: ModelRequest) -> PinResponse | Refusal:
+        return await refusing((await self._manager()).pin(request))
+
+    async def unpin(self, request: ModelRequest) -> PinResponse | Refusal:
+        return await refusing((await self._manager()).unpin(request))
 
     async def get_disk_space(self) -> DiskSpaceInfo:
         return await (await self._manager()).get_disk_space()

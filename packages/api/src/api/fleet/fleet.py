@@ -38,6 +38,7 @@ from api.models.events import EventBus
 from api.models.service import Figures, ServiceFigures
 from api.models.types import (
     BandwidthResponse,
+    BudgetResponse,
     DeleteResponse,
     DeleteStatus,
     DiskSpaceInfo,
@@ -45,6 +46,8 @@ from api.models.types import (
     DownloadProgress,
     DownloadShare,
     DownloadStartedResponse,
+    EvictRequest,
+    EvictResponse,
     KeptRevision,
     Model,
     ModelListItem,
@@ -58,6 +61,7 @@ from api.models.types import (
     NodeStatus,
     NodeUnanswered,
     NodeVerified,
+    PinResponse,
     PlanResponse,
     PrunedRevision,
     PruneRequest,
@@ -761,6 +765,93 @@ class Fleet:
             freed_bytes=freed,
             kept=kept,
             note="; ".join(notes) or None,
+        )
+
+    async def budget(self) -> BudgetResponse:
+        """Each node's budget (it holds per node: each node evicts from its own cache); the top
+        figures are the sums over the nodes that answered."""
+        agents = self._targets_of(None)
+        answers = await self._fan_out(agents, lambda a: self._call(a, self._read, NodeAgent.budget))
+        nodes: list[BudgetResponse] = []
+        notes: list[str] = []
+        for agent, answer in zip(agents, answers, strict=True):
+            if isinstance(answer, BudgetResponse):
+                nodes.append(answer.model_copy(update={"node_id": agent.node_id}))
+            else:
+                notes.append(f"node {agent.node_id[:12]}: {_why(answer)}")
+        limits = [n.budget_bytes for n in nodes]
+        return BudgetResponse(
+            budget_bytes=None if not limits or None in limits else sum(b or 0 for b in limits),
+            usage_bytes=sum(n.usage_bytes for n in nodes),
+            reserved_bytes=sum(n.reserved_bytes for n in nodes),
+            candidates=[
+                c.model_copy(update={"node_id": n.node_id}) for n in nodes for c in n.candidates
+            ],
+            kept=[k.model_copy(update={"node_id": n.node_id}) for n in nodes for k in n.kept],
+            note="; ".join(notes) or None,
+            nodes=nodes,
+        )
+
+    async def evict(self, request: EvictRequest, dry_run: bool = False) -> EvictResponse:
+        """Evict on every node, each down to the target (or its budget) in its own cache."""
+        agents = self._targets_of(None)
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, CALL_TIMEOUT, NodeAgent.evict, request, dry_run)
+        )
+        nodes: list[EvictResponse] = []
+        notes: list[str] = []
+        for agent, answer in zip(agents, answers, strict=True):
+            if isinstance(answer, OnNode):
+                raise answer  # no budget there, and no target: the same on every node
+            if not isinstance(answer, EvictResponse):
+                notes.append(f"node {agent.node_id[:12]}: {_why(answer)}")
+                continue
+            nodes.append(answer.model_copy(update={"node_id": agent.node_id}))
+            if answer.note:
+                notes.append(f"node {agent.node_id[:12]}: {answer.note}")
+        return EvictResponse(
+            dry_run=dry_run,
+            evicted=[e.model_copy(update={"node_id": n.node_id}) for n in nodes for e in n.evicted],
+            freed_bytes=sum(n.freed_bytes for n in nodes),
+            usage_bytes=sum(n.usage_bytes for n in nodes),
+            target_bytes=sum(n.target_bytes for n in nodes),
+            kept=[k.model_copy(update={"node_id": n.node_id}) for n in nodes for k in n.kept],
+            note="; ".join(notes) or None,
+            nodes=nodes,
+        )
+
+    async def pin(self, request: ModelRequest) -> PinResponse:
+        """Pin on the nodes asked (every node by default): each keeps it from its own eviction."""
+        return await self._pinning(request, NodeAgent.pin)
+
+    async def unpin(self, request: ModelRequest) -> PinResponse:
+        return await self._pinning(request, NodeAgent.unpin)
+
+    async def _pinning(
+        self,
+        request: ModelRequest,
+        method: Callable[[NodeAgent, ModelRequest], Awaitable[PinResponse | Refusal]],
+    ) -> PinResponse:
+        agents = self._targets_of(request.nodes)
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, CALL_TIMEOUT, method, _on_a_node(request))
+        )
+        done = [
+            (agent, answer)
+            for agent, answer in zip(agents, answers, strict=True)
+            if isinstance(answer, PinResponse)
+        ]
+        if not done:
+            failed = next((a for a in answers if isinstance(a, OnNode)), None)
+            if failed is not None:
+                raise failed  # not pinned anywhere (an unpin): the node's own 404
+            raise FleetUnavailable("no node answered")
+        first = done[0][1]
+        return PinResponse(
+            model=first.model,
+            pinned=first.pinned,
+            commits=sorted({c for _, answer in done for c in answer.commits}),
+            nodes=[agent.node_id for agent, _ in done],
         )
 
     async def updates(self, refresh: bool = False) -> UpdatesResponse:

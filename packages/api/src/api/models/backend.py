@@ -344,6 +344,11 @@ class HubBackend(Protocol):
         """(bytes used by the cache, bytes free on its filesystem) (blocking)."""
         ...
 
+    def last_access(self, repo_id: str, commit: str) -> float | None:
+        """The newest access time of the revision's files, as the filesystem keeps it (often at
+        most once a day: ``relatime``); None when none is known (blocking)."""
+        ...
+
     @property
     def cache_path(self) -> str: ...
 

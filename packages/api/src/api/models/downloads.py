@@ -31,7 +31,9 @@ from api.models.backend import (
     LocalState,
     Peer,
 )
+from api.models.budget import Budget, Uses
 from api.models.errors import (
+    BudgetExceeded,
     DownloadCancelled,
     DownloadConflict,
     HubAnswer,
@@ -50,6 +52,7 @@ from api.models.types import (
     DownloadPhase,
     DownloadShare,
     DownloadStartedResponse,
+    EvictionCandidate,
     Model,
     ModelStatus,
     ModelStatusResponse,
@@ -74,8 +77,12 @@ class Downloads:
         keeper: Keeper,
         failures: Failures,
         events: EventBus,
+        uses: Uses,
+        budget: Budget,
     ) -> None:
         self.settings = settings
+        self.budget = budget
+        self._uses = uses
         self.backend = backend
         self.events = events
         self._threads = threads
@@ -125,7 +132,7 @@ class Downloads:
         start = _Start(model, queued=queued)
         self._starting[task_id] = start
         try:
-            planned = await self._plan_with_space_check(model, asked)
+            planned = await self._plan_with_space_check(model, asked, start)
             if isinstance(planned, DownloadFailed) and planned.kind in NO_SUCH_THING:
                 # A typo: the Hub says the repo (or the branch, or the commit) does not exist.
                 # Refused now, as `hf download` would; nothing starts, nothing is remembered.
@@ -292,30 +299,53 @@ class Downloads:
         except TimeoutError:
             return DownloadFailed(FailureKind.NETWORK, "the file list is slow", retryable=True)
 
-    async def _space_for(self, repo_id: str, plan: DownloadPlan) -> _Space:
+    async def _space_for(
+        self, repo_id: str, plan: DownloadPlan, start: _Start | None = None
+    ) -> _Space:
         """What a download of the plan would still fetch, and the room for it: the free space
-        less what running downloads still need, less the margin (the 507 check's figures)."""
+        less what running downloads still need (and, with a budget, what the downloads being
+        admitted beside ``start`` will), less the margin (the 507 check's figures)."""
         needed = await self._threads.cache(self.backend.missing_bytes, repo_id, plan)
         # Only the free space: walking the whole cache for its size would slow every start.
         free = await self._threads.cache(self.backend.free_bytes)
-        reserved = sum(
-            max((job.total_bytes or 0) - (job.downloaded_bytes or 0), 0)
-            for job in self._jobs.values()
-        )
+        reserved = self.reserved()
+        if self.budget.enabled:
+            reserved += sum(s.needed for s in self._starting.values() if s is not start)
         available = max(free - reserved - self.settings.space_margin_bytes, 0)
         return _Space(needed, available, free, reserved)
 
+    def busy_repos(self) -> set[str]:
+        """The models downloading, queued or starting here: eviction keeps every revision of
+        them."""
+        return {m.hf_repo for _, m, _ in self.running()}
+
+    def reserved(self) -> int:
+        """Bytes the running downloads still need."""
+        return sum(
+            max((job.total_bytes or 0) - (job.downloaded_bytes or 0), 0)
+            for job in self._jobs.values()
+        )
+
     async def _plan_with_space_check(
-        self, model: Model, asked: FileSelection | None
+        self, model: Model, asked: FileSelection | None, start: _Start
     ) -> DownloadPlan | DownloadFailed:
         """Fetch the file list and refuse a selection that cannot be downloaded
-        (``SelectionUnusable``) and a download that cannot fit (``InsufficientStorage``)."""
+        (``SelectionUnusable``) and a download that cannot fit (``InsufficientStorage``; with a
+        budget, after evicting what may go, or ``BudgetExceeded`` when that would not do)."""
         plan = await self._fetch_plan(model, asked)
         if isinstance(plan, DownloadFailed):
             return plan
         if plan.problem is not None:
             raise SelectionUnusable(plan.problem)
-        space = await self._space_for(model.hf_repo, plan)
+        space = await self._space_for(model.hf_repo, plan, start)
+        if self.budget.enabled:
+            # Counted from now by every other admission (before its own room is made).
+            start.needed = space.needed
+            evicted = await self.budget.room_for(
+                space.needed, space.reserved, space.available, self.busy_repos(), model.task_id
+            )
+            if evicted:
+                space = await self._space_for(model.hf_repo, plan, start)
         if not space.fits:
             raise InsufficientStorage(
                 space.needed,
@@ -336,6 +366,21 @@ class Downloads:
         if isinstance(plan, DownloadFailed):
             raise HubAnswer(plan)
         space = await self._space_for(model.hf_repo, plan)
+        fits = space.fits
+        evicts: list[EvictionCandidate] = []
+        if self.budget.enabled:
+            try:
+                evicts = await self.budget.room_for(
+                    space.needed,
+                    space.reserved,
+                    space.available,
+                    self.busy_repos() | {model.hf_repo},
+                    model.task_id,
+                    dry_run=True,
+                )
+                fits = True  # what must go may go (the free space then checked again)
+            except BudgetExceeded:
+                fits = False
         wanted = {f.path for f in plan.wanted}
         return PlanResponse(
             model=model,
@@ -349,7 +394,8 @@ class Downloads:
             selected_bytes=plan.total_bytes,
             missing_bytes=space.needed,
             available_bytes=space.available,
-            fits=space.fits,
+            fits=fits,
+            evicts=evicts,
             weights=[
                 WeightChoice(
                     format=g.format,
@@ -453,6 +499,8 @@ class Downloads:
         self._finish(job)
         if failure is None:
             job.phase = DownloadPhase.COMPLETED
+            if job.commit is not None:
+                self._uses.used(job.model.hf_repo, job.commit, "downloaded")
             job.publish(DownloadEventType.COMPLETED)
         else:
             errors = {job.task_id: str(failure)}
@@ -616,6 +664,7 @@ class _Start:
     commit: str | None = None
     cancelled: bool = False
     queued: bool = False  # it will wait in the queue: it holds no slot
+    needed: int = 0  # with a budget: the bytes it will fetch, once its plan is known
 
 
 @dataclass

@@ -89,6 +89,44 @@ class InsufficientStorage(ModelError):
         self.margin = margin
 
 
+class BudgetExceeded(ModelError):
+    """A download needs more room than eviction may free: ``needed`` bytes over the budget (or
+    the free space); evicting every revision that may go would free ``evictable``; ``kept``
+    says what may not go, and why (pinned, served, downloading). Nothing was removed."""
+
+    def __init__(self, needed: int, evictable: int, kept: list[str], budget: int | None) -> None:
+        limit = (
+            f"the cache budget ({human_bytes(budget)}, MODELS_CACHE_BUDGET_BYTES)"
+            if budget is not None
+            else "the free space"
+        )
+        why = "; ".join(kept[:5]) + (f"; and {len(kept) - 5} more" if len(kept) > 5 else "")
+        super().__init__(
+            f"not enough room within {limit}: {human_bytes(needed)} must be freed, and evicting"
+            f" every revision that may go would free {human_bytes(evictable)}"
+            + (f"; kept: {why}" if why else "")
+            + ". Nothing was removed: unpin, delete or raise the budget"
+        )
+        self.needed = needed
+        self.evictable = evictable
+        self.kept = kept
+        self.budget = budget
+
+
+class NoBudget(ModelError):
+    def __init__(self) -> None:
+        super().__init__(
+            "no cache budget is set (MODELS_CACHE_BUDGET_BYTES): give target_bytes, the most the"
+            " cache may hold after the eviction"
+        )
+
+
+class NotPinned(ModelError):
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} is not pinned")
+        self.what = what
+
+
 class UnsafeCachePath(ModelError):
     """A link (or another kind of file) stands where the model's cache folder holds a folder or
     a file, or leads outside it (planted, or swapped in while the service worked): it was not

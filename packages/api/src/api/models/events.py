@@ -113,5 +113,8 @@ def log_event(event: DownloadEvent) -> None:
         fields["reason"] = event.retry_reason
     if event.error_message is not None:
         fields["error"] = event.error_message
+    if event.type is DownloadEventType.EVICTED:
+        fields["freed_bytes"] = event.freed_bytes or 0
+        fields["reason"] = event.reason or "-"
     level = logging.WARNING if event.type is DownloadEventType.FAILED else logging.INFO
     logfmt.log_line(logger, level, logfmt.line(event.type.value, **fields))

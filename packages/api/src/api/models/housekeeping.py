@@ -9,6 +9,7 @@ import logging
 
 from api import logfmt
 from api.models.backend import CacheState, HubBackend, Pruned
+from api.models.budget import Uses
 from api.models.downloads import Downloads
 from api.models.errors import (
     DownloadConflict,
@@ -45,7 +46,9 @@ class Housekeeping:
         in_use: InUse,
         verifications: int,
         retry_after: int,
+        uses: Uses,
     ) -> None:
+        self._uses = uses
         self._backend = backend
         self._threads = threads
         self._downloads = downloads
@@ -116,7 +119,9 @@ class Housekeeping:
                 continue  # what a branch or a tag names
             model = Model.model_construct(hf_repo=revision.repo_id, hf_commit=revision.commit)
             reason = None
-            if (revision.repo_id, revision.commit) in running or revision.repo_id in starting:
+            if self._uses.pinned(revision.repo_id, revision.commit, revision.refs):
+                reason = "pinned (DELETE /api/models/pin to let it go)"
+            elif (revision.repo_id, revision.commit) in running or revision.repo_id in starting:
                 reason = "it is downloading"
             elif revision.state is CacheState.BUSY:
                 reason = "another process sharing the cache is downloading it"
@@ -190,6 +195,8 @@ class Housekeeping:
         if report is None:
             raise ModelNotFound(model.task_id)
         verified = not report.missing and not report.mismatched
+        if verified:
+            self._uses.used(model.hf_repo, report.commit, "verified")
         logfmt.log(
             logger,
             logging.INFO,

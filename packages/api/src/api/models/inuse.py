@@ -6,6 +6,8 @@ A delete or a prune asks the servers now (``fresh``); a status or a list reuses 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from api.models.backend import CachedRevision, HubBackend
 from api.models.errors import InUseUnknown, ModelInUse
 from api.models.revisions import Revision, in_use_map
@@ -13,12 +15,21 @@ from api.models.serving import ServedModel, ServedNow, VllmServers
 from api.models.threads import Threads
 from api.models.types import COMMIT_PATTERN, InUseInfo, Model
 
+if TYPE_CHECKING:  # budget.py imports this module
+    from api.models.budget import Uses
+
 
 class InUse:
     def __init__(
-        self, servers: VllmServers, backend: HubBackend, threads: Threads, ttl: float
+        self,
+        servers: VllmServers,
+        backend: HubBackend,
+        threads: Threads,
+        ttl: float,
+        uses: Uses | None = None,
     ) -> None:
         self.servers = servers
+        self._uses = uses  # each revision seen served is a use (the cache budget's order)
         self._backend = backend
         self._threads = threads
         self._ttl = ttl
@@ -42,6 +53,9 @@ class InUse:
         if revisions is None:
             revisions = await self._threads.cache(self._backend.list_cached, repo_id)
         users = await self._threads.cache(in_use_map, now, revisions, self._backend.revision_at)
+        if self._uses is not None:
+            for repo, commit in users:
+                self._uses.used(repo, commit, "served")
         return now, users
 
     async def refuse(self, model: Model) -> None:

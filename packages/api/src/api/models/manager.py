@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 from api import logfmt
 from api.models.backend import FileSelection, HubBackend, Peer
+from api.models.budget import Budget, Uses
 from api.models.downloads import Downloads
-from api.models.errors import NotAFleet
+from api.models.errors import NoBudget, NotAFleet, NotPinned
 from api.models.events import EventBus
 from api.models.failures import Failures
 from api.models.housekeeping import Housekeeping
@@ -34,15 +35,19 @@ from api.models.store import JobStore
 from api.models.threads import Keeper, Threads
 from api.models.types import (
     BandwidthResponse,
+    BudgetResponse,
     DeleteResponse,
     DiskSpaceInfo,
     DownloadListResponse,
     DownloadStartedResponse,
+    EvictRequest,
+    EvictResponse,
     Model,
     ModelListItem,
     ModelListResponse,
     ModelRequest,
     ModelStatusResponse,
+    PinResponse,
     PlanResponse,
     PruneRequest,
     PruneResponse,
@@ -70,6 +75,8 @@ class Parts:
     downloads: Downloads
     views: Views
     housekeeping: Housekeeping
+    uses: Uses
+    budget: Budget
 
 
 def compose(
@@ -81,15 +88,20 @@ def compose(
     threads = Threads(settings.max_concurrent_verifications, settings.worker_nice)
     keeper = Keeper(JobStore(settings.state_path))
     failures = Failures(keeper)
+    uses = Uses(keeper)
     in_use = InUse(
         servers
         or VllmServers(settings.vllm_urls, settings.vllm_key, settings.vllm_timeout_seconds),
         backend,
         threads,
         settings.vllm_check_ttl_seconds,
+        uses,
     )
-    downloads = Downloads(settings, backend, threads, keeper, failures, events)
-    views = Views(backend, threads, downloads, failures, in_use, settings.plan_timeout_seconds)
+    budget = Budget(settings.cache_budget_bytes, backend, threads, uses, in_use, events)
+    downloads = Downloads(settings, backend, threads, keeper, failures, events, uses, budget)
+    views = Views(
+        backend, threads, downloads, failures, in_use, settings.plan_timeout_seconds, uses
+    )
     housekeeping = Housekeeping(
         backend,
         threads,
@@ -98,6 +110,7 @@ def compose(
         in_use,
         settings.max_concurrent_verifications,
         settings.retry_after_seconds,
+        uses,
     )
     return ModelManager(
         Parts(
@@ -111,6 +124,8 @@ def compose(
             downloads,
             views,
             housekeeping,
+            uses,
+            budget,
         )
     )
 
@@ -216,6 +231,46 @@ class ModelManager:
     async def cap_bandwidth(self, bytes_per_second: int | None) -> BandwidthResponse:
         return self.set_bandwidth(bytes_per_second)
 
+    async def budget(self) -> BudgetResponse:
+        """The cache's budget, its usage and the eviction order."""
+        downloads = self._downloads
+        return await self.parts.budget.view(downloads.busy_repos(), downloads.reserved())
+
+    async def evict(self, request: EvictRequest, dry_run: bool = False) -> EvictResponse:
+        """Free room down to ``target_bytes`` (default: the budget), as a download would."""
+        if request.target_bytes is None and self.settings.cache_budget_bytes is None:
+            raise NoBudget()
+        return await self.parts.budget.evict(
+            request.target_bytes, self._downloads.busy_repos(), dry_run
+        )
+
+    async def pin(self, request: ModelRequest) -> PinResponse:
+        """Keep a revision (a commit, or whatever a branch or tag names) from eviction and
+        prune; ``hf_commit`` omitted: ``main``."""
+        model = _one_machine(request)
+        await self.parts.uses.pin(model.hf_repo, model.revision)
+        return await self._pin_answer(model)
+
+    async def unpin(self, request: ModelRequest) -> PinResponse:
+        model = _one_machine(request)
+        if not await self.parts.uses.unpin(model.hf_repo, model.revision):
+            raise NotPinned(f"{model.hf_repo} at {model.revision}")
+        return await self._pin_answer(model)
+
+    async def _pin_answer(self, model: Model) -> PinResponse:
+        cached = await self.parts.threads.cache(self.backend.list_cached, model.hf_repo)
+        uses = self.parts.uses
+        commits = sorted(
+            r.commit
+            for r in cached
+            if r.commit is not None and model.revision in (r.commit, *r.refs)
+        )
+        return PinResponse(
+            model=Model(hf_repo=model.hf_repo, hf_commit=model.revision),
+            pinned=uses.is_pin(model.hf_repo, model.revision),
+            commits=commits,
+        )
+
     async def figures(self) -> ServiceFigures:
         running, queued = self.counts()
         space = await self.get_disk_space()
@@ -234,7 +289,8 @@ class ModelManager:
         if removed:
             logfmt.log(logger, logging.INFO, "orphans_removed", count=removed)
         await self.backend.start()
-        await self._downloads.resume()
+        await self._downloads.resume()  # opens the job store first
+        await self.parts.uses.load()
 
     async def shutdown(self) -> None:
         """Stop every running download and wait for each (no worker outlives the service)."""

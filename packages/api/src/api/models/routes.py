@@ -11,6 +11,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.auth import KeyFirstRoute, require_read, require_write
 from api.models.errors import (
+    BudgetExceeded,
     CacheNotWritable,
     DownloadCancelled,
     DownloadConflict,
@@ -22,8 +23,10 @@ from api.models.errors import (
     ModelError,
     ModelInUse,
     ModelNotFound,
+    NoBudget,
     NodesLackSpace,
     NotAFleet,
+    NotPinned,
     OnNode,
     RevisionBusy,
     SelectionUnusable,
@@ -39,17 +42,21 @@ from api.models.types import (
     REPO_JSON_PATTERN,
     BandwidthResponse,
     BandwidthSetting,
+    BudgetResponse,
     DeleteResponse,
     DiskSpaceInfo,
     DownloadEvent,
     DownloadListResponse,
     DownloadStartedResponse,
     ErrorResponse,
+    EvictRequest,
+    EvictResponse,
     Model,
     ModelListResponse,
     ModelRequest,
     ModelStatus,
     ModelStatusResponse,
+    PinResponse,
     PlanResponse,
     PruneRequest,
     PruneResponse,
@@ -65,6 +72,9 @@ ERROR_STATUS: dict[type[ModelError], int] = {
     TooManyVerifications: status.HTTP_429_TOO_MANY_REQUESTS,
     ModelNotFound: status.HTTP_404_NOT_FOUND,
     InsufficientStorage: status.HTTP_507_INSUFFICIENT_STORAGE,
+    BudgetExceeded: status.HTTP_507_INSUFFICIENT_STORAGE,
+    NoBudget: status.HTTP_422_UNPROCESSABLE_CONTENT,
+    NotPinned: status.HTTP_404_NOT_FOUND,
     UnsafeCachePath: status.HTTP_409_CONFLICT,
     RevisionBusy: status.HTTP_409_CONFLICT,
     CacheNotWritable: status.HTTP_409_CONFLICT,
@@ -470,6 +480,69 @@ async def prune_models(
     "freed_bytes": 13476839424, "kept": [], "note": null}`
     """
     return await service.prune(request, force)
+
+
+@router.get("/budget", dependencies=Reads, response_model=BudgetResponse)
+async def cache_budget(service: ServiceDep) -> BudgetResponse:
+    """The cache's budget (`MODELS_CACHE_BUDGET_BYTES`; null: none, nothing is ever evicted),
+    what the cache holds, and the order in which eviction would free room: each candidate with
+    the bytes its removal would free and its last use (served by vLLM, downloaded or verified
+    here, else its files' access time), least recently used first; and what eviction keeps, with
+    why (pinned, served by a vLLM server, its model downloading). The vLLM servers are asked now.
+    """
+    return await service.budget()
+
+
+@router.post(
+    "/evict",
+    dependencies=Writes,
+    response_model=EvictResponse,
+    responses={
+        422: _error(
+            "No budget is set and the body gives no target_bytes",
+            "no cache budget is set (MODELS_CACHE_BUDGET_BYTES): give target_bytes, the most the"
+            " cache may hold after the eviction",
+        ),
+        **_BODY_ERRORS,
+    },
+)
+async def evict_models(
+    service: ServiceDep,
+    request: Annotated[EvictRequest, Body()] = EvictRequest(),  # noqa: B008 - an empty body
+    dry_run: Annotated[bool, Query(description="Say what would go; remove nothing")] = False,
+) -> EvictResponse:
+    """Free room now, as a download would: remove the least recently used revisions that are not
+    pinned, served by a vLLM server or downloading, until the cache holds at most `target_bytes`
+    (default: the budget). `?dry_run=true` removes nothing and answers the same. When what may
+    go does not reach the target, what could go went and `note` says why the rest stays."""
+    return await service.evict(request, dry_run)
+
+
+@router.put(
+    "/pin",
+    dependencies=Writes,
+    response_model=PinResponse,
+    responses={**_BODY_ERRORS},
+)
+async def pin_model(request: RequestBody, service: ServiceDep) -> PinResponse:
+    """Pin a revision: it is never evicted (nor pruned). `hf_commit` names a commit, or a branch
+    or tag (omitted: `main`), whose pin follows it when it moves. `commits`: what it keeps now.
+    """
+    return await service.pin(request)
+
+
+@router.delete(
+    "/pin",
+    dependencies=Writes,
+    response_model=PinResponse,
+    responses={
+        404: _error("No such pin", f"{REPO_EXAMPLE} at main is not pinned"),
+        **_BODY_ERRORS,
+    },
+)
+async def unpin_model(request: RequestBody, service: ServiceDep) -> PinResponse:
+    """Remove a pin (the same `hf_repo` and `hf_commit` it was made with)."""
+    return await service.unpin(request)
 
 
 @router.get("/updates", dependencies=Reads, response_model=UpdatesResponse)

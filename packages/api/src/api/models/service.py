@@ -19,14 +19,18 @@ from typing import TYPE_CHECKING, Protocol
 from api.models.events import EventBus
 from api.models.types import (
     BandwidthResponse,
+    BudgetResponse,
     DeleteResponse,
     DiskSpaceInfo,
     DownloadListResponse,
     DownloadStartedResponse,
+    EvictRequest,
+    EvictResponse,
     Model,
     ModelListResponse,
     ModelRequest,
     ModelStatusResponse,
+    PinResponse,
     PlanResponse,
     PruneRequest,
     PruneResponse,
@@ -89,6 +93,14 @@ class ModelService(Protocol):
     async def cap_bandwidth(self, bytes_per_second: int | None) -> BandwidthResponse: ...
 
     async def figures(self) -> ServiceFigures: ...
+
+    async def budget(self) -> BudgetResponse: ...
+
+    async def evict(self, request: EvictRequest, dry_run: bool = False) -> EvictResponse: ...
+
+    async def pin(self, request: ModelRequest) -> PinResponse: ...
+
+    async def unpin(self, request: ModelRequest) -> PinResponse: ...
 
 
 if TYPE_CHECKING:

@@ -51,7 +51,7 @@ from pydantic import ValidationError
 from api import logfmt
 from api.models.anchored import Folder, LinkInTheWay
 from api.models.backend import FileSelection
-from api.models.types import Model
+from api.models.types import COMMIT_PATTERN, Model
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,21 @@ CREATE TABLE IF NOT EXISTS errors (
     message TEXT NOT NULL,
     failed_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS uses (
+    hf_repo TEXT NOT NULL,
+    hf_commit TEXT NOT NULL,
+    used_at REAL NOT NULL,
+    how TEXT NOT NULL,
+    PRIMARY KEY (hf_repo, hf_commit)
+);
+CREATE TABLE IF NOT EXISTS pins (
+    hf_repo TEXT NOT NULL,
+    revision TEXT NOT NULL,
+    pinned_at REAL NOT NULL,
+    PRIMARY KEY (hf_repo, revision)
+);
 """
+USE_KINDS = ("served", "downloaded", "verified")  # the evidence of a use, strongest first
 
 
 @dataclass(frozen=True)
@@ -360,6 +374,65 @@ class JobStore:
         with self._transaction() as db:
             db.executemany("DELETE FROM errors WHERE task_id = ?", [(t,) for t in task_ids])
 
+    # -- uses and pins (the cache budget) ------------------------------------------------------
+
+    def uses(self) -> dict[tuple[str, str], tuple[float, str]]:
+        """The last use of each revision: (repo, commit) -> (Unix time, how). A row the service
+        would not have written is dropped, with a warning."""
+        kept: dict[tuple[str, str], tuple[float, str]] = {}
+        dropped = 0
+        for repo, commit, at, how in self._read(
+            "SELECT hf_repo, hf_commit, used_at, how FROM uses"
+        ):
+            if (
+                _revision_ok(repo, commit, commit_only=True)
+                and isinstance(at, float)
+                and how in USE_KINDS
+            ):
+                assert isinstance(repo, str)
+                assert isinstance(commit, str)
+                assert isinstance(how, str)
+                kept[(repo, commit)] = (at, how)
+            else:
+                dropped += 1
+        _warn_dropped("uses", dropped)
+        return kept
+
+    def record_uses(self, uses: list[tuple[str, str, float, str]]) -> None:
+        """(repo, commit, time, how) each: kept unless a later use is recorded already."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO uses (hf_repo, hf_commit, used_at, how) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (hf_repo, hf_commit) DO UPDATE SET used_at = excluded.used_at,"
+                " how = excluded.how WHERE excluded.used_at >= uses.used_at",
+                uses,
+            )
+
+    def pins(self) -> set[tuple[str, str]]:
+        """Every pin: (repo, revision as it was asked: a commit, a branch or a tag)."""
+        kept: set[tuple[str, str]] = set()
+        dropped = 0
+        for repo, revision in self._read("SELECT hf_repo, revision FROM pins"):
+            if _revision_ok(repo, revision):
+                assert isinstance(repo, str)
+                assert isinstance(revision, str)
+                kept.add((repo, revision))
+            else:
+                dropped += 1
+        _warn_dropped("pins", dropped)
+        return kept
+
+    def pin(self, repo: str, revision: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO pins (hf_repo, revision, pinned_at) VALUES (?, ?, ?)",
+                (repo, revision, time.time()),
+            )
+
+    def unpin(self, repo: str, revision: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM pins WHERE hf_repo = ? AND revision = ?", (repo, revision))
+
     # -- SQLite ------------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -451,6 +524,30 @@ def _check_sqlite_opened(folder: Folder) -> None:
         mine = folder.lstat(name)
         if mine is None or (mine.st_dev, mine.st_ino) not in opened:
             raise PermissionError(f"SQLite did not open the state folder's {name}: not used")
+
+
+def _revision_ok(repo: object, revision: object, commit_only: bool = False) -> bool:
+    """Whether a stored (repo, revision) is one a request could have named (a commit id when
+    ``commit_only``)."""
+    if not isinstance(repo, str) or not isinstance(revision, str):
+        return False
+    try:
+        Model(hf_repo=repo, hf_commit=revision)
+    except ValidationError:
+        return False
+    return not commit_only or COMMIT_PATTERN.fullmatch(revision) is not None
+
+
+def _warn_dropped(table: str, count: int) -> None:
+    if count:
+        logfmt.log(
+            logger,
+            logging.WARNING,
+            "state_row_dropped",
+            table=table,
+            count=count,
+            reason="not a repo and revision this service writes",
+        )
 
 
 def _task_id_ok(task_id: object) -> bool:

@@ -374,6 +374,11 @@ class ModelStatusResponse(BaseModel):
     commit: str | None = Field(
         default=None, description="The commit the status refers to, when known (addition)"
     )
+    pinned: bool = Field(
+        default=False,
+        description="A pin keeps the revision from eviction and prune (PUT /api/models/pin)"
+        " (addition)",
+    )
     selection: list[SelectionInfo] | None = Field(
         default=None,
         description="The selection the status answers for: the one asked, else those the revision"
@@ -476,6 +481,12 @@ class ModelListItem(BaseModel):
         " null when none was recorded: MODELS_DEFAULT_FILES applies (addition)",
     )
     in_use_by: InUseBy = None
+    pinned: bool = Field(default=False, description="Pinned: never evicted nor pruned (addition)")
+    last_used_at: float | None = Field(
+        default=None,
+        description="Unix time of its last use the service knows of (served by vLLM, downloaded or"
+        " verified here): the eviction order (addition)",
+    )
     nodes: list[str] | None = Field(
         default=None,
         exclude_if=_none,
@@ -569,6 +580,27 @@ class NodePlan(BaseModel):
     error_message: str | None = None
 
 
+class EvictionCandidate(BaseModel):
+    """A cached revision that eviction may remove, in the order it would."""
+
+    model: Model = Field(description="The repo and the commit")
+    size_bytes: int = Field(
+        description="Bytes its removal would free (files another revision shares stay)"
+    )
+    last_used_at: float | None = Field(
+        default=None,
+        description="Unix time of its last use: served by a vLLM server, downloaded or verified"
+        " here, else its files' last access time; null: never seen used",
+    )
+    last_used_how: str | None = Field(
+        default=None,
+        description="The evidence of that use: 'served', 'downloaded', 'verified' or 'accessed'",
+    )
+    node_id: str | None = Field(
+        default=None, exclude_if=_none, description="With a fleet: the node (addition)"
+    )
+
+
 class PlanResponse(BaseModel):
     """What a download would fetch, computed from the Hub's file list without writing anything."""
 
@@ -586,6 +618,11 @@ class PlanResponse(BaseModel):
         " margin (MODELS_SPACE_MARGIN_BYTES)"
     )
     fits: bool = Field(description="Whether a download would pass the 507 check")
+    evicts: list[EvictionCandidate] = Field(
+        default_factory=list,
+        description="With a cache budget (MODELS_CACHE_BUDGET_BYTES): the revisions a download"
+        " would evict first, least recently used first (addition)",
+    )
     weights: list[WeightChoice] = Field(
         description="The weight files grouped by format and quantization, to choose from"
     )
@@ -634,6 +671,7 @@ class DownloadEventType(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    EVICTED = "evicted"  # a revision removed to keep the cache within its budget
 
 
 class DownloadEvent(BaseModel):
@@ -648,6 +686,10 @@ class DownloadEvent(BaseModel):
     error_message: str | None = Field(default=None, description="Why it failed (failed)")
     retry_reason: str | None = Field(default=None, description="Why it retries (retrying)")
     retry_kind: str | None = Field(default=None, description="Class of that failure (retrying)")
+    reason: str | None = Field(
+        default=None, description="Why it was removed, and for which download (evicted)"
+    )
+    freed_bytes: int | None = Field(default=None, description="Bytes its removal freed (evicted)")
     seq: int | None = Field(
         default=None,
         description="Number of the event in this service (the SSE id): send it back as"
@@ -779,4 +821,77 @@ class PruneResponse(BaseModel):
         default=None,
         description="What the answer could not take into account (a vLLM server that did not"
         " answer), when something (addition)",
+    )
+
+
+class BudgetResponse(BaseModel):
+    """The cache's budget, what it holds, and the order in which eviction would free room."""
+
+    budget_bytes: int | None = Field(
+        description="MODELS_CACHE_BUDGET_BYTES; null: no budget, nothing is ever evicted"
+    )
+    usage_bytes: int = Field(description="Bytes of the files in the cache")
+    reserved_bytes: int = Field(description="Bytes running downloads still need")
+    candidates: list[EvictionCandidate] = Field(
+        description="What eviction may remove, least recently used first"
+    )
+    kept: list[KeptRevision] = Field(
+        description="What eviction never removes now, and why: pinned, served, downloading"
+    )
+    note: str | None = Field(
+        default=None, description="What the answer could not take into account, when something"
+    )
+    node_id: str | None = Field(
+        default=None, exclude_if=_none, description="With a fleet: the node (addition)"
+    )
+    nodes: list[BudgetResponse] | None = Field(
+        default=None,
+        exclude_if=_none,
+        description="With a fleet: each node's budget (it holds per node); the top figures are"
+        " their sums (addition)",
+    )
+
+
+class EvictRequest(BaseModel):
+    """``POST /api/models/evict``: free room down to a target."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_bytes: int | None = Field(
+        default=None,
+        ge=0,
+        description="Evict until the cache holds at most this many bytes; default: the budget",
+    )
+
+
+class EvictResponse(BaseModel):
+    dry_run: bool = Field(description="true: nothing was removed")
+    evicted: list[EvictionCandidate] = Field(
+        description="Removed (dry run: to be removed), in that order"
+    )
+    freed_bytes: int = Field(description="Bytes freed (dry run: that would be freed)")
+    usage_bytes: int = Field(description="Bytes in the cache after it (dry run: now)")
+    target_bytes: int = Field(description="The target it freed room down to")
+    kept: list[KeptRevision] = Field(default_factory=list, description="Never evicted now, and why")
+    note: str | None = Field(
+        default=None,
+        description="Why the target was not reached, or what could not be taken into account",
+    )
+    node_id: str | None = Field(
+        default=None, exclude_if=_none, description="With a fleet: the node (addition)"
+    )
+    nodes: list[EvictResponse] | None = Field(
+        default=None, exclude_if=_none, description="With a fleet: each node's answer (addition)"
+    )
+
+
+class PinResponse(BaseModel):
+    model: Model = Field(description="The pin, as it was asked: a commit, a branch or a tag")
+    pinned: bool = Field(description="Whether it is pinned now")
+    commits: list[str] = Field(
+        default_factory=list,
+        description="The cached commits the pin protects now (a branch's or tag's follow it)",
+    )
+    nodes: list[str] | None = Field(
+        default=None, exclude_if=_none, description="With a fleet: the nodes it holds on (addition)"
     )

@@ -13,6 +13,7 @@ from api.models.backend import (
     FileSelection,
     HubBackend,
 )
+from api.models.budget import Uses
 from api.models.downloads import Downloads
 from api.models.failures import Failures
 from api.models.inuse import InUse, in_use_info
@@ -50,7 +51,9 @@ class Views:
         failures: Failures,
         in_use: InUse,
         plan_timeout: float,
+        uses: Uses,
     ) -> None:
+        self._uses = uses
         self._backend = backend
         self._threads = threads
         self._downloads = downloads
@@ -93,6 +96,7 @@ class Views:
                 selection=[SelectionInfo.of(s) for s in local.selections] or None,
             )
         served = answer.served_commit or answer.commit
+        answer.pinned = self._uses.pinned(model.hf_repo, served, (model.revision,))
         if self._in_use.configured and served is not None:
             _, users = await self._in_use.users(model.hf_repo, fresh=False)
             answer.in_use_by = in_use_info(users.get((model.hf_repo, served), []))
@@ -129,6 +133,8 @@ class Views:
                     in_use_by=None
                     if users is None or revision.commit is None
                     else in_use_info(users.get((revision.repo_id, revision.commit), [])),
+                    pinned=self._uses.pinned(revision.repo_id, revision.commit, revision.refs),
+                    last_used_at=self._last_used(revision),
                 )
             )
         for job in jobs:
@@ -139,6 +145,10 @@ class Views:
                     )
                 )
         return items
+
+    def _last_used(self, revision: CachedRevision) -> float | None:
+        last = self._uses.last(revision.repo_id, revision.commit) if revision.commit else None
+        return last[0] if last else None
 
     async def space(self) -> DiskSpaceInfo:
         used, free = await self._threads.cache(self._backend.cache_usage)

@@ -252,6 +252,9 @@ class HubCacheBackend:
     def cache_usage(self) -> tuple[int, int]:
         return self.cache.usage()
 
+    def last_access(self, repo_id: str, commit: str) -> float | None:
+        return deletion.last_access(self.cache, repo_id, commit)
+
     def free_bytes(self) -> int:
         return self.cache.free_bytes()
 

@@ -34,7 +34,7 @@ from api.models.anchored import (
     resolve_link,
     walk_files,
 )
-from api.models.errors import CacheNotWritable, RevisionBusy, UnsafeCachePath
+from api.models.errors import CacheNotWritable, ModelError, RevisionBusy, UnsafeCachePath
 from api.models.hub.cache import (
     ModelCache,
     _shared_hash,
@@ -395,6 +395,25 @@ def _attributed(
         counted |= mine
         out.append((commit, sum(sizes.get(b, (0, 0))[1] for b in mine)))
     return tuple(out)
+
+
+def last_access(cache: ModelCache, repo_id: str, commit: str) -> float | None:
+    """The newest ``st_atime`` of the blobs the revision's links use (read through the model's
+    folder, links not followed); None when it has none, or a link leads out of the model."""
+    try:
+        names = _blobs_of(cache, repo_id, commit)
+    except (ModelError, LinkInTheWay, KeepsChanging, OSError):
+        return None
+    newest: float | None = None
+    with cache.model_folder(repo_id, "blobs") as blobs:
+        if blobs is None:
+            return None
+        for name in names:
+            with contextlib.suppress(OSError):
+                info = blobs.lstat(name)
+                if info is not None and stat.S_ISREG(info.st_mode):
+                    newest = max(newest or 0.0, info.st_atime)
+    return newest
 
 
 def _blobs_of(cache: ModelCache, repo_id: str, commit: str) -> set[str]:
