@@ -223,6 +223,48 @@ async def test_a_prune_a_silent_vllm_refuses_is_a_warning_that_offers_the_forced
         await expect(page.locator("#models li.card[data-repo='org/old']")).to_have_count(0)
 
 
+async def test_a_pin_from_the_page_and_an_eviction_seen_live(
+    page: Page, models: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 31 on the page: a revision pinned with its button says so; an eviction (a download
+    that needed room in the budget) is told as it happens, and the evicted card goes, with no
+    download card made of the event."""
+    repos.commit("org/a", {"w.bin": Generated(2 * MB, seed=11)})
+    repos.commit("org/b", {"w.bin": Generated(2 * MB, seed=12)})
+    repos.commit("org/c", {"w.bin": Generated(2 * MB, seed=13)})
+    with running_service(cache_dir, models.url, tmp_path / "fill.log") as (url, _):
+        async with httpx.AsyncClient(base_url=url) as client:
+            for name in ("org/a", "org/b"):
+                body = {"hf_repo": name}
+                assert (await client.post("/api/models/download", json=body)).status_code == 202
+                assert (await wait_for_status(client, body, {"DOWNLOADED"}))[
+                    "status"
+                ] == "DOWNLOADED"
+            usage = (await client.get("/api/models/budget")).json()["usage_bytes"]
+    budget = {"MODELS_CACHE_BUDGET_BYTES": str(usage + MB)}
+    with running_service(cache_dir, models.url, tmp_path / "service.log", **budget) as (url, _):
+        await page.goto(url)
+        card_a = page.locator("#models li.card[data-repo='org/a']")
+        await card_a.get_by_role("button", name="Pin").click()
+        await expect(card_a.locator(".note.pinned")).to_have_text(
+            "pinned: never evicted nor pruned"
+        )
+        await expect(card_a.get_by_role("button", name="Unpin")).to_be_visible()
+        async with httpx.AsyncClient(base_url=url) as client:
+            status = (await client.post("/api/models/status", json={"hf_repo": "org/a"})).json()
+            assert status["pinned"] is True
+        await start(page, "org/c")
+        # org/a is pinned: org/b, the other least recently used, makes room.
+        evicted = page.locator("#alerts .alert.info", has_text="Evicted org/b")
+        await expect(evicted).to_contain_text("room for org/c:latest")
+        await expect(page.locator("#models li.card[data-repo='org/b']")).to_have_count(0)
+        await expect(page.locator("#models li.card[data-repo='org/c'] .status")).to_have_text(
+            "DOWNLOADED"
+        )
+        await expect(card_a).to_be_visible()
+        await expect(page.locator("#downloads li.card")).to_have_count(0)
+
+
 async def test_with_an_api_key_it_asks_for_it_and_keeps_it_in_the_tab_only(
     page: Page, models: FakeHub, cache_dir: Path, tmp_path: Path
 ) -> None:

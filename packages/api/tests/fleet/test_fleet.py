@@ -166,6 +166,37 @@ async def test_a_subset_of_the_nodes_then_the_rest_from_it(
         assert all(on_disk(cache) for cache in node_caches)
 
 
+async def test_pins_the_budget_and_eviction_act_per_node(
+    fleet_settings: Settings, hub: FakeHub, model: str, node_caches: list[Path]
+) -> None:
+    """The budget holds per node (issue 31): a pin is made on every node, the budget answers per
+    node, and an eviction frees each node's own cache; what is pinned stays everywhere."""
+    async with app_client(fleet_settings) as client:
+        ids = await node_ids(client)
+        one = ids[0]
+        started = await client.post("/api/models/download", json={**BODY, "nodes": [one[:8]]})
+        assert started.status_code == 202, started.text
+        assert (await wait_for_status(client, BODY, FINAL))["status"] == "DOWNLOADED"
+        pinned = (await client.put("/api/models/pin", json=BODY)).json()
+        assert sorted(pinned["nodes"]) == sorted(ids)
+        assert len(pinned["commits"]) == 1
+        budget = (await client.get("/api/models/budget")).json()
+        assert sorted(n["node_id"] for n in budget["nodes"]) == sorted(ids)
+        kept = [(k["node_id"], k["reason"]) for k in budget["kept"]]
+        assert kept == [(one, "pinned")]
+        evict = {"target_bytes": 0}
+        dry = (await client.post("/api/models/evict?dry_run=true", json=evict)).json()
+        assert dry["evicted"] == []  # pinned
+        assert (await client.request("DELETE", "/api/models/pin", json=BODY)).status_code == 200
+        dry = (await client.post("/api/models/evict?dry_run=true", json=evict)).json()
+        assert [e["node_id"] for e in dry["evicted"]] == [one]
+        assert sum(on_disk(cache) for cache in node_caches) == 1  # a dry run: still there
+        done = (await client.post("/api/models/evict", json=evict)).json()
+        assert [e["node_id"] for e in done["evicted"]] == [one]
+        assert not any(on_disk(cache) for cache in node_caches)
+        assert (await client.post("/api/models/evict", json={})).status_code == 422  # no budget
+
+
 async def test_no_room_on_the_nodes_starts_nothing_anywhere(
     fleet_settings: Settings, model: str, node_caches: list[Path], repos: RepoBuilder
 ) -> None:

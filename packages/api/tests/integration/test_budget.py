@@ -6,7 +6,9 @@ is refused (507) and nothing is removed; dry runs remove nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import httpx
 from api.models.hub.cache import ModelCache
 from api.settings import Settings
 from fakehub import FakeHub, FakeVllm, Generated, RepoBuilder
-from tests.helpers import FINAL, MB, app_client, wait_for_status
+from tests.helpers import FINAL, MB, app_client, running_service, sse, wait_for_status
 
 
 def files_of(cache_dir: Path) -> dict[str, int]:
@@ -225,3 +227,48 @@ async def test_a_pin_keeps_a_revision_from_prune(
         await client.request("DELETE", "/api/models/pin", json=body)
         pruned = (await client.post("/api/models/prune", json={"dry_run": False})).json()
         assert [r["model"]["hf_commit"] for r in pruned["revisions"]] == [old]
+
+
+async def test_kill_9_during_an_eviction_leaves_a_clean_cache_and_the_budget_holds(
+    hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path
+) -> None:
+    """The service dies (kill -9) the moment its first eviction is told, the second one perhaps
+    half done: after a restart the library reads the cache without a warning, each revision is
+    whole or gone, the cache is within its budget, and the download that asked for room can be
+    started again and fits."""
+    for i, name in enumerate("abc"):
+        repos.commit(f"org/{name}", {"w.bin": Generated(2 * MB, seed=40 + i)})
+    repos.commit("org/big", {"w.bin": Generated(5 * MB, seed=44)})
+    with running_service(cache_dir, hub.url, tmp_path / "fill.log") as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            for name in "abc":
+                assert (await download(client, f"org/{name}"))["status"] == "DOWNLOADED"
+            usage = (await client.get("/api/models/budget")).json()["usage_bytes"]
+    budget = usage + MB  # org/big needs two of the three to go
+    env = {"MODELS_CACHE_BUDGET_BYTES": str(budget)}
+    with running_service(cache_dir, hub.url, tmp_path / "evicting.log", **env) as (url, process):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            connected = asyncio.Event()
+
+            async def first_eviction() -> None:
+                async for event, _ in sse(client, "/api/models/events", connected=connected):
+                    if event == "evicted":
+                        process.send_signal(signal.SIGKILL)
+                        return
+
+            watcher = asyncio.create_task(first_eviction())
+            await connected.wait()
+            with contextlib.suppress(httpx.TransportError):  # it dies during the request
+                await client.post("/api/models/download", json={"hf_repo": "org/big"})
+            await asyncio.wait_for(watcher, 60)
+        await asyncio.to_thread(process.wait, 60)
+    scan_is_clean(cache_dir)
+    with running_service(cache_dir, hub.url, tmp_path / "after.log", **env) as (url, _):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            states = [(await status_of(client, f"org/{name}"))["status"] for name in "abc"]
+            assert set(states) <= {"DOWNLOADED", "NOT_FOUND"}, states  # whole, or gone
+            assert "NOT_FOUND" in states  # the first eviction was done when it died
+            assert (await client.get("/api/models/budget")).json()["usage_bytes"] <= budget
+            assert (await download(client, "org/big"))["status"] == "DOWNLOADED"
+            assert (await client.get("/api/models/budget")).json()["usage_bytes"] <= budget
+    scan_is_clean(cache_dir)

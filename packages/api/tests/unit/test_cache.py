@@ -234,3 +234,35 @@ def test_tidy_removes_only_what_it_saw_empty(tmp_path: Path) -> None:
     assert (folder / ".no_exist" / C2 / "missing.json").exists()
     assert not (folder / "refs" / "main").exists()
     assert scan_cache_dir(tmp_path).warnings == []
+
+
+def test_a_whole_model_leaves_the_librarys_sight_in_one_step(tmp_path: Path) -> None:
+    """A whole model is moved under .locks (which scan_cache_dir skips) before it is removed, so
+    that a crash mid-removal never leaves half a model; the next start finishes the removal. A
+    .locks that is a link is not followed."""
+    from api.models.hub.deletion import REMOVING, finish_removals
+
+    folder = make_revision(tmp_path, "org/m", C1, {"w.bin": b"weights"})
+    cache = ModelCache(tmp_path)
+    # What a crash after the move left: a folder set aside, whole.
+    aside = tmp_path / ".locks" / REMOVING / "models--org--x.0123456789abcdef"
+    (aside / "blobs").mkdir(parents=True)
+    (aside / "blobs" / "b").write_bytes(b"x")
+    assert finish_removals(cache) == 1
+    assert list((tmp_path / ".locks" / REMOVING).iterdir()) == []
+    tree_bytes = len((folder / "trees" / f"{C1}.json").read_bytes())
+    assert delete(cache, "org/m", None) == len(b"weights") + 40 + tree_bytes  # 40: refs/main
+    assert not folder.exists()
+    assert list((tmp_path / ".locks" / REMOVING).iterdir()) == []
+    # A planted .locks link: nothing moves through it, nothing is removed outside.
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (tmp_path / ".locks" / REMOVING).rmdir()
+    (tmp_path / ".locks").rmdir()
+    (tmp_path / ".locks").symlink_to(outside)
+    folder = make_revision(tmp_path, "org/n", C2, {"w.bin": b"w"})
+    with pytest.raises(UnsafeCachePath):  # refused, as before: nothing removed, nothing moved
+        delete(cache, "org/n", None)
+    assert (folder / "snapshots" / C2 / "w.bin").read_bytes() == b"w"
+    assert list(outside.iterdir()) == []
+    assert finish_removals(cache) == 0

@@ -275,6 +275,14 @@ class Folder:
         _check_name(new)
         os.rename(name, new, src_dir_fd=self.fd, dst_dir_fd=self.fd)
 
+    def move_to(self, name: str, other: Folder, new: str) -> None:
+        """Rename the entry ``name`` of this folder to ``new`` in ``other`` (one atomic step on
+        one filesystem; a link is moved, never followed); ``FileExistsError`` when ``new`` is
+        there (a non-empty folder; the caller picks a fresh name)."""
+        _check_name(name)
+        _check_name(new)
+        os.rename(name, new, src_dir_fd=self.fd, dst_dir_fd=other.fd)
+
     def link(self, name: str, new: str) -> None:
         """A second name ``new`` for the file ``name`` (the entry itself: never a link's target)."""
         _check_name(name)

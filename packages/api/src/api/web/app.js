@@ -267,6 +267,13 @@ function onEvent(raw) {
   } catch (_) {
     return;
   }
+  if (event.type === "evicted") {
+    // Not a download: a cached revision removed to keep the cache within its budget.
+    const where = event.node_id ? ` (node ${nodeName(event.node_id)})` : "";
+    alertUser(`Evicted ${modelName(event.model)}${where}, ${size(event.freed_bytes)} freed: ${event.reason}`, "info");
+    refreshSoon();
+    return;
+  }
   const id = event.task_id;
   const ended = ["completed", "failed", "cancelled"].includes(event.type);
   const node = event.node_id; // in a fleet: the node that sent it
@@ -444,6 +451,7 @@ function modelCard(m) {
   const update = (m.refs || []).map((r) => state.updates.get(`${m.model.hf_repo}@${r}`)).find((u) => u && u.update_available);
   const buttons = [
     el("button", { type: "button", onclick: () => verify(m) , disabled: !commit }, "Verify"),
+    el("button", { type: "button", onclick: () => pinToggle(m), disabled: !commit, title: "A pinned revision is never evicted nor pruned" }, m.pinned ? "Unpin" : "Pin"),
     el("button", { type: "button", onclick: () => remove(m) }, "Delete"),
   ];
   if (update) buttons.unshift(el("button", { type: "button", class: "primary", onclick: () => startUpdate(update) }, `Update (${size(update.bytes_to_download)})`));
@@ -453,6 +461,7 @@ function modelCard(m) {
     el("div", { class: "name" }, m.model.hf_repo, el("span", { class: `status ${m.status}` }, m.status)),
     el("div", { class: "meta" }, meta.join(" | ")),
     inUse ? el("div", { class: "note" }, `in use by ${inUse}`) : null,
+    m.pinned ? el("div", { class: "note pinned" }, "pinned: never evicted nor pruned") : null,
     update ? el("div", { class: "note" }, `${update.ref} moved to ${update.hub_commit.slice(0, 12)} on the Hub`) : null,
     m.error_message ? el("div", { class: "note bad" }, m.error_message) : null,
     el("div", { class: "buttons" }, ...buttons),
@@ -500,6 +509,17 @@ async function remove(m) {
     alertUser(`${what}: ${answer.status}, ${size(answer.freed_bytes)} freed`, "info");
   } catch (error) {
     alertUser(`Delete ${what}: ${error.message}`);
+  }
+  refresh();
+}
+
+async function pinToggle(m) {
+  const what = `${m.model.hf_repo} at ${(m.model.hf_commit || "").slice(0, 12)}`;
+  try {
+    await api(m.pinned ? "DELETE" : "PUT", "/api/models/pin", m.model);
+    alertUser(`${what}: ${m.pinned ? "unpinned" : "pinned (never evicted nor pruned)"}`, "info");
+  } catch (error) {
+    alertUser(`${m.pinned ? "Unpin" : "Pin"} ${what}: ${error.message}`);
   }
   refresh();
 }

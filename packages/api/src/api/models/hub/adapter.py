@@ -259,7 +259,8 @@ class HubCacheBackend:
         return self.cache.free_bytes()
 
     def remove_all_orphans(self) -> int:
-        return self.cache.remove_all_orphans()
+        # Model folders a crash left set aside for removal, then each model's temporary files.
+        return deletion.finish_removals(self.cache) + self.cache.remove_all_orphans()
 
     def discard_partial(self, repo_id: str) -> int:
         return self.cache.discard_ranged(repo_id)

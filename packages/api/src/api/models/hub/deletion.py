@@ -20,6 +20,7 @@ import contextlib
 import errno
 import logging
 import os
+import secrets
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -100,9 +101,20 @@ class DeletePlan:
         if root is None:
             return 0
         with root:
-            removed = sum(_remove_at(root, tree) for tree in self.trees)
-            for entry in self.files:
+            # In an order that a crash at any point leaves a cache the library reads without a
+            # warning: a whole model leaves the library's sight in one rename before it is
+            # removed; of a revision, the refs that name it go first (a revision no ref names is
+            # one the library knows: detached), then its snapshot, then its blobs.
+            trees = self.trees
+            if self.commit is None and trees == ((repo_folder_name(self.repo_id),),):
+                trees = (_set_aside(root, trees[0][0]),)
+            refs = [entry for entry in self.files if entry[1:2] == ("refs",)]
+            for entry in refs:
                 _remove_at(root, entry)
+            removed = sum(_remove_at(root, tree) for tree in trees)
+            for entry in self.files:
+                if entry not in refs:
+                    _remove_at(root, entry)
             for folder in self.own_folders:
                 _remove_own(root, folder)
             swept = sum(_sweep(root, h, str(self.root)) for h in self.shared)
@@ -452,6 +464,45 @@ def _remove_at(root: Folder, entry: Names) -> int:
         return 0
     with holder:
         return holder.remove(name)
+
+
+# Model folders set aside for removal: under ``.locks``, which ``scan_cache_dir`` skips, so that
+# the library never sees half a model; what a crash left there is removed at the next start.
+REMOVING = ".removing"
+
+
+def _set_aside(root: Folder, folder: str) -> Names:
+    """Move the model folder ``folder`` to ``.locks/.removing/<folder>.<token>`` in one rename
+    and return where it is now; where that cannot be done (``.locks`` is a link, another
+    filesystem), the folder where it is (removed there, as before)."""
+    try:
+        with held(root.sub(".locks", create=True)) as locks:
+            assert locks is not None
+            with held(locks.sub(REMOVING, create=True)) as removing:
+                assert removing is not None
+                aside = f"{folder}.{secrets.token_hex(8)}"
+                root.move_to(folder, removing, aside)
+    except (LinkInTheWay, KeepsChanging, OSError):
+        return (folder,)
+    return (".locks", REMOVING, aside)
+
+
+def finish_removals(cache: ModelCache) -> int:
+    """Remove what a crash left set aside (``_set_aside``); how many model folders."""
+    root = cache.anchor()
+    if root is None:
+        return 0
+    with root:
+        try:
+            with held(root.walk(".locks", REMOVING)) as removing:
+                if removing is None:
+                    return 0
+                names = [entry.name for entry in removing.names()]
+                for name in names:
+                    removing.remove(name)
+                return len(names)
+        except (LinkInTheWay, KeepsChanging):
+            return 0  # not ours: left alone
 
 
 def _model_bytes(root: Folder, trees: tuple[Names, ...]) -> int:
