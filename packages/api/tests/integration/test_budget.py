@@ -16,7 +16,7 @@ import httpx
 
 from api.models.hub.cache import ModelCache
 from api.settings import Settings
-from fakehub import FakeHub, FakeVllm, Generated, RepoBuilder
+from fakehub import FakeHub, FakeVllm, Generated, RepoBuilder, trickle
 from tests.helpers import FINAL, MB, app_client, running_service, sse, wait_for_status
 
 
@@ -271,4 +271,40 @@ async def test_kill_9_during_an_eviction_leaves_a_clean_cache_and_the_budget_hol
             assert (await client.get("/api/models/budget")).json()["usage_bytes"] <= budget
             assert (await download(client, "org/big"))["status"] == "DOWNLOADED"
             assert (await client.get("/api/models/budget")).json()["usage_bytes"] <= budget
+    scan_is_clean(cache_dir)
+
+
+async def test_what_a_running_download_may_need_is_kept(
+    settings: Settings, hub: FakeHub, repos: RepoBuilder, cache_dir: Path
+) -> None:
+    """Every revision of a model that downloads is kept (its older revision too: the new one may
+    not complete), and what the running download still needs counts against the budget."""
+    old = repos.commit("org/s", {"w.bin": Generated(2 * MB, seed=30)})
+    repos.commit("org/a", {"w.bin": Generated(2 * MB, seed=31)})
+    repos.commit("org/n", {"w.bin": Generated(2 * MB, seed=32)})
+    pinned_old = {"hf_repo": "org/s", "hf_commit": old}
+    async with app_client(settings) as client:
+        assert (await client.post("/api/models/download", json=pinned_old)).status_code == 202
+        assert (await wait_for_status(client, pinned_old, FINAL))["status"] == "DOWNLOADED"
+        assert (await download(client, "org/a"))["status"] == "DOWNLOADED"
+        usage = (await client.get("/api/models/budget")).json()["usage_bytes"]
+    repos.commit("org/s", {"w.bin": Generated(2 * MB, seed=33)})
+    hub.add_fault(trickle(MB // 8, path="*/org/s/resolve/*"))  # 16 s at least: it runs
+    budget = usage + 3 * MB  # room for one more model, not for two
+    async with app_client(settings.model_copy(update={"cache_budget_bytes": budget})) as client:
+        running = await client.post("/api/models/download", json={"hf_repo": "org/s"})
+        assert running.status_code == 202, running.text
+        view = (await client.get("/api/models/budget")).json()
+        assert view["reserved_bytes"] > 0
+        kept = {k["model"]["hf_commit"]: k["reason"] for k in view["kept"]}
+        assert kept[old] == "its model is downloading"
+        assert "org/s" not in [c["model"]["hf_repo"] for c in view["candidates"]]
+        # org/s@old is the least recently used, but its model downloads: org/a goes instead.
+        assert (await download(client, "org/n"))["status"] == "DOWNLOADED"
+        assert (await status_of(client, "org/a"))["status"] == "NOT_FOUND"
+        assert (await client.post("/api/models/status", json=pinned_old)).json()[
+            "status"
+        ] == "DOWNLOADED"
+        cancelled = await client.request("DELETE", "/api/models", json={"hf_repo": "org/s"})
+        assert cancelled.json()["status"] == "cancelled"
     scan_is_clean(cache_dir)

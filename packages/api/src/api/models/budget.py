@@ -39,6 +39,7 @@ from api.models.types import (
     KeptRevision,
     Model,
 )
+from api.units import human_bytes
 
 logger = logging.getLogger(__name__)
 # A use seen again within this many seconds (a status poll while vLLM serves it) is not written
@@ -190,9 +191,11 @@ class Budget:
             return await self._free(must_free, busy, reason, dry_run)
 
     async def evict(self, target: int | None, busy: set[str], dry_run: bool) -> EvictResponse:
-        """Free room until the cache holds at most ``target`` bytes (default: the budget)."""
+        """Free room until the cache holds at most ``target`` bytes (default: the budget). When
+        what may go does not reach the target, all of it goes, and ``note`` says why the rest
+        stays (a download's admission, instead, removes nothing then)."""
         goal = target if target is not None else self.limit
-        assert goal is not None  # the route refuses a request with neither
+        assert goal is not None  # the manager refuses a request with neither
         async with self._lock:
             usage = await self.usage()
             must_free = max(usage - goal, 0)
@@ -200,17 +203,23 @@ class Budget:
             note = survey.note
             evicted: list[EvictionCandidate] = []
             if must_free:
-                try:
-                    evicted = await self._free(
-                        must_free, busy, "asked (POST /api/models/evict)", dry_run, survey
+                chosen, total = await self._choose(must_free, survey)
+                if total < must_free and survey.note is None:
+                    note = (
+                        f"the target ({human_bytes(goal)}) is not reached: what may go frees"
+                        f" {human_bytes(total)} of the {human_bytes(must_free)} over it (the rest"
+                        " is kept, or is not a revision: locks, the library's own files)"
                     )
-                except BudgetExceeded as refused:
-                    note = str(refused)
-            freed = sum(e.size_bytes for e in evicted)
+                if dry_run:
+                    evicted = [c.answer() for c in chosen]
+                else:
+                    evicted, _ = await self._remove(
+                        chosen, must_free, "asked (POST /api/models/evict)"
+                    )
             return EvictResponse(
                 dry_run=dry_run,
                 evicted=evicted,
-                freed_bytes=freed,
+                freed_bytes=sum(e.size_bytes for e in evicted),
                 usage_bytes=usage if dry_run else await self.usage(),
                 target_bytes=goal,
                 kept=survey.kept,
@@ -220,26 +229,13 @@ class Budget:
     # -- choosing and removing -----------------------------------------------------------------
 
     async def _free(
-        self,
-        must_free: int,
-        busy: set[str],
-        reason: str,
-        dry_run: bool,
-        survey: _Survey | None = None,
+        self, must_free: int, busy: set[str], reason: str, dry_run: bool
     ) -> list[EvictionCandidate]:
         """Choose, least recently used first, revisions that free ``must_free`` bytes, then remove
-        them one by one until they did. Under the lock."""
-        survey = survey or await self._survey(busy)
-        chosen: list[_Candidate] = []
-        total = 0
-        if survey.note is None:
-            for candidate in survey.candidates:
-                if total >= must_free:
-                    break
-                freed = await self._measure(candidate)
-                if freed:
-                    chosen.append(candidate)
-                    total += freed
+        them one by one until they did; ``BudgetExceeded`` (nothing removed) when what may go
+        would not free enough. Under the lock."""
+        survey = await self._survey(busy)
+        chosen, total = await self._choose(must_free, survey)
         if total < must_free:
             kept = [
                 f"{k.model.hf_repo}@{(k.model.hf_commit or '')[:12]} ({k.reason})"
@@ -250,10 +246,37 @@ class Budget:
             raise BudgetExceeded(must_free, total, kept, self.limit)
         if dry_run:
             return [c.answer() for c in chosen]
+        evicted, freed = await self._remove(chosen, must_free, reason)
+        if freed < must_free:
+            raise BudgetExceeded(
+                must_free - freed, 0, ["the cache changed during the eviction"], self.limit
+            )
+        return evicted
+
+    async def _choose(self, must_free: int, survey: _Survey) -> tuple[list[_Candidate], int]:
+        """The least recently used candidates that free ``must_free`` bytes together (all of
+        them when they cannot), and what they free; none when a vLLM server did not answer."""
+        chosen: list[_Candidate] = []
+        total = 0
+        if survey.note is None:
+            for candidate in survey.candidates:
+                if total >= must_free:
+                    break
+                freed = await self._measure(candidate)
+                if freed:
+                    chosen.append(candidate)
+                    total += freed
+        return chosen, total
+
+    async def _remove(
+        self, chosen: list[_Candidate], must_free: int, reason: str
+    ) -> tuple[list[EvictionCandidate], int]:
+        """Remove the chosen revisions in order until ``must_free`` bytes are freed; what went,
+        and the bytes freed."""
         evicted: list[EvictionCandidate] = []
-        freed_so_far = 0
+        freed = 0
         for candidate in chosen:
-            if freed_so_far >= must_free:
+            if freed >= must_free:
                 break
             repo = candidate.revision.repo_id
             pruned = await self._threads.cache(
@@ -270,14 +293,10 @@ class Budget:
                 )
                 continue
             candidate.freed = pruned.freed_bytes
-            freed_so_far += pruned.freed_bytes
+            freed += pruned.freed_bytes
             evicted.append(candidate.answer())
             self._announce(candidate, reason)
-        if freed_so_far < must_free:
-            raise BudgetExceeded(
-                must_free - freed_so_far, 0, ["the cache changed during the eviction"], self.limit
-            )
-        return evicted
+        return evicted, freed
 
     async def _measure(self, candidate: _Candidate) -> int:
         """What removing the candidate alone would free (a dry run of its prune)."""
