@@ -819,9 +819,7 @@ def pin(
     ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Keep a revision from eviction and prune (a branch's or tag's pin follows it)."""
-    as_json = _json_wanted(ctx, as_json)
-    answer = _ask(ctx, "PUT", "/api/models/pin", _model(repo, commit))
-    _show(answer, as_json, lambda: _say(_pin_line(answer)))
+    _pinning(ctx, "PUT", repo, commit, as_json)
 
 
 @app.command()
@@ -829,8 +827,12 @@ def unpin(
     ctx: typer.Context, repo: RepoArg, commit: CommitOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Remove a pin (named as it was made); exit 3 when there is none."""
+    _pinning(ctx, "DELETE", repo, commit, as_json)
+
+
+def _pinning(ctx: typer.Context, method: str, repo: str, commit: str | None, as_json: bool) -> None:
     as_json = _json_wanted(ctx, as_json)
-    answer = _ask(ctx, "DELETE", "/api/models/pin", _model(repo, commit))
+    answer = _ask(ctx, method, "/api/models/pin", _model(repo, commit))
     _show(answer, as_json, lambda: _say(_pin_line(answer)))
 
 
