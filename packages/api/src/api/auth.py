@@ -27,6 +27,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api import logfmt
+from api.models.history import ACTOR
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -40,31 +41,40 @@ bearer = HTTPBearer(
 
 @dataclass(frozen=True)
 class Keys:
-    """The configured keys, as bytes (compared with ``hmac.compare_digest``)."""
+    """The configured keys, as bytes (compared with ``hmac.compare_digest``), each with its name
+    (``name:key`` in the setting; None for a key alone)."""
 
-    write: tuple[bytes, ...] = ()
-    read: tuple[bytes, ...] = ()
+    write: tuple[tuple[str | None, bytes], ...] = ()
+    read: tuple[tuple[str | None, bytes], ...] = ()
 
     @classmethod
     def of(cls, settings: Settings) -> Keys:
         return cls(
-            tuple(k.encode() for k in settings.write_keys),
-            tuple(k.encode() for k in settings.read_keys),
+            tuple((name, k.encode()) for name, k in settings.named_write_keys),
+            tuple((name, k.encode()) for name, k in settings.named_read_keys),
         )
 
     def allows(self, token: str | None, write: bool) -> bool:
+        return self.holder(token, write)[0]
+
+    def holder(self, token: str | None, write: bool) -> tuple[bool, str | None]:
+        """Whether ``token`` may do this, and who it is: the matching key's name (``key`` for a
+        key without one), None when no key of this kind is set (open)."""
         kind = self.write if write else self.read
         if not kind:
-            return True  # none of this kind set: open
+            return True, None  # none of this kind set: open
         if token is None:
-            return False
+            return False, None
         given = token.encode("utf-8", "surrogateescape")
-        matched = False
+        matched: str | None = None
+        found = False
         # A write key grants reads too. Every key, every time: the time says nothing of which
         # matched.
-        for key in kind if write else kind + self.write:
-            matched |= hmac.compare_digest(given, key)
-        return matched
+        for name, key in kind if write else kind + self.write:
+            if hmac.compare_digest(given, key):
+                found = True
+                matched = name or "key"
+        return found, matched
 
 
 def _keys(request: Request) -> Keys:
@@ -87,8 +97,12 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 
 def _check(request: Request, credentials: HTTPAuthorizationCredentials | None, write: bool) -> None:
     token = credentials.credentials if credentials is not None else None
-    if not _keys(request).allows(token, write):
+    allowed, who = _keys(request).holder(token, write)
+    if not allowed:
         raise _refuse(write)
+    # Who asked, for the history: the work this request starts inherits it (asyncio copies the
+    # context into the tasks it creates).
+    ACTOR.set(who)
 
 
 async def require_write(request: Request, credentials: Credentials) -> None:

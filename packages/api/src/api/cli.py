@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -843,6 +844,36 @@ def _pin_line(answer: dict[str, Any]) -> str:
         return f"{name}: not pinned"
     held = ", ".join(c[:12] for c in answer["commits"]) or "nothing cached yet"
     return f"{name}: pinned (keeps {held})"
+
+
+@app.command()
+def history(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="How many, newest first")] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """What happened to the cache: downloads' ends, deletes, prunes, evictions, and who asked."""
+    as_json = _json_wanted(ctx, as_json)
+    answer = _ask(ctx, "GET", f"/api/models/history?limit={limit}")
+
+    def human() -> None:
+        for entry in answer["entries"]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["time"]))
+            model = entry["model"]
+            name = f"{model['hf_repo']}@{(model.get('hf_commit') or 'main')[:12]}"
+            size = f" {_size(entry['size_bytes'])}" if entry.get("size_bytes") is not None else ""
+            took = (
+                f" in {entry['duration_seconds']:.1f} s"
+                if entry.get("duration_seconds") is not None
+                else ""
+            )
+            who = f" by {entry['by']}" if entry.get("by") else ""
+            detail = f": {entry['detail']}" if entry.get("detail") else ""
+            _say(f"{when} {entry['event']} {name}{size}{took}{who}{detail}")
+        if not answer["entries"]:
+            _say("nothing has happened here yet")
+
+    _show(answer, as_json, human)
 
 
 @app.command()

@@ -20,8 +20,24 @@ _HOST_NAME = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?")
 
 
 def _split_keys(value: str) -> list[str]:
-    """Several keys, comma-separated (to rotate one without downtime)."""
+    """Several keys, comma-separated (to rotate one without downtime); each without its name."""
+    return [named_key(part)[1] for part in _split_entries(value)]
+
+
+def _split_entries(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
+
+
+_KEY_NAME = re.compile(r"([A-Za-z0-9_.-]{1,64}):(.+)")
+
+
+def named_key(entry: str) -> tuple[str | None, str]:
+    """A key of MODELS_API_KEY as (name, key): ``alice:<key>`` names it (the history shows the
+    name, never the key); a key alone has no name."""
+    match = _KEY_NAME.fullmatch(entry)
+    if match is None or len(match.group(2)) < MIN_KEY_LENGTH:
+        return None, entry
+    return match.group(1), match.group(2)
 
 
 def display_url(url: str) -> str:
@@ -294,6 +310,16 @@ class Settings(BaseSettings):
     @property
     def read_keys(self) -> list[str]:
         return _split_keys(self.read_api_key.get_secret_value()) if self.read_api_key else []
+
+    @property
+    def named_write_keys(self) -> list[tuple[str | None, str]]:
+        value = self.api_key.get_secret_value() if self.api_key else ""
+        return [named_key(entry) for entry in _split_entries(value)]
+
+    @property
+    def named_read_keys(self) -> list[tuple[str | None, str]]:
+        value = self.read_api_key.get_secret_value() if self.read_api_key else ""
+        return [named_key(entry) for entry in _split_entries(value)]
 
     @property
     def vllm_key(self) -> str | None:

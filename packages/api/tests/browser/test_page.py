@@ -265,6 +265,44 @@ async def test_a_pin_from_the_page_and_an_eviction_seen_live(
         await expect(page.locator("#downloads li.card")).to_have_count(0)
 
 
+async def test_the_history_and_the_failures_outlive_a_reload_and_a_restart(
+    page: Page, models: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 30: what happened (a download, a failure) is in the history table, named by the key
+    that asked (never the key), and a failure stays among the failures after a reload and after
+    the service restarted (they had been kept by the tab alone)."""
+    repos.commit("org/gated", {"config.json": "{}"}, gated=True)
+    env = {"MODELS_API_KEY": f"ops:{KEY}", "MODELS_READ_API_KEY": KEY}
+
+    async def open_with_the_key(url: str) -> None:
+        await page.goto(url)
+        await expect(page.locator("#key-dialog")).to_be_visible()
+        await page.fill("#key", KEY)
+        await page.click("#key-ok")
+        await expect(page.locator("#connection")).to_have_text("Live")
+
+    with running_service(cache_dir, models.url, tmp_path / "first.log", **env) as (url, _):
+        await open_with_the_key(url)
+        await expect(page.locator("#no-history")).to_be_visible()
+        await start(page, "org/small")
+        small = page.locator("#models li.card[data-repo='org/small']")
+        await expect(small.locator(".status")).to_have_text("DOWNLOADED")
+        await start(page, "org/gated")
+        await expect(page.locator("#problems")).to_contain_text("org/gated is gated")
+        await expect(page.locator("#history tbody tr").first).to_contain_text("failed")
+        downloaded = page.locator("#history tr.downloaded")
+        await expect(downloaded).to_contain_text("org/small")
+        await expect(downloaded).to_contain_text("ops")
+        await page.reload()  # the key stays in the tab
+        await expect(page.locator("#problems")).to_contain_text("org/gated is gated")
+    with running_service(cache_dir, models.url, tmp_path / "second.log", **env) as (url, _):
+        await open_with_the_key(url)  # another port: another origin, the key asked again
+        await expect(page.locator("#problems")).to_contain_text("org/gated is gated")
+        await expect(page.locator("#history tr.failed")).to_contain_text("org/gated")
+        await expect(page.locator("#history tr.downloaded")).to_contain_text("2.1 MB")
+        assert KEY not in await page.locator("#history").inner_text()
+
+
 async def test_with_an_api_key_it_asks_for_it_and_keeps_it_in_the_tab_only(
     page: Page, models: FakeHub, cache_dir: Path, tmp_path: Path
 ) -> None:

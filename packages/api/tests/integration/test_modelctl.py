@@ -327,3 +327,8 @@ def test_pin_unpin_and_the_budget(service_url: str) -> None:
     again = modelctl(service_url, "unpin", "org/model")
     assert again.returncode == 3
     assert "is not pinned" in again.stderr
+    history = modelctl(service_url, "history", "-n", "5")
+    assert history.returncode == 0, history.stderr
+    [line] = history.stdout.splitlines()
+    assert " downloaded org/model@" in line
+    assert " in " in line  # its duration

@@ -14,6 +14,7 @@ from api.models.downloads import Downloads
 from api.models.errors import DownloadConflict, ModelNotFound
 from api.models.events import EventBus
 from api.models.failures import Failures
+from api.models.history import History
 from api.models.housekeeping import Housekeeping
 from api.models.inuse import InUse
 from api.models.serving import VllmServers
@@ -55,7 +56,8 @@ def parts(tmp_path: Path) -> tuple[FakeBackend, Downloads, Views, Housekeeping]:
     budget = Budget(None, backend, threads, uses, in_use, events)
     downloads = Downloads(settings, backend, threads, keeper, failures, events, uses, budget)
     views = Views(backend, threads, downloads, failures, in_use, 5.0, uses)
-    housekeeping = Housekeeping(backend, threads, downloads, failures, in_use, 1, 5, uses)
+    history = History(keeper)
+    housekeeping = Housekeeping(backend, threads, downloads, failures, in_use, 1, 5, uses, history)
     return backend, downloads, views, housekeeping
 
 

@@ -41,6 +41,7 @@ from api.models.types import (
     DownloadStartedResponse,
     EvictRequest,
     EvictResponse,
+    HistoryResponse,
     Model,
     ModelListResponse,
     ModelRequest,
@@ -191,6 +192,9 @@ class NodeAgent:
 
     async def listing(self) -> ModelListResponse:
         return await (await self._manager()).listing()
+
+    async def history(self, limit: int) -> HistoryResponse:
+        return await (await self._manager()).history(limit)
 
     async def budget(self) -> BudgetResponse:
         return await (await self._manager()).budget()

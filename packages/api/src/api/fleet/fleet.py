@@ -48,6 +48,7 @@ from api.models.types import (
     DownloadStartedResponse,
     EvictRequest,
     EvictResponse,
+    HistoryResponse,
     KeptRevision,
     Model,
     ModelListItem,
@@ -766,6 +767,21 @@ class Fleet:
             kept=kept,
             note="; ".join(notes) or None,
         )
+
+    async def history(self, limit: int = 100) -> HistoryResponse:
+        """Every node's history (each keeps its own), newest first, each entry naming its node."""
+        agents = self._targets_of(None)
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, self._read, NodeAgent.history, limit)
+        )
+        entries = [
+            entry.model_copy(update={"node_id": agent.node_id})
+            for agent, answer in zip(agents, answers, strict=True)
+            if isinstance(answer, HistoryResponse)
+            for entry in answer.entries
+        ]
+        entries.sort(key=lambda e: e.time, reverse=True)
+        return HistoryResponse(entries=entries[:limit])
 
     async def budget(self) -> BudgetResponse:
         """Each node's budget (it holds per node: each node evicts from its own cache); the top

@@ -18,6 +18,7 @@ from api.models.errors import (
     TooManyVerifications,
 )
 from api.models.failures import Failures
+from api.models.history import History
 from api.models.inuse import InUse
 from api.models.revisions import Revision
 from api.models.serving import ServedModel, ServedNow
@@ -47,8 +48,10 @@ class Housekeeping:
         verifications: int,
         retry_after: int,
         uses: Uses,
+        history: History,
     ) -> None:
         self._uses = uses
+        self._history = history
         self._backend = backend
         self._threads = threads
         self._downloads = downloads
@@ -80,6 +83,7 @@ class Housekeeping:
         if freed is None:
             raise ModelNotFound(model.task_id)
         self._failures.drop(model.task_id)
+        self._history.record("deleted", model.hf_repo, model.hf_commit, size=freed)
         logfmt.log(
             logger,
             logging.INFO,
@@ -154,6 +158,8 @@ class Housekeeping:
                 continue
             freed += pruned.freed_bytes
             for commit, size in pruned.revisions:
+                if not request.dry_run:
+                    self._history.record("pruned", repo_id, commit, size=size)
                 revisions.append(
                     PrunedRevision(
                         model=Model.model_construct(hf_repo=repo_id, hf_commit=commit),

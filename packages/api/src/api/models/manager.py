@@ -27,6 +27,7 @@ from api.models.downloads import Downloads
 from api.models.errors import NoBudget, NotAFleet, NotPinned
 from api.models.events import EventBus
 from api.models.failures import Failures
+from api.models.history import History
 from api.models.housekeeping import Housekeeping
 from api.models.inuse import InUse
 from api.models.service import Figures, ServiceFigures
@@ -42,6 +43,7 @@ from api.models.types import (
     DownloadStartedResponse,
     EvictRequest,
     EvictResponse,
+    HistoryResponse,
     Model,
     ModelListItem,
     ModelListResponse,
@@ -77,6 +79,7 @@ class Parts:
     housekeeping: Housekeeping
     uses: Uses
     budget: Budget
+    history: History
 
 
 def compose(
@@ -89,6 +92,8 @@ def compose(
     keeper = Keeper(JobStore(settings.state_path))
     failures = Failures(keeper)
     uses = Uses(keeper)
+    history = History(keeper)
+    events.add_listener(history.on_event)
     in_use = InUse(
         servers
         or VllmServers(settings.vllm_urls, settings.vllm_key, settings.vllm_timeout_seconds),
@@ -111,6 +116,7 @@ def compose(
         settings.max_concurrent_verifications,
         settings.retry_after_seconds,
         uses,
+        history,
     )
     return ModelManager(
         Parts(
@@ -126,6 +132,7 @@ def compose(
             housekeeping,
             uses,
             budget,
+            history,
         )
     )
 
@@ -270,6 +277,11 @@ class ModelManager:
             pinned=uses.is_pin(model.hf_repo, model.revision),
             commits=commits,
         )
+
+    async def history(self, limit: int = 100) -> HistoryResponse:
+        """What happened to the cache, newest first: downloads' ends, deletes, prunes and
+        evictions, with who asked."""
+        return HistoryResponse(entries=await self.parts.history.entries(limit))
 
     async def figures(self) -> ServiceFigures:
         running, queued = self.counts()

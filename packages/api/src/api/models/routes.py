@@ -51,6 +51,7 @@ from api.models.types import (
     ErrorResponse,
     EvictRequest,
     EvictResponse,
+    HistoryResponse,
     Model,
     ModelListResponse,
     ModelRequest,
@@ -480,6 +481,18 @@ async def prune_models(
     "freed_bytes": 13476839424, "kept": [], "note": null}`
     """
     return await service.prune(request, force)
+
+
+@router.get("/history", dependencies=Reads, response_model=HistoryResponse)
+async def history(
+    service: ServiceDep,
+    limit: Annotated[int, Query(ge=1, le=1000, description="How many entries, newest first")] = 100,
+) -> HistoryResponse:
+    """What happened to the cache, newest first, kept across restarts (the latest 10,000): each
+    download's end (`downloaded`, `failed`, `cancelled`, with its bytes and duration), each
+    `deleted`, `pruned` and `evicted` revision (with the bytes freed), and `by`: the name of the
+    API key that asked (`name:key` in MODELS_API_KEY), never the key."""
+    return await service.history(limit)
 
 
 @router.get("/budget", dependencies=Reads, response_model=BudgetResponse)

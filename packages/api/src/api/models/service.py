@@ -26,6 +26,7 @@ from api.models.types import (
     DownloadStartedResponse,
     EvictRequest,
     EvictResponse,
+    HistoryResponse,
     Model,
     ModelListResponse,
     ModelRequest,
@@ -101,6 +102,8 @@ class ModelService(Protocol):
     async def pin(self, request: ModelRequest) -> PinResponse: ...
 
     async def unpin(self, request: ModelRequest) -> PinResponse: ...
+
+    async def history(self, limit: int = 100) -> HistoryResponse: ...
 
 
 if TYPE_CHECKING:

@@ -51,7 +51,7 @@ from pydantic import ValidationError
 from api import logfmt
 from api.models.anchored import Folder, LinkInTheWay
 from api.models.backend import FileSelection
-from api.models.types import COMMIT_PATTERN, Model
+from api.models.types import COMMIT_PATTERN, HistoryEntry, Model
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,10 @@ CREATE TABLE IF NOT EXISTS uses (
     how TEXT NOT NULL,
     PRIMARY KEY (hf_repo, hf_commit)
 );
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    entry TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pins (
     hf_repo TEXT NOT NULL,
     revision TEXT NOT NULL,
@@ -91,7 +95,9 @@ CREATE TABLE IF NOT EXISTS pins (
     PRIMARY KEY (hf_repo, revision)
 );
 """
-USE_KINDS = ("served", "downloaded", "verified")  # the evidence of a use, strongest first
+USE_KINDS = ("served", "downloaded", "verified")
+HISTORY_EVENTS = ("downloaded", "failed", "cancelled", "deleted", "pruned", "evicted")
+HISTORY_ROWS = 10_000  # the history keeps this many entries, the latest  # the evidence of a use, strongest first
 
 
 @dataclass(frozen=True)
@@ -432,6 +438,40 @@ class JobStore:
     def unpin(self, repo: str, revision: str) -> None:
         with self._transaction() as db:
             db.execute("DELETE FROM pins WHERE hf_repo = ? AND revision = ?", (repo, revision))
+
+    # -- history -------------------------------------------------------------------------------
+
+    def add_history(self, entry: HistoryEntry) -> None:
+        """One entry; the oldest beyond ``HISTORY_ROWS`` go."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO history (entry) VALUES (?)", (entry.model_dump_json(),)
+            )
+            db.execute(
+                "DELETE FROM history WHERE seq <= ?", ((cursor.lastrowid or 0) - HISTORY_ROWS,)
+            )
+
+    def history(self, limit: int) -> list[HistoryEntry]:
+        """The latest ``limit`` entries, newest first. A row that does not validate as an entry
+        the service writes is left out, with a warning."""
+        rows = self._read("SELECT entry FROM history ORDER BY seq DESC LIMIT ?", (limit,))
+        kept: list[HistoryEntry] = []
+        dropped = 0
+        for (text,) in rows:
+            try:
+                entry = HistoryEntry.model_validate_json(str(text))
+                Model(hf_repo=entry.model.hf_repo, hf_commit=entry.model.hf_commit)
+            except ValidationError:
+                dropped += 1
+                continue
+            if entry.event in HISTORY_EVENTS and all(
+                _message_ok(value) for value in (entry.detail, entry.by) if value is not None
+            ):
+                kept.append(entry)
+            else:
+                dropped += 1
+        _warn_dropped("history", dropped)
+        return kept
 
     # -- SQLite ------------------------------------------------------------------------------
 

@@ -895,3 +895,32 @@ class PinResponse(BaseModel):
     nodes: list[str] | None = Field(
         default=None, exclude_if=_none, description="With a fleet: the nodes it holds on (addition)"
     )
+
+
+class HistoryEntry(BaseModel):
+    """One thing that happened to the cache (``GET /api/models/history``)."""
+
+    time: float = Field(description="Unix time")
+    event: str = Field(
+        description="'downloaded', 'failed', 'cancelled' (a download's end), 'deleted', 'pruned'"
+        " or 'evicted' (a revision removed)"
+    )
+    task_id: str = Field(description="The download's task id, or repo:commit of what was removed")
+    model: Model = Field(description="The repo and the revision (as asked, or the commit)")
+    size_bytes: int | None = Field(
+        default=None, description="Bytes downloaded, or freed by the removal"
+    )
+    duration_seconds: float | None = Field(default=None, description="How long the download took")
+    detail: str | None = Field(default=None, description="Why it failed, or why it was removed")
+    by: str | None = Field(
+        default=None,
+        description="The name of the API key that asked (MODELS_API_KEY 'name:key'; 'key' for a"
+        " key without a name); null without keys. Never the key itself",
+    )
+    node_id: str | None = Field(
+        default=None, exclude_if=_none, description="With a fleet: the node (addition)"
+    )
+
+
+class HistoryResponse(BaseModel):
+    entries: list[HistoryEntry] = Field(description="Newest first")

@@ -10,6 +10,7 @@ const state = {
   downloads: new Map(),     // task id -> status (from /downloads, kept live by events)
   updates: new Map(),       // "repo@ref" -> UpdateInfo
   problems: [],             // [{time, text}]
+  historyLoaded: false,     // the failures of the history were put among the problems once
   lastEventId: null,
   nodes: [],                // in a fleet: GET /space's nodes (none on one machine)
   unanswered: [],           // in a fleet: the nodes the last list could not ask, and why
@@ -182,6 +183,43 @@ async function refresh() {
   } catch (error) {
     alertUser(`Could not read the service: ${error.message}`);
   }
+  loadHistory();
+}
+
+// The history (GET /history): what happened, kept by the service across reloads and restarts.
+// At the page's first load, its failures are shown among the failures too.
+async function loadHistory() {
+  let answer;
+  try {
+    answer = await api("GET", "/api/models/history?limit=50");
+  } catch (_) {
+    return; // an older service without a history: the section stays empty
+  }
+  const entries = answer.entries || [];
+  if (!state.historyLoaded) {
+    state.historyLoaded = true;
+    const failed = entries.filter((e) => e.event === "failed");
+    state.problems.push(...failed.map((e) => ({ time: new Date(e.time * 1000), text: `${modelName(e.model)}: ${e.detail}` })));
+    renderProblems();
+  }
+  $("no-history").hidden = entries.length > 0;
+  $("history").hidden = entries.length === 0;
+  $("history").tBodies[0].replaceChildren(...entries.map(historyRow));
+}
+
+function historyRow(e) {
+  const when = new Date(e.time * 1000);
+  return el(
+    "tr",
+    { class: e.event },
+    el("td", {}, el("time", { datetime: when.toISOString() }, when.toLocaleString())),
+    el("td", {}, e.event),
+    el("td", {}, modelName(e.model) + (e.node_id ? ` (node ${nodeName(e.node_id)})` : "")),
+    el("td", {}, e.size_bytes == null ? "" : size(e.size_bytes)),
+    el("td", {}, e.duration_seconds == null ? "" : `${e.duration_seconds.toFixed(1)} s`),
+    el("td", {}, e.by || ""),
+    el("td", { class: "detail" }, e.detail || ""),
+  );
 }
 
 let refreshTimer = null;
