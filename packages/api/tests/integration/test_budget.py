@@ -218,6 +218,13 @@ async def test_a_pin_keeps_a_revision_from_prune(
         assert (await download(client, "org/p"))["status"] == "DOWNLOADED"
         pinned = await client.put("/api/models/pin", json=body)
         assert pinned.json()["commits"] == [old]
+        # A pin by branch shows in the status of its commit asked by id, too.
+        assert (await client.put("/api/models/pin", json={"hf_repo": "org/p"})).status_code == 200
+        new = (await status_of(client, "org/p"))["commit"]
+        by_id = {"hf_repo": "org/p", "hf_commit": new}
+        assert (await client.post("/api/models/status", json=by_id)).json()["pinned"] is True
+        await client.request("DELETE", "/api/models/pin", json={"hf_repo": "org/p"})
+        assert (await client.post("/api/models/status", json=by_id)).json()["pinned"] is False
         listed = (await client.get("/api/models/list")).json()["models"]
         assert {m["model"]["hf_commit"]: m["pinned"] for m in listed}[old] is True
         pruned = (await client.post("/api/models/prune", json={"dry_run": False})).json()

@@ -84,6 +84,9 @@ class Uses:
         names = (*refs, *((commit,) if commit else ()))
         return any((repo, name) in self._pins for name in names)
 
+    def has_pins(self, repo: str) -> bool:
+        return any(pinned_repo == repo for pinned_repo, _ in self._pins)
+
     def is_pin(self, repo: str, revision: str) -> bool:
         return (repo, revision) in self._pins
 

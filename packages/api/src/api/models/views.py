@@ -96,7 +96,7 @@ class Views:
                 selection=[SelectionInfo.of(s) for s in local.selections] or None,
             )
         served = answer.served_commit or answer.commit
-        answer.pinned = self._uses.pinned(model.hf_repo, served, (model.revision,))
+        answer.pinned = await self._pinned(model, served)
         if self._in_use.configured and served is not None:
             _, users = await self._in_use.users(model.hf_repo, fresh=False)
             answer.in_use_by = in_use_info(users.get((model.hf_repo, served), []))
@@ -145,6 +145,17 @@ class Views:
                     )
                 )
         return items
+
+    async def _pinned(self, model: Model, commit: str | None) -> bool:
+        """Whether a pin names the revision: as asked, by its commit, or by a branch or tag that
+        points to it (read from the cache only for a model that has pins)."""
+        if not self._uses.has_pins(model.hf_repo):
+            return False
+        refs: tuple[str, ...] = (model.revision,)
+        if commit is not None:
+            cached = await self._threads.cache(self._backend.list_cached, model.hf_repo)
+            refs += tuple(ref for r in cached if r.commit == commit for ref in r.refs)
+        return self._uses.pinned(model.hf_repo, commit, refs)
 
     def _last_used(self, revision: CachedRevision) -> float | None:
         last = self._uses.last(revision.repo_id, revision.commit) if revision.commit else None
