@@ -185,6 +185,10 @@ async def test_evict_on_request_keeps_shared_blobs_and_its_dry_run_removes_nothi
         assert (await download(client, "org/m"))["status"] == "DOWNLOADED"
         # No budget: a target is needed.
         assert (await client.post("/api/models/evict", json={})).status_code == 422
+        # A yes or a text is not a number of bytes (false had been read as 0: evict everything).
+        for wrong in (False, True, "5", 1.5):
+            answer = await client.post("/api/models/evict", json={"target_bytes": wrong})
+            assert answer.status_code == 422, (wrong, answer.text)
         usage = (await client.get("/api/models/budget")).json()["usage_bytes"]
         before = files_of(cache_dir)
         dry = await client.post("/api/models/evict?dry_run=true", json={"target_bytes": usage - 1})

@@ -239,7 +239,9 @@ async def test_kill_9_of_the_service_then_restart(
     hub: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path, resume: bool
 ) -> None:
     repos.commit("org/big", {"config.json": "{}", "w.bin": Generated(24 * MB, seed=8)})
-    hub.add_fault(trickle(4 * MB, path=hub.content_path("org/big", "w.bin")))
+    # 1 MB/s per request: w.bin (16 MiB parts over plain HTTP) takes seconds to arrive, so that a
+    # service answering slowly on a busy machine cannot report it still coming once it has come.
+    hub.add_fault(trickle(1 * MB, path=hub.content_path("org/big", "w.bin")))
     body = {"hf_repo": "org/big"}
     with running_service(cache_dir, hub.url, tmp_path / "service.log") as (base, service):
         async with httpx.AsyncClient(base_url=base) as client:
@@ -384,13 +386,18 @@ async def test_a_slow_starting_worker_is_not_a_stall(
     counts from the worker's first message (it has its job), not from the process start."""
     slow = tmp_path / "slow-start"
     slow.mkdir()
-    # Imported by every new interpreter that finds it on its path: the worker starts 4 s late.
-    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(4)\n")
+    # Imported by every new interpreter that finds it on its path: the worker starts 6 s late.
+    (slow / "sitecustomize.py").write_text("import time\ntime.sleep(6)\n")
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))
     )
     body = {"hf_repo": "org/model"}
-    strict = settings.model_copy(update={"stall_timeout_seconds": 2.0, "retry_attempts": 1})
+    # A stall is 3 s without data: shorter than the late start, and, the worker at the API's own
+    # priority, long enough for a 3 MB file on a machine whose cores are kept busy (at nice 10 a
+    # worker got too little of them under `make steady` to move a byte in 2 s).
+    strict = settings.model_copy(
+        update={"stall_timeout_seconds": 3.0, "retry_attempts": 1, "worker_nice": 0}
+    )
     async with app_client(strict) as client:
         await client.post("/api/models/download", json=body)
         answer = await wait_for_status(client, body, FINAL)

@@ -857,7 +857,8 @@ class EvictRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    target_bytes: int | None = Field(
+    # Strict: true or "5" is not taken for a number of bytes (422).
+    target_bytes: StrictInt | None = Field(
         default=None,
         ge=0,
         description="Evict until the cache holds at most this many bytes; default: the budget",
