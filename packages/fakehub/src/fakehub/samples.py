@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -103,6 +105,182 @@ def nested_layout(size: int, seed: int = 0) -> dict[str, FileContent]:
     }
 
 
+# A real model, as small as one can be: a Llama of 2 layers, 16 wide, with a word-level tokenizer
+# of 64 words. transformers reads its config and tokenizer, and the safetensors library its
+# weights, as they would a model of the Hub (the other samples are dummies: their bytes are noise).
+TINY_LLAMA_WORDS = [
+    "the",
+    "a",
+    "model",
+    "cache",
+    "file",
+    "revision",
+    "branch",
+    "commit",
+    "download",
+    "verify",
+    "delete",
+    "prune",
+    "pin",
+    "budget",
+    "server",
+    "fleet",
+    "node",
+    "hub",
+    "mirror",
+    "token",
+    "byte",
+    "blob",
+    "snapshot",
+    "ref",
+    "tag",
+    "key",
+    "page",
+    "list",
+    "status",
+    "plan",
+    "queue",
+    "worker",
+    "zygote",
+    "xet",
+    "range",
+    "resume",
+    "cancel",
+    "evict",
+    "serve",
+    "loads",
+    "weight",
+    "shard",
+    "config",
+    "tokenizer",
+    "vllm",
+    "gpu",
+    "disk",
+    "space",
+    "fast",
+    "safe",
+    "honest",
+    "hello",
+    "world",
+]
+TINY_LLAMA_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 64,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+}
+_SPECIAL = ("<unk>", "<s>", "</s>", "<pad>")
+
+
+def tiny_llama_shapes(config: Mapping[str, object] = TINY_LLAMA_CONFIG) -> dict[str, list[int]]:
+    """The tensors ``LlamaForCausalLM`` loads for ``config``, by name, with their shapes."""
+    vocab, hidden, inner = (
+        int(str(config[k])) for k in ("vocab_size", "hidden_size", "intermediate_size")
+    )
+    shapes = {"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden]}
+    for layer in range(int(str(config["num_hidden_layers"]))):
+        at = f"model.layers.{layer}"
+        for projection in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            shapes[f"{at}.self_attn.{projection}.weight"] = [hidden, hidden]
+        shapes[f"{at}.mlp.gate_proj.weight"] = [inner, hidden]
+        shapes[f"{at}.mlp.up_proj.weight"] = [inner, hidden]
+        shapes[f"{at}.mlp.down_proj.weight"] = [hidden, inner]
+        shapes[f"{at}.input_layernorm.weight"] = [hidden]
+        shapes[f"{at}.post_attention_layernorm.weight"] = [hidden]
+    shapes["lm_head.weight"] = [vocab, hidden]
+    return shapes
+
+
+def safetensors_file(tensors: Mapping[str, tuple[list[int], list[float]]]) -> bytes:
+    """A safetensors file of float32 tensors (name -> (shape, values)): an 8-byte header length,
+    the JSON header (padded to 8 bytes, as the format asks), then the data."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    data = bytearray()
+    for name, (shape, values) in tensors.items():
+        start = len(data)
+        data += struct.pack(f"<{len(values)}f", *values)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [start, len(data)]}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + bytes(data)
+
+
+def _tiny_tokenizer() -> dict[str, object]:
+    """A word-level ``tokenizer.json`` (the format of the tokenizers library) of 64 words."""
+    words = [*_SPECIAL, *TINY_LLAMA_WORDS][: int(str(TINY_LLAMA_CONFIG["vocab_size"]))]
+    special = [
+        {
+            "id": i,
+            "content": token,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for i, token in enumerate(_SPECIAL)
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": special,
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True},
+        "model": {
+            "type": "WordLevel",
+            "vocab": {w: i for i, w in enumerate(words)},
+            "unk_token": "<unk>",
+        },
+    }
+
+
+def tiny_llama(seed: int = 7) -> dict[str, FileContent]:
+    """The files of a real tiny Llama (config, tokenizer, weights: about 40 KB)."""
+    rng = random.Random(seed)
+    tensors = {}
+    for name, shape in tiny_llama_shapes().items():
+        count = 1
+        for dim in shape:
+            count *= dim
+        norm = name.endswith("norm.weight")
+        values = [1.0] * count if norm else [rng.uniform(-0.1, 0.1) for _ in range(count)]
+        tensors[name] = (shape, values)
+    return {
+        "config.json": json.dumps(TINY_LLAMA_CONFIG, indent=2),
+        "generation_config.json": json.dumps({"bos_token_id": 1, "eos_token_id": 2}),
+        "tokenizer.json": json.dumps(_tiny_tokenizer()),
+        "tokenizer_config.json": json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "unk_token": "<unk>",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "model_max_length": 64,
+            }
+        ),
+        "special_tokens_map.json": json.dumps(
+            {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+        ),
+        "model.safetensors": safetensors_file(tensors),
+        "README.md": "# tiny-llama\n\nA real Llama of 2 layers, 16 wide: it loads, it says nothing.\n",
+        ".gitattributes": "*.safetensors filter=lfs\n",
+    }
+
+
 def make_samples(root: Path) -> dict[str, str]:
     """Create the demo repos under ``root`` (skipping ones already there); return repo id -> main commit."""
     builder = RepoBuilder(root)
@@ -139,6 +317,7 @@ def make_samples(root: Path) -> dict[str, str]:
     add("demo/gated-model", {"config.json": config, "README.md": "# gated"}, gated=True)
     add("demo/llama-like", llama_layout(4 * 1024 * 1024, seed=40))
     add("demo/tiny-gguf", gguf_layout(2 * 1024 * 1024, seed=50))
+    add("demo/tiny-llama", tiny_llama())
     return made
 
 
