@@ -303,6 +303,59 @@ async def test_the_history_and_the_failures_outlive_a_reload_and_a_restart(
         assert KEY not in await page.locator("#history").inner_text()
 
 
+async def test_the_throughput_chart_and_what_fills_the_disk(
+    page: Page, models: FakeHub, repos: RepoBuilder, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 30: the page charts the service's throughput and each running download's speed, and
+    draws what fills the disk: each model's share of the cache, and within a model what each
+    revision holds alone and what its revisions share."""
+    shared = Generated(4 * MB, seed=21)
+    old = repos.commit("org/shared", {"config.json": '{"v": 1}', "w.bin": shared})
+    repos.commit("org/shared", {"config.json": '{"v": 2}', "w.bin": shared, "x.bin": "x" * 1000})
+    with running_service(cache_dir, models.url, tmp_path / "service.log") as (url, _):
+        async with httpx.AsyncClient(base_url=url) as client:
+            for body in (
+                {"hf_repo": "org/small"},
+                {"hf_repo": "org/shared", "hf_commit": old},
+                {"hf_repo": "org/shared"},
+            ):
+                assert (await client.post("/api/models/download", json=body)).status_code == 202
+                answer = await wait_for_status(client, body, {"DOWNLOADED", "NOT_FOUND"})
+                assert answer["status"] == "DOWNLOADED"
+        await page.goto(url)
+        rows = page.locator("#usage-rows li")
+        await expect(rows).to_have_count(2)
+        # Largest first; the weights the two revisions share drawn once, as shared.
+        assert await rows.evaluate_all("rows => rows.map(r => r.dataset.repo)") == [
+            "org/shared",
+            "org/small",
+        ]
+        both = page.locator("#usage-rows li[data-repo='org/shared']")
+        await expect(both.locator("rect.alone")).to_have_count(2)
+        await expect(both.locator("rect.shared")).to_have_count(1)
+        await expect(both).to_contain_text("4.2 MB shared by its revisions")
+        await expect(both).to_contain_text("(main) 1.0 KB alone")
+        await expect(page.locator("#usage-bar rect[data-repo]")).to_have_count(2)
+        await expect(page.locator("#throughput-text")).to_contain_text("6.3 MB fetched")
+
+        await start(page, "org/slow")  # 12 MiB at 2 MB/s
+        card = page.locator("#downloads li.card[data-task='org/slow:latest']")
+        await expect(card.locator(".spark svg polyline")).to_have_count(1)
+        await expect(page.locator("#throughput-text")).to_contain_text("now")
+        # The chart is not flat: some point stands above the baseline.
+        heights = await page.locator("#throughput-chart polyline").evaluate(
+            "line => line.getAttribute('points').split(' ').map(p => Number(p.split(',')[1]))"
+        )
+        assert min(heights) < 60
+        await expect(page.locator("#models li.card[data-repo='org/slow'] .status")).to_have_text(
+            "DOWNLOADED"
+        )
+        await expect(page.locator("#usage-rows li").first).to_have_attribute(
+            "data-repo", "org/slow"
+        )
+        await expect(card).to_have_count(0)
+
+
 async def test_with_an_api_key_it_asks_for_it_and_keeps_it_in_the_tab_only(
     page: Page, models: FakeHub, cache_dir: Path, tmp_path: Path
 ) -> None:

@@ -50,6 +50,7 @@ from api.models.types import (
     PlanResponse,
     PruneRequest,
     PruneResponse,
+    ThroughputResponse,
     UpdatesResponse,
     VerifyResponse,
 )
@@ -195,6 +196,9 @@ class NodeAgent:
 
     async def history(self, limit: int) -> HistoryResponse:
         return await (await self._manager()).history(limit)
+
+    async def throughput(self) -> ThroughputResponse:
+        return await (await self._manager()).throughput()
 
     async def budget(self) -> BudgetResponse:
         return await (await self._manager()).budget()

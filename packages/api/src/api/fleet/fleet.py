@@ -36,6 +36,7 @@ from api.models.errors import (
 )
 from api.models.events import EventBus
 from api.models.service import Figures, ServiceFigures
+from api.models.throughput import Throughput
 from api.models.types import (
     BandwidthResponse,
     BudgetResponse,
@@ -67,6 +68,7 @@ from api.models.types import (
     PrunedRevision,
     PruneRequest,
     PruneResponse,
+    ThroughputResponse,
     UpdateInfo,
     UpdatesResponse,
     VerifyResponse,
@@ -782,6 +784,26 @@ class Fleet:
         ]
         entries.sort(key=lambda e: e.time, reverse=True)
         return HistoryResponse(entries=entries[:limit])
+
+    async def throughput(self) -> ThroughputResponse:
+        """Every node's downloads, each naming its node; the service's figure is the sum over the
+        nodes, interval by interval (they are cut on the wall clock)."""
+        agents = self._targets_of(None)
+        answers = await self._fan_out(
+            agents, lambda a: self._call(a, self._read, NodeAgent.throughput)
+        )
+        mine = Throughput().snapshot()  # nothing yet: the intervals of now, on this clock
+        downloads = []
+        service = [0.0] * len(mine.service)
+        for agent, answer in zip(agents, answers, strict=True):
+            if not isinstance(answer, ThroughputResponse):
+                continue
+            shift = round((answer.start - mine.start) / mine.bucket_seconds)
+            for i, rate in enumerate(answer.service):
+                if 0 <= i + shift < len(service):
+                    service[i + shift] += rate
+            downloads += [d.model_copy(update={"node_id": agent.node_id}) for d in answer.downloads]
+        return mine.model_copy(update={"service": service, "downloads": downloads})
 
     async def budget(self) -> BudgetResponse:
         """Each node's budget (it holds per node: each node evicts from its own cache); the top

@@ -127,6 +127,11 @@ class CachedRevision:
     refs: tuple[str, ...] = ()
     note: str | None = None  # why it is not COMPLETE, when the cache knows
     selections: tuple[FileSelection, ...] = ()  # recorded by the downloads of the revision
+    # Of size_bytes, the bytes of blobs no other revision of the model links: what removing this
+    # revision alone frees (the rest it shares). None: not counted.
+    unique_bytes: int | None = None
+    # The bytes of the blobs every revision of the model links, each blob once. None: not counted.
+    model_bytes: int | None = None
 
 
 @dataclass

@@ -34,6 +34,7 @@ from api.models.service import Figures, ServiceFigures
 from api.models.serving import VllmServers
 from api.models.store import JobStore
 from api.models.threads import Keeper, Threads
+from api.models.throughput import Throughput
 from api.models.types import (
     BandwidthResponse,
     BudgetResponse,
@@ -53,6 +54,7 @@ from api.models.types import (
     PlanResponse,
     PruneRequest,
     PruneResponse,
+    ThroughputResponse,
     UpdateInfo,
     UpdatesResponse,
     VerifyResponse,
@@ -80,6 +82,7 @@ class Parts:
     uses: Uses
     budget: Budget
     history: History
+    throughput: Throughput
 
 
 def compose(
@@ -94,6 +97,8 @@ def compose(
     uses = Uses(keeper)
     history = History(keeper)
     events.add_listener(history.on_event)
+    throughput = Throughput()
+    events.add_listener(throughput.on_event)
     in_use = InUse(
         servers
         or VllmServers(settings.vllm_urls, settings.vllm_key, settings.vllm_timeout_seconds),
@@ -133,6 +138,7 @@ def compose(
             uses,
             budget,
             history,
+            throughput,
         )
     )
 
@@ -282,6 +288,11 @@ class ModelManager:
         """What happened to the cache, newest first: downloads' ends, deletes, prunes and
         evictions, with who asked."""
         return HistoryResponse(entries=await self.parts.history.entries(limit))
+
+    async def throughput(self) -> ThroughputResponse:
+        """Bytes off the network per second over the last minutes: the service's, each running
+        download's."""
+        return self.parts.throughput.snapshot()
 
     async def figures(self) -> ServiceFigures:
         running, queued = self.counts()

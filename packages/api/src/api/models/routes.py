@@ -61,6 +61,7 @@ from api.models.types import (
     PlanResponse,
     PruneRequest,
     PruneResponse,
+    ThroughputResponse,
     UpdatesResponse,
     VerifyResponse,
 )
@@ -493,6 +494,15 @@ async def history(
     `deleted`, `pruned` and `evicted` revision (with the bytes freed), and `by`: the name of the
     API key that asked (`name:key` in MODELS_API_KEY), never the key."""
     return await service.history(limit)
+
+
+@router.get("/throughput", dependencies=Reads, response_model=ThroughputResponse)
+async def throughput(service: ServiceDep) -> ThroughputResponse:
+    """Bytes off the network per second (from the Hub, and from a fleet's peers), every download
+    together and each running download, over the last 10 minutes in intervals of `bucket_seconds`
+    (oldest first, the first starting at `start`): the page's charts. Kept in memory: a restart
+    starts it over (what was downloaded before is in `GET /history`)."""
+    return await service.throughput()
 
 
 @router.get("/budget", dependencies=Reads, response_model=BudgetResponse)

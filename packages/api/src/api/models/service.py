@@ -35,6 +35,7 @@ from api.models.types import (
     PlanResponse,
     PruneRequest,
     PruneResponse,
+    ThroughputResponse,
     UpdatesResponse,
     VerifyResponse,
 )
@@ -104,6 +105,8 @@ class ModelService(Protocol):
     async def unpin(self, request: ModelRequest) -> PinResponse: ...
 
     async def history(self, limit: int = 100) -> HistoryResponse: ...
+
+    async def throughput(self) -> ThroughputResponse: ...
 
 
 if TYPE_CHECKING:

@@ -469,6 +469,17 @@ class ModelListItem(BaseModel):
     model: Model = Field(description="The repo and the cached commit")
     status: ModelStatus = Field(description="The same status POST /status gives this revision")
     size_bytes: int | None = Field(default=None, description="Bytes on disk (addition)")
+    unique_bytes: int | None = Field(
+        default=None,
+        description="Of size_bytes, those no other revision of the model shares: what deleting"
+        " this revision alone frees (addition)",
+    )
+    model_size_bytes: int | None = Field(
+        default=None,
+        description="The bytes of every revision of the model together, each shared file once:"
+        " model_size_bytes less the unique_bytes of each revision is what its revisions share"
+        " (addition)",
+    )
     refs: list[str] = Field(default_factory=list, description="Branches/tags cached (addition)")
     progress: DownloadProgress | None = None
     error_message: str | None = Field(
@@ -920,6 +931,32 @@ class HistoryEntry(BaseModel):
     )
     node_id: str | None = Field(
         default=None, exclude_if=_none, description="With a fleet: the node (addition)"
+    )
+
+
+class ThroughputSeries(BaseModel):
+    task_id: str = Field(description="The running download's task id")
+    model: Model
+    bytes_per_second: list[float] = Field(
+        description="Its bytes off the network per second, each interval of the window, oldest"
+        " first"
+    )
+    node_id: str | None = Field(
+        default=None, exclude_if=_none, description="With a fleet: the node it runs on"
+    )
+
+
+class ThroughputResponse(BaseModel):
+    """``GET /api/models/throughput``: bytes off the network (from the Hub, and from a fleet's
+    peers) per second over the last 10 minutes, in intervals of ``bucket_seconds``."""
+
+    bucket_seconds: float = Field(description="The length of one interval")
+    start: float = Field(description="Unix time the first interval starts")
+    service: list[float] = Field(
+        description="Every download together, bytes per second, each interval, oldest first"
+    )
+    downloads: list[ThroughputSeries] = Field(
+        description="Each running download's, over the same intervals"
     )
 
 

@@ -124,6 +124,8 @@ class Views:
                     if job is not None
                     else STATE_TO_STATUS[revision.state],
                     size_bytes=revision.size_bytes,
+                    unique_bytes=revision.unique_bytes,
+                    model_size_bytes=revision.model_bytes,
                     refs=list(revision.refs),
                     progress=job.progress() if job is not None else None,
                     error_message=None

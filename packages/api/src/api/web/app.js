@@ -14,6 +14,8 @@ const state = {
   lastEventId: null,
   nodes: [],                // in a fleet: GET /space's nodes (none on one machine)
   unanswered: [],           // in a fleet: the nodes the last list could not ask, and why
+  space: null,              // GET /space
+  throughput: null,         // GET /throughput: bytes per second over the last 10 minutes
 };
 
 class ApiError extends Error {
@@ -175,15 +177,35 @@ async function refresh() {
     state.models = listed.models.filter((m) => m.status !== "DOWNLOADING");
     state.downloads = new Map(downloads.downloads.map((d) => [taskId(d.model), withNodes(d)]));
     state.nodes = space.nodes || [];
+    state.space = space;
     state.unanswered = [...(listed.nodes_unanswered || []), ...(downloads.nodes_unanswered || [])];
     renderDisk(space);
     renderFleet();
     renderModels();
+    renderUsage();
     renderDownloads();
   } catch (error) {
     alertUser(`Could not read the service: ${error.message}`);
   }
   loadHistory();
+  loadThroughput();
+}
+
+// The throughput (GET /throughput), read every 2 s while something downloads or the chart still
+// shows a transfer of the last 10 minutes; otherwise not at all.
+async function loadThroughput() {
+  try {
+    state.throughput = await api("GET", "/api/models/throughput");
+  } catch (_) {
+    return; // an older service: no chart
+  }
+  renderThroughput();
+  renderDownloads();
+}
+
+function throughputLive() {
+  const t = state.throughput;
+  return state.downloads.size > 0 || (t && t.service.some((v) => v > 0));
 }
 
 // The history (GET /history): what happened, kept by the service across reloads and restarts.
@@ -346,6 +368,147 @@ function connection(up, text) {
   node.classList.toggle("down", !up);
 }
 
+// -- pictures: SVG drawn here (no chart library, nothing from a CDN) ----------------------
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
+  for (const child of children) if (child) node.append(child);
+  return node;
+}
+
+function tip(text) {
+  const title = document.createElementNS(SVG_NS, "title");
+  title.textContent = text; // as text, never markup
+  return title;
+}
+
+// An area chart of a series of rates (oldest first), scaled to its own peak.
+function rateChart(series, label, height) {
+  const width = 600;
+  const peak = Math.max(...series, 1);
+  const step = width / Math.max(series.length - 1, 1);
+  const points = series.map((v, i) => `${(i * step).toFixed(1)},${(height - (v / peak) * (height - 2)).toFixed(1)}`);
+  return svg(
+    "svg",
+    { class: "chart", viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: "none", role: "img", "aria-label": label, height },
+    svg("polygon", { class: "area", points: `0,${height} ${points.join(" ")} ${width},${height}` }),
+    svg("polyline", { class: "line", points: points.join(" "), "vector-effect": "non-scaling-stroke" }),
+  );
+}
+
+// The last complete interval's rate (the current one is still filling).
+function rateNow(series) {
+  return series.length > 1 ? series[series.length - 2] : 0;
+}
+
+function renderThroughput() {
+  const t = state.throughput;
+  if (!t) return;
+  const series = t.service;
+  const fetched = series.reduce((a, v) => a + v * t.bucket_seconds, 0);
+  const peak = Math.max(...series, 0);
+  $("throughput-chart").replaceChildren(rateChart(series, `throughput of the service, last ${series.length * t.bucket_seconds / 60} minutes`, 60));
+  $("throughput-text").textContent = fetched > 0
+    ? `Throughput, last 10 minutes: now ${size(rateNow(series))}/s, peak ${size(peak)}/s, ${size(fetched)} fetched`
+    : "Throughput, last 10 minutes: nothing fetched";
+}
+
+// A running download's series (in a fleet: its nodes' together).
+function seriesOf(id) {
+  const t = state.throughput;
+  if (!t) return null;
+  let sum = null;
+  for (const d of t.downloads) {
+    if (d.task_id !== id) continue;
+    sum = sum ? sum.map((v, i) => v + d.bytes_per_second[i]) : [...d.bytes_per_second];
+  }
+  return sum;
+}
+
+function downloadChart(d) {
+  const series = seriesOf(taskId(d.model));
+  if (!series || !series.some((v) => v > 0)) return null;
+  // Its last 2 minutes.
+  const recent = series.slice(-Math.round(120 / state.throughput.bucket_seconds));
+  return el("div", { class: "spark", title: `speed of ${d.model.hf_repo}, last 2 minutes` }, rateChart(recent, `speed of ${d.model.hf_repo}, last 2 minutes`, 28));
+}
+
+const COLOURS = ["#2457c5", "#18794e", "#a35c00", "#7a3fb0", "#b42318", "#0e7490", "#6b6f19", "#9d2c6f"];
+
+// What fills the disk: each model's share of the cache, and within a model, what each revision
+// holds alone and what its revisions share (from the list's unique_bytes and model_size_bytes).
+function usageOf(models) {
+  const byRepo = new Map();
+  for (const m of models) {
+    const u = byRepo.get(m.model.hf_repo) || { repo: m.model.hf_repo, total: 0, revisions: [], summed: 0 };
+    u.revisions.push(m);
+    u.summed += m.size_bytes || 0;
+    if (m.model_size_bytes != null) u.total = m.model_size_bytes;
+    byRepo.set(u.repo, u);
+  }
+  for (const u of byRepo.values()) {
+    if (!u.total) u.total = u.summed;
+    const alone = u.revisions.reduce((a, m) => a + (m.unique_bytes ?? m.size_bytes ?? 0), 0);
+    u.shared = Math.max(u.total - alone, 0);
+  }
+  return [...byRepo.values()].sort((a, b) => b.total - a.total || a.repo.localeCompare(b.repo));
+}
+
+function renderUsage() {
+  const usage = usageOf(state.models);
+  const cache = state.space ? state.space.cache_size_bytes : 0;
+  $("usage-section").hidden = usage.length === 0;
+  if (!usage.length) return;
+  const shown = usage.slice(0, 12);
+  const rest = usage.slice(12);
+  const width = 600;
+  const whole = Math.max(cache, usage.reduce((a, u) => a + u.total, 0), 1);
+  // The cache as one bar: a segment per model, the rest (others, metadata) in grey.
+  let x = 0;
+  const segments = shown.map((u, i) => {
+    const w = (u.total / whole) * width;
+    const rect = svg("rect", { x: x.toFixed(2), y: 0, width: Math.max(w, 0).toFixed(2), height: 20, fill: COLOURS[i % COLOURS.length], "data-repo": u.repo }, tip(`${u.repo}: ${size(u.total)}`));
+    x += w;
+    return rect;
+  });
+  const other = whole - shown.reduce((a, u) => a + u.total, 0);
+  if (other > 0) segments.push(svg("rect", { x: x.toFixed(2), y: 0, width: (width - x).toFixed(2), height: 20, class: "other" }, tip(`${rest.length ? `${rest.length} more model(s) and ` : ""}other files: ${size(other)}`)));
+  $("usage-bar").replaceChildren(svg("svg", { class: "usage", viewBox: `0 0 ${width} 20`, preserveAspectRatio: "none", role: "img", "aria-label": `the cache, ${size(whole)}, by model` }, ...segments));
+  const largest = shown[0].total || 1;
+  $("usage-rows").replaceChildren(
+    ...shown.map((u, i) => {
+      const colour = COLOURS[i % COLOURS.length];
+      let at = 0;
+      const parts = [];
+      const words = [];
+      for (const m of u.revisions) {
+        const alone = m.unique_bytes ?? m.size_bytes ?? 0;
+        const name = m.model.hf_commit ? m.model.hf_commit.slice(0, 12) : "no revision";
+        const refs = m.refs && m.refs.length ? ` (${m.refs.join(", ")})` : "";
+        const w = (alone / largest) * width;
+        parts.push(svg("rect", { x: at.toFixed(2), y: 0, width: w.toFixed(2), height: 14, fill: colour, class: "alone", "data-commit": m.model.hf_commit || "" }, tip(`${name}${refs} alone: ${size(alone)}`)));
+        at += w;
+        words.push(`${name}${refs} ${size(alone)} alone`);
+      }
+      if (u.shared > 0) {
+        const w = (u.shared / largest) * width;
+        parts.push(svg("rect", { x: at.toFixed(2), y: 0, width: w.toFixed(2), height: 14, fill: colour, class: "shared" }, tip(`shared by its revisions: ${size(u.shared)}`)));
+        words.push(`${size(u.shared)} shared by its revisions`);
+      }
+      return el(
+        "li",
+        { "data-repo": u.repo },
+        el("span", { class: "usage-name" }, svg("svg", { class: "swatch", viewBox: "0 0 10 10", "aria-hidden": "true" }, svg("rect", { width: 10, height: 10, rx: 2, fill: colour })), u.repo, " ", el("strong", {}, size(u.total))),
+        svg("svg", { class: "usage-model", viewBox: `0 0 ${width} 14`, preserveAspectRatio: "none", role: "img", "aria-label": `${u.repo}: ${words.join(", ")}` }, ...parts),
+        el("span", { class: "meta" }, words.join("; ")),
+      );
+    }),
+  );
+  $("usage-more").textContent = rest.length ? `and ${rest.length} more model(s), ${size(rest.reduce((a, u) => a + u.total, 0))}` : "";
+}
+
 // -- rendering -----------------------------------------------------------------------------
 
 function renderDisk(space) {
@@ -453,6 +616,7 @@ function downloadCard(d) {
     el("div", { class: "name" }, modelName(d.model), el("span", { class: `status ${queued ? "queued" : "DOWNLOADING"}` }, queued ? "QUEUED" : "DOWNLOADING")),
     el("div", { class: "meta figures" }, figures),
     bar,
+    queued ? null : downloadChart(d),
     p.bandwidth_note ? el("div", { class: "note bad" }, p.bandwidth_note) : null,
     el("div", { class: "buttons" }, cancel),
   );
@@ -754,4 +918,7 @@ document.addEventListener("DOMContentLoaded", () => {
   about();
   refresh();
   stream();
+  setInterval(() => {
+    if (throughputLive()) loadThroughput();
+  }, 2000);
 });

@@ -23,6 +23,7 @@ Everything here is offline and blocking: the manager calls it through ``asyncio.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -572,6 +573,7 @@ class ModelCache:
         folder = self.folder(repo_id)
         snapshots = folder / "snapshots"
         revisions = []
+        holds: list[set[str]] = []  # the blobs of each revision, in the order of ``revisions``
         for commit in sorted(commits):
             snapshot = snapshots / commit
             tree = self._tree_in(trees, repo_id, commit)
@@ -619,6 +621,15 @@ class ModelCache:
                     note = journal_note(*pending)
             names = tuple(sorted(ref for ref, c in refs.items() if c == commit))
             revisions.append(CachedRevision(repo_id, commit, state, size, names, note, recorded))
+            blobs = {name for name in linked.values() if name} if linked else set(etags)
+            holds.append(blobs & blob_sizes.keys())
+        together = sum(blob_sizes[name] for name in set().union(*holds))
+        for i, blobs in enumerate(holds):
+            others = set().union(*(b for j, b in enumerate(holds) if j != i))
+            unique = sum(blob_sizes[name] for name in blobs - others)
+            revisions[i] = dataclasses.replace(
+                revisions[i], unique_bytes=unique, model_bytes=together
+            )
         if not revisions and (any(_iter_files(folder / "blobs")) or temp_blobs):
             # A download that stopped before its first file: the model is there only in part.
             trace = sum(st.st_size for _, st in _iter_stats(folder / "blobs"))
