@@ -127,6 +127,11 @@ async def test_a_download_reaches_every_node_the_hub_serving_each_file_once(
             if line.startswith("models_node_downloaded_bytes_total") and 'source="peers"' in line
         ]
         assert sum(from_peers) == 2 * (SIZE + 2)
+        # The throughput sums the nodes: the Hub's copy and the two from peers (at least: the
+        # cluster's nodes outlive a test, and keep 10 minutes of what earlier ones fetched).
+        figures = (await client.get("/api/models/throughput")).json()
+        assert len(figures["service"]) == 600 / figures["bucket_seconds"]
+        assert sum(figures["service"]) * figures["bucket_seconds"] >= 3 * (SIZE + 2)
         # Asked again: complete everywhere, nothing starts.
         again = await client.post("/api/models/download", json=BODY)
         assert again.status_code == 200, again.text
