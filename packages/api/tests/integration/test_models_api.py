@@ -65,11 +65,14 @@ async def test_full_flow(
     assert len(shared_payloads(cache_dir)) == (1 if hub.xet else 0)
 
     listed = (await client.get("/api/models/list")).json()["models"]
+    size = 4 * MB + len('{"hidden_size": 64}') + len("a\nb\nc\n")
     assert listed == [
         {
             "model": {"hf_repo": "org/model", "hf_commit": commit},
             "status": "DOWNLOADED",
-            "size_bytes": 4 * MB + len('{"hidden_size": 64}') + len("a\nb\nc\n"),
+            "size_bytes": size,
+            "unique_bytes": size,  # the model's only revision: all of it its own
+            "model_size_bytes": size,
             "refs": ["main"],
             "progress": None,
             "error_message": None,

@@ -316,7 +316,7 @@ class Budget:
     async def _survey(self, busy: set[str]) -> _Survey:
         """Every cached revision: those eviction may remove, least recently used first, and
         those it keeps, with why. The vLLM servers are asked now."""
-        cached = await self._threads.cache(self._backend.list_cached, None)
+        cached = await self._threads.walk(self._backend.list_cached, None)
         note = None
         users: dict[tuple[str, str], list[ServedModel]] = {}
         if self._in_use.configured:

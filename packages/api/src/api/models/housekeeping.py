@@ -103,7 +103,7 @@ class Housekeeping:
 
         Raises ``InUseUnknown`` (not for a dry run, nor with ``force``) when a vLLM server does
         not answer: what it serves cannot be kept then."""
-        cached = await self._threads.cache(self._backend.list_cached, request.hf_repo)
+        cached = await self._threads.walk(self._backend.list_cached, request.hf_repo)
         now: ServedNow = ServedNow()
         users: dict[Revision, list[ServedModel]] = {}
         if not force and self._in_use.configured:

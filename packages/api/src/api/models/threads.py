@@ -1,6 +1,7 @@
 """The threads the manager's parts run blocking work on, each pool for one kind of work, so that
-none waits behind another: cache reads (status, list, space, delete), hashing (verify, at a
-lower CPU priority), and the job store's writes (one thread: in the order submitted).
+none waits behind another: cache reads (status, delete), walks of the whole cache (list, space,
+prune, the budget, updates), hashing (verify, at a lower CPU priority), and the job store's writes
+(one thread: in the order submitted).
 
 ``Keeper`` is the job store's writer: what outlives the service (downloads to resume, the last
 errors) is written on the state thread, after every write submitted before it; a write that fails
@@ -24,12 +25,16 @@ from api.models.store import JobStore
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-CACHE_THREADS = 4  # threads reading the cache for status, list, space and delete (tuning)
+CACHE_THREADS = 4  # threads reading the cache for status, space and delete (tuning)
+# Threads for what walks the whole cache (list, prune, the budget's usage, updates): at 10,000
+# models a walk takes seconds; on a pool of their own, a status never waits behind one.
+WALK_THREADS = 2
 
 
 class Threads:
     def __init__(self, hashing: int, nice: int) -> None:
         self._cache = ThreadPoolExecutor(max_workers=CACHE_THREADS, thread_name_prefix="cache")
+        self._walk = ThreadPoolExecutor(max_workers=WALK_THREADS, thread_name_prefix="walk")
         self._hash = ThreadPoolExecutor(
             max_workers=hashing,
             thread_name_prefix="hash",
@@ -41,12 +46,17 @@ class Threads:
         """``function(*args)`` on a cache thread."""
         return await asyncio.get_running_loop().run_in_executor(self._cache, function, *args)
 
+    async def walk(self, function: Callable[..., _T], *args: Any) -> _T:
+        """``function(*args)`` on a thread for walks of the whole cache."""
+        return await asyncio.get_running_loop().run_in_executor(self._walk, function, *args)
+
     async def hash(self, function: Callable[..., _T], *args: Any) -> _T:
         """``function(*args)`` on a hashing thread (background priority)."""
         return await asyncio.get_running_loop().run_in_executor(self._hash, function, *args)
 
     def shutdown(self) -> None:
         self._cache.shutdown(wait=False, cancel_futures=True)
+        self._walk.shutdown(wait=False, cancel_futures=True)
         self._hash.shutdown(wait=False, cancel_futures=True)
 
 

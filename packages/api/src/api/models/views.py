@@ -104,7 +104,7 @@ class Views:
 
     async def listing(self) -> list[ModelListItem]:
         """Every cached model revision (DOWNLOADED or PARTIAL), and every running download."""
-        cached = await self._threads.cache(self._backend.list_cached)
+        cached = await self._threads.walk(self._backend.list_cached)
         users = None
         if self._in_use.configured:
             _, users = await self._in_use.users(None, fresh=False, revisions=cached)
@@ -164,7 +164,7 @@ class Views:
         return last[0] if last else None
 
     async def space(self) -> DiskSpaceInfo:
-        used, free = await self._threads.cache(self._backend.cache_usage)
+        used, free = await self._threads.walk(self._backend.cache_usage)
         return DiskSpaceInfo(
             cache_size_bytes=used, available_bytes=free, cache_path=self._backend.cache_path
         )
@@ -172,7 +172,7 @@ class Views:
     async def updates(self, refresh: bool = False) -> list[UpdateInfo]:
         """For every branch (or tag) cached, whether it points at another commit on the Hub now,
         and what an update would fetch; a check that fails says why in ``error``."""
-        cached = await self._threads.cache(self._backend.list_cached)
+        cached = await self._threads.walk(self._backend.list_cached)
         refs = sorted(
             {
                 (revision.repo_id, ref, revision.commit)

@@ -34,6 +34,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from api import logfmt
@@ -60,6 +61,7 @@ from api.models.hub.guard import (
     path_problem,
 )
 from api.models.hub.hashing import descriptor_matches
+from api.models.hub.index import CacheIndex
 from api.models.hub.records import RevisionRecords, journal_note, name_some
 
 logger = logging.getLogger(__name__)
@@ -107,6 +109,7 @@ class ModelCache:
         self.records = RevisionRecords(self.locks_of)
         self._anchor: Folder | None = None
         self._anchor_lock = threading.Lock()
+        self.index = CacheIndex(root)  # the last walk of each model folder, while unchanged
 
     def folder(self, repo_id: str) -> Path:
         return self.root / repo_folder_name(repo_id)
@@ -282,7 +285,11 @@ class ModelCache:
         with self.locks_of(repo_id, True) as locks:
             assert locks is not None  # made when absent
             with locks.flock(f"{commit}.download.lock", exclusive=False):
-                yield
+                _touch(locks)  # the index (``CacheIndex``): the model is being downloaded
+                try:
+                    yield
+                finally:
+                    _touch(locks)
 
     def revision_busy(self, repo_id: str, commit: str) -> bool:
         """Whether a download worker (of any process sharing the cache) holds the revision.
@@ -482,17 +489,21 @@ class ModelCache:
             return out
         with os.scandir(self.root) as scan:
             entries = sorted(scan, key=lambda e: e.name)
+        present: set[str] = set()
         for entry in entries:
             found = repo_id_from_folder(entry.name)
             if found is None or not entry.is_dir(follow_symlinks=False):
                 continue
             if repo_id is not None and found != repo_id:
                 continue
+            present.add(entry.name)
             try:
-                out.extend(self._revisions_of(found))
+                out.extend(self.index.revisions(entry.name, partial(self._revisions_of, found)))
             except (OSError, ValueError) as error:
                 # One model's folder that cannot be read must not hide the others.
                 out.append(_unreadable(found, error))
+        if repo_id is None:
+            self.index.keep_only(present)
         return out
 
     def revision_at(self, path: str) -> tuple[str, str] | None:
@@ -935,6 +946,12 @@ def _iter_stats(
                 yield Path(entry.path), entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue  # removed while we walked
+
+
+def _touch(folder: Folder) -> None:
+    """Set the folder's times to now (its change time with them), through its descriptor."""
+    with contextlib.suppress(OSError):
+        os.utime(folder.fd)
 
 
 def _iter_dirs(root: Path) -> Iterator[Path]:

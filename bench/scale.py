@@ -1,0 +1,119 @@
+"""Ten thousand cached models (issue 29): GET /list against huggingface_hub's ``scan_cache_dir``
+of the same cache (target at most 0.1 x), POST /status while six lists run at once (target p99 at
+most 20 ms), the prune's dry run (target at most 1 s), a page of the list, and the service's
+memory per 1,000 models. The cache is written in the library's layout (blobs, snapshot links,
+refs, the service's file lists), built once and kept in bench/.data.
+
+    python bench/scale.py [MODELS]
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+from anchored import C, write_revision
+from common import DATA, machine, median, percentile, service
+from huggingface_hub import scan_cache_dir
+
+MODELS = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+
+
+def build(cache: Path) -> None:
+    marker = cache / f".built-{MODELS}"
+    if marker.exists():
+        return
+    shutil.rmtree(cache, ignore_errors=True)
+    for i in range(MODELS):
+        files = {"config.json": b'{"i": %d}' % i, "w.bin": b"w%d" % i * 16}
+        write_revision(cache, f"bench/m{i:05d}", C(i + 1), files)
+    marker.touch()
+
+
+def timed(fn: object, runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()  # type: ignore[operator]
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> None:
+    cache = DATA / f"scale-{MODELS}" / "cache"
+    started = time.perf_counter()
+    build(cache)
+    print(f"{MODELS} cached models ({machine()}), cache built in {time.perf_counter() - started:.0f} s")
+    scan = timed(lambda: scan_cache_dir(cache), 3)
+    print(f"  scan_cache_dir                median {median(scan) * 1000:8.1f} ms")
+    with service("http://127.0.0.1:9", cache) as svc, svc.client() as client:
+        client.timeout = 120
+        pid = svc.process.pid
+        idle_rss = rss_mb(pid)
+        first = timed(lambda: client.get("/api/models/list").raise_for_status(), 1)[0]
+        listed = client.get("/api/models/list").json()["models"]
+        assert len(listed) == MODELS, len(listed)
+        lists = timed(lambda: client.get("/api/models/list").raise_for_status(), 5)
+        ratio = median(lists) / median(scan)
+        print(f"  GET /list, first call              {first * 1000:8.1f} ms")
+        print(
+            f"  GET /list                     median {median(lists) * 1000:8.1f} ms;"
+            f" ratio to scan_cache_dir {ratio:5.2f} ({'met' if ratio <= 0.1 else 'MISSED'} <= 0.1)"
+        )
+        page = timed(lambda: client.get("/api/models/list?limit=50").raise_for_status(), 10)
+        print(f"  GET /list?limit=50            median {median(page) * 1000:8.1f} ms")
+        found = timed(lambda: client.get("/api/models/list?q=m0999").raise_for_status(), 10)
+        print(f"  GET /list?q=m0999             median {median(found) * 1000:8.1f} ms")
+        body = {"hf_repo": "bench/m00042"}
+        idle = timed(lambda: client.post("/api/models/status", json=body).raise_for_status(), 200)
+        stop = threading.Event()
+
+        def lister() -> None:
+            with svc.client() as other:
+                other.timeout = 300
+                while not stop.is_set():
+                    other.get("/api/models/list").raise_for_status()
+
+        threads = [threading.Thread(target=lister) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # the lists are under way
+        busy = timed(lambda: client.post("/api/models/status", json=body).raise_for_status(), 200)
+        stop.set()
+        for t in threads:
+            t.join()
+        p99 = percentile(busy, 99) * 1000
+        print(
+            f"  POST /status idle             p50 {median(idle) * 1000:6.1f} ms, p99"
+            f" {percentile(idle, 99) * 1000:6.1f} ms"
+        )
+        print(
+            f"  POST /status, 6 lists at once p50 {median(busy) * 1000:6.1f} ms, p99 {p99:6.1f} ms"
+            f" ({'met' if p99 <= 20 else 'MISSED'} <= 20 ms)"
+        )
+        prune = timed(
+            lambda: client.post("/api/models/prune", json={"dry_run": True}).raise_for_status(), 3
+        )
+        print(
+            f"  POST /prune dry run           median {median(prune) * 1000:8.1f} ms"
+            f" ({'met' if median(prune) <= 1 else 'MISSED'} <= 1 s)"
+        )
+        busy_rss = rss_mb(pid)
+        print(
+            f"  service RSS {idle_rss:.0f} MB at start, {busy_rss:.0f} MB after the lists:"
+            f" {(busy_rss - idle_rss) / (MODELS / 1000):.1f} MB per 1,000 models"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The index of the cache (issue 29): a list reuses the last walk of each model folder while
+nothing under it changed, and is never wrong about a change another process made: the next list
+sees it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+
+from api.models.backend import CacheState
+from api.models.hub.cache import ModelCache
+from api.models.hub.index import RACY_SECONDS
+from fakehub import FakeHub, RepoBuilder
+from tests.helpers import make_revision
+
+C = "{:040x}".format
+
+
+def settled(cache: Path) -> None:
+    """Wait until every time in the cache is older than the index's racy margin (what the index
+    kept is then kept for good): the event is the clock passing a deadline."""
+    newest = max(os.lstat(p).st_ctime for p in [cache, *cache.rglob("*")])
+    deadline = time.monotonic() + 30
+    while time.time() <= newest + RACY_SECONDS + 0.05:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def states(cache: ModelCache) -> dict[str, tuple[str | None, str, tuple[str, ...]]]:
+    return {r.repo_id: (r.commit, r.state.value, r.refs) for r in cache.list_cached()}
+
+
+def test_a_list_walks_only_what_changed_and_sees_every_change_of_another_process(
+    tmp_path: Path, hub: FakeHub, repos: RepoBuilder
+) -> None:
+    root = tmp_path / "cache"
+    for i in range(4):
+        make_revision(root, f"org/m{i}", C(i + 1), {"config.json": b"{}", "w.bin": b"w%d" % i})
+    cache = ModelCache(root)
+    settled(root)
+    assert states(cache) == {f"org/m{i}": (C(i + 1), "complete", ("main",)) for i in range(4)}
+    assert cache.index.walks == 4
+    states(cache)
+    assert cache.index.walks == 4  # nothing changed: no folder walked again
+
+    # Another process: `hf download` of a new model and of a new commit of org/m3 (refs/main
+    # rewritten in place), an `rm -rf` of org/m0, a file taken out of org/m1's snapshot.
+    new = repos.commit("org/m3", {"config.json": '{"v": 2}'})
+    repos.commit("org/new", {"config.json": "{}"})
+    for repo in ("org/m3", "org/new"):
+        snapshot_download(repo, cache_dir=root, endpoint=hub.url, token=False)
+    shutil.rmtree(root / "models--org--m0")
+    (root / "models--org--m1" / "snapshots" / C(2) / "w.bin").unlink()
+    listed = {(r.repo_id, r.commit): (r.state, r.refs) for r in cache.list_cached()}
+    assert listed == {
+        ("org/m1", C(2)): (CacheState.PARTIAL, ("main",)),
+        ("org/m2", C(3)): (CacheState.COMPLETE, ("main",)),
+        ("org/m3", C(4)): (CacheState.COMPLETE, ()),
+        ("org/m3", new): (CacheState.COMPLETE, ("main",)),
+        ("org/new", repos.repo("org/new").refs["main"]): (CacheState.COMPLETE, ("main",)),
+    }
+    assert cache.index.walks == 4 + 3  # m1, m3 and new: not m2
+    # Walked within the racy margin of its changes, a folder is walked again at the next list.
+    cache.list_cached()
+    assert cache.index.walks == 4 + 3 + 3
+    settled(root)
+    cache.list_cached()
+    walks = cache.index.walks
+    assert cache.list_cached() == cache.list_cached()
+    assert cache.index.walks == walks
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from api.models.hub.cache import ModelCache
+with ModelCache(Path(sys.argv[1])).hold_revision(sys.argv[2], sys.argv[3]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_download_another_process_holds_is_seen_and_so_is_its_death(tmp_path: Path) -> None:
+    """A worker's lock shows in no folder's time: the service's workers touch the model's locks
+    folder when they take it, and a BUSY walk is never kept, so a worker killed with -9 (its lock
+    let go by the kernel, nothing touched) is seen gone at the next list."""
+    root = tmp_path / "cache"
+    make_revision(root, "org/m", C(1), {"config.json": b"{}"})
+    make_revision(root, "org/other", C(2), {"config.json": b"{}"})
+    cache = ModelCache(root)
+    with cache.hold_revision("org/m", C(1)):  # its lock file is there, as after any download
+        pass
+    settled(root)
+    assert states(cache)["org/m"] == (C(1), "complete", ("main",))
+    with subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(root), "org/m", C(1)],
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "held"
+            assert states(cache)["org/m"][1] == "busy"
+            assert states(cache)["org/m"][1] == "busy"
+        finally:
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+    assert states(cache)["org/m"] == (C(1), "complete", ("main",))
+    # The other model was walked once in all: its folder did not change.
+    walks = cache.index.walks
+    settled(root)
+    states(cache)
+    assert cache.index.walks == walks + 1  # org/m, touched by the holder; org/other kept
