@@ -53,7 +53,9 @@ def main() -> None:
     cache = DATA / f"scale-{MODELS}" / "cache"
     started = time.perf_counter()
     build(cache)
-    print(f"{MODELS} cached models ({machine()}), cache built in {time.perf_counter() - started:.0f} s")
+    print(
+        f"{MODELS} cached models ({machine()}), cache built in {time.perf_counter() - started:.0f} s"
+    )
     scan = timed(lambda: scan_cache_dir(cache), 3)
     print(f"  scan_cache_dir                median {median(scan) * 1000:8.1f} ms")
     with service("http://127.0.0.1:9", cache) as svc, svc.client() as client:
