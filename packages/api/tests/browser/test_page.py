@@ -19,7 +19,7 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from fakehub import FakeHub, Generated, RepoBuilder, trickle
-from tests.helpers import MB, running_service, wait_for_status
+from tests.helpers import MB, make_revision, running_service, wait_for_status
 
 pytestmark = pytest.mark.browser
 
@@ -354,6 +354,35 @@ async def test_the_throughput_chart_and_what_fills_the_disk(
             "data-repo", "org/slow"
         )
         await expect(card).to_have_count(0)
+
+
+async def test_a_large_cache_is_shown_a_page_at_a_time_and_found_as_one_types(
+    page: Page, models: FakeHub, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 29: the page asks for a page of the list at a time (never all of it), finds a model
+    as the operator types, sorts, and shows a download that ends among what it shows."""
+    for i in range(120):
+        make_revision(cache_dir, f"bulk/m{i:03d}", f"{i + 1:040x}", {"w.bin": b"w" * (i + 1)})
+    with running_service(cache_dir, models.url, tmp_path / "service.log") as (url, _):
+        await page.goto(url)
+        cards = page.locator("#models li.card")
+        await expect(cards).to_have_count(50)
+        await expect(page.locator("#models-count")).to_have_text("50 of 120 shown")
+        await page.click("#more-models")
+        await expect(cards).to_have_count(100)
+        await page.click("#more-models")
+        await expect(cards).to_have_count(120)
+        await expect(page.locator("#more-models")).to_be_hidden()
+        await page.fill("#search", "M07")  # as one types: no button to press
+        await expect(cards).to_have_count(10)
+        await expect(page.locator("#models-count")).to_have_text("10 revision(s)")
+        await page.select_option("#sort", "size")
+        await expect(cards.first).to_have_attribute("data-repo", "bulk/m079")
+        await page.fill("#search", "org/sm")
+        await expect(page.locator("#no-models")).to_have_text("No cached model matches.")
+        await start(page, "org/small")
+        await expect(cards).to_have_count(1)
+        await expect(cards.first.locator(".status")).to_have_text("DOWNLOADED")
 
 
 async def test_with_an_api_key_it_asks_for_it_and_keeps_it_in_the_tab_only(

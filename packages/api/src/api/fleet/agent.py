@@ -30,6 +30,7 @@ from api.models.hub.adapter import HubCacheBackend
 from api.models.hub.cache import ModelCache
 from api.models.hub.peers import PeerServer
 from api.models.manager import ModelManager, compose
+from api.models.paging import ListQuery
 from api.models.service import ServiceFigures
 from api.models.types import (
     BandwidthResponse,
@@ -191,8 +192,8 @@ class NodeAgent:
     async def prune(self, request: PruneRequest, force: bool) -> PruneResponse | Refusal:
         return await refusing((await self._manager()).prune(request, force))
 
-    async def listing(self) -> ModelListResponse:
-        return await (await self._manager()).listing()
+    async def listing(self, query: ListQuery | None = None) -> ModelListResponse:
+        return await (await self._manager()).listing(query)
 
     async def history(self, limit: int) -> HistoryResponse:
         return await (await self._manager()).history(limit)

@@ -35,6 +35,7 @@ from api.models.errors import (
     UnknownNode,
 )
 from api.models.events import EventBus
+from api.models.paging import ListQuery, select
 from api.models.service import Figures, ServiceFigures
 from api.models.throughput import Throughput
 from api.models.types import (
@@ -576,12 +577,14 @@ class Fleet:
             raise refusal  # the request's own fault (a selection no node can use)
         return _together(model, nodes, statuses)
 
-    async def listing(self) -> ModelListResponse:
+    async def listing(self, query: ListQuery | None = None) -> ModelListResponse:
         """Each cached revision once, with the nodes that hold it, and the nodes that did not
-        answer (and why)."""
+        answer (and why); a page of it when ``query`` asks (each node filters, the head sorts
+        and pages what they gave together)."""
         agents = self._targets_of(None)
+        asked = query.filters() if query is not None and query.paged else None
         answers = await self._fan_out(
-            agents, lambda a: self._call(a, self._read, NodeAgent.listing)
+            agents, lambda a: self._call(a, self._read, NodeAgent.listing, asked)
         )
 
         def join(known: ModelListItem, item: ModelListItem) -> None:
@@ -596,7 +599,9 @@ class Fleet:
             lambda item: (item.model.hf_repo, item.model.hf_commit),
             join,
         )
-        return ModelListResponse(models=models, nodes_unanswered=unanswered or None)
+        answer = select(models, query)
+        answer.nodes_unanswered = unanswered or None
+        return answer
 
     async def get_disk_space(self) -> DiskSpaceInfo:
         """Each node's cache and free space; the top figures are their sums."""

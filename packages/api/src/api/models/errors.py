@@ -121,6 +121,10 @@ class NoBudget(ModelError):
         )
 
 
+class BadCursor(ModelError):
+    """A ``GET /list`` cursor this service did not give, or given with another sort."""
+
+
 class NotPinned(ModelError):
     def __init__(self, what: str) -> None:
         super().__init__(f"{what} is not pinned")

@@ -30,6 +30,7 @@ from api.models.failures import Failures
 from api.models.history import History
 from api.models.housekeeping import Housekeeping
 from api.models.inuse import InUse
+from api.models.paging import ListQuery, select
 from api.models.service import Figures, ServiceFigures
 from api.models.serving import VllmServers
 from api.models.store import JobStore
@@ -229,8 +230,9 @@ class ModelManager:
     async def plan(self, request: ModelRequest) -> PlanResponse:
         return await self.plan_model(_one_machine(request), request.selection)
 
-    async def listing(self) -> ModelListResponse:
-        return ModelListResponse(models=await self.list_models())
+    async def listing(self, query: ListQuery | None = None) -> ModelListResponse:
+        """The list, or the page of it ``query`` asks for (``paging``)."""
+        return select(await self.list_models(), query)
 
     async def updates(self, refresh: bool = False) -> UpdatesResponse:
         return UpdatesResponse(models=await self.check_updates(refresh))

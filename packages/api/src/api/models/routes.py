@@ -11,6 +11,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from api.auth import KeyFirstRoute, require_read, require_write
 from api.models.errors import (
+    BadCursor,
     BudgetExceeded,
     CacheNotWritable,
     DownloadCancelled,
@@ -35,6 +36,7 @@ from api.models.errors import (
     UnknownNode,
     UnsafeCachePath,
 )
+from api.models.paging import ListQuery
 from api.models.service import ModelService
 from api.models.types import (
     COMMIT_EXAMPLE,
@@ -52,6 +54,7 @@ from api.models.types import (
     EvictRequest,
     EvictResponse,
     HistoryResponse,
+    ListSort,
     Model,
     ModelListResponse,
     ModelRequest,
@@ -77,6 +80,7 @@ ERROR_STATUS: dict[type[ModelError], int] = {
     BudgetExceeded: status.HTTP_507_INSUFFICIENT_STORAGE,
     NoBudget: status.HTTP_422_UNPROCESSABLE_CONTENT,
     NotPinned: status.HTTP_404_NOT_FOUND,
+    BadCursor: status.HTTP_422_UNPROCESSABLE_CONTENT,
     UnsafeCachePath: status.HTTP_409_CONFLICT,
     RevisionBusy: status.HTTP_409_CONFLICT,
     CacheNotWritable: status.HTTP_409_CONFLICT,
@@ -633,14 +637,52 @@ async def verify_model(model: ModelBody, service: ServiceDep) -> VerifyResponse:
 
 
 @router.get("/list", dependencies=Reads, response_model=ModelListResponse)
-async def list_models(service: ServiceDep) -> ModelListResponse:
+async def list_models(
+    service: ServiceDep,
+    limit: Annotated[
+        int | None, Query(ge=1, le=1000, description="At most this many entries (a page)")
+    ] = None,
+    cursor: Annotated[
+        str | None,
+        Query(
+            max_length=2000,
+            description="The `next_cursor` of the page before (with the same q, status and sort)",
+        ),
+    ] = None,
+    q: Annotated[
+        str | None,
+        Query(min_length=1, max_length=200, description="Only repo ids that contain this text"),
+    ] = None,
+    status: Annotated[
+        list[ModelStatus] | None, Query(description="Only entries of this status (repeatable)")
+    ] = None,
+    sort: Annotated[
+        ListSort,
+        Query(
+            description="name (repo id, then commit), size (largest first), last_used (latest"
+            " first, never used last)"
+        ),
+    ] = ListSort.NAME,
+) -> ModelListResponse:
     """Every model revision in the cache (`DOWNLOADED` or `PARTIAL`) and every running download.
 
     Response: `{"models": [{"model": {"hf_repo": "meta-llama/Llama-2-7b-hf", "hf_commit":
     "01c7f73d771dfac7d292323805ebc428287df4f9"}, "status": "DOWNLOADED", "size_bytes": 13958643712,
     "refs": ["main"], "progress": null}]}`
+
+    With any of `limit`, `cursor`, `q`, `status` or `sort` (additions), the entries that match, in
+    that order, a page at a time: `total` says how many match, and `next_cursor` is there while
+    more pages follow. A download that starts or ends between two pages moves no other entry
+    between pages.
     """
-    return await service.listing()
+    query = ListQuery(
+        limit=limit,
+        cursor=cursor,
+        q=q,
+        status=frozenset(status) if status else None,
+        sort=sort,
+    )
+    return await service.listing(query)
 
 
 @router.get("/space", dependencies=Reads, response_model=DiskSpaceInfo)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from api.models.events import EventBus
+from api.models.paging import ListQuery
 from api.models.types import (
     BandwidthResponse,
     BudgetResponse,
@@ -80,7 +81,7 @@ class ModelService(Protocol):
 
     async def verify_model(self, model: Model) -> VerifyResponse: ...
 
-    async def listing(self) -> ModelListResponse: ...
+    async def listing(self, query: ListQuery | None = None) -> ModelListResponse: ...
 
     async def get_disk_space(self) -> DiskSpaceInfo: ...
 

@@ -519,8 +519,25 @@ class NodeUnanswered(BaseModel):
     )
 
 
+class ListSort(StrEnum):
+    NAME = "name"  # by repo id, then commit
+    SIZE = "size"  # largest first
+    LAST_USED = "last_used"  # most recently used first; never used last
+
+
 class ModelListResponse(BaseModel):
     models: list[ModelListItem]
+    total: int | None = Field(
+        default=None,
+        exclude_if=_none,
+        description="With limit, cursor, q or status: how many entries match (addition)",
+    )
+    next_cursor: str | None = Field(
+        default=None,
+        exclude_if=_none,
+        description="The cursor of the next page (give it as `cursor`, with the same q, status and"
+        " sort); absent: this is the last page (addition)",
+    )
     nodes_unanswered: list[NodeUnanswered] | None = Field(
         default=None,
         exclude_if=_none,

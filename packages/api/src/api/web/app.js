@@ -5,8 +5,12 @@
 
 const KEY = "models-api-key";
 const $ = (id) => document.getElementById(id);
+const PAGE = 50; // cached revisions asked at a time
 const state = {
-  models: [],               // GET /list: cached revisions
+  models: [],               // GET /list: the cached revisions shown (pages of the search)
+  modelsTotal: 0,           // how many match the search
+  nextCursor: null,         // the next page of the search, when there is one
+  largest: [],              // GET /list?sort=size: the largest revisions, for the disk picture
   downloads: new Map(),     // task id -> status (from /downloads, kept live by events)
   updates: new Map(),       // "repo@ref" -> UpdateInfo
   problems: [],             // [{time, text}]
@@ -167,21 +171,67 @@ function problem(text) {
 
 // -- reading the state ---------------------------------------------------------------------
 
+// The cached revisions of the search (repo id contains, sort), as many as are shown now (at least
+// a page): a page of the list, never all of it (a cache may hold ten thousand models).
+function modelsQuery(limit, cursor) {
+  const q = $("search").value.trim();
+  const params = new URLSearchParams({ limit: String(limit), sort: $("sort").value });
+  for (const s of ["DOWNLOADED", "PARTIAL", "NOT_FOUND"]) params.append("status", s);
+  if (q) params.set("q", q);
+  if (cursor) params.set("cursor", cursor);
+  return `/api/models/list?${params}`;
+}
+
+function showModels(listed, more) {
+  state.models = more ? [...state.models, ...listed.models] : listed.models;
+  state.modelsTotal = listed.total ?? state.models.length;
+  state.nextCursor = listed.next_cursor || null;
+  state.unanswered = [...(listed.nodes_unanswered || [])];
+  renderModels();
+}
+
+async function loadModels() {
+  try {
+    showModels(await api("GET", modelsQuery(Math.max(PAGE, state.models.length))), false);
+  } catch (error) {
+    alertUser(`Could not read the service: ${error.message}`);
+  }
+}
+
+async function moreModels() {
+  if (!state.nextCursor) return;
+  try {
+    showModels(await api("GET", modelsQuery(PAGE, state.nextCursor)), true);
+  } catch (error) {
+    alertUser(`Could not read the service: ${error.message}`);
+  }
+}
+
+let searchTimer = null;
+function searchSoon() {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => {
+    state.models = []; // a new search starts at its first page
+    loadModels();
+  }, 200);
+}
+
 async function refresh() {
   try {
-    const [listed, space, downloads] = await Promise.all([
-      api("GET", "/api/models/list"),
+    const [listed, space, downloads, largest] = await Promise.all([
+      api("GET", modelsQuery(Math.max(PAGE, state.models.length))),
       api("GET", "/api/models/space"),
       api("GET", "/api/models/downloads"),
+      api("GET", "/api/models/list?sort=size&limit=100&status=DOWNLOADED&status=PARTIAL"),
     ]);
-    state.models = listed.models.filter((m) => m.status !== "DOWNLOADING");
+    showModels(listed, false);
+    state.largest = largest.models;
     state.downloads = new Map(downloads.downloads.map((d) => [taskId(d.model), withNodes(d)]));
     state.nodes = space.nodes || [];
     state.space = space;
-    state.unanswered = [...(listed.nodes_unanswered || []), ...(downloads.nodes_unanswered || [])];
+    state.unanswered.push(...(downloads.nodes_unanswered || []));
     renderDisk(space);
     renderFleet();
-    renderModels();
     renderUsage();
     renderDownloads();
   } catch (error) {
@@ -457,7 +507,8 @@ function usageOf(models) {
 }
 
 function renderUsage() {
-  const usage = usageOf(state.models);
+  // From the largest revisions: the models they belong to, each with the revisions among them.
+  const usage = usageOf(state.largest);
   const cache = state.space ? state.space.cache_size_bytes : 0;
   $("usage-section").hidden = usage.length === 0;
   if (!usage.length) return;
@@ -636,8 +687,14 @@ function fleetDownloadCard(d) {
 
 function renderModels() {
   const list = $("models");
+  const searching = $("search").value.trim() !== "";
   $("no-models").hidden = state.models.length > 0;
+  $("no-models").textContent = searching ? "No cached model matches." : "No model in the cache yet.";
   list.replaceChildren(...state.models.map(modelCard));
+  $("models-count").textContent = state.modelsTotal > state.models.length
+    ? `${state.models.length} of ${state.modelsTotal} shown`
+    : `${state.modelsTotal} revision(s)`;
+  $("more-models").hidden = !state.nextCursor;
 }
 
 function modelCard(m) {
@@ -915,6 +972,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("preview").addEventListener("click", preview);
   $("check-updates").addEventListener("click", checkUpdates);
   $("prune").addEventListener("click", prune);
+  $("search").addEventListener("input", searchSoon);
+  $("sort").addEventListener("change", searchSoon);
+  $("more-models").addEventListener("click", moreModels);
   about();
   refresh();
   stream();
