@@ -13,6 +13,7 @@ from starlette.requests import Request
 
 from api.models import errors
 from api.models.errors import (
+    BadCursor,
     BudgetExceeded,
     CacheNotWritable,
     DownloadCancelled,
@@ -49,6 +50,7 @@ SAMPLES: list[ModelError] = [
     InsufficientStorage(needed=10, available=5, free=8, reserved=1, margin=2),
     BudgetExceeded(needed=10, evictable=4, kept=["org/a@0123456789ab (pinned)"], budget=100),
     NoBudget(),
+    BadCursor("the cursor is not one this service gave: start again without it"),
     NotPinned("org/a at main"),
     UnsafeCachePath("org/a", "blobs/x", partly=True),
     RevisionBusy("org/a", "c" * 40),

@@ -636,7 +636,17 @@ async def verify_model(model: ModelBody, service: ServiceDep) -> VerifyResponse:
     return await service.verify_model(model)
 
 
-@router.get("/list", dependencies=Reads, response_model=ModelListResponse)
+@router.get(
+    "/list",
+    dependencies=Reads,
+    response_model=ModelListResponse,
+    responses={
+        422: _error(
+            "A parameter is out of range, or the cursor is not one this service gave",
+            "the cursor is not one this service gave: start again without it",
+        )
+    },
+)
 async def list_models(
     service: ServiceDep,
     limit: Annotated[
