@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +175,16 @@ def resumed_via_service(client: httpx.Client, repo: str, poll: float = 0.05) -> 
 
 def transfer_path() -> str:
     return "Xet (BENCH_XET=1)" if os.environ.get("BENCH_XET") == "1" else "plain HTTP"
+
+
+def timed(fn: Callable[[], object], runs: int) -> list[float]:
+    """Seconds each of ``runs`` calls of ``fn`` took."""
+    out = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - started)
+    return out
 
 
 def median(values: list[float]) -> float:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from anchored import C, write_revision
-from common import DATA, machine, median, percentile, service
+from common import DATA, machine, median, percentile, service, timed
 from huggingface_hub import scan_cache_dir
 
 MODELS = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
@@ -31,15 +31,6 @@ def build(cache: Path) -> None:
         files = {"config.json": b'{"i": %d}' % i, "w.bin": b"w%d" % i * 16}
         write_revision(cache, f"bench/m{i:05d}", C(i + 1), files)
     marker.touch()
-
-
-def timed(fn: object, runs: int) -> list[float]:
-    out = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        fn()  # type: ignore[operator]
-        out.append(time.perf_counter() - started)
-    return out
 
 
 def rss_mb(pid: int) -> float:

@@ -4,23 +4,14 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
-import time
 
-from common import DATA, download_via_service, fake_hub, machine, make_repos, median, service
+from common import DATA, download_via_service, fake_hub, machine, make_repos, median, service, timed
 from huggingface_hub import scan_cache_dir
 
 RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 200
-
-
-def timed(fn: object, runs: int) -> list[float]:
-    out = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        fn()  # type: ignore[operator]
-        out.append(time.perf_counter() - started)
-    return out
 
 
 def main() -> None:
@@ -38,7 +29,7 @@ def main() -> None:
         for repo in ("bench/many", "bench/large"):
             body = {"hf_repo": repo}
             assert client.post("/api/models/status", json=body).json()["status"] == "DOWNLOADED"
-            values = timed(lambda body=body: client.post("/api/models/status", json=body), RUNS)
+            values = timed(functools.partial(client.post, "/api/models/status", json=body), RUNS)
             ms = median(values) * 1000
             print(
                 f"  POST /status {repo:<12} median {ms:6.2f} ms ({'met' if ms < 20 else 'MISSED'} < 20 ms)"
