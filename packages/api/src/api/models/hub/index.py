@@ -113,7 +113,9 @@ class CacheIndex:
             self._entries.pop(folder, None)
         self.walks += 1
         revisions = walk()
-        if self._keeps(stamp, started, revisions) and not _links_a_store(paths[3]):
+        if self._keeps(stamp, started, revisions) and not _links_a_store(
+            os.path.join(self._root, folder, "blobs")
+        ):
             with self._lock:
                 self._entries[folder] = _Entry(paths, stamp, tuple(revisions))
         return revisions
@@ -125,7 +127,7 @@ class CacheIndex:
                 del self._entries[gone]
 
     def _paths(self, folder: str) -> tuple[str, ...]:
-        """What a walk of the model depends on; ``blobs/`` is fourth (read by ``_links_a_store``)."""
+        """What a walk of the model depends on."""
         base = os.path.join(self._root, folder)
         refs = os.path.join(base, "refs")
         snapshots = os.path.join(base, "snapshots")
