@@ -725,7 +725,9 @@ def updates(
         table = Table("MODEL", "REF", "CACHED", "HUB", "UPDATE", "TO FETCH")
         for entry in answer["models"]:
             hub = entry.get("hub_commit")
-            if entry.get("error"):
+            if entry.get("pending") and entry.get("checked_at") is None:
+                verdict = Text("checking")
+            elif entry.get("error"):
                 verdict = Text(f"unknown: {entry['error']}")
             else:
                 verdict = Text("yes" if entry["update_available"] else "up to date")
@@ -738,6 +740,16 @@ def updates(
                 _size(entry.get("bytes_to_download")) if entry["update_available"] else "-",
             )
         out.print(table)
+        budget = answer.get("budget") or {}
+        checking = sum(1 for e in answer["models"] if e.get("pending"))
+        if checking:
+            _say(
+                f"{checking} still being checked, within {budget.get('calls_per_minute')} Hub"
+                " calls a minute: run it again for their answers"
+            )
+        if budget.get("paused_until"):
+            when = time.strftime("%H:%M:%S", time.localtime(budget["paused_until"]))
+            _say(f"the Hub answered 429 (too many requests): checks resume at {when}")
         waiting = [e for e in answer["models"] if e["update_available"]]
         if waiting:
             first = waiting[0]

@@ -131,6 +131,14 @@ class Settings(BaseSettings):
         " space) first evicts the least recently used revisions that are not pinned, served by"
         " vLLM or downloading; unset: nothing is ever evicted",
     )
+    update_calls_per_minute: int = Field(
+        default=60,
+        ge=4,
+        le=100_000,
+        description="the most calls to the Hub GET /updates makes in any minute, spread out (the"
+        " Hub limits calls per token: downloads with the same token share its limit); a 429"
+        " pauses the checks until its Retry-After",
+    )
     state_dir: Path | None = Field(
         default=None,
         description="the service's own folder: the downloads to resume after a restart and the"

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,9 @@ from pydantic import SecretStr
 
 from api.models.serving import VllmServers
 from api.settings import Settings
-from fakehub import FakeHub, FakeVllm, Generated, RepoBuilder, http_error, trickle
+from fakehub import FakeHub, FakeVllm, Generated, RepoBuilder, http_error, rate_limited, trickle
 from fakehub.repos import FileContent
-from tests.helpers import FINAL, MB, app_client, free_port, wait_for_status
+from tests.helpers import FINAL, MB, app_client, free_port, make_revision, wait_for_status
 
 BODY = {"hf_repo": "org/model"}
 FOLDER = "models--org--model"
@@ -126,6 +127,81 @@ async def test_a_repo_the_hub_cannot_answer_for_carries_its_error_and_the_others
         assert checked[repo]["bytes_to_download"] is None
     assert "not found on the Hub" in checked["org/gone"]["error"]
     assert "HTTP 503" in checked["org/slow"]["error"]
+
+
+def cached_models(repos: RepoBuilder, cache_dir: Path, count: int) -> list[str]:
+    """``count`` repos on the Hub, each cached at the commit its main names there."""
+    names = [f"org/m{i}" for i in range(count)]
+    for name in names:
+        commit = repos.commit(name, {"config.json": f'{{"name": "{name}"}}'})
+        make_revision(cache_dir, name, commit, {"config.json": f'{{"name": "{name}"}}'.encode()})
+    return names
+
+
+async def updates_answer(client: httpx.AsyncClient, **params: str) -> dict[str, Any]:
+    answer = await client.get("/api/models/updates", params=params)
+    assert answer.status_code == 200, answer.text
+    body: dict[str, Any] = answer.json()
+    return body
+
+
+async def test_checks_keep_to_the_budget_of_hub_calls_and_answer_the_rest_pending(
+    settings: Settings, hub: FakeHub, repos: RepoBuilder, cache_dir: Path
+) -> None:
+    cached_models(repos, cache_dir, 7)
+    # 20 calls a minute: a burst of 5, then one each 4 s.
+    async with app_client(settings.model_copy(update={"update_calls_per_minute": 20})) as client:
+        hub.reset_counts()
+        first = await updates_answer(client, wait="0.5")
+        assert len(first["models"]) == 7
+        answered = [e for e in first["models"] if not e["pending"]]
+        pending = [e for e in first["models"] if e["pending"]]
+        assert len(answered) == 5, first  # the burst, and not one call more
+        assert all(e["checked_at"] is not None and e["error"] is None for e in answered)
+        assert all(e["checked_at"] is None and e["hub_commit"] is None for e in pending)
+        assert first["budget"]["calls_per_minute"] == 20
+        assert first["budget"]["calls_last_minute"] == 5
+        assert first["budget"]["pending"] == 2
+        assert hub.count("GET", "/api/models/*") == 5
+        # The rest run on after the answer, one each 4 s; asking again waits for them.
+        second = await updates_answer(client, wait="30")
+        assert not any(e["pending"] for e in second["models"]), second
+        assert all(e["update_available"] is False for e in second["models"])
+        assert hub.count("GET", "/api/models/*") == 7
+        # Answered recently: asked again, nothing goes to the Hub.
+        third = await updates_answer(client, wait="0")
+        assert [e["checked_at"] for e in third["models"]] == [
+            e["checked_at"] for e in second["models"]
+        ]
+        assert hub.count("GET", "/api/models/*") == 7
+
+
+async def test_a_429_from_the_hub_pauses_every_check_until_its_retry_after(
+    settings: Settings, hub: FakeHub, repos: RepoBuilder, cache_dir: Path
+) -> None:
+    cached_models(repos, cache_dir, 6)
+    async with app_client(settings) as client:
+        hub.reset_counts()
+        hub.add_fault(rate_limited(retry_after=3, path="/api/models/org/m0/*", times=1))
+        first = await updates_answer(client, wait="1")
+        asked = hub.count("GET", "/api/models/*")
+        assert asked <= 4  # those that had a slot before the 429 came back, none after it
+        paused = first["budget"]["paused_until"]
+        assert paused is not None, first["budget"]
+        assert paused > time.time() + 1, first["budget"]
+        m0 = next(e for e in first["models"] if e["model"]["hf_repo"] == "org/m0")
+        assert m0["pending"]
+        assert m0["error"] is None  # not a failure: asked again after the pause
+        # Paused: even a refresh makes no call before the Retry-After.
+        again = await updates_answer(client, refresh="true", wait="0.5")
+        assert hub.count("GET", "/api/models/*") == asked
+        assert any(e["pending"] for e in again["models"])
+        # Then the checks go on, the 429's repo included.
+        done = await updates_answer(client, wait="30")
+        assert not any(e["pending"] for e in done["models"]), done
+        assert all(e["error"] is None and e["hub_commit"] for e in done["models"])
+        assert done["budget"]["paused_until"] is None
+        assert time.time() >= paused
 
 
 # -- prune ------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@ retry decision and a message that carries no URL, path or token."""
 
 from __future__ import annotations
 
+import email.utils
 import errno
+import time
 
 import httpx2
 import pytest
@@ -57,7 +59,7 @@ CASES: list[tuple[str, BaseException, FailureKind, bool, str]] = [
     ("entry 404", http(RemoteEntryNotFoundError, 404), FailureKind.NOT_FOUND, False, "missing"),
     ("500", http(HfHubHTTPError, 500), FailureKind.NETWORK, True, "HTTP 500"),
     ("503", http(HfHubHTTPError, 503), FailureKind.NETWORK, True, "HTTP 503"),
-    ("429", http(HfHubHTTPError, 429), FailureKind.NETWORK, True, "HTTP 429"),
+    ("429", http(HfHubHTTPError, 429), FailureKind.RATE_LIMITED, True, "HTTP 429"),
     ("401", http(HfHubHTTPError, 401), FailureKind.UNAUTHORIZED, False, "HF_TOKEN"),
     ("418", http(HfHubHTTPError, 418), FailureKind.UNEXPECTED, False, "HTTP 418"),
     ("timeout", httpx2.ReadTimeout("read timed out"), FailureKind.NETWORK, True, "timed out"),
@@ -116,5 +118,13 @@ def test_retry_after_is_read_from_429_and_503_only() -> None:
     assert retry_after_seconds(wrapped(http(HfHubHTTPError, 503, **{"Retry-After": "2"}))) == 2
     assert retry_after_seconds(http(HfHubHTTPError, 500, **{"Retry-After": "7"})) is None
     assert retry_after_seconds(http(HfHubHTTPError, 429, **{"Retry-After": "soon"})) is None
+    later = email.utils.formatdate(time.time() + 120, usegmt=True)  # the HTTP-date form
+    seconds = retry_after_seconds(http(HfHubHTTPError, 429, **{"Retry-After": later}))
+    assert seconds is not None
+    assert 100 < seconds <= 120
     failure = failure_of(http(HfHubHTTPError, 429, **{"Retry-After": "3"}), "org/m", "main")
-    assert (failure.kind, failure.retryable, failure.retry_after) == (FailureKind.NETWORK, True, 3)
+    assert (failure.kind, failure.retryable, failure.retry_after) == (
+        FailureKind.RATE_LIMITED,
+        True,
+        3,
+    )

@@ -55,7 +55,7 @@ def parts(tmp_path: Path) -> tuple[FakeBackend, Downloads, Views, Housekeeping]:
     events = EventBus()
     budget = Budget(None, backend, threads, uses, in_use, events)
     downloads = Downloads(settings, backend, threads, keeper, failures, events, uses, budget)
-    views = Views(backend, threads, downloads, failures, in_use, 5.0, uses)
+    views = Views(backend, threads, downloads, failures, in_use, 5.0, uses, 60)
     history = History(keeper)
     housekeeping = Housekeeping(backend, threads, downloads, failures, in_use, 1, 5, uses, history)
     return backend, downloads, views, housekeeping

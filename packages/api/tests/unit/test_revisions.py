@@ -5,13 +5,14 @@ bounded, timed out and reused (``UpdateChecker``)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 
 import pytest
 
 from api.models.backend import CachedRevision, CacheState, DownloadFailed, DownloadPlan, FailureKind
 from api.models.hub.cache import ModelCache
-from api.models.revisions import UpdateChecker, in_use_map
+from api.models.revisions import WINDOW_SECONDS, HubCalls, UpdateChecker, in_use_map
 from api.models.serving import ServedModel, ServedNow, base_url, parse_models
 from api.settings import display_url
 
@@ -131,7 +132,9 @@ class FakeHub:
 def checker(
     hub: FakeHub, concurrency: int = 2, timeout: float = 10, ttl: float = 60
 ) -> UpdateChecker:
-    return UpdateChecker(hub.resolve, hub.plan, hub.missing, concurrency, timeout, ttl)
+    return UpdateChecker(
+        hub.resolve, hub.plan, hub.missing, concurrency, timeout, ttl, HubCalls(100_000)
+    )
 
 
 async def test_checks_run_at_most_the_bound_at_once_and_each_answers() -> None:
@@ -189,3 +192,56 @@ async def test_checks_asked_at_once_share_one_request() -> None:
     first, second = await both
     assert first == second
     assert hub.calls == 1
+
+
+class Clock:
+    """A clock that only the budget's own waits move."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def test_the_budget_is_never_exceeded_in_any_minute_and_spreads_the_calls() -> None:
+    clock = Clock()
+    budget = HubCalls(60, clock=clock, sleep=clock.sleep)
+    times = []
+    for _ in range(200):
+        await budget.take(1)
+        times.append(clock.now)
+    windows = [
+        sum(1 for t in times[i:] if t < start + WINDOW_SECONDS) for i, start in enumerate(times)
+    ]
+    assert 55 <= max(windows) <= 60  # the budget is used, never exceeded
+    assert times[14] == times[0]  # a burst of a quarter of the budget
+    gaps = {round(b - a, 6) for a, b in itertools.pairwise(times[15:])}
+    assert gaps == {round(60 / 45, 6)}  # then the other 45 evenly: never 60 at once
+    assert budget.used() <= 60
+    await budget.take(3)  # a file list's calls are paid at once
+    assert budget.used() <= 60
+
+
+async def test_a_pause_stops_every_call_until_it_ends() -> None:
+    clock = Clock()
+    budget = HubCalls(60, clock=clock, sleep=clock.sleep)
+    await budget.take(1)
+    budget.pause(30)
+    assert budget.paused_until() is not None
+    start = clock.now
+    await budget.take(1)
+    assert clock.now - start >= 30
+    assert budget.paused_until() is None
+    budget.pause(10**9)  # a Retry-After beyond reason is read as an hour
+    start = clock.now
+    await budget.take(1)
+    assert clock.now - start == 3600
+
+
+def test_a_budget_too_small_for_one_check_is_refused() -> None:
+    with pytest.raises(ValueError, match="cannot pay for one check"):
+        HubCalls(3)

@@ -216,8 +216,8 @@ class NodeAgent:
     async def get_disk_space(self) -> DiskSpaceInfo:
         return await (await self._manager()).get_disk_space()
 
-    async def updates(self, refresh: bool) -> UpdatesResponse:
-        return await (await self._manager()).updates(refresh)
+    async def updates(self, refresh: bool, wait: float | None) -> UpdatesResponse:
+        return await (await self._manager()).updates(refresh, wait)
 
     async def downloads(self) -> DownloadListResponse:
         return await (await self._manager()).downloads()

@@ -70,6 +70,7 @@ from api.models.types import (
     PruneRequest,
     PruneResponse,
     ThroughputResponse,
+    UpdateBudget,
     UpdateInfo,
     UpdatesResponse,
     VerifyResponse,
@@ -897,18 +898,22 @@ class Fleet:
             nodes=[agent.node_id for agent, _ in done],
         )
 
-    async def updates(self, refresh: bool = False) -> UpdatesResponse:
+    async def updates(self, refresh: bool = False, wait: float | None = None) -> UpdatesResponse:
         """Every node's cached branches, each asked of the Hub by its node (within its own
-        reuse time); a branch at the same commit on several nodes is one entry, naming them.
-        A node waits the read deadline plus one Hub check's (MODELS_PLAN_TIMEOUT_SECONDS)."""
+        reuse time and budget of calls); a branch at the same commit on several nodes is one
+        entry, naming them. A node is given ``wait`` (else one Hub check's time,
+        MODELS_PLAN_TIMEOUT_SECONDS) and the read deadline."""
         agents = self._targets_of(None)
-        wait = self._read + self.settings.plan_timeout_seconds
+        checks = self.settings.plan_timeout_seconds if wait is None else wait
         answers = await self._fan_out(
-            agents, lambda a: self._call(a, wait, NodeAgent.updates, refresh)
+            agents,
+            lambda a: self._call(a, self._read + checks, NodeAgent.updates, refresh, checks),
         )
 
         def join(known: UpdateInfo, info: UpdateInfo) -> None:
-            known.checked_at = min(known.checked_at, info.checked_at)
+            times = [t for t in (known.checked_at, info.checked_at) if t is not None]
+            known.checked_at = min(times) if times else None
+            known.pending = known.pending or info.pending
             known.error = known.error or info.error
             if known.hub_commit is None:
                 known.hub_commit = info.hub_commit
@@ -922,7 +927,17 @@ class Fleet:
             lambda info: (info.model.hf_repo, info.ref, info.cached_commit),
             join,
         )
-        return UpdatesResponse(models=models, nodes_unanswered=unanswered or None)
+        budgets = [a.budget for a in answers if isinstance(a, UpdatesResponse) and a.budget]
+        pauses = [b.paused_until for b in budgets if b.paused_until is not None]
+        budget = UpdateBudget(
+            calls_per_minute=sum(b.calls_per_minute for b in budgets),
+            calls_last_minute=sum(b.calls_last_minute for b in budgets),
+            paused_until=max(pauses, default=None),
+            pending=sum(b.pending for b in budgets),
+        )
+        return UpdatesResponse(
+            models=models, budget=budget if budgets else None, nodes_unanswered=unanswered or None
+        )
 
     async def downloads(self) -> DownloadListResponse:
         """Each download running or queued on a node once, with every node's status (the nodes

@@ -268,6 +268,7 @@ class FailureKind(enum.Enum):
     DISK_FULL = "disk_full"
     PERMISSION = "permission"
     NETWORK = "network"
+    RATE_LIMITED = "rate_limited"  # the Hub answered 429: too many calls for the token
     INVALID = "invalid"
     CRASHED = "crashed"
     TIMEOUT = "timeout"

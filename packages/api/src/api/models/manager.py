@@ -56,7 +56,6 @@ from api.models.types import (
     PruneRequest,
     PruneResponse,
     ThroughputResponse,
-    UpdateInfo,
     UpdatesResponse,
     VerifyResponse,
 )
@@ -111,7 +110,14 @@ def compose(
     budget = Budget(settings.cache_budget_bytes, backend, threads, uses, in_use, events)
     downloads = Downloads(settings, backend, threads, keeper, failures, events, uses, budget)
     views = Views(
-        backend, threads, downloads, failures, in_use, settings.plan_timeout_seconds, uses
+        backend,
+        threads,
+        downloads,
+        failures,
+        in_use,
+        settings.plan_timeout_seconds,
+        uses,
+        settings.update_calls_per_minute,
     )
     housekeeping = Housekeeping(
         backend,
@@ -202,9 +208,6 @@ class ModelManager:
     async def prune(self, request: PruneRequest, force: bool = False) -> PruneResponse:
         return await self._housekeeping.prune(request, force)
 
-    async def check_updates(self, refresh: bool = False) -> list[UpdateInfo]:
-        return await self._views.updates(refresh)
-
     def set_bandwidth(self, bytes_per_second: int | None) -> BandwidthResponse:
         return self._downloads.set_bandwidth(bytes_per_second)
 
@@ -234,8 +237,8 @@ class ModelManager:
         """The list, or the page of it ``query`` asks for (``paging``)."""
         return select(await self.list_models(), query)
 
-    async def updates(self, refresh: bool = False) -> UpdatesResponse:
-        return UpdatesResponse(models=await self.check_updates(refresh))
+    async def updates(self, refresh: bool = False, wait: float | None = None) -> UpdatesResponse:
+        return await self._views.updates(refresh, wait)
 
     async def downloads(self) -> DownloadListResponse:
         return DownloadListResponse(downloads=self.active_downloads())
@@ -321,6 +324,7 @@ class ModelManager:
         """Stop every running download and wait for each (no worker outlives the service)."""
         self.events.close()  # event streams end: the server can close their connections
         await self._downloads.stop()
+        await self.parts.views.update_checks.aclose()
         await self.backend.aclose()
         await self.parts.in_use.aclose()
         await self.parts.keeper.close()  # after every write submitted before it

@@ -579,13 +579,30 @@ async def model_updates(
         bool,
         Query(description="Ask the Hub now, not reusing the answers of the last 5 minutes"),
     ] = False,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=120,
+            description="Seconds to wait for the checks this asks for; those still running then"
+            " answer `pending`, with their last result",
+        ),
+    ] = 10.0,
 ) -> UpdatesResponse:
     """For every branch or tag cached (refs/main...), whether it points at another commit on the
     Hub now, and how many bytes an update would fetch (the new revision's files, for the selection
     the cached one was downloaded with, less those already in the cache). A repo the Hub cannot
     answer for (gone, gated, down, slow) carries its `error`; the others are answered all the
-    same. Checks run 4 at a time, each within `MODELS_PLAN_TIMEOUT_SECONDS`, and are reused for
-    5 minutes.
+    same. Checks run 4 at a time, each call within `MODELS_PLAN_TIMEOUT_SECONDS`, and are reused for
+    5 minutes (or, with more branches than the budget checks in 5 minutes, until each was
+    checked once).
+
+    The checks keep to a budget of calls to the Hub (`MODELS_UPDATE_CALLS_PER_MINUTE`, spread
+    out; `budget` says what it is, what was spent, and what waits), so that one click never gets
+    the token rate-limited: a check beyond it waits its turn and runs on after the answer. A 429
+    from the Hub pauses every check until its `Retry-After`. This answers within `wait` seconds:
+    a branch whose check has not ended is `pending`, with its last result (`checked_at` null when
+    it has none yet); ask again later for the rest.
 
     To update: `POST /api/models/download` with the entry's `model`.
 
@@ -593,7 +610,7 @@ async def model_updates(
     "ref": "main", "cached_commit": "01c7f7...", "hub_commit": "8cca52...", "update_available":
     true, "bytes_to_download": 9976576152, "error": null, "checked_at": 1795548651.4}]}`
     """
-    return await service.updates(refresh)
+    return await service.updates(refresh, wait)
 
 
 @router.post(

@@ -770,7 +770,15 @@ class UpdateInfo(BaseModel):
     error: str | None = Field(
         default=None, description="Why the Hub could not say, in plain words (gone, gated, down)"
     )
-    checked_at: float = Field(description="Unix time of the check (answers are reused a while)")
+    checked_at: float | None = Field(
+        description="Unix time of the check these fields come from (answers are reused a"
+        " while); null when none has ended yet (pending)"
+    )
+    pending: bool = Field(
+        default=False,
+        description="A check of this ref is queued or running (within the budget of Hub calls):"
+        " the other fields are the last check's; ask again for its answer",
+    )
     nodes: list[str] | None = Field(
         default=None,
         exclude_if=_none,
@@ -778,8 +786,26 @@ class UpdateInfo(BaseModel):
     )
 
 
+class UpdateBudget(BaseModel):
+    """The update checks' budget of calls to the Hub (MODELS_UPDATE_CALLS_PER_MINUTE)."""
+
+    calls_per_minute: int = Field(description="The most calls the checks make in any minute")
+    calls_last_minute: int = Field(description="Calls they made in the last minute")
+    paused_until: float | None = Field(
+        default=None,
+        description="While the Hub's 429 paused them: the Unix time the checks go on at",
+    )
+    pending: int = Field(description="Checks queued or running")
+
+
 class UpdatesResponse(BaseModel):
     models: list[UpdateInfo]
+    budget: UpdateBudget | None = Field(
+        default=None,
+        exclude_if=_none,
+        description="The budget of Hub calls the checks keep to (with a fleet: the nodes' sums,"
+        " and the latest pause)",
+    )
     nodes_unanswered: list[NodeUnanswered] | None = Field(
         default=None,
         exclude_if=_none,

@@ -18,7 +18,7 @@ from api.models.downloads import Downloads
 from api.models.failures import Failures
 from api.models.inuse import InUse, in_use_info
 from api.models.job import DownloadJob
-from api.models.revisions import UpdateChecker
+from api.models.revisions import HubCalls, UpdateChecker
 from api.models.threads import Threads
 from api.models.types import (
     COMMIT_PATTERN,
@@ -28,7 +28,9 @@ from api.models.types import (
     ModelStatus,
     ModelStatusResponse,
     SelectionInfo,
+    UpdateBudget,
     UpdateInfo,
+    UpdatesResponse,
     revision_problem,
 )
 
@@ -52,6 +54,7 @@ class Views:
         in_use: InUse,
         plan_timeout: float,
         uses: Uses,
+        update_calls_per_minute: int,
     ) -> None:
         self._uses = uses
         self._backend = backend
@@ -66,6 +69,7 @@ class Views:
             concurrency=UPDATE_CHECK_CONCURRENCY,
             timeout=plan_timeout,
             ttl=UPDATE_CHECK_TTL_SECONDS,
+            budget=HubCalls(update_calls_per_minute),
         )
 
     async def exists(self, model: Model) -> bool:
@@ -169,9 +173,10 @@ class Views:
             cache_size_bytes=used, available_bytes=free, cache_path=self._backend.cache_path
         )
 
-    async def updates(self, refresh: bool = False) -> list[UpdateInfo]:
+    async def updates(self, refresh: bool = False, wait: float | None = None) -> UpdatesResponse:
         """For every branch (or tag) cached, whether it points at another commit on the Hub now,
-        and what an update would fetch; a check that fails says why in ``error``."""
+        and what an update would fetch; a check that fails says why in ``error``. Checks still
+        running after ``wait`` seconds answer with their last result, ``pending``."""
         cached = await self._threads.walk(self._backend.list_cached)
         refs = sorted(
             {
@@ -182,8 +187,9 @@ class Views:
                 if revision_problem(ref) is None and not COMMIT_PATTERN.fullmatch(ref)
             }
         )
-        checks = await self.update_checks.check_all(refs, refresh)
-        return [
+        checks = await self.update_checks.check_all(refs, refresh, wait)
+        budget = self.update_checks.budget
+        models = [
             UpdateInfo(
                 model=Model.model_construct(
                     hf_repo=check.repo_id, hf_commit=None if check.ref == "main" else check.ref
@@ -195,9 +201,19 @@ class Views:
                 bytes_to_download=check.bytes_to_download,
                 error=check.error,
                 checked_at=check.checked_at,
+                pending=check.pending,
             )
             for check in checks
         ]
+        return UpdatesResponse(
+            models=models,
+            budget=UpdateBudget(
+                calls_per_minute=budget.per_minute,
+                calls_last_minute=budget.used(),
+                paused_until=budget.paused_until(),
+                pending=self.update_checks.pending(),
+            ),
+        )
 
     async def _plan_of_ref(self, repo_id: str, ref: str) -> DownloadPlan:
         """The file list of what ``ref`` points at on the Hub, for the selection its cached

@@ -809,16 +809,40 @@ async function startUpdate(update) {
 }
 
 async function checkUpdates() {
+  // The service checks within a budget of Hub calls: what it has not checked yet comes back
+  // "pending", and each next ask (which waits up to 10 s for more) brings more answers.
   const button = $("check-updates");
   button.disabled = true;
   try {
-    const answer = await api("GET", "/api/models/updates?refresh=true");
-    state.updates = new Map(answer.models.map((u) => [`${u.model.hf_repo}@${u.ref}`, u]));
-    const moved = answer.models.filter((u) => u.update_available).length;
-    const failed = answer.models.filter((u) => u.error);
-    for (const u of failed) problem(`${u.model.hf_repo} (${u.ref}): the update check failed: ${u.error}`);
-    alertUser(moved ? `${moved} update(s) available` : "Every branch is up to date", "info");
-    renderModels();
+    let answer = await api("GET", "/api/models/updates?refresh=true&wait=5");
+    const reported = new Set();
+    let progress = null; // one box, its words updated as answers come
+    const say = (text) => {
+      if (progress && progress.isConnected) progress.querySelector("span").textContent = text;
+      else { alertUser(text, "info"); progress = $("alerts").lastElementChild; }
+    };
+    for (;;) {
+      state.updates = new Map(answer.models.map((u) => [`${u.model.hf_repo}@${u.ref}`, u]));
+      for (const u of answer.models.filter((x) => x.error && !x.pending)) {
+        const key = `${u.model.hf_repo}@${u.ref}`;
+        if (!reported.has(key)) problem(`${u.model.hf_repo} (${u.ref}): the update check failed: ${u.error}`);
+        reported.add(key);
+      }
+      renderModels();
+      const moved = answer.models.filter((u) => u.update_available).length;
+      const pending = answer.models.filter((u) => u.pending).length;
+      if (!pending) {
+        if (progress) progress.remove();
+        alertUser(moved ? `${moved} update(s) available` : "Every branch is up to date", "info");
+        break;
+      }
+      const paused = answer.budget && answer.budget.paused_until;
+      say(
+        `${moved} update(s) available so far; ${pending} of ${answer.models.length} still being checked` +
+          (paused ? ` (the Hub asked to wait: on at ${new Date(paused * 1000).toLocaleTimeString()})` : ""),
+      );
+      answer = await api("GET", "/api/models/updates?wait=10");
+    }
   } catch (error) {
     alertUser(`Check for updates: ${error.message}`);
   } finally {

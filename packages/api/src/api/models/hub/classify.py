@@ -4,8 +4,10 @@ message safe for a client (no URL, no path, no token)."""
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import errno
 import re
+import time
 
 import httpx2
 from huggingface_hub.errors import (
@@ -70,6 +72,8 @@ def classify_error(
         )
     if isinstance(error, HfHubHTTPError):
         status = error.response.status_code if error.response is not None else 0
+        if status == 429:
+            return FailureKind.RATE_LIMITED, True, "the Hub answered HTTP 429 (too many requests)"
         if status in RETRYABLE_STATUS:
             return FailureKind.NETWORK, True, f"the Hub answered HTTP {status}"
         if status in (401, 403):
@@ -178,9 +182,20 @@ def retry_after_seconds(error: BaseException) -> float | None:
     while error is not None:
         if isinstance(error, HfHubHTTPError) and error.response is not None:
             if error.response.status_code in (429, 503):
-                value = error.response.headers.get("Retry-After")
-                with contextlib.suppress(TypeError, ValueError):
-                    return max(0.0, float(value)) if value is not None else None
+                return _seconds_of(error.response.headers.get("Retry-After"))
             return None
         error = error.__cause__  # type: ignore[assignment]
+    return None
+
+
+def _seconds_of(value: str | None) -> float | None:
+    """A ``Retry-After`` value in seconds from now: delay-seconds or an HTTP-date (RFC 9110)."""
+    if value is None:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(0.0, float(value))
+    with contextlib.suppress(TypeError, ValueError, IndexError):
+        when = email.utils.parsedate_to_datetime(value)
+        if when.tzinfo is not None:
+            return max(0.0, when.timestamp() - time.time())
     return None
