@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from huggingface_hub import snapshot_download
 
 from api.models.backend import CacheState
@@ -37,13 +38,20 @@ def states(cache: ModelCache) -> dict[str, tuple[str | None, str, tuple[str, ...
     return {r.repo_id: (r.commit, r.state.value, r.refs) for r in cache.list_cached()}
 
 
+@pytest.fixture(params=[True, False], ids=["watched", "stamps"])
+def watch(request: pytest.FixtureRequest) -> bool:
+    """With the kernel's events (inotify), and without (each folder's stamps compared)."""
+    watched: bool = request.param
+    return watched
+
+
 def test_a_list_walks_only_what_changed_and_sees_every_change_of_another_process(
-    tmp_path: Path, hub: FakeHub, repos: RepoBuilder
+    tmp_path: Path, hub: FakeHub, repos: RepoBuilder, watch: bool
 ) -> None:
     root = tmp_path / "cache"
     for i in range(4):
         make_revision(root, f"org/m{i}", C(i + 1), {"config.json": b"{}", "w.bin": b"w%d" % i})
-    cache = ModelCache(root)
+    cache = ModelCache(root, watch=watch)
     settled(root)
     assert states(cache) == {f"org/m{i}": (C(i + 1), "complete", ("main",)) for i in range(4)}
     assert cache.index.walks == 4
@@ -87,14 +95,16 @@ with ModelCache(Path(sys.argv[1])).hold_revision(sys.argv[2], sys.argv[3]):
 """
 
 
-def test_a_download_another_process_holds_is_seen_and_so_is_its_death(tmp_path: Path) -> None:
+def test_a_download_another_process_holds_is_seen_and_so_is_its_death(
+    tmp_path: Path, watch: bool
+) -> None:
     """A worker's lock shows in no folder's time: the service's workers touch the model's locks
     folder when they take it, and a BUSY walk is never kept, so a worker killed with -9 (its lock
     let go by the kernel, nothing touched) is seen gone at the next list."""
     root = tmp_path / "cache"
     make_revision(root, "org/m", C(1), {"config.json": b"{}"})
     make_revision(root, "org/other", C(2), {"config.json": b"{}"})
-    cache = ModelCache(root)
+    cache = ModelCache(root, watch=watch)
     with cache.hold_revision("org/m", C(1)):  # its lock file is there, as after any download
         pass
     settled(root)
@@ -118,3 +128,57 @@ def test_a_download_another_process_holds_is_seen_and_so_is_its_death(tmp_path: 
     settled(root)
     states(cache)
     assert cache.index.walks == walks + 1  # org/m, touched by the holder; org/other kept
+
+
+def test_with_the_kernels_events_a_list_looks_at_no_folder_that_did_not_change(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "cache"
+    for i in range(50):
+        make_revision(root, f"org/m{i}", C(i + 1), {"config.json": b"{}", "w.bin": b"w%d" % i})
+    cache = ModelCache(root)
+    settled(root)
+    before = states(cache)
+    assert cache.index.watching  # ext4 or tmpfs here: inotify is trusted
+    walks, stamped = cache.index.walks, cache.index.stamped
+    assert states(cache) == before
+    assert (cache.index.walks, cache.index.stamped) == (walks, stamped)  # not one lstat
+    # refs/main rewritten in place (as the library writes it) to a commit cached beside it;
+    # a snapshot's file removed; a record's folder touched (a worker takes the model).
+    make_revision(root, "org/m7", C(100), {"config.json": b"{}"}, ref=None)
+    (root / "models--org--m7" / "refs" / "main").write_text(C(100))
+    (root / "models--org--m9" / "snapshots" / C(10) / "w.bin").unlink()
+    listed = {(r.repo_id, r.commit): (r.state, r.refs) for r in cache.list_cached()}
+    assert listed[("org/m7", C(100))] == (CacheState.COMPLETE, ("main",))
+    assert listed[("org/m7", C(8))] == (CacheState.COMPLETE, ())
+    assert listed[("org/m9", C(10))][0] is CacheState.PARTIAL
+    assert cache.index.walks == walks + 2
+    assert cache.index.stamped == stamped
+
+
+def test_events_the_kernel_could_not_keep_make_every_folder_checked_again(tmp_path: Path) -> None:
+    """A full event queue (``IN_Q_OVERFLOW``): what was kept is checked against its stamps, so a
+    change whose event was lost is still seen."""
+    root = tmp_path / "cache"
+    for i in range(5):
+        make_revision(root, f"org/m{i}", C(i + 1), {"config.json": b"{}", "w.bin": b"w%d" % i})
+    cache = ModelCache(root)
+    settled(root)
+    states(cache)
+    assert cache.index.watching
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    noise = root / "models--org--m0" / "snapshots" / C(1)  # a folder watched
+    for i in range(limit // 2 + 100):  # a create and a close each: more than the queue holds
+        (noise / f"noise-{i}").touch()
+    (root / "models--org--m3" / "snapshots" / C(4) / "w.bin").unlink()
+    stamped, walks = cache.index.stamped, cache.index.walks
+    listed = {r.repo_id: r.state for r in cache.list_cached()}
+    assert listed["org/m3"] is CacheState.PARTIAL
+    assert cache.index.stamped == stamped + 5  # every folder kept was checked
+    assert cache.index.walks == walks + 2  # m0 and m3 differed: walked again
+    stamped, walks = cache.index.stamped, cache.index.walks
+    settled(root)
+    states(cache)
+    states(cache)
+    assert cache.index.stamped == stamped  # then events are trusted again
+    assert cache.index.walks <= walks + 2  # m0 and m3, walked within the racy margin before

@@ -235,7 +235,7 @@ class ModelManager:
 
     async def listing(self, query: ListQuery | None = None) -> ModelListResponse:
         """The list, or the page of it ``query`` asks for (``paging``)."""
-        return select(await self.list_models(), query)
+        return await self.parts.threads.walk(select, await self.list_models(), query)
 
     async def updates(self, refresh: bool = False, wait: float | None = None) -> UpdatesResponse:
         return await self._views.updates(refresh, wait)

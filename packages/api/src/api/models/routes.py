@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
@@ -240,6 +243,8 @@ _NO_KEY: dict[int | str, dict[str, Any]] = {
         "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
     }
 }
+_SERIALIZER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serialize")
+
 router = APIRouter(
     prefix="/models",
     tags=["Models"],
@@ -690,7 +695,7 @@ async def list_models(
             " first, never used last)"
         ),
     ] = ListSort.NAME,
-) -> ModelListResponse:
+) -> Response:
     """Every model revision in the cache (`DOWNLOADED` or `PARTIAL`) and every running download.
 
     Response: `{"models": [{"model": {"hf_repo": "meta-llama/Llama-2-7b-hf", "hf_commit":
@@ -709,7 +714,13 @@ async def list_models(
         status=frozenset(status) if status else None,
         sort=sort,
     )
-    return await service.listing(query)
+    answer = await service.listing(query)
+    # Serialized off the event loop (10,000 entries are 3 MB of JSON), one at a time: each thread
+    # more that holds the GIL delays the loop's turn (a status never waits behind lists).
+    body = await asyncio.get_running_loop().run_in_executor(
+        _SERIALIZER, partial(answer.model_dump_json, by_alias=True)
+    )
+    return Response(body, media_type="application/json")
 
 
 @router.get("/space", dependencies=Reads, response_model=DiskSpaceInfo)

@@ -28,7 +28,8 @@ _T = TypeVar("_T")
 CACHE_THREADS = 4  # threads reading the cache for status, space and delete (tuning)
 # Threads for what walks the whole cache (list, prune, the budget's usage, updates): at 10,000
 # models a walk takes seconds; on a pool of their own, a status never waits behind one.
-WALK_THREADS = 2
+# One: a second thread of Python work holding the GIL delays the event loop (status) further.
+WALK_THREADS = 1
 
 
 class Threads:

@@ -103,13 +103,14 @@ class ModelCache:
     """One cache folder: where each model lives, and its state. ``default``: the selection of a
     revision no download of the service recorded one for (``MODELS_DEFAULT_FILES``)."""
 
-    def __init__(self, root: Path, default: FileSelection = EVERYTHING) -> None:
+    def __init__(self, root: Path, default: FileSelection = EVERYTHING, watch: bool = True) -> None:
         self.root = root
         self.default = default
         self.records = RevisionRecords(self.locks_of)
         self._anchor: Folder | None = None
         self._anchor_lock = threading.Lock()
-        self.index = CacheIndex(root)  # the last walk of each model folder, while unchanged
+        # The last walk of each model folder, while unchanged (``watch``: told by the kernel).
+        self.index = CacheIndex(root, watch=watch)
 
     def folder(self, repo_id: str) -> Path:
         return self.root / repo_folder_name(repo_id)
@@ -487,6 +488,7 @@ class ModelCache:
         out: list[CachedRevision] = []
         if not self.root.is_dir():
             return out
+        self.index.begin()
         with os.scandir(self.root) as scan:
             entries = sorted(scan, key=lambda e: e.name)
         present: set[str] = set()

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api.models.backend import CachedRevision, CacheState
+from api.models.hub.watch import Watch
 
 RACY_SECONDS = 2.0
 
@@ -47,6 +48,7 @@ class _Entry:
     paths: tuple[str, ...]
     stamp: Stamp
     revisions: tuple[CachedRevision, ...]
+    watched: bool  # every folder of ``paths`` is watched (``Watch``): no stamp to compare
 
 
 def _stamps(paths: Iterable[str]) -> Stamp:
@@ -88,13 +90,42 @@ def _links_a_store(blobs: str) -> bool:
 
 
 class CacheIndex:
-    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, root: Path, clock: Callable[[], float] = time.time, watch: bool = True
+    ) -> None:
         self._root = str(root)
         self._locks = os.path.join(self._root, ".locks")
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[str, _Entry] = {}
+        self._want_watch = watch  # opened at the first list (a worker's cache never lists)
+        self._watch: Watch | None = None
+        self._changed: set[str] = set()  # folders the kernel said changed, not walked since
+        self._verify: set[str] = set()  # folders whose stamps must be compared (events lost)
         self.walks = 0  # folders walked (for the tests and the benchmark)
+        self.stamped = 0  # entries whose stamps were compared (without a watch, every entry)
+
+    @property
+    def watching(self) -> bool:
+        return self._watch is not None
+
+    def begin(self) -> None:
+        """Take what the kernel reported since the last call (a list calls this first)."""
+        if self._want_watch:
+            with self._lock:
+                if self._want_watch:
+                    self._want_watch = False
+                    self._watch = Watch.open(Path(self._root))
+        if self._watch is None:
+            return
+        started = self._watch.add_by_name(self._locks)
+        changed = self._watch.changed()
+        with self._lock:
+            if changed is None or started or (started is None and os.path.lexists(self._locks)):
+                # Events were lost (a full queue), or the records' folder was not watched: what
+                # is kept is checked against its stamps once more.
+                self._verify |= self._entries.keys()
+            self._changed |= changed or set()
 
     def revisions(
         self, folder: str, walk: Callable[[], list[CachedRevision]]
@@ -104,27 +135,63 @@ class CacheIndex:
         caller's, and the entry is dropped)."""
         with self._lock:
             entry = self._entries.get(folder)
-        if entry is not None and _stamps(entry.paths) == entry.stamp:
-            return list(entry.revisions)
+            changed = folder in self._changed
+            verify = folder in self._verify
+        if entry is not None and not changed:
+            if entry.watched and not verify:
+                return list(entry.revisions)  # the kernel reported no change
+            self.stamped += 1
+            if _stamps(entry.paths) == entry.stamp:
+                with self._lock:
+                    self._verify.discard(folder)
+                return list(entry.revisions)
         started = self._clock()
-        paths = self._paths(folder)
-        stamp = _stamps(paths)  # before the walk: a change during it makes the next one differ
         with self._lock:
             self._entries.pop(folder, None)
+            self._changed.discard(folder)
+            self._verify.discard(folder)
+        # Watched before the walk (and the stamps): a change after it is reported, one before
+        # it is in what the walk reads.
+        watched = self._watch is not None and self._watch_fixed(folder)
+        paths = self._paths(folder)
+        if self._watch is not None:
+            watched = watched and all(self._watch.add(folder, p) for p in paths[5:])
+        stamp = _stamps(paths)  # before the walk: a change during it makes the next one differ
         self.walks += 1
         revisions = walk()
         if self._keeps(stamp, started, revisions) and not _links_a_store(
             os.path.join(self._root, folder, "blobs")
         ):
             with self._lock:
-                self._entries[folder] = _Entry(paths, stamp, tuple(revisions))
+                self._entries[folder] = _Entry(paths, stamp, tuple(revisions), watched)
         return revisions
+
+    def _watch_fixed(self, folder: str) -> bool:
+        """Watch the model's folder and the folders every model has (``refs/``, ``snapshots/``,
+        ``blobs/``, ``trees/``, its records' folder): whether all are watched (or absent)."""
+        assert self._watch is not None
+        self._watch.forget(folder)
+        base = os.path.join(self._root, folder)
+        return all(
+            self._watch.add(folder, p)
+            for p in (
+                base,
+                *(os.path.join(base, n) for n in ("refs", "snapshots", "blobs", "trees")),
+                os.path.join(self._locks, folder),
+            )
+        )
 
     def keep_only(self, folders: set[str]) -> None:
         """Forget the folders that are not in the cache any more."""
         with self._lock:
-            for gone in self._entries.keys() - folders:
-                del self._entries[gone]
+            gone = self._entries.keys() - folders
+            for name in gone:
+                del self._entries[name]
+            self._changed -= gone
+            self._verify -= gone
+        if self._watch is not None:
+            for name in gone:
+                self._watch.forget(name)
 
     def _paths(self, folder: str) -> tuple[str, ...]:
         """What a walk of the model depends on."""
