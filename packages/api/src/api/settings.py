@@ -162,6 +162,13 @@ class Settings(BaseSettings):
         " node; a node that has not answered by then is reported unreachable, with the reason,"
         " and the answer comes without it",
     )
+    peer_uplink_bytes_per_second: int = Field(
+        default=0,
+        ge=0,
+        description="in a fleet, the most each node sends to the other nodes' copies, all of"
+        " them together (bytes per second); 0: no cap. Set it when the cluster's network also"
+        " carries vLLM's traffic",
+    )
     log_level: str = Field(
         default="INFO", pattern=r"^(?i:debug|info|warning|error|critical)$", description="log level"
     )

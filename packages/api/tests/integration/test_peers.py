@@ -24,7 +24,16 @@ from api.models.manager import ModelManager, compose
 from api.models.types import DownloadEvent, Model, ModelStatus, ModelStatusResponse
 from api.settings import Settings
 from conftest import TOKEN
-from fakehub import FakeHub, Fault, Generated, RepoBuilder, corrupt, drop_after, http_error
+from fakehub import (
+    FakeHub,
+    Fault,
+    FaultKind,
+    Generated,
+    RepoBuilder,
+    corrupt,
+    drop_after,
+    http_error,
+)
 from tests.helpers import MB, ranged
 
 SECRET = "fleet-secret-0123456789"
@@ -153,8 +162,10 @@ async def test_a_peer_that_fails_hands_over_to_the_hub(
         assert 0 < copies(hub) < SIZE
         assert copies(hub) + (status.progress.from_peers_bytes or 0) == content
     else:
-        assert copies(hub) == SIZE  # w.bin, whole; config.json came from the peer
-        assert from_peer >= 2
+        # w.bin, whole, and config.json: the large file is asked first (in the order its source
+        # fetches), and a peer that failed once is not asked again.
+        assert copies(hub) == content
+        assert from_peer == (SIZE if fault.kind is FaultKind.CORRUPT else 0)
 
 
 async def test_a_peer_that_does_not_answer_costs_one_try(
@@ -193,6 +204,26 @@ async def test_the_peer_server_serves_its_fleet_only_and_only_complete_blobs(
             blob = os.path.basename(os.readlink(snapshot / "w.bin"))
             assert part.headers["etag"] == f'"{blob}"'
             assert part.content == (snapshot / "w.bin").read_bytes()[10:20]
+            head = await client.head(
+                f"{base}/{commit}/w.bin", headers={**auth, "Range": f"bytes={SIZE - 5}-"}
+            )
+            assert (head.status_code, head.headers["content-length"]) == (206, "5")
+            assert head.content == b""
+            beyond = {**auth, "Range": f"bytes={SIZE}-"}
+            assert (await client.get(f"{base}/{commit}/w.bin", headers=beyond)).status_code == 416
+            # By the ETag the asker names (before the snapshot links it): the blob itself; an
+            # ETag that is not one, or that names nothing here, is a 404 (this node fetches
+            # nothing: nothing is waited for).
+            by_etag = await client.get(
+                f"{base}/{commit}/w.bin",
+                headers={**auth, "X-Blob-Etag": blob, "Range": "bytes=0-3"},
+            )
+            assert by_etag.content == (snapshot / "w.bin").read_bytes()[:4]
+            for etag in ("../x", "0" * 64):
+                answer = await client.get(
+                    f"{base}/{commit}/other.bin", headers={**auth, "X-Blob-Etag": etag}
+                )
+                assert answer.status_code == 404, etag
             # By commit only; nothing outside the snapshot's links to blobs.
             outside = tmp_path / "secret.txt"
             outside.write_text("not for the fleet")
@@ -211,3 +242,87 @@ async def test_the_peer_server_serves_its_fleet_only_and_only_complete_blobs(
             ).status_code == 404
     finally:
         await server.stop()
+
+
+async def test_a_node_copies_from_a_peer_still_receiving_and_the_hub_sends_each_byte_once(
+    settings: Settings,
+    tmp_path: Path,
+    hub: FakeHub,
+    commit: str,
+    manager_of: list[ModelManager],
+) -> None:
+    """The pipeline of a rollout: the second node starts while the first is still fetching from
+    the Hub (its uplink capped), and copies from the first's partial blob as it grows."""
+    hub.uplink = 4 * MB  # about two seconds for w.bin
+    first = node(settings, tmp_path, "first")
+    seed = compose(first, HubCacheBackend(first))
+    manager_of.append(seed)
+    await seed.start()
+    server = PeerServer(
+        ModelCache(first.cache_dir),
+        SECRET,
+        "127.0.0.1",
+        fetching=lambda repo: any(s.model.hf_repo == repo for s in seed.active_downloads()),
+    )
+    await server.start()
+    try:
+        await seed.add_model(MODEL, None)
+        blobs = first.cache_dir / "models--org--model" / "blobs"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not any(blobs.glob("*.ranged.incomplete")):
+            assert loop.time() < deadline, "the first node never began w.bin"
+            await asyncio.sleep(0.02)
+        status = await download(
+            manager_of, node(settings, tmp_path, "second"), (Peer(server.url, SECRET),)
+        )
+        while (await seed.get_model_status(MODEL)).status is ModelStatus.DOWNLOADING:
+            assert loop.time() < deadline + 60
+            await asyncio.sleep(0.05)
+    finally:
+        await server.stop()
+    assert status.status is ModelStatus.DOWNLOADED, status.error_message
+    assert (await seed.get_model_status(MODEL)).status is ModelStatus.DOWNLOADED
+    assert status.progress is not None
+    assert status.progress.from_peers_bytes == SIZE + 2
+    # The first node's copy was the only one the Hub sent.
+    assert copies(hub) == SIZE + 2
+    assert hub.count("GET", "*/resolve/*/w.bin") >= 1
+
+
+async def test_the_parts_spread_over_the_peers_of_a_tier_then_the_next_tier(
+    settings: Settings,
+    tmp_path: Path,
+    hub: FakeHub,
+    repos: RepoBuilder,
+    commit: str,
+    manager_of: list[ModelManager],
+) -> None:
+    # Two peers of the first tier serve a part each in turn; a third, of the second tier, is not
+    # asked while they serve.
+    with (
+        FakeHub(repos.root, tokens={SECRET}) as one,
+        FakeHub(repos.root, tokens={SECRET}) as two,
+        FakeHub(repos.root, tokens={SECRET}) as spare,
+    ):
+        peers = (Peer(one.url, SECRET), Peer(two.url, SECRET), Peer(spare.url, SECRET, tier=1))
+        status = await download(manager_of, node(settings, tmp_path, "second"), peers)
+        served = [p.served("*/resolve/*/w.bin") for p in (one, two, spare)]
+    assert status.status is ModelStatus.DOWNLOADED, status.error_message
+    assert served == [SIZE // 2, SIZE // 2, 0]  # eight parts of 1 MiB, in turn
+    assert copies(hub) == 0
+    # The first tier fails (one of its peers does not have the file): the next tier completes
+    # it (from what the first wrote, if anything); the Hub sends nothing.
+    with (
+        FakeHub(repos.root, tokens={SECRET}) as one,
+        FakeHub(repos.root, tokens={SECRET}) as two,
+        FakeHub(repos.root, tokens={SECRET}) as spare,
+    ):
+        two.add_fault(http_error(404, path="*/w.bin"))
+        peers = (Peer(one.url, SECRET), Peer(two.url, SECRET), Peer(spare.url, SECRET, tier=1))
+        status = await download(manager_of, node(settings, tmp_path, "third"), peers)
+        served = [p.served("*/resolve/*/w.bin") for p in (one, two, spare)]
+    assert status.status is ModelStatus.DOWNLOADED, status.error_message
+    assert served[1] == 0
+    assert served[2] > 0
+    assert copies(hub) == 0

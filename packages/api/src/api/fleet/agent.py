@@ -8,9 +8,9 @@ settings less the node's own (the cache folder, from the node's environment or i
 which pickles intact), so that the service answers with that error's status and words, and a
 refusal costs no traceback.
 
-Each agent also serves its node's complete blobs to the other nodes (``PeerServer``, on the node's
-address in the cluster, answering only the fleet's secret), so that a model crosses the uplink
-once per fleet.
+Each agent also serves its node's blobs, complete or still arriving, to the other nodes
+(``PeerServer``, on the node's address in the cluster, answering only the fleet's secret), so that
+a model crosses the uplink once per fleet and a rollout is a pipeline.
 """
 
 from __future__ import annotations
@@ -115,9 +115,23 @@ class NodeAgent:
             os.environ["HF_HUB_CACHE"] = cache_dir
         self.settings = Settings(**values)
         self.manager: ModelManager | None = None
-        self.peers = PeerServer(ModelCache(self.settings.cache_dir), peer_token, host)
+        self.peers = PeerServer(
+            ModelCache(self.settings.cache_dir),
+            peer_token,
+            host,
+            self.settings.peer_uplink_bytes_per_second or None,
+            self._fetching,
+        )
         # What each download fetched, from the Hub and from peers (its last event's figures).
         self.fetched: dict[str, tuple[int, int]] = {}
+
+    def _fetching(self, repo_id: str) -> bool:
+        """Whether this node downloads (or is about to download) something of ``repo_id``: its
+        blob server then waits for a blob another node asks for that is not here yet."""
+        manager = self.manager
+        return manager is not None and any(
+            s.model.hf_repo == repo_id for s in manager.active_downloads()
+        )
 
     async def start(self, bandwidth: int | None = None) -> dict[str, str]:
         """Start the manager (it resumes what this node's job store kept) with the fleet's

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from api import logfmt
 from api.fleet.agent import NodeAgent, NodeModelStatus, Refusal
+from api.fleet.rollout import Sources
+from api.fleet.rollout import plan as plan_rollout
 from api.models.backend import Peer
 from api.models.downloads import NO_SUCH_THING
 from api.models.errors import (
-    DownloadConflict,
     FleetUnavailable,
     HubAnswer,
     ModelNotFound,
@@ -85,7 +86,6 @@ NAMESPACE = "model-service"
 CACHE_LABEL = "models-cache"  # a node's own cache folder, as a Ray node label
 WATCH_SECONDS = 5.0
 CALL_TIMEOUT = 60.0
-FOLLOW_SECONDS = 0.5  # how often a rollout reads the status of the node it waits for
 EVENTS_WAIT = 10.0  # each call for a node's events waits this long for one
 # Settings that are each node's own (from its environment or its label), not the service's.
 _NODE_OWN = {"cache_dir", "state_dir", "api_key", "read_api_key", "ray_address"}
@@ -103,15 +103,13 @@ class _Agent:
 
 @dataclass
 class _Rollout:
-    """One download to several nodes, the Hub paid once: the first node (``seed``) fetches from
-    the Hub; the others wait (``waiting``), then copy from the nodes that have it."""
+    """One download to several nodes, the Hub paid once: every node starts at once, the roots
+    (the nodes that have it, or the one that fetches it from the Hub) serving the others along
+    two trees (``api.fleet.rollout``), each node passing on what it receives."""
 
     request: ModelRequest
     targets: list[str]
-    waiting: list[str] = field(default_factory=list)
-    seed: str | None = None
     refused: dict[str, str] = field(default_factory=dict)  # node -> why it did not start
-    task: asyncio.Task[None] | None = None
 
 
 class NodeFailed(Exception):
@@ -270,8 +268,6 @@ class Fleet:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
-        for rollout in self._rollouts.values():
-            await _cancel(rollout)
         for pump in self._pumps.values():
             pump.cancel()
         await asyncio.gather(*self._pumps.values(), return_exceptions=True)
@@ -350,12 +346,11 @@ class Fleet:
         """Download on every targeted node, each checking its own space first: when one lacks it,
         nothing starts anywhere (507 naming those nodes). The Hub is paid once: nodes that
         already have the revision serve it to the others; when none has it, one node fetches it
-        from the Hub and the others copy it from that node once it is complete."""
+        from the Hub. Every other node starts at once, copying from its parents in the rollout's
+        trees (``api.fleet.rollout``) while they still receive it."""
         targets = self._targets_of(request.nodes)
         asked = _on_a_node(request)
         task_id = request.as_model().task_id
-        if (running := self._rollouts.get(task_id)) is not None and running.waiting:
-            raise DownloadConflict(task_id)
         plans = await self._fan_out(
             targets, lambda a: self._call(a, self._read, NodeAgent.plan, asked)
         )
@@ -369,8 +364,7 @@ class Fleet:
             ):
                 raise answer.error  # a typo: the Hub has no such repo or revision (404)
         # A Hub that gives no file list (not found, gated, slow) is no reason to refuse here: as
-        # on one machine, the download starts and its status says why it failed (on the first
-        # node only: the others wait for it, and say why they did not start).
+        # on one machine, the download starts and each node's status says why it failed.
         lacking = [
             (agent.node_id, plan.missing_bytes, plan.available_bytes)
             for agent, plan in zip(targets, plans, strict=True)
@@ -395,18 +389,23 @@ class Fleet:
                 nodes=[a.node_id for a in answering],
             )
         rollout = _Rollout(asked, [a.node_id for a in answering])
+        started: list[_Agent] = []
         refusals: list[BaseException] = []
-        if holders:
-            started, refusals = await self._start(rollout, todo, holders)
-        else:
-            # The first node that starts fetches from the Hub; the others wait for its copy.
-            started = []
+        roots = [n for n in holders if n in self.agents and self.agents[n].peer_url]
+        if not roots:
+            # The first node that starts fetches from the Hub (the seed), the others from it.
             for index, agent in enumerate(todo):
-                seed, refused = await self._start(rollout, [agent], [])
+                seed, refused = await self._start(rollout, [agent], {})
                 refusals += refused
                 if seed:
-                    started, rollout.waiting = seed, [a.node_id for a in todo[index + 1 :]]
+                    started, roots, todo = seed, [agent.node_id], todo[index + 1 :]
                     break
+        if roots and todo:
+            copies, refused = await self._start(
+                rollout, todo, plan_rollout(roots, [a.node_id for a in todo])
+            )
+            started += copies
+            refusals += refused
         if not started:
             # Every node refused: the first refusal as it was said (a 409, a 422, a 429), or,
             # when none answered, 503.
@@ -414,12 +413,6 @@ class Fleet:
             if isinstance(refusal, OnNode):
                 raise refusal
             raise FleetUnavailable(str(refusal or "no node answered"))
-        if rollout.waiting:
-            rollout.seed = started[0].node_id
-            rollout.task = asyncio.create_task(self._follow(rollout), name=f"rollout {task_id}")
-        previous = self._rollouts.get(task_id)
-        if previous is not None:
-            await _cancel(previous)
         self._rollouts[task_id] = rollout
         return DownloadStartedResponse(
             task_id=task_id, status=ModelStatus.DOWNLOADING, nodes=rollout.targets
@@ -438,25 +431,26 @@ class Fleet:
             and answer.status.status is ModelStatus.DOWNLOADED
         ]
 
-    def _peers_for(self, agent: _Agent, holders: list[str], index: int) -> tuple[Peer, ...]:
-        """The holders' blob servers, in an order that spreads the copies over them."""
-        urls = [
-            self.agents[n].peer_url
-            for n in holders
-            if n in self.agents and n != agent.node_id and self.agents[n].peer_url
-        ]
-        if urls:
-            turn = index % len(urls)
-            urls = urls[turn:] + urls[:turn]
-        return tuple(Peer(url, self._peer_token) for url in urls)
+    def _peers_of(self, sources: Sources) -> tuple[Peer, ...]:
+        """The blob servers of a node's parents (tier 0, the parts spread over them), then of
+        the roots (tier 1)."""
+        return tuple(
+            Peer(self.agents[n].peer_url, self._peer_token, tier)
+            for tier, nodes in enumerate((sources.parents, sources.roots))
+            for n in nodes
+            if n in self.agents and self.agents[n].peer_url
+        )
 
     async def _start(
-        self, rollout: _Rollout, agents: list[_Agent], holders: list[str]
+        self, rollout: _Rollout, agents: list[_Agent], planned: dict[str, Sources]
     ) -> tuple[list[_Agent], list[BaseException]]:
-        """Start the download on ``agents`` (copying from ``holders``); those that started, and
-        the others' refusals. A node that refuses (a download already running there, no slot)
-        says why in its status."""
-        peers = {a.node_id: self._peers_for(a, holders, i) for i, a in enumerate(agents)}
+        """Start the download on ``agents`` (each copying from its ``planned`` sources, the Hub
+        when it has none); those that started, and the others' refusals. A node that refuses (a
+        download already running there, no slot) says why in its status."""
+        peers = {
+            a.node_id: self._peers_of(planned[a.node_id]) if a.node_id in planned else ()
+            for a in agents
+        }
         answers = await self._fan_out(
             agents,
             lambda a: self._call(
@@ -481,57 +475,11 @@ class Fleet:
                 started.append(agent)
         return started, refusals
 
-    async def _follow(self, rollout: _Rollout) -> None:
-        """Wait for the seed's copy, then start the waiting nodes from it. A seed that leaves or
-        fails hands over to the next waiting node (from the Hub again, resuming nothing of the
-        other's); a failure of the Hub's is every node's: the waiting ones say so."""
-        while rollout.waiting and rollout.seed is not None:
-            await asyncio.sleep(FOLLOW_SECONDS)
-            seed = self.agents[rollout.seed]
-            try:
-                answer = await self._call(seed, self._read, NodeAgent.status, rollout.request)
-            except (NodeFailed, OnNode) as failure:
-                logfmt.log(
-                    logger, logging.WARNING, "seed_lost", node=seed.node_id[:12], reason=failure
-                )
-                await self._next_seed(rollout)
-                continue
-            status = answer.status.status
-            if status is ModelStatus.DOWNLOADING:
-                continue
-            if status is ModelStatus.DOWNLOADED:
-                # They stay "waiting" (DOWNLOADING in the status) until their own download runs:
-                # the fleet's status never says PARTIAL in between.
-                waiting = [self.agents[n] for n in rollout.waiting if n in self.agents]
-                holders = await self._holders(rollout.request)
-                await self._start(rollout, [a for a in waiting if not a.gone], holders)
-                rollout.waiting = []
-                return
-            why = answer.status.error_message or f"it is {status} there"
-            for node in rollout.waiting:
-                rollout.refused[node] = (
-                    f"not started: the first copy, on node {seed.node_id[:12]}, failed: {why}"
-                )
-            rollout.waiting = []
-
-    async def _next_seed(self, rollout: _Rollout) -> None:
-        while rollout.waiting:
-            node = rollout.waiting.pop(0)
-            agent = self.agents.get(node)
-            if (
-                agent is not None
-                and not agent.gone
-                and (await self._start(rollout, [agent], []))[0]
-            ):
-                rollout.seed = node
-                return
-        rollout.seed = None
-
     def _node_status(
         self, agent: _Agent, answer: NodeModelStatus, rollout: _Rollout | None
     ) -> NodeStatus:
-        """One node's answer for a model, with what the rollout knows of it: a node that waits
-        for the seed's copy is DOWNLOADING (from that node), one that refused says why."""
+        """One node's answer for a model, with what the rollout knows of it: a node that refused
+        to start says why."""
         status = answer.status
         node = NodeStatus(
             node_id=agent.node_id,
@@ -542,12 +490,12 @@ class Fleet:
             from_hub_bytes=answer.from_hub_bytes,
             from_peers_bytes=answer.from_peers_bytes,
         )
-        if rollout is not None and status.status is not ModelStatus.DOWNLOADED:
-            if agent.node_id in rollout.waiting and rollout.seed is not None:
-                node.status = ModelStatus.DOWNLOADING
-                node.waiting_for = rollout.seed
-            elif node.error_message is None:
-                node.error_message = rollout.refused.get(agent.node_id)
+        if (
+            rollout is not None
+            and status.status is not ModelStatus.DOWNLOADED
+            and node.error_message is None
+        ):
+            node.error_message = rollout.refused.get(agent.node_id)
         return node
 
     async def status(self, request: ModelRequest) -> ModelStatusResponse:
@@ -633,9 +581,7 @@ class Fleet:
 
     async def delete_model(self, model: Model, force: bool = False) -> DeleteResponse:
         """Cancel or delete on every alive node; 404 only when no node had anything of it."""
-        rollout = self._rollouts.pop(model.task_id, None)
-        if rollout is not None:
-            await _cancel(rollout)  # the nodes still waiting never start
+        self._rollouts.pop(model.task_id, None)
         agents = self._targets_of(None)
         answers = await self._fan_out(
             agents, lambda a: self._call(a, CALL_TIMEOUT, NodeAgent.delete_model, model, force)
@@ -940,8 +886,7 @@ class Fleet:
         )
 
     async def downloads(self) -> DownloadListResponse:
-        """Each download running or queued on a node once, with every node's status (the nodes
-        that wait for the first node's copy too)."""
+        """Each download running or queued on a node once, with every node's status."""
         agents = self._targets_of(None)
         answers = await self._fan_out(
             agents, lambda a: self._call(a, self._read, NodeAgent.downloads)
@@ -958,20 +903,6 @@ class Fleet:
                 _, nodes, statuses = by_task.setdefault(task_id, (status.model, [], []))
                 nodes.append(self._node_status(agent, NodeModelStatus(status, None, None), rollout))
                 statuses.append(status)
-        for task_id, (_, nodes, _) in by_task.items():
-            rollout = self._rollouts.get(task_id)
-            if rollout is None or rollout.seed is None:
-                continue
-            for node in rollout.waiting:
-                if node in self.agents and all(n.node_id != node for n in nodes):
-                    nodes.append(
-                        NodeStatus(
-                            node_id=node,
-                            address=self.agents[node].address,
-                            status=ModelStatus.DOWNLOADING,
-                            waiting_for=rollout.seed,
-                        )
-                    )
         return DownloadListResponse(
             downloads=[
                 _together(model, nodes, statuses) for model, nodes, statuses in by_task.values()
@@ -1118,14 +1049,6 @@ def _merged(
             merged[found].nodes = [*(merged[found].nodes or []), agent.node_id]
             join(merged[found], item)
     return list(merged.values()), unanswered
-
-
-async def _cancel(rollout: _Rollout) -> None:
-    rollout.waiting = []
-    if rollout.task is not None:
-        rollout.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await rollout.task
 
 
 def _together(

@@ -176,12 +176,15 @@ class RateShare:
 
 @dataclass(frozen=True)
 class Peer:
-    """Another node of a fleet that serves its cache's complete blobs over the Hub's ``resolve``
-    protocol (``api.fleet.peers``): ``url`` is its base, ``token`` the fleet's own secret for it
-    (never the Hub's token)."""
+    """Another node of a fleet that serves its cache's blobs, complete or still arriving, over
+    the Hub's ``resolve`` protocol (``models/hub/peers.py``): ``url`` is its base, ``token`` the
+    fleet's own secret for it (never the Hub's token)."""
 
     url: str
     token: str
+    # Peers are asked by tier, lowest first, the parts of a file spread over the peers of one
+    # tier at once; a failure hands over to the next tier (the Hub after the last).
+    tier: int = 0
 
 
 @dataclass(frozen=True)

@@ -418,8 +418,8 @@ class NodeStatus(BaseModel):
     )
     waiting_for: str | None = Field(
         default=None,
-        description="Not started yet: it copies the model from this node once that node has it"
-        " (the Hub is paid once per fleet)",
+        description="No longer set: every node of a rollout starts at once, copying from the"
+        " nodes that receive the model before it (kept so that clients that read it still work)",
     )
     from_hub_bytes: int | None = Field(
         default=None, description="Bytes its last download of the model fetched from the Hub"

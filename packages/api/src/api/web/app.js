@@ -303,7 +303,7 @@ function refreshSoon() {
   }, 150);
 }
 
-// In a fleet, a download's nodes by node id: {status, progress, waiting_for}, from /downloads and
+// In a fleet, a download's nodes by node id: {status, progress}, from /downloads and
 // then from each node's events.
 function withNodes(d) {
   if (d.nodes) d.byNode = new Map(d.nodes.map((n) => [n.node_id, n]));
@@ -626,9 +626,8 @@ function nodeBars(d) {
     { class: "node-bars" },
     ...rows.map((n) => {
       const p = n.progress || {};
-      const text = n.waiting_for
-        ? `waiting for node ${nodeName(n.waiting_for)}'s copy`
-        : n.status === "DOWNLOADING"
+      const text =
+        n.status === "DOWNLOADING"
           ? figuresOf(p)
           : `${n.status || "no answer"}${n.error_message ? `: ${n.error_message}` : ""}`;
       return el(
@@ -639,7 +638,7 @@ function nodeBars(d) {
         el("span", { class: "figures" }, text),
         el("progress", {
           max: p.total_bytes || 1,
-          value: p.total_bytes ? p.downloaded_bytes || 0 : n.waiting_for ? 0 : null,
+          value: p.total_bytes ? p.downloaded_bytes || 0 : null,
           "aria-label": `progress of ${d.model.hf_repo} on node ${nodeName(n.node_id)}`,
         }),
       );

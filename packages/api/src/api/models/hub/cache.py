@@ -400,16 +400,49 @@ class ModelCache:
                     return None
                 if blob_only and not GIT_OR_SHA256.fullmatch(blob[2]):
                     return None
-                with held(root.walk(folder, "blobs")) as blobs:
-                    if blobs is None:
-                        return None
-                    if blobs.readlink(blob[2]) is None:
-                        return blobs.open(blob[2])
-                    shared = _shared_hash(blobs, blob[2], folder, str(self.root))
-                if shared is None:
-                    return None
-                with held(root.walk("blobs", shared[:2])) as store:
-                    return store.open(shared) if store is not None else None
+                return self._open_blob(root, folder, blob[2])
+            except (LinkInTheWay, FileNotFoundError, NotADirectoryError):
+                return None
+
+    def open_blob(self, repo_id: str, etag: str) -> int | None:
+        """A descriptor (read-only) of the model's complete blob named ``etag`` (a git or sha256
+        id), through the library's link into the shared store when it is one; None when it is not
+        there. A fleet's peer serves a blob by the ETag its asker names, before the snapshot links
+        to it: a blob is only ever renamed into place complete, and the asker checks the bytes."""
+        if not GIT_OR_SHA256.fullmatch(etag):
+            return None
+        root = self.anchor()
+        if root is None:
+            return None
+        with root:
+            try:
+                return self._open_blob(root, repo_folder_name(repo_id), etag)
+            except (LinkInTheWay, FileNotFoundError, NotADirectoryError):
+                return None
+
+    def _open_blob(self, root: Folder, folder: str, name: str) -> int | None:
+        with held(root.walk(folder, "blobs")) as blobs:
+            if blobs is None:
+                return None
+            if blobs.readlink(name) is None:
+                return blobs.open(name)
+            shared = _shared_hash(blobs, name, folder, str(self.root))
+        if shared is None:
+            return None
+        with held(root.walk("blobs", shared[:2])) as store:
+            return store.open(shared) if store is not None else None
+
+    def open_partial(self, repo_id: str, etag: str) -> int | None:
+        """A descriptor (read-only) of the blob ``etag`` that the ranged path is writing now
+        (``blobs/<etag>.ranged.incomplete``), or None. Its record (``ranged.Record``, under the
+        model's ``.locks``) says which bytes are written."""
+        if not GIT_OR_SHA256.fullmatch(etag):
+            return None
+        with self.model_folder(repo_id, "blobs") as blobs:
+            if blobs is None:
+                return None
+            try:
+                return blobs.open(f"{etag}{RANGED_SUFFIX}")
             except (LinkInTheWay, FileNotFoundError, NotADirectoryError):
                 return None
 

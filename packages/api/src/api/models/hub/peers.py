@@ -1,13 +1,19 @@
-"""A fleet node's blob server: the complete blobs of its cache, read-only, over the Hub's own
-``resolve`` protocol (``GET /{org}/{name}/resolve/{commit}/{path}``, with ranges), so that the
-download path of another node can copy from it as from the Hub (``ranged.fetch_large_files`` with
-``peers``), checking every byte against the Hub's ETag.
+"""A fleet node's blob server: the blobs of its cache, read-only, over the Hub's own ``resolve``
+protocol (``GET /{org}/{name}/resolve/{commit}/{path}``, with a range), so that the download path
+of another node can copy from it as from the Hub (``ranged.fetch_large_files`` with ``peers``),
+checking every byte against the Hub's ETag.
+
+It serves a blob while it is still being received: the asker names the ETag it expects (from its
+own Hub file list, ``X-Blob-Etag``), and a blob this node's ranged path is writing
+(``blobs/<etag>.ranged.incomplete``) is served as far as its record says it is written, the rest
+as it arrives. A rollout is then a pipeline: each node passes on what it receives (planning/
+fleet.md). A complete blob is served by that ETag too, before the snapshot links to it. Nothing it
+sends is trusted by the asker: every file is hashed against the Hub's ETag there.
 
 It answers only the fleet: a request without the fleet's secret (``Authorization: Bearer``) gets
 a 401, whatever it asks. It names revisions by commit only (a peer never decides what a branch
-means), serves only what ``ModelCache.open_content(..., blob_only=True)`` opens (a snapshot's
-link to a blob named by an ETag, inside the cache, reached without following any other link),
-and writes nothing. Anything else is a 404.
+means), opens only what ``ModelCache`` opens without following a link out of the cache, and
+writes nothing. Anything else is a 404. ``uplink`` caps what it sends, all askers together.
 """
 
 from __future__ import annotations
@@ -17,31 +23,110 @@ import contextlib
 import hmac
 import logging
 import os
+import re
 import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import uvicorn
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import FileResponse, PlainTextResponse, Response
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from api import logfmt
 from api.models.hub.cache import ModelCache
-from api.models.hub.guard import COMMIT_ID
+from api.models.hub.guard import COMMIT_ID, GIT_OR_SHA256
+from api.models.hub.ranged import Record
 from api.models.types import REPO_ID_PATTERN
 
 logger = logging.getLogger(__name__)
 
+CHUNK = 1024 * 1024  # one read per thread hop: a 1 GiB copy is a thousand hops, not 16,000
+# A blob not begun here yet is waited for this long before the answer says so (503): under the
+# asker's read timeout (30 s), so that the asker hears why rather than a timeout.
+FIRST_BYTE_SECONDS = 20.0
+# A blob that stops growing for this long is cut off: the asker hands over to its next source.
+STALL_SECONDS = 20.0
+POLL_SECONDS = 0.05  # how often a growing blob's record is read while the asker waits
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
-class _Blob(FileResponse):
-    # Starlette reads a file in a thread per chunk: 1 MiB chunks (not its 64 KiB) make a copy of
-    # a 1 GiB file a thousand thread hops, not sixteen thousand.
-    chunk_size = 1024 * 1024
+
+class Uplink:
+    """What the server sends, every asker together, at most ``bytes_per_second`` (None: no cap);
+    a burst of a quarter of a second."""
+
+    def __init__(self, bytes_per_second: int | None) -> None:
+        self.rate = bytes_per_second
+        self._allowance = 0.0
+        self._at = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def take(self, count: int) -> None:
+        if not self.rate:
+            return
+        async with self._lock:
+            now = time.monotonic()
+            burst = self.rate / 4
+            self._allowance = min(burst, self._allowance + (now - self._at) * self.rate)
+            self._at = now
+            self._allowance -= count
+            if self._allowance < 0:
+                await asyncio.sleep(-self._allowance / self.rate)
 
 
-def peer_app(cache: ModelCache, token: str) -> Starlette:
+@dataclass
+class _Growing:
+    """A blob of this node's cache being received: how far it is written without a gap."""
+
+    cache: ModelCache
+    repo_id: str
+    etag: str
+    fd: int
+    size: int
+
+    def written_from(self, position: int) -> int:
+        """Where the bytes written from ``position`` on end (``position`` when none is yet);
+        the whole size once the blob is complete (renamed into place: the same file); -1 when
+        this file is no longer the one being written (dropped, or started over)."""
+        info = os.fstat(self.fd)
+        if info.st_nlink == 0:
+            complete = self.cache.open_blob(self.repo_id, self.etag)
+            if complete is None:
+                return -1
+            try:
+                return self.size if os.path.samestat(os.fstat(complete), info) else -1
+            finally:
+                os.close(complete)
+        with self.cache.locks_of(self.repo_id) as locks:
+            record = Record.load(locks, self.etag) if locks is not None else None
+        if record is None:
+            # Renamed into place (the record goes right after), or between two records.
+            complete = self.cache.open_blob(self.repo_id, self.etag)
+            if complete is None:
+                return position
+            try:
+                return self.size if os.path.samestat(os.fstat(complete), info) else position
+            finally:
+                os.close(complete)
+        if record.size != self.size:
+            return -1
+        index = position // record.part_bytes
+        start = index * record.part_bytes
+        return max(position, start + record.written[index]) if index < len(record.written) else -1
+
+
+def peer_app(
+    cache: ModelCache,
+    token: str,
+    uplink: Uplink | None = None,
+    fetching: Callable[[str], bool] | None = None,
+) -> Starlette:
+    """``fetching(repo_id)``: whether this node is downloading (or about to download) something
+    of that repo, so that a blob not here yet is worth waiting for."""
     expected = f"Bearer {token}".encode()
+    link = uplink or Uplink(None)
 
     async def resolve(request: Request) -> Response:
         given = request.headers.get("authorization", "").encode()
@@ -50,26 +135,29 @@ def peer_app(cache: ModelCache, token: str) -> Starlette:
         org, name = request.path_params["org"], request.path_params["name"]
         commit, path = request.path_params["commit"], request.path_params["path"]
         repo_id = f"{org}/{name}"
+        etag = request.headers.get("x-blob-etag")
         if (
             not COMMIT_ID.fullmatch(commit)
             or not REPO_ID_PATTERN.fullmatch(repo_id)
             or ".." in repo_id
+            or (etag is not None and not GIT_OR_SHA256.fullmatch(etag))
         ):
             return PlainTextResponse("not served here", status_code=404)
+        found: tuple[int, bool] | Response | None = None
         fd = await asyncio.to_thread(cache.open_content, repo_id, commit, path, True)
-        if fd is None:
+        if fd is not None:
+            found = (fd, False)
+        elif etag is not None:
+            found = await _complete_or_growing(cache, repo_id, etag, fetching)
+        if isinstance(found, Response):
+            return found
+        if found is None:
             return PlainTextResponse("not served here", status_code=404)
-        # Served from the descriptor the cache opened without following a link out of it (the
-        # response reopens that very file through /proc, whatever its path names by then).
-        info = os.fstat(fd)
-        etag = os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1]
-        return _Blob(
-            f"/proc/self/fd/{fd}",
-            stat_result=info,
-            headers={"ETag": f'"{etag}"', "X-Repo-Commit": commit},
-            media_type="application/octet-stream",
-            background=BackgroundTask(os.close, fd),
-        )
+        fd, growing = found
+        if etag is None:
+            # Named by the snapshot's link: the blob's own name (its ETag, or its Xet hash).
+            etag = os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1]
+        return _answer(request, cache, repo_id, commit, etag, fd, growing, link)
 
     return Starlette(
         routes=[
@@ -78,12 +166,126 @@ def peer_app(cache: ModelCache, token: str) -> Starlette:
     )
 
 
+async def _complete_or_growing(
+    cache: ModelCache, repo_id: str, etag: str, fetching: Callable[[str], bool] | None
+) -> tuple[int, bool] | Response | None:
+    """The descriptor of the blob ``etag`` and whether it is still being written; when neither
+    is here yet and this node is fetching the repo, waited for (``FIRST_BYTE_SECONDS``, then a
+    503)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + FIRST_BYTE_SECONDS
+    while True:
+        fd = await asyncio.to_thread(cache.open_blob, repo_id, etag)
+        if fd is not None:
+            return fd, False
+        fd = await asyncio.to_thread(cache.open_partial, repo_id, etag)
+        if fd is not None:
+            return fd, True
+        if fetching is None or not fetching(repo_id):
+            return None
+        if loop.time() >= deadline:
+            return PlainTextResponse(
+                "not begun here yet", status_code=503, headers={"Retry-After": "1"}
+            )
+        await asyncio.sleep(POLL_SECONDS * 4)
+
+
+def _answer(
+    request: Request,
+    cache: ModelCache,
+    repo_id: str,
+    commit: str,
+    etag: str,
+    fd: int,
+    growing: bool,
+    link: Uplink,
+) -> Response:
+    size = os.fstat(fd).st_size
+    if growing:
+        # The partial file has the blob's full size from its start (its parts are written at
+        # their offsets); its record says which bytes are there.
+        with cache.locks_of(repo_id) as locks:
+            record = Record.load(locks, etag) if locks is not None else None
+        if record is not None:
+            size = record.size
+    start, end = 0, size
+    status = 200
+    headers = {"ETag": f'"{etag}"', "X-Repo-Commit": commit, "Accept-Ranges": "bytes"}
+    if (asked := request.headers.get("range")) is not None:
+        match = _RANGE.fullmatch(asked.strip())
+        first = int(match.group(1)) if match else size
+        last = int(match.group(2)) if match and match.group(2) else size - 1
+        if match is None or first >= size or last < first:
+            os.close(fd)
+            return PlainTextResponse(
+                "range not satisfiable",
+                status_code=416,
+                headers={"Content-Range": f"bytes */{size}"},
+            )
+        start, end = first, min(last + 1, size)
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    headers["Content-Length"] = str(end - start)
+    if request.method == "HEAD":
+        os.close(fd)
+        return Response(status_code=status, headers=headers, media_type="application/octet-stream")
+    growth = _Growing(cache, repo_id, etag, fd, size) if growing else None
+    return StreamingResponse(
+        _body(fd, start, end, growth, link),
+        status_code=status,
+        headers=headers,
+        media_type="application/octet-stream",
+    )
+
+
+async def _body(
+    fd: int, start: int, end: int, growth: _Growing | None, link: Uplink
+) -> AsyncIterator[bytes]:
+    """The bytes ``start..end`` of ``fd``: a growing blob's as they are written (a blob that stops
+    growing, or is dropped, cuts the answer short: the asker hands over)."""
+    loop = asyncio.get_running_loop()
+    position = start
+    available = end if growth is None else start
+    last_progress = loop.time()
+    try:
+        while position < end:
+            if position >= available:
+                assert growth is not None
+                available = min(end, await asyncio.to_thread(growth.written_from, position))
+                if available < 0:
+                    logfmt.log(logger, logging.INFO, "peer_blob_dropped", etag=growth.etag)
+                    return
+                if available <= position:
+                    if loop.time() - last_progress > STALL_SECONDS:
+                        logfmt.log(logger, logging.INFO, "peer_blob_stalled", etag=growth.etag)
+                        return
+                    await asyncio.sleep(POLL_SECONDS)
+                    continue
+            count = min(CHUNK, available - position)
+            chunk = await asyncio.to_thread(os.pread, fd, count, position)
+            if not chunk:
+                return
+            await link.take(len(chunk))
+            position += len(chunk)
+            last_progress = loop.time()
+            yield chunk
+    finally:
+        os.close(fd)
+
+
 class PeerServer:
     """The blob server of one node, on ``host`` (the node's address in the cluster), a port the
     kernel picks; ``url`` once started."""
 
-    def __init__(self, cache: ModelCache, token: str, host: str) -> None:
-        self._app = peer_app(cache, token)
+    def __init__(
+        self,
+        cache: ModelCache,
+        token: str,
+        host: str,
+        uplink_bytes_per_second: int | None = None,
+        fetching: Callable[[str], bool] | None = None,
+    ) -> None:
+        self._app = peer_app(cache, token, Uplink(uplink_bytes_per_second), fetching)
         self._host = host
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None

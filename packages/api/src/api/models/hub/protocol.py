@@ -192,7 +192,10 @@ def _peer_of(value: object) -> Peer:
         raise ValueError("a peer's url is http(s)")
     if not isinstance(token, str):
         raise ValueError("a peer's token is a string")
-    return Peer(url, token)
+    tier = value.get("tier", 0)
+    if not isinstance(tier, int) or isinstance(tier, bool) or not 0 <= tier < 1000:
+        raise ValueError("a peer's tier is a small int")
+    return Peer(url, token, tier)
 
 
 def _rate_of(value: object) -> float | None:

@@ -211,6 +211,10 @@ def fetch_large_files(
     if not ranges.enabled and not peers:
         return placed
     failed: set[Peer] = set()  # a peer that failed once is not asked again by this worker
+    if peers and ranges.enabled:
+        # In the order the node they copy from fetches them: its large files first (as ranges,
+        # here), then the others (the library's), so that a copy follows its source's.
+        files = sorted(files, key=lambda entry: entry.size < ranges.min_bytes)
     for entry in files:
         if _size(blobs, entry.etag) == entry.size:
             continue
@@ -247,7 +251,7 @@ def fetch_large_files(
                     raise
                 for attempt in (1, 2):
                     inode = _fetch(
-                        entry, source, blobs, locks, ranges, limits, _hub(on_bytes), on_found
+                        entry, [source], blobs, locks, ranges, limits, _hub(on_bytes), on_found
                     )
                     if inode is not None:
                         break
@@ -277,24 +281,38 @@ def _from_peers(
     on_bytes: Callable[[int, bool], None],
     on_found: Callable[[int], None],
 ) -> tuple[int | None, bool]:
-    """The blob's inode once a peer's copy is in place (checked against the Hub's ETag), else
+    """The blob's inode once the peers' copy is in place (checked against the Hub's ETag), else
     None: no peer could serve it, and the Hub is asked; and whether part of it is on disk (a
-    peer's, or an earlier attempt's), for the Hub to complete."""
+    peer's, or an earlier attempt's), for the Hub to complete.
+
+    The peers are asked by tier (``Peer.tier``), the parts of the file spread over the peers of
+    a tier at once (part ``i`` from the ``i % n``-th); a peer that fails, or a tier whose copy
+    is not the file, hands over to the next tier, resuming what was written."""
     quoted = urllib.parse.quote(entry.path)
     tried = False
-    for peer in peers:
-        if peer in failed:
+    for tier in sorted({peer.tier for peer in peers}):
+        group = [peer for peer in peers if peer.tier == tier and peer not in failed]
+        if not group:
             continue
         tried = True
-        source = _Source(
-            f"{peer.url.rstrip('/')}/{repo_id}/resolve/{commit}/{quoted}",
-            # The fleet's secret only: the Hub's token never goes to a peer.
-            {"Authorization": f"Bearer {peer.token}", "Accept-Encoding": "identity"},
-        )
+        sources = [
+            _Source(
+                f"{peer.url.rstrip('/')}/{repo_id}/resolve/{commit}/{quoted}",
+                # The fleet's secret only: the Hub's token never goes to a peer. The ETag asked
+                # for lets a peer serve the blob while it is still receiving it.
+                {
+                    "Authorization": f"Bearer {peer.token}",
+                    "Accept-Encoding": "identity",
+                    "X-Blob-Etag": entry.etag,
+                },
+            )
+            for peer in group
+        ]
+        blamed: list[int] = []
         try:
             inode = _fetch(
                 entry,
-                source,
+                sources,
                 blobs,
                 locks,
                 ranges,
@@ -302,29 +320,32 @@ def _from_peers(
                 lambda n: on_bytes(n, True),
                 on_found,
                 PEER_PART_ATTEMPTS,
+                blamed,
             )
         except (DownloadFailed, _UseLibrary) as failure:
-            logfmt.log(
-                logger,
-                logging.WARNING,
-                "peer_failed",
-                peer=peer.url,
-                path=entry.path,
-                reason=failure,
-            )
-            failed.add(peer)
+            for peer in [group[i] for i in blamed] or group:
+                logfmt.log(
+                    logger,
+                    logging.WARNING,
+                    "peer_failed",
+                    peer=peer.url,
+                    path=entry.path,
+                    reason=failure,
+                )
+                failed.add(peer)
             continue
         if inode is not None:
             return inode, True
-        logfmt.log(
-            logger,
-            logging.WARNING,
-            "peer_refused",
-            peer=peer.url,
-            path=entry.path,
-            reason="other content",
-        )
-        failed.add(peer)
+        for peer in group:
+            logfmt.log(
+                logger,
+                logging.WARNING,
+                "peer_refused",
+                peer=peer.url,
+                path=entry.path,
+                reason="other content",
+            )
+            failed.add(peer)
     begun = _resumable(entry, blobs, locks, ranges)
     if tried and not begun:
         _drop_kept(entry, blobs, locks)  # nothing of it on disk: no partial file is left
@@ -381,7 +402,7 @@ def _proxied(url: str) -> bool:
 
 def _fetch(
     entry: RemoteFile,
-    source: _Source,
+    sources: list[_Source],
     blobs: Folder,
     locks: Folder,
     ranges: Ranges,
@@ -389,10 +410,12 @@ def _fetch(
     on_bytes: Callable[[int], None],
     on_found: Callable[[int], None],
     attempts: int = PART_ATTEMPTS,
+    blamed: list[int] | None = None,
 ) -> int | None:
-    """One pass over one file, under its blob lock: resume or start, fetch the missing parts,
-    hash in order; the blob's inode once it is in place, None when the content was wrong (the
-    partial file and its record are gone then)."""
+    """One pass over one file, under its blob lock: resume or start, fetch the missing parts
+    (part ``i`` from ``sources[i % len(sources)]``), hash in order; the blob's inode once it is
+    in place, None when the content was wrong (the partial file and its record are gone then).
+    ``blamed`` gets the index of the source whose part failed, when one did."""
     # The library's own blob lock (a flock on the same file: the two agree).
     with locks.flock(f"{entry.etag}.lock"):
         if _size(blobs, entry.etag) == entry.size:
@@ -416,7 +439,7 @@ def _fetch(
             record.save(locks)
             on_found(sum(record.written))
             transfer = _Transfer(
-                fd, entry, source, record, locks, ranges, limits, on_bytes, attempts
+                fd, entry, sources, record, locks, ranges, limits, on_bytes, attempts
             )
             try:
                 matched = transfer.run()
@@ -424,6 +447,9 @@ def _fetch(
                 blobs.unlink(partial)  # the library fetches it its own way
                 locks.unlink(record_path)
                 raise
+            finally:
+                if blamed is not None:
+                    blamed.extend(transfer.blamed)
             if not matched:
                 blobs.unlink(partial)
                 locks.unlink(record_path)
@@ -602,14 +628,15 @@ def _same_mode_as_folder(fd: int, blobs: Folder) -> None:
 
 
 class _Transfer:
-    """The parts of one file, fetched by ``connections`` threads, written at their offsets, the
-    content hashed in order as it arrives, the record rewritten while it goes."""
+    """The parts of one file, fetched by ``connections`` threads (part ``i`` from
+    ``sources[i % len(sources)]``), written at their offsets, the content hashed in order as it
+    arrives, the record rewritten while it goes."""
 
     def __init__(
         self,
         fd: int,
         entry: RemoteFile,
-        source: _Source,
+        sources: list[_Source],
         record: Record,
         locks: Folder,
         ranges: Ranges,
@@ -620,7 +647,8 @@ class _Transfer:
         self.attempts = attempts
         self.fd = fd
         self.entry = entry
-        self.source = source
+        self.sources = sources
+        self.blamed: list[int] = []  # the sources whose part failed
         self.record = record
         self.locks = locks
         self.ranges = ranges
@@ -672,41 +700,52 @@ class _Transfer:
             return None
 
     def _fetch_parts(self) -> None:
-        connection: _Connection | None = None
+        connections: dict[int, _Connection] = {}  # kept alive, one per source
         try:
             while self.failure is None and (index := self._take()) is not None:
-                connection = self._fetch_part(index, connection)
+                self._fetch_part(index, connections)
         except BaseException as error:
             with self.cond:
                 if self.failure is None:
                     self.failure = error
                 self.cond.notify_all()
         finally:
-            if connection is not None:
+            for connection in connections.values():
                 connection.close()
 
-    def _fetch_part(self, index: int, connection: _Connection | None) -> _Connection | None:
-        """Fetch what part ``index`` misses, retrying a failure from where it stopped."""
+    def _fetch_part(self, index: int, connections: dict[int, _Connection]) -> None:
+        """Fetch what part ``index`` misses from its source, retrying a failure from where it
+        stopped."""
         start, end = self.bounds[index]
-        for attempt in range(1, self.attempts + 1):
-            try:
-                if connection is None:
-                    connection = _Connection(self.source.url, self.limits)
-                self._read_part(connection, index, start + self.written[index], end)
-                return connection
-            except _Retry as retry:
-                if connection is not None:
-                    connection.close()
-                connection = None
-                if attempt == self.attempts or self.failure is not None:
-                    raise DownloadFailed(
-                        FailureKind.NETWORK, retry.message, retryable=True, retry_after=retry.after
-                    ) from None
-                time.sleep(min(retry.after or 0.2 * 2**attempt, 5.0))
-        return connection
+        which = index % len(self.sources)
+        source = self.sources[which]
+        try:
+            for attempt in range(1, self.attempts + 1):
+                try:
+                    if (connection := connections.get(which)) is None:
+                        connection = connections[which] = _Connection(source.url, self.limits)
+                    self._read_part(connection, source, index, start + self.written[index], end)
+                    return
+                except _Retry as retry:
+                    if (spent := connections.pop(which, None)) is not None:
+                        spent.close()
+                    if attempt == self.attempts or self.failure is not None:
+                        raise DownloadFailed(
+                            FailureKind.NETWORK,
+                            retry.message,
+                            retryable=True,
+                            retry_after=retry.after,
+                        ) from None
+                    time.sleep(min(retry.after or 0.2 * 2**attempt, 5.0))
+        except (DownloadFailed, _UseLibrary):
+            with self.cond:
+                self.blamed.append(which)
+            raise
 
-    def _read_part(self, connection: _Connection, index: int, start: int, end: int) -> None:
-        response = connection.get_range(self.source, start, end, self.entry.size)
+    def _read_part(
+        self, connection: _Connection, source: _Source, index: int, start: int, end: int
+    ) -> None:
+        response = connection.get_range(source, start, end, self.entry.size)
         position = start
         view = connection.view
         try:
