@@ -11,7 +11,8 @@ after another from one node it would take about N times one node's time, with a 
 log2(N) times; a pipeline that passes on every part as it arrives stays near one.
 
 On this 2-core machine every node's receiving, hashing and serving share the same two cores: the
-uplink is set low enough (``BENCH_UPLINK``, 40 MB/s) that eight nodes' work fits in them.
+uplink is set low (``BENCH_UPLINK``, 40 MB/s), and the report says how busy the machine's CPU was
+during each rollout (a rollout that keeps it near 100% measures the machine, not the fleet).
 
     python bench/fleet_scale.py [runs]      # BENCH_UPLINK=40000000 BENCH_NODES=1,2,4,8
 """
@@ -68,6 +69,13 @@ def reads(client: httpx.Client, nodes: list[str]) -> dict[str, list[float]]:
     return times
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    fields = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -105,19 +113,24 @@ def main() -> None:
             print(
                 f"  {'N':>2} {'rollout s':>10} {'vs N=1':>7} {'Hub GiB':>8}"
                 f" {'status p50/p99 ms':>18} {'list p50/p99 ms':>16} {'space p50/p99 ms':>17}"
-                f" {'head RSS MB':>11}"
+                f" {'head RSS MB':>11} {'CPU busy':>8}"
             )
             for count in COUNTS:
                 nodes = ids[:count]
-                times, hub_bytes = [], []
+                times, hub_bytes, busy = [], [], []
                 for _ in range(RUNS):
                     write_back()
                     before = served(hub)
+                    cpu_before = cpu_times()
                     started = time.perf_counter()
                     client.post(
                         "/api/models/download", json={**BODY, "nodes": nodes}
                     ).raise_for_status()
                     times.append(until_downloaded(client, nodes, started))
+                    cpu_after = cpu_times()
+                    busy.append(
+                        (cpu_after[0] - cpu_before[0]) / max(1, cpu_after[1] - cpu_before[1])
+                    )
                     hub_bytes.append(float(served(hub) - before))
                     latency = reads(client, nodes)
                     client.request("DELETE", "/api/models", json=BODY).raise_for_status()
@@ -130,7 +143,7 @@ def main() -> None:
                 print(
                     f"  {count:>2} {took:10.2f} {took / baseline:6.2f}x"
                     f" {median(hub_bytes) / GB:8.2f}  {figures}"
-                    f" {rss_mb(fleet.process.pid):11.1f}"
+                    f" {rss_mb(fleet.process.pid):11.1f} {median(busy):8.0%}"
                 )
     finally:
         shutil.rmtree(root, ignore_errors=True)

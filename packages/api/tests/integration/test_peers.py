@@ -326,3 +326,25 @@ async def test_the_parts_spread_over_the_peers_of_a_tier_then_the_next_tier(
     assert served[1] == 0
     assert served[2] > 0
     assert copies(hub) == 0
+
+
+async def test_a_kept_alive_connection_the_peer_closed_is_opened_again_not_a_failure(
+    settings: Settings,
+    tmp_path: Path,
+    hub: FakeHub,
+    repos: RepoBuilder,
+    commit: str,
+    manager_of: list[ModelManager],
+) -> None:
+    # A peer closes every connection once it has answered, without saying so (a keep-alive that
+    # timed out while the connection was idle): each next part's request finds it closed. With
+    # one try per part from a peer, that must not count as the peer failing.
+    with FakeHub(repos.root, tokens={SECRET}) as peer:
+        peer.drop_idle = True
+        status = await download(
+            manager_of, node(settings, tmp_path, "second"), (Peer(peer.url, SECRET),)
+        )
+        from_peer = peer.served("*/resolve/*")
+    assert status.status is ModelStatus.DOWNLOADED, status.error_message
+    assert copies(hub) == 0
+    assert from_peer == SIZE + 2

@@ -99,6 +99,9 @@ class FakeHub(LoopbackServer):
         # 0: none): what many clients of one hub (a fleet's nodes) share, unlike ``rate``, which
         # caps each connection.
         self.uplink = uplink
+        # Close each connection after its answer without saying so (no ``Connection: close``):
+        # what a client sees of a server whose keep-alive timed out while the connection was idle.
+        self.drop_idle = False
         self._uplink_due = 0.0
         # The kernel's send buffer of each connection (SO_SNDBUF); None: the kernel's own, up to
         # 4 MiB. A byte counted as served is one in that buffer: a real server's buffer is on its
@@ -371,6 +374,8 @@ class _Handler(BaseHTTPRequestHandler):
         except HubError as error:
             self._send_error(method, error)
         except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        if hub.drop_idle:
             self.close_connection = True
 
     def _api(self, method: str, parts: list[str], query: dict[str, list[str]]) -> None:

@@ -720,7 +720,8 @@ class _Transfer:
         which = index % len(self.sources)
         source = self.sources[which]
         try:
-            for attempt in range(1, self.attempts + 1):
+            attempt = 1
+            while True:
                 try:
                     if (connection := connections.get(which)) is None:
                         connection = connections[which] = _Connection(source.url, self.limits)
@@ -729,6 +730,8 @@ class _Transfer:
                 except _Retry as retry:
                     if (spent := connections.pop(which, None)) is not None:
                         spent.close()
+                    if retry.stale:
+                        continue  # a kept-alive connection the server had closed: not a failure
                     if attempt == self.attempts or self.failure is not None:
                         raise DownloadFailed(
                             FailureKind.NETWORK,
@@ -737,6 +740,7 @@ class _Transfer:
                             retry_after=retry.after,
                         ) from None
                     time.sleep(min(retry.after or 0.2 * 2**attempt, 5.0))
+                    attempt += 1
         except (DownloadFailed, _UseLibrary):
             with self.cond:
                 self.blamed.append(which)
@@ -834,10 +838,13 @@ class _InOrderHash(threading.Thread):
 
 
 class _Retry(Exception):
-    def __init__(self, message: str, after: float | None = None) -> None:
+    def __init__(self, message: str, after: float | None = None, stale: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.after = after
+        # The request could not be sent on a connection kept alive from an earlier answer: the
+        # server closed it while it was idle (uvicorn after 5-30 s). Sent again on a new one.
+        self.stale = stale
 
 
 class _Connection:
@@ -865,6 +872,7 @@ class _Connection:
         except OSError as error:
             raise _Retry(f"the connection for a part failed ({type(error).__name__})") from None
         self.view = memoryview(bytearray(BUFFER))
+        self.answered = False  # an answer came on it: a later request may find it closed
 
     def get_range(self, source: _Source, start: int, end: int, size: int) -> Any:
         """The answer to a ranged GET of ``start..end`` (exclusive), checked to be exactly that."""
@@ -875,7 +883,14 @@ class _Connection:
             self.http.request("GET", target, headers=headers)
             response = self.http.getresponse()
         except (OSError, http.client.HTTPException) as error:
-            raise _Retry(f"a part's request failed ({type(error).__name__})") from None
+            closed = isinstance(
+                error, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+            )
+            raise _Retry(
+                f"a part's request failed ({type(error).__name__})",
+                stale=closed and self.answered,
+            ) from None
+        self.answered = True
         status = response.status
         if status == 206:
             expected = f"bytes {start}-{end - 1}/{size}"
