@@ -1,5 +1,5 @@
-"""GET /list's body is serialized a batch of entries at a time (``routes.list_json``): byte for
-byte what one ``model_dump_json`` of the whole answer gives."""
+"""GET /list's body is serialized an entry at a time, each entry once while it is the same object
+(``routes.list_json``): byte for byte what one ``model_dump_json`` of the whole answer gives."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from api.models.routes import SERIALIZE_BATCH, list_json
+from api.models import routes
+from api.models.routes import SERIALIZED_ENTRIES, list_json
 from api.models.types import (
     Model,
     ModelListItem,
@@ -28,9 +29,7 @@ def entry(i: int) -> ModelListItem:
     )
 
 
-@pytest.mark.parametrize(
-    "count", [0, 1, SERIALIZE_BATCH - 1, SERIALIZE_BATCH, 2 * SERIALIZE_BATCH + 3]
-)
+@pytest.mark.parametrize("count", [0, 1, 450])
 def test_the_batched_body_is_the_whole_answer_s_json(count: int) -> None:
     plain = ModelListResponse(models=[entry(i) for i in range(count)])
     assert list_json(plain) == plain.model_dump_json(by_alias=True).encode()
@@ -43,3 +42,23 @@ def test_the_batched_body_is_the_whole_answer_s_json(count: int) -> None:
     body = list_json(paged)
     assert body == paged.model_dump_json(by_alias=True).encode()
     assert len(json.loads(body)["models"]) == count
+
+
+def test_an_entry_serialized_before_is_not_serialized_again_and_the_kept_ones_are_bounded() -> None:
+    entries = [entry(i) for i in range(300)]
+    first = list_json(ModelListResponse(models=entries))
+    kept = dict(routes._SERIALIZED)
+    assert all(kept[id(e)][0] is e for e in entries)
+    # The same objects: the same bytes, from what was kept (the very bytes objects).
+    assert list_json(ModelListResponse(models=entries)) == first
+    assert all(routes._SERIALIZED[id(e)][1] is kept[id(e)][1] for e in entries)
+    # Another entry of the same revision (the cache changed): serialized anew.
+    changed = entries[0].model_copy(update={"size_bytes": 1})
+    body = json.loads(list_json(ModelListResponse(models=[changed, *entries[1:]])))
+    assert body["models"][0]["size_bytes"] == 1
+    # Never more than the bound, or the last answer's entries.
+    many = [entry(i) for i in range(SERIALIZED_ENTRIES + 10)]
+    list_json(ModelListResponse(models=many))
+    assert len(routes._SERIALIZED) <= SERIALIZED_ENTRIES + 10
+    list_json(ModelListResponse(models=entries))
+    assert len(routes._SERIALIZED) <= SERIALIZED_ENTRIES + 10

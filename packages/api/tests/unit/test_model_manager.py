@@ -31,7 +31,7 @@ from api.models.errors import (
     TooManyDownloads,
 )
 from api.models.manager import ModelManager, compose
-from api.models.types import DeleteStatus, DownloadPhase, Model, ModelStatus
+from api.models.types import DeleteStatus, DownloadPhase, Model, ModelRequest, ModelStatus
 from api.settings import Settings
 
 COMMIT = "a" * 40
@@ -291,6 +291,36 @@ async def test_list_merges_cache_and_downloads(manager: ModelManager, backend: F
     }
     await manager.shutdown()
     assert sorted(backend.cancelled) == ["org/new@main", "org/running@main"]
+
+
+async def test_the_list_reuses_an_entry_only_while_nothing_it_shows_changed(
+    manager: ModelManager, backend: FakeBackend
+) -> None:
+    """The list keeps the entries it built for revisions the cache's index returns again (the
+    very objects): a pin, an error remembered, a revision changed on disk, or a download running
+    is in the next list all the same."""
+    done = CachedRevision("org/done", COMMIT, CacheState.COMPLETE, 100, ("main",))
+    half = CachedRevision("org/half", "b" * 40, CacheState.PARTIAL, 50)
+    backend.cached = [done, half]
+    first = {i.model.hf_repo: i for i in await manager.list_models()}
+    again = {i.model.hf_repo: i for i in await manager.list_models()}
+    assert again["org/done"] is first["org/done"]  # nothing changed: not built again
+    await manager.pin(ModelRequest(hf_repo="org/done"))
+    pinned = {i.model.hf_repo: i for i in await manager.list_models()}
+    assert pinned["org/done"].pinned is True
+    assert first["org/done"].pinned is False  # an answer given is never changed after
+    manager.parts.failures.remember({f"org/half:{'b' * 40}": "the Hub refused"})
+    failed = {i.model.hf_repo: i for i in await manager.list_models()}
+    assert failed["org/half"].error_message == "the Hub refused"
+    # The index found the folder changed: another object, built again.
+    backend.cached = [done, CachedRevision("org/half", "b" * 40, CacheState.COMPLETE, 80)]
+    completed = {i.model.hf_repo: i for i in await manager.list_models()}
+    assert (completed["org/half"].status, completed["org/half"].size_bytes) == (
+        ModelStatus.DOWNLOADED,
+        80,
+    )
+    assert completed["org/done"] is failed["org/done"]
+    await manager.shutdown()
 
 
 async def test_disk_space(manager: ModelManager) -> None:

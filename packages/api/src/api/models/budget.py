@@ -54,6 +54,7 @@ class Uses:
         self._keeper = keeper
         self._pins: set[tuple[str, str]] = set()  # (repo, revision as asked)
         self._uses: dict[tuple[str, str], tuple[float, str]] = {}  # (repo, commit) -> (at, how)
+        self.version = 0  # changes with every pin and use: the list's entries built on them
 
     async def load(self) -> None:
         """Read what the store kept (at start; without a store, none)."""
@@ -62,6 +63,7 @@ class Uses:
         try:
             self._pins = await self._keeper.run(self._keeper.store.pins)
             self._uses = await self._keeper.run(self._keeper.store.uses)
+            self.version += 1
         except Exception as error:  # a store that fails to read: run without what it kept
             logfmt.log(
                 logger, logging.WARNING, "state_read_failed", what="pins and uses", reason=error
@@ -74,6 +76,7 @@ class Uses:
         if last is not None and last[1] == how and now - last[0] < USE_WRITE_INTERVAL:
             return
         self._uses[(repo, commit)] = (now, how)
+        self.version += 1
         self._keeper.keep(self._keeper.store.record_uses, [(repo, commit, now, how)])
 
     def last(self, repo: str, commit: str) -> tuple[float, str] | None:
@@ -92,6 +95,7 @@ class Uses:
 
     async def pin(self, repo: str, revision: str) -> None:
         self._pins.add((repo, revision))
+        self.version += 1
         await self._keeper.keep(self._keeper.store.pin, repo, revision)
 
     async def unpin(self, repo: str, revision: str) -> bool:
@@ -99,6 +103,7 @@ class Uses:
         if (repo, revision) not in self._pins:
             return False
         self._pins.discard((repo, revision))
+        self.version += 1
         await self._keeper.keep(self._keeper.store.unpin, repo, revision)
         return True
 

@@ -13,10 +13,12 @@ class Failures:
     def __init__(self, keeper: Keeper) -> None:
         self._keeper = keeper
         self._errors: dict[str, str] = {}  # task id or "repo:commit" -> why it failed
+        self.version = 0  # changes with every error remembered or dropped
 
     def load(self, errors: dict[str, str]) -> None:
         """The errors the store kept from before a restart."""
         self._errors.update(errors)
+        self.version += 1
 
     def get(self, task_id: str) -> str | None:
         return self._errors.get(task_id)
@@ -27,11 +29,13 @@ class Failures:
 
     def remember(self, errors: dict[str, str]) -> None:
         self._errors.update(errors)
+        self.version += 1
         self._keeper.keep(self._keeper.store.set_errors, errors)
 
     def drop(self, *task_ids: str) -> None:
         dropped = [t for t in task_ids if self._errors.pop(t, None) is not None]
         if dropped:
+            self.version += 1
             self._keeper.keep(self._keeper.store.drop_errors, dropped)
 
     def forget_removed(

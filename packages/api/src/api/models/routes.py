@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
@@ -41,6 +42,7 @@ from api.models.errors import (
 )
 from api.models.paging import ListQuery
 from api.models.service import ModelService
+from api.models.threads import WALK_NICE, lower_thread_priority
 from api.models.types import (
     COMMIT_EXAMPLE,
     REPO_EXAMPLE,
@@ -244,7 +246,12 @@ _NO_KEY: dict[int | str, dict[str, Any]] = {
         "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
     }
 }
-_SERIALIZER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="serialize")
+_SERIALIZER = ThreadPoolExecutor(
+    max_workers=1,
+    thread_name_prefix="serialize",
+    initializer=lower_thread_priority,
+    initargs=(WALK_NICE,),
+)
 
 router = APIRouter(
     prefix="/models",
@@ -722,22 +729,38 @@ async def list_models(
     return Response(body, media_type="application/json")
 
 
-_ENTRIES = TypeAdapter(list[ModelListItem])
-SERIALIZE_BATCH = 200  # entries per call: about a millisecond, the longest the GIL is held
+_ENTRY = TypeAdapter(ModelListItem)
+# The JSON of the entries of the last answers, by entry (the list's parts keep the entries of
+# revisions that did not change: api.models.views): an entry is serialized once, not at each list
+# (six open pages listing 10,000 models serialized 18 MB a second, holding the GIL). Each entry is
+# held here, so that its id is no other object's; at most this many, or the last answer's.
+_SERIALIZED: dict[int, tuple[ModelListItem, bytes]] = {}
+_SERIALIZED_LOCK = threading.Lock()
+SERIALIZED_ENTRIES = 20_000
 
 
 def list_json(answer: ModelListResponse) -> bytes:
-    """``answer.model_dump_json(by_alias=True)``, its entries serialized a batch at a time: one
-    call for 10,000 entries holds the GIL for tens of milliseconds, and a status waiting on the
-    event loop waits that long."""
-    entries = answer.models
+    """``answer.model_dump_json(by_alias=True)``, each entry serialized alone (and once while it
+    is the same object): one call for 10,000 entries holds the GIL for tens of milliseconds, and
+    a status waiting on the event loop waits that long."""
     rest = answer.model_copy(update={"models": []}).model_dump_json(by_alias=True).encode()
-    batches = (
-        _ENTRIES.dump_json(entries[i : i + SERIALIZE_BATCH], by_alias=True)[1:-1]
-        for i in range(0, len(entries), SERIALIZE_BATCH)
-    )
+    parts: list[bytes] = []
+    with _SERIALIZED_LOCK:
+        if len(_SERIALIZED) + len(answer.models) > max(SERIALIZED_ENTRIES, len(answer.models)):
+            kept = {
+                id(e): _SERIALIZED[id(e)]
+                for e in answer.models
+                if id(e) in _SERIALIZED and _SERIALIZED[id(e)][0] is e
+            }
+            _SERIALIZED.clear()
+            _SERIALIZED.update(kept)
+        for entry in answer.models:
+            known = _SERIALIZED.get(id(entry))
+            if known is None or known[0] is not entry:
+                known = _SERIALIZED[id(entry)] = (entry, _ENTRY.dump_json(entry, by_alias=True))
+            parts.append(known[1])
     # A string's quotes are escaped in JSON: the first unescaped "models":[] is the field.
-    return rest.replace(b'"models":[]', b'"models":[' + b",".join(batches) + b"]", 1)
+    return rest.replace(b'"models":[]', b'"models":[' + b",".join(parts) + b"]", 1)
 
 
 @router.get("/space", dependencies=Reads, response_model=DiskSpaceInfo)

@@ -30,16 +30,25 @@ CACHE_THREADS = 4  # threads reading the cache for status, space and delete (tun
 # models a walk takes seconds; on a pool of their own, a status never waits behind one.
 # One: a second thread of Python work holding the GIL delays the event loop (status) further.
 WALK_THREADS = 1
+# Walks (and the list's serialization) run below the event loop's CPU priority: on a busy machine
+# the kernel runs the loop's thread first when both are ready, so that a status is not queued
+# behind ten thousand list entries (bench/scale.py: status p99 with six lists at once).
+WALK_NICE = 10
 
 
 class Threads:
     def __init__(self, hashing: int, nice: int) -> None:
         self._cache = ThreadPoolExecutor(max_workers=CACHE_THREADS, thread_name_prefix="cache")
-        self._walk = ThreadPoolExecutor(max_workers=WALK_THREADS, thread_name_prefix="walk")
+        self._walk = ThreadPoolExecutor(
+            max_workers=WALK_THREADS,
+            thread_name_prefix="walk",
+            initializer=lower_thread_priority,
+            initargs=(WALK_NICE,),
+        )
         self._hash = ThreadPoolExecutor(
             max_workers=hashing,
             thread_name_prefix="hash",
-            initializer=_lower_thread_priority,
+            initializer=lower_thread_priority,
             initargs=(nice,),
         )
 
@@ -101,7 +110,7 @@ def _log_failure(future: asyncio.Future[None]) -> None:
         )
 
 
-def _lower_thread_priority(nice: int) -> None:
-    """Hashing is background work: on Linux a thread has a niceness of its own."""
+def lower_thread_priority(nice: int) -> None:
+    """Background work (hashing, walks): on Linux a thread has a niceness of its own."""
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)

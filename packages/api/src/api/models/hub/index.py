@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +129,7 @@ class CacheIndex:
 
     def revisions(
         self, folder: str, walk: Callable[[], list[CachedRevision]]
-    ) -> list[CachedRevision]:
+    ) -> Sequence[CachedRevision]:
         """The revisions of the model folder ``folder`` (a name under the root): the last walk's
         when nothing it depends on changed since, else ``walk()``'s (an error it raises is the
         caller's, and the entry is dropped)."""
@@ -139,12 +139,14 @@ class CacheIndex:
             verify = folder in self._verify
         if entry is not None and not changed:
             if entry.watched and not verify:
-                return list(entry.revisions)  # the kernel reported no change
+                # The kept tuple itself: no list per model and per call (10,000 of them lived
+                # through a list's young collections, and made the full ones frequent).
+                return entry.revisions  # the kernel reported no change
             self.stamped += 1
             if _stamps(entry.paths) == entry.stamp:
                 with self._lock:
                     self._verify.discard(folder)
-                return list(entry.revisions)
+                return entry.revisions
         started = self._clock()
         with self._lock:
             self._entries.pop(folder, None)
