@@ -214,6 +214,14 @@ def machine() -> str:
     return f"{os.cpu_count()} cores, {cpu}, Python {sys.version.split()[0]}"
 
 
+def rss_mb(pid: int) -> float:
+    """The resident memory of process ``pid``, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def served(hub_url: str) -> int:
     """Content bytes the fake hub has sent so far (its ``/_fakehub/served``)."""
     return int(httpx.get(f"{hub_url}/_fakehub/served", timeout=10).json()["bytes"])

@@ -28,7 +28,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from common import DATA, GB, fake_hub, machine, make_repos, median, percentile, served, service
+from common import (
+    DATA,
+    GB,
+    fake_hub,
+    machine,
+    make_repos,
+    median,
+    percentile,
+    rss_mb,
+    served,
+    service,
+)
 from common import settle as write_back
 
 from fakehub.raycluster import ray_cluster
@@ -74,13 +85,6 @@ def cpu_times() -> tuple[int, int]:
     fields = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle, iowait
     return sum(fields) - idle, sum(fields)
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 from anchored import C, write_revision
-from common import DATA, machine, median, percentile, service, timed
+from common import DATA, machine, median, percentile, rss_mb, service, timed
 from huggingface_hub import scan_cache_dir
 
 MODELS = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
@@ -40,13 +40,6 @@ def lister(url: str, stop: EventType) -> None:
     with httpx.Client(base_url=url, timeout=300) as client:
         while not stop.is_set():
             client.get("/api/models/list").raise_for_status()
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def main() -> None:

@@ -69,6 +69,21 @@ async def status_until(
     return answer
 
 
+async def joined(client: httpx.AsyncClient, cluster: RayCluster, node_caches: list[Path]) -> str:
+    """A node added to the cluster, once the service has an agent on it (the watch's 5 s)."""
+    newcomer = await asyncio.to_thread(
+        cluster.add_node, node_caches[0].parent.parent / f"node{len(cluster.caches)}" / "cache"
+    )
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while True:
+        space = (await client.get("/api/models/space")).json()
+        if newcomer in {n["node_id"] for n in space["nodes"] if not n.get("gone")}:
+            return newcomer
+        assert loop.time() < deadline, "the new node got no agent"
+        await asyncio.sleep(0.2)
+
+
 async def test_a_download_reaches_every_node_the_hub_serving_each_file_once(
     fleet_settings: Settings, hub: FakeHub, model: str, node_caches: list[Path]
 ) -> None:
@@ -319,19 +334,7 @@ async def test_a_peer_that_leaves_mid_copy_hands_over_to_the_hub_and_a_new_node_
         assert sum(n["from_hub_bytes"] for n in copies) == again
 
         # A node that joins gets an agent within the watch's 10 s, and copies from the others.
-        newcomer = await asyncio.to_thread(
-            cluster.add_node, node_caches[0].parent.parent / f"node{len(cluster.caches)}" / "cache"
-        )
-
-        async def alive() -> set[str]:
-            space = (await client.get("/api/models/space")).json()
-            return {n["node_id"] for n in space["nodes"] if not n.get("gone")}
-
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while newcomer not in await alive():
-            assert loop.time() < deadline, "the new node got no agent"
-            await asyncio.sleep(0.2)
+        newcomer = await joined(client, cluster, node_caches)
         served = hub.served("*/resolve/*")
         started = await client.post("/api/models/download", json=BODY)
         assert started.status_code == 202, started.text
@@ -370,15 +373,8 @@ async def test_a_rollout_over_four_capped_nodes_survives_a_source_that_leaves(
         peer_uplink_bytes_per_second=8_000_000,
     )
     head = cluster.nodes[0]
-    newcomer = await asyncio.to_thread(
-        cluster.add_node, node_caches[0].parent.parent / f"node{len(cluster.caches)}" / "cache"
-    )
     async with app_client(capped) as client:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while newcomer not in await node_ids(client):
-            assert loop.time() < deadline, "the new node got no agent"
-            await asyncio.sleep(0.2)
+        await joined(client, cluster, node_caches)
         others = [n for n in cluster.nodes if n != head]
         assert len(others) == 3
         # The first named fetches from the Hub; the second feeds the two after it (the top of

@@ -40,7 +40,7 @@ async def test_the_page_shows_every_node_a_bar_per_node_and_a_node_that_stops_an
     tmp_path: Path,
 ) -> None:
     repos.commit("org/model", {"config.json": "{}", "w.bin": Generated(8 * MB, seed=85)})
-    hub.add_fault(trickle(2 * MB, path="*/resolve/*/w.bin"))  # the first node's copy: 4 s
+    hub.add_fault(trickle(2 * MB, path="*/resolve/*/w.bin"))  # the Hub's one copy: 4 s
     env = {"MODELS_RAY_ADDRESS": cluster.address, "MODELS_FLEET_ANSWER_SECONDS": "2"}
     with running_service(cache_dir, hub.url, tmp_path / "service.log", **env) as (url, _):
         await page.goto(url)
@@ -50,10 +50,11 @@ async def test_the_page_shows_every_node_a_bar_per_node_and_a_node_that_stops_an
         await expect(page.locator("#fleet-nodes li.bad")).to_have_count(0)
         await page.fill("#repo", "org/model")
         await page.click("#start")
-        # One node fetches from the Hub, the two others wait for its copy: a line each.
+        # One node fetches from the Hub, the two others copy from it as it receives: all three
+        # download at once, a line and a bar each, with their figures.
         card = page.locator("#downloads li.card[data-task='org/model:latest']")
         await expect(card.locator(".node-bars li")).to_have_count(3)
-        await expect(card.locator(".node-bars li", has_text="waiting for node")).to_have_count(2)
+        await expect(card.locator(".node-bars li", has_text=" of 8.4 MB")).to_have_count(3)
         await expect(card.locator(".node-bars progress")).to_have_count(3)
         # Done: the model's card names the three nodes that hold it.
         model = page.locator("#models li.card[data-repo='org/model']")

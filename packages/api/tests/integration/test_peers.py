@@ -300,32 +300,39 @@ async def test_the_parts_spread_over_the_peers_of_a_tier_then_the_next_tier(
 ) -> None:
     # Two peers of the first tier serve a part each in turn; a third, of the second tier, is not
     # asked while they serve.
-    with (
-        FakeHub(repos.root, tokens={SECRET}) as one,
-        FakeHub(repos.root, tokens={SECRET}) as two,
-        FakeHub(repos.root, tokens={SECRET}) as spare,
-    ):
-        peers = (Peer(one.url, SECRET), Peer(two.url, SECRET), Peer(spare.url, SECRET, tier=1))
-        status = await download(manager_of, node(settings, tmp_path, "second"), peers)
-        served = [p.served("*/resolve/*/w.bin") for p in (one, two, spare)]
+    status, served = await three_peers(manager_of, node(settings, tmp_path, "second"), repos)
     assert status.status is ModelStatus.DOWNLOADED, status.error_message
     assert served == [SIZE // 2, SIZE // 2, 0]  # eight parts of 1 MiB, in turn
     assert copies(hub) == 0
     # The first tier fails (one of its peers does not have the file): the next tier completes
     # it (from what the first wrote, if anything); the Hub sends nothing.
+    status, served = await three_peers(
+        manager_of, node(settings, tmp_path, "third"), repos, http_error(404, path="*/w.bin")
+    )
+    assert status.status is ModelStatus.DOWNLOADED, status.error_message
+    assert served[1] == 0
+    assert served[2] > 0
+    assert copies(hub) == 0
+
+
+async def three_peers(
+    managers: list[ModelManager],
+    settings: Settings,
+    repos: RepoBuilder,
+    second_fails: Fault | None = None,
+) -> tuple[ModelStatusResponse, list[int]]:
+    """A download from two peers of the first tier and one of the second (fake hubs answering
+    the fleet's secret); what each peer served of w.bin."""
     with (
         FakeHub(repos.root, tokens={SECRET}) as one,
         FakeHub(repos.root, tokens={SECRET}) as two,
         FakeHub(repos.root, tokens={SECRET}) as spare,
     ):
-        two.add_fault(http_error(404, path="*/w.bin"))
+        if second_fails is not None:
+            two.add_fault(second_fails)
         peers = (Peer(one.url, SECRET), Peer(two.url, SECRET), Peer(spare.url, SECRET, tier=1))
-        status = await download(manager_of, node(settings, tmp_path, "third"), peers)
-        served = [p.served("*/resolve/*/w.bin") for p in (one, two, spare)]
-    assert status.status is ModelStatus.DOWNLOADED, status.error_message
-    assert served[1] == 0
-    assert served[2] > 0
-    assert copies(hub) == 0
+        status = await download(managers, settings, peers)
+        return status, [p.served("*/resolve/*/w.bin") for p in (one, two, spare)]
 
 
 async def test_a_kept_alive_connection_the_peer_closed_is_opened_again_not_a_failure(

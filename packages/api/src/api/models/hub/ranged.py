@@ -323,33 +323,24 @@ def _from_peers(
                 blamed,
             )
         except (DownloadFailed, _UseLibrary) as failure:
-            for peer in [group[i] for i in blamed] or group:
-                logfmt.log(
-                    logger,
-                    logging.WARNING,
-                    "peer_failed",
-                    peer=peer.url,
-                    path=entry.path,
-                    reason=failure,
-                )
-                failed.add(peer)
+            _fail([group[i] for i in blamed] or group, failed, "peer_failed", entry, failure)
             continue
         if inode is not None:
             return inode, True
-        for peer in group:
-            logfmt.log(
-                logger,
-                logging.WARNING,
-                "peer_refused",
-                peer=peer.url,
-                path=entry.path,
-                reason="other content",
-            )
-            failed.add(peer)
+        _fail(group, failed, "peer_refused", entry, "other content")
     begun = _resumable(entry, blobs, locks, ranges)
     if tried and not begun:
         _drop_kept(entry, blobs, locks)  # nothing of it on disk: no partial file is left
     return None, begun
+
+
+def _fail(
+    peers: list[Peer], failed: set[Peer], event: str, entry: RemoteFile, reason: object
+) -> None:
+    """``peers`` are not asked again by this worker; the log says why."""
+    for peer in peers:
+        logfmt.log(logger, logging.WARNING, event, peer=peer.url, path=entry.path, reason=reason)
+        failed.add(peer)
 
 
 @dataclass(frozen=True)
