@@ -9,7 +9,9 @@ refs, the service's file lists), built once and kept in bench/.data.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
+import os
 import shutil
 import sys
 import time
@@ -33,6 +35,45 @@ def build(cache: Path) -> None:
         files = {"config.json": b'{"i": %d}' % i, "w.bin": b"w%d" % i * 16}
         write_revision(cache, f"bench/m{i:05d}", C(i + 1), files)
     marker.touch()
+
+
+async def page_figures(url: str, runs: int = 3) -> None:
+    """The operator's page in Chromium (Debian's, as the browser tests use): from the page asked
+    until its first rows are drawn, and from a repo id typed in the search box until the model is
+    the one shown (the page searches as one types)."""
+    browser_path = (
+        os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    )
+    if browser_path is None:
+        print("  the page: skipped (no chromium; `make browser-deps` installs it)")
+        return
+    from playwright.async_api import async_playwright
+
+    first_rows, found = [], []
+    async with async_playwright() as driver:
+        browser = await driver.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        for n in range(runs):
+            page = await browser.new_page()
+            started = time.perf_counter()
+            await page.goto(url)
+            await page.wait_for_selector("#models li.card")
+            first_rows.append(time.perf_counter() - started)
+            repo = f"bench/m{MODELS - 1 - n:05d}"
+            started = time.perf_counter()
+            await page.fill("#search", repo.removeprefix("bench/"))
+            await page.wait_for_function(
+                "repo => { const cards = document.querySelectorAll('#models li.card');"
+                " return cards.length === 1 && cards[0].dataset.repo === repo; }",
+                arg=repo,
+            )
+            found.append(time.perf_counter() - started)
+            await page.close()
+        await browser.close()
+    print(
+        f"  the page: first rows median {median(first_rows) * 1000:6.0f} ms"
+        f" ({'met' if median(first_rows) <= 1 else 'MISSED'} <= 1 s); a repo id typed until it"
+        f" is the one shown, median {median(found) * 1000:6.0f} ms"
+    )
 
 
 def lister(url: str, stop: EventType) -> None:
@@ -100,6 +141,7 @@ def main() -> None:
             f"  POST /prune dry run           median {median(prune) * 1000:8.1f} ms"
             f" ({'met' if median(prune) <= 1 else 'MISSED'} <= 1 s)"
         )
+        asyncio.run(page_figures(svc.url))
         busy_rss = rss_mb(pid)
         print(
             f"  service RSS {idle_rss:.0f} MB at start, {busy_rss:.0f} MB after the lists:"

@@ -1,6 +1,6 @@
 """The threads the manager's parts run blocking work on, each pool for one kind of work, so that
-none waits behind another: cache reads (status, delete), walks of the whole cache (list, space,
-prune, the budget, updates), hashing (verify, at a lower CPU priority), and the job store's writes
+none waits behind another: cache reads (status, delete), walks of the whole cache (list, prune,
+the budget, updates), adding up its size (space), hashing (verify, at a lower CPU priority), and the job store's writes
 (one thread: in the order submitted).
 
 ``Keeper`` is the job store's writer: what outlives the service (downloads to resume, the last
@@ -45,6 +45,14 @@ class Threads:
             initializer=lower_thread_priority,
             initargs=(WALK_NICE,),
         )
+        # Adding up the whole cache (GET /space): most of a second at 10,000 models, of system
+        # calls; a thread of its own, so that a list (the page's first rows) never waits behind it.
+        self._usage = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="usage",
+            initializer=lower_thread_priority,
+            initargs=(WALK_NICE,),
+        )
         self._hash = ThreadPoolExecutor(
             max_workers=hashing,
             thread_name_prefix="hash",
@@ -60,6 +68,10 @@ class Threads:
         """``function(*args)`` on a thread for walks of the whole cache."""
         return await asyncio.get_running_loop().run_in_executor(self._walk, function, *args)
 
+    async def usage(self, function: Callable[..., _T], *args: Any) -> _T:
+        """``function(*args)`` on the thread that adds up the cache's size."""
+        return await asyncio.get_running_loop().run_in_executor(self._usage, function, *args)
+
     async def hash(self, function: Callable[..., _T], *args: Any) -> _T:
         """``function(*args)`` on a hashing thread (background priority)."""
         return await asyncio.get_running_loop().run_in_executor(self._hash, function, *args)
@@ -67,6 +79,7 @@ class Threads:
     def shutdown(self) -> None:
         self._cache.shutdown(wait=False, cancel_futures=True)
         self._walk.shutdown(wait=False, cancel_futures=True)
+        self._usage.shutdown(wait=False, cancel_futures=True)
         self._hash.shutdown(wait=False, cancel_futures=True)
 
 

@@ -231,7 +231,7 @@ class Views:
         return last[0] if last else None
 
     async def space(self) -> DiskSpaceInfo:
-        used, free = await self._threads.walk(self._backend.cache_usage)
+        used, free = await self._threads.usage(self._backend.cache_usage)
         return DiskSpaceInfo(
             cache_size_bytes=used, available_bytes=free, cache_path=self._backend.cache_path
         )

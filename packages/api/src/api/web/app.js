@@ -217,14 +217,18 @@ function searchSoon() {
 }
 
 async function refresh() {
+  // Asked at once; the models drawn as soon as their page comes, not after the disk's figures
+  // (GET /space adds up the whole cache: seconds at 10,000 models).
+  const listing = api("GET", modelsQuery(Math.max(PAGE, state.models.length)));
+  const rest = Promise.all([
+    api("GET", "/api/models/space"),
+    api("GET", "/api/models/downloads"),
+    api("GET", "/api/models/list?sort=size&limit=100&status=DOWNLOADED&status=PARTIAL"),
+  ]);
+  rest.catch(() => {}); // its failure is said below, once
   try {
-    const [listed, space, downloads, largest] = await Promise.all([
-      api("GET", modelsQuery(Math.max(PAGE, state.models.length))),
-      api("GET", "/api/models/space"),
-      api("GET", "/api/models/downloads"),
-      api("GET", "/api/models/list?sort=size&limit=100&status=DOWNLOADED&status=PARTIAL"),
-    ]);
-    showModels(listed, false);
+    showModels(await listing, false);
+    const [space, downloads, largest] = await rest;
     state.largest = largest.models;
     state.downloads = new Map(downloads.downloads.map((d) => [taskId(d.model), withNodes(d)]));
     state.nodes = space.nodes || [];
