@@ -158,7 +158,7 @@ class Budget:
         return self.limit is not None
 
     async def usage(self) -> int:
-        return (await self._threads.cache(self._backend.cache_usage))[0]
+        return (await self._threads.usage(self._backend.cache_usage))[0]
 
     async def view(self, busy: set[str], reserved: int) -> BudgetResponse:
         """The budget, the usage, and the eviction order (each candidate with what it would

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header, Query, Request, Response, status
@@ -42,7 +41,7 @@ from api.models.errors import (
 )
 from api.models.paging import ListQuery
 from api.models.service import ModelService
-from api.models.threads import WALK_NICE, lower_thread_priority
+from api.models.threads import WALK_NICE, background_pool
 from api.models.types import (
     COMMIT_EXAMPLE,
     REPO_EXAMPLE,
@@ -246,12 +245,7 @@ _NO_KEY: dict[int | str, dict[str, Any]] = {
         "headers": {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
     }
 }
-_SERIALIZER = ThreadPoolExecutor(
-    max_workers=1,
-    thread_name_prefix="serialize",
-    initializer=lower_thread_priority,
-    initargs=(WALK_NICE,),
-)
+_SERIALIZER = background_pool(1, "serialize", WALK_NICE)
 
 router = APIRouter(
     prefix="/models",

@@ -1,7 +1,8 @@
 """The threads the manager's parts run blocking work on, each pool for one kind of work, so that
 none waits behind another: cache reads (status, delete), walks of the whole cache (list, prune,
-the budget, updates), adding up its size (space), hashing (verify, at a lower CPU priority), and the job store's writes
-(one thread: in the order submitted).
+the budget, updates), adding up its size (space, the budget's usage), hashing (verify), and the
+job store's writes (one thread: in the order submitted). All but cache reads and the store's
+writes run below the event loop's CPU priority.
 
 ``Keeper`` is the job store's writer: what outlives the service (downloads to resume, the last
 errors) is written on the state thread, after every write submitted before it; a write that fails
@@ -25,7 +26,7 @@ from api.models.store import JobStore
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-CACHE_THREADS = 4  # threads reading the cache for status, space and delete (tuning)
+CACHE_THREADS = 4  # threads reading the cache for status and delete (tuning)
 # Threads for what walks the whole cache (list, prune, the budget's usage, updates): at 10,000
 # models a walk takes seconds; on a pool of their own, a status never waits behind one.
 # One: a second thread of Python work holding the GIL delays the event loop (status) further.
@@ -39,26 +40,11 @@ WALK_NICE = 10
 class Threads:
     def __init__(self, hashing: int, nice: int) -> None:
         self._cache = ThreadPoolExecutor(max_workers=CACHE_THREADS, thread_name_prefix="cache")
-        self._walk = ThreadPoolExecutor(
-            max_workers=WALK_THREADS,
-            thread_name_prefix="walk",
-            initializer=lower_thread_priority,
-            initargs=(WALK_NICE,),
-        )
-        # Adding up the whole cache (GET /space): most of a second at 10,000 models, of system
-        # calls; a thread of its own, so that a list (the page's first rows) never waits behind it.
-        self._usage = ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="usage",
-            initializer=lower_thread_priority,
-            initargs=(WALK_NICE,),
-        )
-        self._hash = ThreadPoolExecutor(
-            max_workers=hashing,
-            thread_name_prefix="hash",
-            initializer=lower_thread_priority,
-            initargs=(nice,),
-        )
+        self._walk = background_pool(WALK_THREADS, "walk", WALK_NICE)
+        # Adding up the whole cache (GET /space, the budget): most of a second at 10,000 models,
+        # of system calls; a thread of its own, so that a list never waits behind it.
+        self._usage = background_pool(1, "usage", WALK_NICE)
+        self._hash = background_pool(hashing, "hash", nice)
 
     async def cache(self, function: Callable[..., _T], *args: Any) -> _T:
         """``function(*args)`` on a cache thread."""
@@ -123,7 +109,18 @@ def _log_failure(future: asyncio.Future[None]) -> None:
         )
 
 
-def lower_thread_priority(nice: int) -> None:
-    """Background work (hashing, walks): on Linux a thread has a niceness of its own."""
+def background_pool(workers: int, name: str, nice: int) -> ThreadPoolExecutor:
+    """Threads for background work, each at CPU niceness ``nice``: on a busy machine the kernel
+    runs the event loop's thread first when both are ready."""
+    return ThreadPoolExecutor(
+        max_workers=workers,
+        thread_name_prefix=name,
+        initializer=_lower_thread_priority,
+        initargs=(nice,),
+    )
+
+
+def _lower_thread_priority(nice: int) -> None:
+    """On Linux a thread has a niceness of its own."""
     with contextlib.suppress(OSError, AttributeError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)

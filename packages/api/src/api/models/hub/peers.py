@@ -92,15 +92,8 @@ class _Growing:
         this file is no longer the one being written (dropped, or started over)."""
         info = os.fstat(self.fd)
         if info.st_nlink == 0:
-            complete = self.cache.open_blob(self.repo_id, self.etag)
-            if complete is None:
-                return -1
-            try:
-                return self.size if os.path.samestat(os.fstat(complete), info) else -1
-            finally:
-                os.close(complete)
-        with self.cache.locks_of(self.repo_id) as locks:
-            record = Record.load(locks, self.etag) if locks is not None else None
+            return -1  # no name leads to it any more: dropped, never renamed into place
+        record = _record(self.cache, self.repo_id, self.etag)
         if record is None:
             # Renamed into place (the record goes right after), or between two records.
             complete = self.cache.open_blob(self.repo_id, self.etag)
@@ -115,6 +108,26 @@ class _Growing:
         index = position // record.part_bytes
         start = index * record.part_bytes
         return max(position, start + record.written[index]) if index < len(record.written) else -1
+
+
+def _record(cache: ModelCache, repo_id: str, etag: str) -> Record | None:
+    """What the ranged path's record of the blob ``etag`` says is written (None: none)."""
+    with cache.locks_of(repo_id) as locks:
+        record = Record.load(locks, etag) if locks is not None else None
+    return record if record is not None and record.etag == etag else None
+
+
+def _open_growing(cache: ModelCache, repo_id: str, etag: str) -> tuple[int, int] | None:
+    """The descriptor of the blob ``etag`` the ranged path is writing, and the blob's size, once
+    its record is there (a partial file without one is still being set up: not served yet)."""
+    fd = cache.open_partial(repo_id, etag)
+    if fd is None:
+        return None
+    record = _record(cache, repo_id, etag)
+    if record is None:
+        os.close(fd)
+        return None
+    return fd, record.size
 
 
 def peer_app(
@@ -143,21 +156,22 @@ def peer_app(
             or (etag is not None and not GIT_OR_SHA256.fullmatch(etag))
         ):
             return PlainTextResponse("not served here", status_code=404)
-        found: tuple[int, bool] | Response | None = None
+        found: tuple[int, int, bool] | Response | None = None
         fd = await asyncio.to_thread(cache.open_content, repo_id, commit, path, True)
         if fd is not None:
-            found = (fd, False)
+            found = (fd, os.fstat(fd).st_size, False)
         elif etag is not None:
             found = await _complete_or_growing(cache, repo_id, etag, fetching)
         if isinstance(found, Response):
             return found
         if found is None:
             return PlainTextResponse("not served here", status_code=404)
-        fd, growing = found
+        fd, size, growing = found
         if etag is None:
             # Named by the snapshot's link: the blob's own name (its ETag, or its Xet hash).
             etag = os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1]
-        return _answer(request, cache, repo_id, commit, etag, fd, growing, link)
+        growth = _Growing(cache, repo_id, etag, fd, size) if growing else None
+        return _answer(request, commit, etag, fd, size, growth, link)
 
     return Starlette(
         routes=[
@@ -168,19 +182,19 @@ def peer_app(
 
 async def _complete_or_growing(
     cache: ModelCache, repo_id: str, etag: str, fetching: Callable[[str], bool] | None
-) -> tuple[int, bool] | Response | None:
-    """The descriptor of the blob ``etag`` and whether it is still being written; when neither
-    is here yet and this node is fetching the repo, waited for (``FIRST_BYTE_SECONDS``, then a
-    503)."""
+) -> tuple[int, int, bool] | Response | None:
+    """The descriptor of the blob ``etag``, its size and whether it is still being written; when
+    neither is here yet and this node is fetching the repo, waited for (``FIRST_BYTE_SECONDS``,
+    then a 503)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + FIRST_BYTE_SECONDS
     while True:
         fd = await asyncio.to_thread(cache.open_blob, repo_id, etag)
         if fd is not None:
-            return fd, False
-        fd = await asyncio.to_thread(cache.open_partial, repo_id, etag)
-        if fd is not None:
-            return fd, True
+            return fd, os.fstat(fd).st_size, False
+        growing = await asyncio.to_thread(_open_growing, cache, repo_id, etag)
+        if growing is not None:
+            return (*growing, True)
         if fetching is None or not fetching(repo_id):
             return None
         if loop.time() >= deadline:
@@ -192,22 +206,13 @@ async def _complete_or_growing(
 
 def _answer(
     request: Request,
-    cache: ModelCache,
-    repo_id: str,
     commit: str,
     etag: str,
     fd: int,
-    growing: bool,
+    size: int,
+    growth: _Growing | None,
     link: Uplink,
 ) -> Response:
-    size = os.fstat(fd).st_size
-    if growing:
-        # The partial file has the blob's full size from its start (its parts are written at
-        # their offsets); its record says which bytes are there.
-        with cache.locks_of(repo_id) as locks:
-            record = Record.load(locks, etag) if locks is not None else None
-        if record is not None:
-            size = record.size
     start, end = 0, size
     status = 200
     headers = {"ETag": f'"{etag}"', "X-Repo-Commit": commit, "Accept-Ranges": "bytes"}
@@ -229,7 +234,6 @@ def _answer(
     if request.method == "HEAD":
         os.close(fd)
         return Response(status_code=status, headers=headers, media_type="application/octet-stream")
-    growth = _Growing(cache, repo_id, etag, fd, size) if growing else None
     return StreamingResponse(
         _body(fd, start, end, growth, link),
         status_code=status,
