@@ -31,6 +31,8 @@ import httpx
 from common import (
     DATA,
     GB,
+    busy_share,
+    cpu_times,
     fake_hub,
     machine,
     make_repos,
@@ -80,13 +82,6 @@ def reads(client: httpx.Client, nodes: list[str]) -> dict[str, list[float]]:
     return times
 
 
-def cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    fields = [int(n) for n in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return sum(fields) - idle, sum(fields)
-
-
 def main() -> None:
     repos = make_repos()
     work = DATA / "work-fleet-scale"
@@ -132,9 +127,7 @@ def main() -> None:
                     ).raise_for_status()
                     times.append(until_downloaded(client, nodes, started))
                     cpu_after = cpu_times()
-                    busy.append(
-                        (cpu_after[0] - cpu_before[0]) / max(1, cpu_after[1] - cpu_before[1])
-                    )
+                    busy.append(busy_share(cpu_before, cpu_after))
                     hub_bytes.append(float(served(hub) - before))
                     latency = reads(client, nodes)
                     client.request("DELETE", "/api/models", json=BODY).raise_for_status()

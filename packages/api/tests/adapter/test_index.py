@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,58 @@ def test_events_the_kernel_could_not_keep_make_every_folder_checked_again(tmp_pa
     states(cache)
     assert cache.index.stamped == stamped  # then events are trusted again
     assert cache.index.walks <= walks + 2  # m0 and m3, walked within the racy margin before
+
+
+def test_with_the_kernels_events_a_whole_list_is_reused_until_anything_changes(
+    tmp_path: Path,
+) -> None:
+    """No change reported since a list that saw every folder watched: the next list is that list,
+    without a loop over the folders. Each change of another process ends it, and is seen."""
+    root = tmp_path / "cache"
+    for i in range(3):
+        make_revision(root, f"org/m{i}", C(i + 1), {"config.json": b"{}"})
+    cache = ModelCache(root)
+    settled(root)
+    first = states(cache)
+    assert cache.index.watching
+    reused = cache.index.reused
+    assert states(cache) == first
+    assert cache.index.reused == reused + 1
+
+    def changed(change: Callable[[], object]) -> dict[str, tuple[str | None, str, tuple[str, ...]]]:
+        change()
+        before = cache.index.reused
+        listed = states(cache)
+        assert cache.index.reused == before  # walked, not reused
+        settled(root)
+        assert states(cache) == listed  # the same, once the racy margin has passed
+        assert states(cache) == listed
+        assert cache.index.reused > before  # and then reused again
+        return listed
+
+    # A model folder created (as `hf download` makes it), removed (`rm -rf`), a ref rewritten in
+    # place, and a file that is no model's created in the root: each is an event.
+    made = changed(lambda: make_revision(root, "org/new", C(9), {"config.json": b"{}"}))
+    assert made["org/new"] == (C(9), "complete", ("main",))
+    gone = changed(lambda: shutil.rmtree(root / "models--org--m0"))
+    assert "org/m0" not in gone
+    moved = changed(lambda: (root / "models--org--m1" / "refs" / "main").write_text(C(8)))
+    assert moved["org/m1"] == (C(2), "complete", ())
+    assert changed(lambda: (root / "notes.txt").write_text("not a model")) == moved
+    # A per-model list learns of a change first: the whole list is not reused past it either.
+    make_revision(root, "org/m2", C(7), {"config.json": b"{}"}, ref=None)
+    assert {r.commit for r in cache.list_cached("org/m2")} == {C(3), C(7)}
+    listed = {
+        (r.commit, r.state.value, r.refs) for r in cache.list_cached() if r.repo_id == "org/m2"
+    }
+    assert listed == {(C(3), "complete", ("main",)), (C(7), "complete", ())}
+
+
+def test_without_the_kernels_events_no_list_is_reused(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    make_revision(root, "org/m", C(1), {"config.json": b"{}"})
+    cache = ModelCache(root, watch=False)
+    settled(root)
+    states(cache)
+    states(cache)
+    assert cache.index.reused == 0

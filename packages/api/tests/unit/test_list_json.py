@@ -62,3 +62,21 @@ def test_an_entry_serialized_before_is_not_serialized_again_and_the_kept_ones_ar
     assert len(routes._SERIALIZED) <= SERIALIZED_ENTRIES + 10
     list_json(ModelListResponse(models=entries))
     assert len(routes._SERIALIZED) <= SERIALIZED_ENTRIES + 10
+
+
+def test_the_same_entries_answered_again_are_the_last_body_and_nothing_else_is() -> None:
+    entries = [entry(i) for i in range(50)]
+    first = list_json(ModelListResponse(models=entries))
+    assert list_json(ModelListResponse(models=list(entries))) is first  # the very bytes
+    # One entry fewer, another order, another object of equal content, another total: each is
+    # its own answer's JSON.
+    for other in (
+        ModelListResponse(models=entries[1:]),
+        ModelListResponse(models=entries[::-1]),
+        ModelListResponse(models=[entries[0].model_copy(update={"pinned": True}), *entries[1:]]),
+        ModelListResponse(models=entries, total=50),
+    ):
+        body = list_json(other)
+        assert body is not first
+        assert body == other.model_dump_json(by_alias=True).encode()
+    assert list_json(ModelListResponse(models=entries)) == first

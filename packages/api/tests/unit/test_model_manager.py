@@ -320,6 +320,14 @@ async def test_the_list_reuses_an_entry_only_while_nothing_it_shows_changed(
         80,
     )
     assert completed["org/done"] is failed["org/done"]
+    # The same revisions again: the same entries; one gone, or a download started: not the last
+    # answer.
+    assert [i.model.hf_repo for i in await manager.list_models()] == ["org/done", "org/half"]
+    backend.cached = [done]
+    assert [i.model.hf_repo for i in await manager.list_models()] == ["org/done"]
+    await manager.add_model(Model(hf_repo="org/new"))
+    listed = {i.model.hf_repo: i.status for i in await manager.list_models()}
+    assert listed == {"org/done": ModelStatus.DOWNLOADED, "org/new": ModelStatus.DOWNLOADING}
     await manager.shutdown()
 
 

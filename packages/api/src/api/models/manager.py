@@ -30,7 +30,7 @@ from api.models.failures import Failures
 from api.models.history import History
 from api.models.housekeeping import Housekeeping
 from api.models.inuse import InUse
-from api.models.paging import ListQuery, select
+from api.models.paging import ListQuery
 from api.models.service import Figures, ServiceFigures
 from api.models.serving import VllmServers
 from api.models.store import JobStore
@@ -235,7 +235,7 @@ class ModelManager:
 
     async def listing(self, query: ListQuery | None = None) -> ModelListResponse:
         """The list, or the page of it ``query`` asks for (``paging``)."""
-        return await self.parts.threads.walk(select, await self.list_models(), query)
+        return await self._views.page(query)
 
     async def updates(self, refresh: bool = False, wait: float | None = None) -> UpdatesResponse:
         return await self._views.updates(refresh, wait)

@@ -21,14 +21,16 @@ from api.models.downloads import Downloads
 from api.models.failures import Failures
 from api.models.inuse import InUse, in_use_info
 from api.models.job import DownloadJob
+from api.models.paging import ListQuery, select
 from api.models.revisions import HubCalls, UpdateChecker
 from api.models.serving import ServedModel
-from api.models.threads import Threads
+from api.models.threads import Threads, same_objects
 from api.models.types import (
     COMMIT_PATTERN,
     DiskSpaceInfo,
     Model,
     ModelListItem,
+    ModelListResponse,
     ModelStatus,
     ModelStatusResponse,
     SelectionInfo,
@@ -86,6 +88,9 @@ class Views:
         # six lists at once built 60,000 entries a second and held the GIL for it).
         self._entries: dict[int, tuple[CachedRevision, ModelListItem]] = {}
         self._entries_on: tuple[int, int, object] | None = None
+        # The last answer without downloads, and the revisions it was made of: the same
+        # revisions on the same pins, uses, errors and users are that answer (no loop per entry).
+        self._last: tuple[tuple[CachedRevision, ...], list[ModelListItem]] | None = None
         self._entries_lock = threading.Lock()
         self.update_checks = UpdateChecker(
             backend.resolve,
@@ -133,17 +138,40 @@ class Views:
 
     async def listing(self) -> list[ModelListItem]:
         """Every cached model revision (DOWNLOADED or PARTIAL), and every running download."""
-        cached = await self._threads.walk(self._backend.list_cached)
-        users = None
-        if self._in_use.configured:
-            _, users = await self._in_use.users(None, fresh=False, revisions=cached)
+        return (await self.page(None)).models
+
+    async def page(self, query: ListQuery | None) -> ModelListResponse:
+        """The list, or the page of it ``query`` asks for (``paging``). Built off the event loop
+        (10,000 entries take a tenth of a second to build), in one hop to the walk thread unless
+        the vLLM servers are asked who uses what: each hop is a turn of the event loop, and six
+        open pages listing at once made them the loop's work (bench/scale.py)."""
         jobs = self._downloads.jobs()
-        # 10,000 entries take a tenth of a second to build: off the event loop, so that a status
-        # never waits behind a list.
-        items, built = await self._threads.walk(self._items, cached, users, jobs)
+        if not self._in_use.configured:
+            answer, built = await self._threads.walk(self._page_now, jobs, query)
+        else:
+            cached = await self._threads.walk(self._backend.list_cached)
+            _, users = await self._in_use.users(None, fresh=False, revisions=cached)
+            answer, built = await self._threads.walk(self._page_of, cached, users, jobs, query)
         if built >= FREEZE_AFTER_ENTRIES:
             settle_long_lived()
-        return items
+        return answer
+
+    def _page_now(
+        self, jobs: list[DownloadJob], query: ListQuery | None
+    ) -> tuple[ModelListResponse, int]:
+        return self._page_of(self._backend.list_cached(), None, jobs, query)
+
+    def _page_of(
+        self,
+        cached: list[CachedRevision],
+        users: dict[tuple[str, str], list[ServedModel]] | None,
+        jobs: list[DownloadJob],
+        query: ListQuery | None,
+    ) -> tuple[ModelListResponse, int]:
+        """The page, and how many entries were built (not kept from the last call). The entries
+        are kept for the next call: the answer's list is a copy, the caller's."""
+        items, built = self._items(cached, users, jobs)
+        return select(items, query), built
 
     def _items(
         self,
@@ -161,6 +189,9 @@ class Views:
         on = (self._uses.version, self._failures.version, users)
         made = 0
         with self._entries_lock:
+            last = self._last if self._entries_on == on and not jobs else None
+            if last is not None and same_objects(last[0], cached):
+                return last[1], 0
             built = self._entries if self._entries_on == on else {}
             kept: dict[int, tuple[CachedRevision, ModelListItem]] = {}
             for revision in cached:
@@ -181,6 +212,7 @@ class Views:
                 items.append(before[1])
             # Each revision held here keeps its id from being another object's.
             self._entries, self._entries_on = kept, on
+            self._last = (tuple(cached), items) if not jobs else None
         for job in jobs:
             if id(job) not in covered:
                 items.append(

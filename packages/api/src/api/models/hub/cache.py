@@ -521,10 +521,15 @@ class ModelCache:
         out: list[CachedRevision] = []
         if not self.root.is_dir():
             return out
-        self.index.begin()
+        generation = self.index.begin()
+        if repo_id is None:
+            kept = self.index.answer(generation)
+            if kept is not None:
+                return list(kept)  # no change since the last list, which saw every folder
         with os.scandir(self.root) as scan:
             entries = sorted(scan, key=lambda e: e.name)
         present: set[str] = set()
+        watched = True
         for entry in entries:
             found = repo_id_from_folder(entry.name)
             if found is None or not entry.is_dir(follow_symlinks=False):
@@ -533,12 +538,20 @@ class ModelCache:
                 continue
             present.add(entry.name)
             try:
-                out.extend(self.index.revisions(entry.name, partial(self._revisions_of, found)))
+                revisions, told = self.index.revisions(
+                    entry.name, partial(self._revisions_of, found)
+                )
             except (OSError, ValueError) as error:
                 # One model's folder that cannot be read must not hide the others.
                 out.append(_unreadable(found, error))
+                watched = False
+            else:
+                out.extend(revisions)
+                watched = watched and told
         if repo_id is None:
             self.index.keep_only(present)
+            if watched:
+                self.index.keep_answer(generation, out)
         return out
 
     def revision_at(self, path: str) -> tuple[str, str] | None:
