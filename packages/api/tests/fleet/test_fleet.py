@@ -608,3 +608,8 @@ async def test_downloads_events_bandwidth_metrics_and_updates_cover_every_node(
         assert entry["update_available"] is True
         assert sorted(entry["nodes"]) == sorted(ids)
         assert entry["bytes_to_download"] == len('{"v": 2}')
+        # The nodes use one token: each checks within its share of the fleet's budget, and
+        # together they keep to it (each had its own whole budget before).
+        fleet_budget = fleet_settings.update_calls_per_minute
+        assert updates["budget"]["calls_per_minute"] == fleet_budget // len(ids) * len(ids)
+        assert updates["budget"]["calls_last_minute"] <= fleet_budget

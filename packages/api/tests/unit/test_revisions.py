@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from api.fleet.fleet import MIN_UPDATE_SHARE, update_share
 from api.models.backend import CachedRevision, CacheState, DownloadFailed, DownloadPlan, FailureKind
 from api.models.hub.cache import ModelCache
-from api.models.revisions import WINDOW_SECONDS, HubCalls, UpdateChecker, in_use_map
+from api.models.revisions import PLAN_CALLS, WINDOW_SECONDS, HubCalls, UpdateChecker, in_use_map
 from api.models.serving import ServedModel, ServedNow, base_url, parse_models
 from api.settings import display_url
 
@@ -245,3 +246,35 @@ async def test_a_pause_stops_every_call_until_it_ends() -> None:
 def test_a_budget_too_small_for_one_check_is_refused() -> None:
     with pytest.raises(ValueError, match="cannot pay for one check"):
         HubCalls(3)
+    with pytest.raises(ValueError, match="cannot pay for one check"):
+        HubCalls(60).set_per_minute(2)
+
+
+async def test_a_budget_lowered_midway_holds_in_every_minute_that_ends_after_the_change() -> None:
+    """A fleet gives each node its share when GET /updates asks: the calls made before count
+    against the new budget, so no minute whose last call is after the change holds more."""
+    clock = Clock()
+    budget = HubCalls(60, clock=clock, sleep=clock.sleep)
+    times = []
+    for i in range(150):
+        if i == 40:
+            budget.set_per_minute(12)
+            changed = clock.now
+        await budget.take(1)
+        times.append(clock.now)
+    after = [t for t in times if t > changed]
+    for last in after:  # a call a float's rounding from the window's edge is outside it
+        assert sum(1 for t in times if last - WINDOW_SECONDS + 1e-6 < t <= last) <= 12, last
+    assert budget.used() <= 12
+    budget.set_per_minute(60)  # raised again: the calls go faster at once
+    start = clock.now
+    for _ in range(30):
+        await budget.take(1)
+    assert clock.now - start < 60
+
+
+def test_a_fleet_shares_the_budget_evenly_and_never_below_one_check() -> None:
+    assert [update_share(60, n) for n in (1, 2, 3, 8, 15)] == [60, 30, 20, 7, 4]
+    assert all(update_share(60, n) * n <= 60 for n in range(1, 16))
+    assert update_share(60, 16) == MIN_UPDATE_SHARE == PLAN_CALLS + 1  # 64: too small a budget
+    assert update_share(60, 0) == 60

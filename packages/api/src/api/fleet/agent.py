@@ -230,8 +230,10 @@ class NodeAgent:
     async def get_disk_space(self) -> DiskSpaceInfo:
         return await (await self._manager()).get_disk_space()
 
-    async def updates(self, refresh: bool, wait: float | None) -> UpdatesResponse:
-        return await (await self._manager()).updates(refresh, wait)
+    async def updates(
+        self, refresh: bool, wait: float | None, calls_per_minute: int | None = None
+    ) -> UpdatesResponse:
+        return await (await self._manager()).updates(refresh, wait, calls_per_minute)
 
     async def downloads(self) -> DownloadListResponse:
         return await (await self._manager()).downloads()

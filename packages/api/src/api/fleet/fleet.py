@@ -37,6 +37,7 @@ from api.models.errors import (
 )
 from api.models.events import EventBus
 from api.models.paging import ListQuery, select
+from api.models.revisions import PLAN_CALLS
 from api.models.service import Figures, ServiceFigures
 from api.models.throughput import Throughput
 from api.models.types import (
@@ -79,6 +80,8 @@ from api.models.types import (
 from api.settings import Settings
 
 logger = logging.getLogger(__name__)
+# The least a node's share of the update checks' budget can be: one check's calls and one more.
+MIN_UPDATE_SHARE = PLAN_CALLS + 1
 _T = TypeVar("_T")
 _P = ParamSpec("_P")
 
@@ -120,6 +123,12 @@ class NodeUnreachable(NodeFailed):
     """A node did not answer within the time a request waits for it (it may still be alive)."""
 
 
+def update_share(budget: int, nodes: int) -> int:
+    """A node's calls a minute of a fleet's ``budget`` shared by ``nodes``: an even split, so that
+    together they keep to it, but never less than one check's calls (``MIN_UPDATE_SHARE``)."""
+    return max(MIN_UPDATE_SHARE, budget // max(1, nodes))
+
+
 @dataclass
 class Fleet:
     settings: Settings
@@ -136,6 +145,7 @@ class Fleet:
     # The cap on each node's downloads (MODELS_MAX_DOWNLOAD_BYTES_PER_SECOND, then PUT
     # /settings/bandwidth): given to each agent when it starts, and to all at each change.
     _bandwidth: int | None = None
+    _said_share_too_small: bool = False
 
     def __post_init__(self) -> None:
         self._bandwidth = self.settings.max_download_bytes_per_second or None
@@ -846,14 +856,16 @@ class Fleet:
 
     async def updates(self, refresh: bool = False, wait: float | None = None) -> UpdatesResponse:
         """Every node's cached branches, each asked of the Hub by its node (within its own
-        reuse time and budget of calls); a branch at the same commit on several nodes is one
-        entry, naming them. A node is given ``wait`` (else one Hub check's time,
-        MODELS_PLAN_TIMEOUT_SECONDS) and the read deadline."""
+        reuse time, and its share of the fleet's budget of calls: the nodes use one token); a
+        branch at the same commit on several nodes is one entry, naming them. A node is given
+        ``wait`` (else one Hub check's time, MODELS_PLAN_TIMEOUT_SECONDS) and the read
+        deadline."""
         agents = self._targets_of(None)
         checks = self.settings.plan_timeout_seconds if wait is None else wait
+        share = self._update_share(len(agents))
         answers = await self._fan_out(
             agents,
-            lambda a: self._call(a, self._read + checks, NodeAgent.updates, refresh, checks),
+            lambda a: self._call(a, self._read + checks, NodeAgent.updates, refresh, checks, share),
         )
 
         def join(known: UpdateInfo, info: UpdateInfo) -> None:
@@ -884,6 +896,25 @@ class Fleet:
         return UpdatesResponse(
             models=models, budget=budget if budgets else None, nodes_unanswered=unanswered or None
         )
+
+    def _update_share(self, nodes: int) -> int:
+        """Each node's calls a minute: the fleet's budget (MODELS_UPDATE_CALLS_PER_MINUTE, what
+        the token may spend) split evenly, so that the nodes together keep to it; at least what
+        one check costs. A budget too small for that many nodes is said, once."""
+        budget = self.settings.update_calls_per_minute
+        share = update_share(budget, nodes)
+        if share * nodes > budget and not self._said_share_too_small:
+            self._said_share_too_small = True
+            logfmt.log(
+                logger,
+                logging.WARNING,
+                "update_budget_too_small",
+                calls_per_minute=budget,
+                nodes=nodes,
+                spent_at_most=share * nodes,
+                fix="raise MODELS_UPDATE_CALLS_PER_MINUTE to at least 4 per node",
+            )
+        return share
 
     async def downloads(self) -> DownloadListResponse:
         """Each download running or queued on a node once, with every node's status."""

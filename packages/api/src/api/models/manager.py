@@ -237,8 +237,12 @@ class ModelManager:
         """The list, or the page of it ``query`` asks for (``paging``)."""
         return await self._views.page(query)
 
-    async def updates(self, refresh: bool = False, wait: float | None = None) -> UpdatesResponse:
-        return await self._views.updates(refresh, wait)
+    async def updates(
+        self, refresh: bool = False, wait: float | None = None, calls_per_minute: int | None = None
+    ) -> UpdatesResponse:
+        """``calls_per_minute``: this node's share of a fleet's budget of Hub calls, from now on
+        (None: this machine's own setting, or the share last given)."""
+        return await self._views.updates(refresh, wait, calls_per_minute)
 
     async def downloads(self) -> DownloadListResponse:
         return DownloadListResponse(downloads=self.active_downloads())

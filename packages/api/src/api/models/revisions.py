@@ -94,17 +94,30 @@ class HubCalls:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        if per_minute <= PLAN_CALLS:
-            raise ValueError(f"a budget of {per_minute} calls a minute cannot pay for one check")
-        self.per_minute = per_minute
         self._clock = clock
         self._sleep = sleep
-        self._burst = max(PLAN_CALLS, per_minute // 4)  # below per_minute: some are spread
-        self._tokens = float(self._burst)
-        self._refilled = clock()
         self._times: deque[float] = deque()
         self._paused_until = 0.0
         self._turn = asyncio.Lock()
+        self.per_minute = 0
+        self._burst = 0
+        self._tokens = 0.0
+        self._refilled = clock()
+        self.set_per_minute(per_minute)
+        self._tokens = float(self._burst)
+
+    def set_per_minute(self, per_minute: int) -> None:
+        """A new budget (a fleet gives each node its share of the token's): the calls already
+        made count against it, so any minute whose last call comes after this holds to it."""
+        if per_minute <= PLAN_CALLS:
+            raise ValueError(f"a budget of {per_minute} calls a minute cannot pay for one check")
+        if per_minute == self.per_minute:
+            return
+        if self.per_minute:
+            self._delay(0)  # the bucket refilled at the old rate until now
+        self.per_minute = per_minute
+        self._burst = max(PLAN_CALLS, per_minute // 4)  # below per_minute: some are spread
+        self._tokens = min(self._tokens, float(self._burst))
 
     async def take(self, calls: int = 1) -> None:
         async with self._turn:

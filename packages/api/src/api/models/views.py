@@ -268,10 +268,15 @@ class Views:
             cache_size_bytes=used, available_bytes=free, cache_path=self._backend.cache_path
         )
 
-    async def updates(self, refresh: bool = False, wait: float | None = None) -> UpdatesResponse:
+    async def updates(
+        self, refresh: bool = False, wait: float | None = None, calls_per_minute: int | None = None
+    ) -> UpdatesResponse:
         """For every branch (or tag) cached, whether it points at another commit on the Hub now,
         and what an update would fetch; a check that fails says why in ``error``. Checks still
-        running after ``wait`` seconds answer with their last result, ``pending``."""
+        running after ``wait`` seconds answer with their last result, ``pending``. A budget
+        ``calls_per_minute`` holds from now on (a fleet's share for this node)."""
+        if calls_per_minute is not None:
+            self.update_checks.budget.set_per_minute(calls_per_minute)
         cached = await self._threads.walk(self._backend.list_cached)
         refs = sorted(
             {
