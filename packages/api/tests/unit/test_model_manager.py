@@ -31,7 +31,15 @@ from api.models.errors import (
     TooManyDownloads,
 )
 from api.models.manager import ModelManager, compose
-from api.models.types import DeleteStatus, DownloadPhase, Model, ModelRequest, ModelStatus
+from api.models.paging import ListQuery
+from api.models.types import (
+    DeleteStatus,
+    DownloadPhase,
+    ListSort,
+    Model,
+    ModelRequest,
+    ModelStatus,
+)
 from api.settings import Settings
 
 COMMIT = "a" * 40
@@ -425,4 +433,36 @@ async def test_the_bandwidth_cap_is_shared_between_the_downloads_that_fetch(
     status = await manager.get_model_status(Model(hf_repo="org/b"))
     assert status.progress is not None
     assert status.progress.bandwidth_limit_bytes_per_second is None
+    await manager.shutdown()
+
+
+async def test_a_page_is_kept_only_while_its_entries_are_the_very_same(
+    manager: ModelManager, backend: FakeBackend
+) -> None:
+    """The page asks the same pages again (its first page, a sort, a search): each is kept while
+    the list is made of the very same entries, and made again once anything it shows changed."""
+    backend.cached = [
+        CachedRevision(f"org/m{i}", f"{i + 1:040x}", CacheState.COMPLETE, 100 - i, ("main",))
+        for i in range(5)
+    ]
+    by_size = ListQuery(limit=2, sort=ListSort.SIZE)
+    first = await manager.listing(by_size)
+    assert [m.model.hf_repo for m in first.models] == ["org/m0", "org/m1"]
+    assert await manager.listing(by_size) is first  # the same entries: the same page
+    searched = await manager.listing(ListQuery(q="m3"))
+    assert [m.model.hf_repo for m in searched.models] == ["org/m3"]
+    # A pin shows in the next page; a revision gone is gone from it.
+    await manager.pin(ModelRequest(hf_repo="org/m1"))
+    pinned = await manager.listing(by_size)
+    assert pinned is not first
+    assert [m.pinned for m in pinned.models] == [False, True]
+    backend.cached = backend.cached[1:]
+    assert [m.model.hf_repo for m in (await manager.listing(by_size)).models] == [
+        "org/m1",
+        "org/m2",
+    ]
+    # The spec's list is the caller's to change: the kept answer is not.
+    mine = await manager.list_models()
+    mine.clear()
+    assert len(await manager.list_models()) == 4
     await manager.shutdown()

@@ -46,6 +46,8 @@ STATE_TO_STATUS = {
     CacheState.ABSENT: ModelStatus.NOT_FOUND,
     CacheState.BUSY: ModelStatus.DOWNLOADING,  # by another process sharing the cache
 }
+# Pages of one list kept, by query (the page's first page, its sorts, a search typed).
+KEPT_PAGES = 32
 # A list that built this many entries anew (the first, or after many changes) settles the heap.
 FREEZE_AFTER_ENTRIES = 1000
 
@@ -91,6 +93,10 @@ class Views:
         # The last answer without downloads, and the revisions it was made of: the same
         # revisions on the same pins, uses, errors and users are that answer (no loop per entry).
         self._last: tuple[tuple[CachedRevision, ...], list[ModelListItem]] | None = None
+        # The pages made of those very entries, by query (the page asks the same pages again:
+        # each one sorts 10,000 entries).
+        self._pages_of: list[ModelListItem] | None = None
+        self._pages: dict[ListQuery | None, ModelListResponse] = {}
         self._entries_lock = threading.Lock()
         self.update_checks = UpdateChecker(
             backend.resolve,
@@ -138,7 +144,7 @@ class Views:
 
     async def listing(self) -> list[ModelListItem]:
         """Every cached model revision (DOWNLOADED or PARTIAL), and every running download."""
-        return (await self.page(None)).models
+        return list((await self.page(None)).models)  # the answer may be kept: this is a copy
 
     async def page(self, query: ListQuery | None) -> ModelListResponse:
         """The list, or the page of it ``query`` asks for (``paging``). Built off the event loop
@@ -169,9 +175,21 @@ class Views:
         query: ListQuery | None,
     ) -> tuple[ModelListResponse, int]:
         """The page, and how many entries were built (not kept from the last call). The entries
-        are kept for the next call: the answer's list is a copy, the caller's."""
+        are kept for the next call, and so is the page while they are the very same: nothing
+        may change an answer."""
         items, built = self._items(cached, users, jobs)
-        return select(items, query), built
+        with self._entries_lock:
+            if self._pages_of is not items:
+                self._pages_of, self._pages = items, {}
+            page = self._pages.get(query)
+        if page is None:
+            page = select(items, query)
+            with self._entries_lock:
+                if self._pages_of is items:
+                    if len(self._pages) >= KEPT_PAGES:
+                        self._pages.clear()
+                    self._pages[query] = page
+        return page, built
 
     def _items(
         self,
