@@ -746,12 +746,11 @@ def list_json(answer: ModelListResponse) -> bytes:
     a status waiting on the event loop waits that long."""
     global _LAST_BODY
     rest = answer.model_copy(update={"models": []}).model_dump_json(by_alias=True).encode()
+    parts: list[bytes] = []
     with _SERIALIZED_LOCK:
         last = _LAST_BODY
         if last is not None and last[0] == rest and same_objects(last[1], answer.models):
             return last[2]
-    parts: list[bytes] = []
-    with _SERIALIZED_LOCK:
         if len(_SERIALIZED) + len(answer.models) > max(SERIALIZED_ENTRIES, len(answer.models)):
             kept = {
                 id(e): _SERIALIZED[id(e)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import threading
+from dataclasses import dataclass
 
 from api.models.backend import (
     CachedRevision,
@@ -62,6 +63,15 @@ def settle_long_lived() -> None:
     gc.freeze()
 
 
+@dataclass(frozen=True)
+class _LastList:
+    """The last list without downloads: the revisions it was made of, its entries, its pages."""
+
+    revisions: tuple[CachedRevision, ...]
+    items: list[ModelListItem]
+    pages: dict[ListQuery | None, ModelListResponse]
+
+
 UPDATE_CHECK_CONCURRENCY = 4  # branches GET /updates asks the Hub about at once (tuning)
 UPDATE_CHECK_TTL_SECONDS = 300.0  # a branch's check is reused this long (unless ?refresh=true)
 
@@ -90,13 +100,11 @@ class Views:
         # six lists at once built 60,000 entries a second and held the GIL for it).
         self._entries: dict[int, tuple[CachedRevision, ModelListItem]] = {}
         self._entries_on: tuple[int, int, object] | None = None
-        # The last answer without downloads, and the revisions it was made of: the same
-        # revisions on the same pins, uses, errors and users are that answer (no loop per entry).
-        self._last: tuple[tuple[CachedRevision, ...], list[ModelListItem]] | None = None
-        # The pages made of those very entries, by query (the page asks the same pages again:
-        # each one sorts 10,000 entries).
-        self._pages_of: list[ModelListItem] | None = None
-        self._pages: dict[ListQuery | None, ModelListResponse] = {}
+        # The last answer without downloads, the revisions it was made of (the same revisions on
+        # the same pins, uses, errors and users are that answer: no loop per entry), and the
+        # pages made of it, by query (the page asks the same pages again: each one sorts 10,000
+        # entries).
+        self._last: _LastList | None = None
         self._entries_lock = threading.Lock()
         self.update_checks = UpdateChecker(
             backend.resolve,
@@ -179,16 +187,16 @@ class Views:
         may change an answer."""
         items, built = self._items(cached, users, jobs)
         with self._entries_lock:
-            if self._pages_of is not items:
-                self._pages_of, self._pages = items, {}
-            page = self._pages.get(query)
+            last = self._last
+            pages = last.pages if last is not None and last.items is items else None
+            page = pages.get(query) if pages is not None else None
         if page is None:
             page = select(items, query)
-            with self._entries_lock:
-                if self._pages_of is items:
-                    if len(self._pages) >= KEPT_PAGES:
-                        self._pages.clear()
-                    self._pages[query] = page
+            if pages is not None:
+                with self._entries_lock:
+                    if len(pages) >= KEPT_PAGES:
+                        pages.clear()
+                    pages[query] = page
         return page, built
 
     def _items(
@@ -208,8 +216,8 @@ class Views:
         made = 0
         with self._entries_lock:
             last = self._last if self._entries_on == on and not jobs else None
-            if last is not None and same_objects(last[0], cached):
-                return last[1], 0
+            if last is not None and same_objects(last.revisions, cached):
+                return last.items, 0
             built = self._entries if self._entries_on == on else {}
             kept: dict[int, tuple[CachedRevision, ModelListItem]] = {}
             for revision in cached:
@@ -230,7 +238,7 @@ class Views:
                 items.append(before[1])
             # Each revision held here keeps its id from being another object's.
             self._entries, self._entries_on = kept, on
-            self._last = (tuple(cached), items) if not jobs else None
+            self._last = _LastList(tuple(cached), items, {}) if not jobs else None
         for job in jobs:
             if id(job) not in covered:
                 items.append(
