@@ -44,8 +44,15 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy packages/api/src packages/fakehub/src packages/api/tests packages/fakehub/tests bench scripts conftest.py
 
+# The suite starts about a hundred Python processes (services, zygotes, workers, xdist's own):
+# each imports FastAPI and huggingface_hub. With PYTHONDONTWRITEBYTECODE set (some machines set it
+# for every process) none of them finds a compiled module, and each compiles them all again:
+# 1.45 s of CPU to import the service instead of 0.6 s. The suite writes its caches (git ignores
+# them, under .venv and the packages) whatever the machine says.
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(VENV)/bin/pytest
+
 unit: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(PYTEST) -q
 
 test: lint typecheck browser-deps unit
 
@@ -62,7 +69,7 @@ browser-deps:
 
 # The screenshot of the operator's page in docs/using.md, from the browser test that takes it.
 screenshot: $(STAMP) browser-deps
-	MODELS_SCREENSHOT=$(CURDIR)/docs/operator-page.png $(VENV)/bin/pytest -q -n 0 \
+	MODELS_SCREENSHOT=$(CURDIR)/docs/operator-page.png $(PYTEST) -q -n 0 \
 	  packages/api/tests/browser -k new_user
 
 # Steadiness: the whole suite 5 times in a row while two busy loops keep both cores loaded.
@@ -70,11 +77,11 @@ steady: $(STAMP)
 	@(while :; do :; done) & hog1=$$!; (while :; do :; done) & hog2=$$!; \
 	  trap "kill $$hog1 $$hog2" EXIT; \
 	  for run in 1 2 3 4 5; do echo "== run $$run of 5, both cores kept busy"; \
-	    $(VENV)/bin/pytest -q || exit 1; done
+	    $(PYTEST) -q || exit 1; done
 
 # Slow tests (longer fuzzing, repeated kill -9, heavier load): not part of `make test`.
 stress: $(STAMP)
-	$(VENV)/bin/pytest -q -n 0 -m stress packages/api/tests/stress
+	$(PYTEST) -q -n 0 -m stress packages/api/tests/stress
 
 # An offline demo: the fake hub with sample repos on :$(HUB_PORT) and the service pointed at it on
 # :$(PORT); a busy port fails loudly, and both stop together (scripts/demo.py).

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
@@ -25,6 +25,7 @@ from api.cli import EventLines
 from api.models.anchored import Folder
 from api.models.hub.zygote import Zygote
 from api.settings import Settings
+from tests.forkserver import fork_server
 
 MB = 1024 * 1024
 FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
@@ -143,12 +144,50 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@contextlib.contextmanager
+class ServiceProcess(Protocol):
+    """What the tests use of a service's process: a ``subprocess.Popen``, or a service forked by
+    the tests' fork server (``tests.forkserver``)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
 def running_service(
     cache_dir: Path, hub_url: str, log: Path, **env: str
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+) -> contextlib.AbstractContextManager[tuple[str, ServiceProcess]]:
     """The service as its own process (uvicorn on 127.0.0.1), as an operator runs it; yields its
-    URL and process. Stopped with SIGTERM at the end unless the test killed it."""
+    URL and process. Stopped with SIGTERM at the end unless the test killed it.
+
+    The process is forked from this test process's fork server, which has imported the service
+    already (``tests.forkserver``: about a second of CPU less per service)."""
+    return _service(cache_dir, hub_url, log, env, fresh=False)
+
+
+def service_from_its_entry_point(
+    cache_dir: Path, hub_url: str, log: Path, **env: str
+) -> contextlib.AbstractContextManager[tuple[str, ServiceProcess]]:
+    """``running_service``, started as a new process, ``python -m uvicorn api.app:app``: for the
+    tests of that entry point itself (its first log lines, the signal that stops it)."""
+    return _service(cache_dir, hub_url, log, env, fresh=True)
+
+
+@contextlib.contextmanager
+def _service(
+    cache_dir: Path, hub_url: str, log: Path, env: dict[str, str], fresh: bool
+) -> Iterator[tuple[str, ServiceProcess]]:
     # The test binds the socket and hands it to uvicorn (--fd): no other test's server can take
     # the port between a check and the bind.
     listener = socket.socket()
@@ -162,14 +201,18 @@ def running_service(
         "HF_HOME": str(cache_dir.parent / "hf-home"),
         **env,
     }
+    process: ServiceProcess
     with log.open("wb") as out, listener:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.app:app", "--fd", str(listener.fileno())],
-            env=full_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            pass_fds=(listener.fileno(),),
-        )
+        if fresh:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "api.app:app", "--fd", str(listener.fileno())],
+                env=full_env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                pass_fds=(listener.fileno(),),
+            )
+        else:
+            process = fork_server().start(full_env, Path.cwd(), listener, out.fileno())
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30

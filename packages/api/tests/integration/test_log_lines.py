@@ -14,7 +14,7 @@ import pytest
 
 from api import logfmt
 from fakehub import FakeHub, Generated, RepoBuilder, http_error
-from tests.helpers import FINAL, MB, running_service, wait_for_status
+from tests.helpers import FINAL, MB, service_from_its_entry_point, wait_for_status
 
 _PAIR = re.compile(r'([A-Za-z_][A-Za-z0-9_.]*)=("(?:[^"\\]|\\.)*"|[^\s"=]+)(?: |$)')
 _ESCAPES = {"n": "\n", "r": "\r", "t": "\t", '"': '"', "\\": "\\"}
@@ -87,7 +87,8 @@ async def test_every_line_a_service_writes_parses(
     hub.add_fault(http_error(503, path="*/w.bin", method="GET", times=1))
     log = tmp_path / "service.log"
     body = {"hf_repo": "org/model"}
-    with running_service(
+    # The entry point itself: uvicorn's first lines are written before it imports the app.
+    with service_from_its_entry_point(
         cache_dir,
         hub.url,
         log,

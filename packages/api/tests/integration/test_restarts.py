@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import signal
 import sqlite3
-import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from fakehub import FakeHub, Generated, RepoBuilder, drop_after, latency, trickl
 from tests.helpers import (
     FINAL,
     MB,
+    ServiceProcess,
     app_client,
     running_service,
     sse,
@@ -43,12 +43,12 @@ FAST = {
 @contextlib.contextmanager
 def service(
     cache_dir: Path, hub: FakeHub, log: Path, **env: str
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+) -> Iterator[tuple[str, ServiceProcess]]:
     with running_service(cache_dir, hub.url, log, **{**FAST, **env}) as running:
         yield running
 
 
-async def stop(process: subprocess.Popen[bytes], how: signal.Signals, cache_dir: Path) -> None:
+async def stop(process: ServiceProcess, how: signal.Signals, cache_dir: Path) -> None:
     """SIGTERM (a stop) or SIGKILL (a crash), then wait until no worker of it is left."""
     process.send_signal(how)
     await asyncio.to_thread(process.wait, 60)

@@ -10,13 +10,16 @@ from pathlib import Path
 import httpx
 
 from fakehub import FakeHub
-from tests.helpers import running_service
+from tests.helpers import service_from_its_entry_point
 
 
 def test_sigterm_with_event_streams_open_exits_within_seconds(
     hub: FakeHub, cache_dir: Path, tmp_path: Path
 ) -> None:
-    with running_service(cache_dir, hub.url, tmp_path / "service.log") as (url, process):
+    with service_from_its_entry_point(cache_dir, hub.url, tmp_path / "service.log") as (
+        url,
+        process,
+    ):
         connected = threading.Barrier(4, timeout=20)
         ended: list[int] = []
 
