@@ -216,14 +216,15 @@ def _service(
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{url}/api/health", timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError(f"the service did not start; see {log}") from None
-                time.sleep(0.05)
+        with httpx.Client(timeout=1) as client:  # one client: each makes a TLS context (20 ms)
+            while True:
+                try:
+                    client.get(f"{url}/api/health")
+                    break
+                except httpx.TransportError:
+                    if time.monotonic() > deadline or process.poll() is not None:
+                        raise RuntimeError(f"the service did not start; see {log}") from None
+                    time.sleep(0.05)
         yield url, process
     finally:
         if process.poll() is None:

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import re
+import ssl
 import threading
 import time
 import unicodedata
@@ -461,6 +463,21 @@ def _is_size(value: object) -> bool:
 
 _INSTALLED: Limits | None = None
 _INSTALL_LOCK = threading.Lock()
+_SSL_CONTEXT: tuple[tuple[str | None, str | None], ssl.SSLContext] | None = None
+_SSL_LOCK = threading.Lock()  # its own: the library calls the factory under a lock of its own
+
+
+def ssl_context() -> ssl.SSLContext:
+    """The TLS context of the library's clients in this process, the one ``httpx2`` makes by
+    default (it reads ``SSL_CERT_FILE`` and ``SSL_CERT_DIR``), made once: loading the CA bundle
+    costs about 20 ms of CPU, and the zygote makes it before it forks, so that a worker does not
+    pay it at each download. Made again if those variables changed."""
+    global _SSL_CONTEXT
+    where = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    with _SSL_LOCK:
+        if _SSL_CONTEXT is None or _SSL_CONTEXT[0] != where:
+            _SSL_CONTEXT = (where, httpx2.create_ssl_context())
+        return _SSL_CONTEXT[1]
 
 
 def install(limits: Limits) -> None:
@@ -479,7 +496,9 @@ def install(limits: Limits) -> None:
             # utils/_http.py default_client_factory); a test pins that it is in use.
             # Bodies are read under the worker's bandwidth share (throttle), if it has one.
             return httpx2.Client(
-                transport=GuardedTransport(ThrottledTransport(httpx2.HTTPTransport()), limits),
+                transport=GuardedTransport(
+                    ThrottledTransport(httpx2.HTTPTransport(verify=ssl_context())), limits
+                ),
                 event_hooks={"request": [hf_request_event_hook]},
                 follow_redirects=True,
                 timeout=None,
