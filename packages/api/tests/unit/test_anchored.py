@@ -32,7 +32,7 @@ from api.models.hub.deletion import delete, execute, plan_delete, plan_prune
 from api.models.hub.ranged import Prefix, Ranges, Record
 from api.models.store import JobStore
 from api.models.types import Model
-from tests.helpers import anchored, make_revision
+from tests.helpers import anchored, make_revision, parse_python
 
 C1, C2, C3 = "1" * 40, "2" * 40, "3" * 40
 
@@ -280,7 +280,7 @@ def _violations() -> list[str]:
         if path.name == "anchored.py":
             continue
         text = path.read_text()
-        for node in ast.walk(ast.parse(text)):
+        for node in ast.walk(parse_python(text)):
             if not isinstance(node, ast.Call):
                 continue
             func, hit = node.func, None

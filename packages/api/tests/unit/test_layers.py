@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 import api
+from tests.helpers import parse_python
 
 SOURCE = Path(api.__file__).parent
 
 
 def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    tree = parse_python(path.read_text(encoding="utf-8"))
     found = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     found |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     return found

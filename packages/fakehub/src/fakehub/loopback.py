@@ -5,7 +5,19 @@ from __future__ import annotations
 
 import threading
 from http.server import ThreadingHTTPServer
-from typing import Self
+from typing import Any, Self
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A threaded HTTP server that says nothing of a client gone away mid-answer (a cancel, a
+    timeout): normal here, and a traceback printed from a handler thread while a test runs is
+    noise at best (on CPython 3.11, printing one can even break an ``ast.parse`` running in the
+    test's thread at that moment: see ``tests.helpers.parse_python``)."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
 
 
 class LoopbackServer:

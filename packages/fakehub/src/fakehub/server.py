@@ -43,14 +43,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from fakehub import xet
 from fakehub.faults import Fault, FaultKind, Lies
-from fakehub.loopback import LoopbackServer
+from fakehub.loopback import LoopbackServer, QuietHTTPServer
 from fakehub.repos import Repo, RepoFile, load_repos
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)$")
@@ -295,17 +295,12 @@ class FakeHub(LoopbackServer):
         return self._stopping.wait(seconds)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+class _Server(QuietHTTPServer):
     block_on_close = False
     allow_reuse_address = True
     request_queue_size = 128
     hub: FakeHub
     is_cdn: bool = False
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that goes away mid-body (cancel, timeout) is normal here, not worth a traceback.
-        pass
 
 
 class _Handler(BaseHTTPRequestHandler):

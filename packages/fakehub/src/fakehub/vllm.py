@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
-from fakehub.loopback import LoopbackServer
+from fakehub.loopback import LoopbackServer, QuietHTTPServer
 
 
 class FakeVllm(LoopbackServer):
@@ -35,8 +35,7 @@ class FakeVllm(LoopbackServer):
         self.requests = 0
         self.delay = 0.0  # seconds before each answer (a server that is slow to answer)
         self.raw: tuple[int, bytes] | None = None  # answer this instead (a server gone wrong)
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
-        self._server.daemon_threads = True
+        self._server = QuietHTTPServer(("127.0.0.1", port), _Handler)
         self._server.vllm = self  # type: ignore[attr-defined]
 
     def model_list(self) -> dict[str, object]:
