@@ -20,13 +20,13 @@ $(UV):
 	$(BOOT)/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
 
 $(STAMP): $(UV) uv.lock pyproject.toml packages/api/pyproject.toml packages/fakehub/pyproject.toml
-	$(UV) sync --frozen --python $(PYTHON)
+	$(UV) sync --frozen --compile-bytecode --python $(PYTHON)
 	@touch $(STAMP)
 
 # `make run` installs what the service needs to run and nothing more (no test tools); it leaves
 # a test environment that is already there as it is.
 $(RUN_STAMP): $(UV) uv.lock pyproject.toml packages/api/pyproject.toml packages/fakehub/pyproject.toml
-	$(UV) sync --frozen --no-dev --inexact $(RUN_EXTRA) --python $(PYTHON)
+	$(UV) sync --frozen --compile-bytecode --no-dev --inexact $(RUN_EXTRA) --python $(PYTHON)
 	@touch $(RUN_STAMP)
 
 run: $(RUN_STAMP)
