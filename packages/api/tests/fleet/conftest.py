@@ -6,6 +6,7 @@ each test starts with them empty."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -17,7 +18,10 @@ import pytest
 # The test process joins the cluster as a driver: it must take 127.0.0.1 as its own address, as
 # the nodes do. Ray reads this once, when it is first imported: set before anything imports it.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-pytest.importorskip("ray", reason="the api[fleet] extra")
+# Found, not imported: every xdist worker loads this file, and importing Ray costs each about
+# half a second of CPU, fleet tests selected or not (the fleet's own modules import it when used).
+if importlib.util.find_spec("ray") is None:
+    pytest.skip("the api[fleet] extra (Ray) is not installed", allow_module_level=True)
 
 from fakehub.raycluster import RayCluster, log_tail, ray_cluster
 
