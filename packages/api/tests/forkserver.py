@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import selectors
 import signal
 import socket
 import subprocess
@@ -43,30 +42,12 @@ def serve() -> int:
     import uvicorn.main  # noqa: F401
 
     import api.app  # noqa: F401 - what every service would import
+    from api.models.hub.zygote import serve_forks
 
     # Imported again in each child, after uvicorn's logging is set up (it reformats uvicorn's
     # loggers when it is imported): the rest stays imported.
     del sys.modules["api.app"]
-    control = socket.socket(fileno=os.dup(0))
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    with selectors.DefaultSelector() as selector:
-        selector.register(control, selectors.EVENT_READ)
-        selector.register(wake_r, selectors.EVENT_READ)
-        while True:
-            for key, _ in selector.select():
-                if key.fileobj is control:
-                    if not _fork_service(control, (wake_r, wake_w)):
-                        return 0
-                else:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(wake_r, 4096)
-            _reap(control)
+    return serve_forks(_fork_service)
 
 
 def _fork_service(control: socket.socket, own_fds: tuple[int, int]) -> bool:
@@ -125,18 +106,6 @@ def _run_service(
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
-
-
-def _reap(control: socket.socket) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        with contextlib.suppress(OSError):
-            control.sendall(f"exit {pid} {os.waitstatus_to_exitcode(status)}\n".encode())
 
 
 # -- the tests' side ------------------------------------------------------------------------------

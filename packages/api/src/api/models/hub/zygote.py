@@ -58,9 +58,20 @@ def serve() -> int:
 
     # No PR_SET_PDEATHSIG here: it follows the parent *thread*, and the service starts the zygote
     # from a pool thread. The socket is enough: when the service dies, the kernel closes its end.
+    return serve_forks(_fork_worker)
+
+
+ForkOne = Callable[[socket.socket, tuple[int, int]], bool]
+
+
+def serve_forks(fork_one: ForkOne) -> int:
+    """A fork server's loop on the socket that is its stdin: ``fork_one(control, own_fds)`` for
+    each request (False when the other end closed: the loop ends), and ``exit <pid> <code>`` sent
+    for each child that ends (this process reaps them). ``own_fds`` are the loop's own, for a
+    child to close. Also the loop of the tests' fork server (``tests/forkserver.py``)."""
     control = socket.socket(fileno=os.dup(0))
     devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)  # a worker's fd 0 is replaced at fork; the zygote's is the socket's copy
+    os.dup2(devnull, 0)  # a child's fd 0 is replaced at fork; the server's is the socket's copy
     os.close(devnull)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -72,8 +83,8 @@ def serve() -> int:
         while True:
             for key, _ in selector.select():
                 if key.fileobj is control:
-                    if not _fork_worker(control, (wake_r, wake_w)):
-                        return 0  # the service closed its end: it stopped, or died
+                    if not fork_one(control, (wake_r, wake_w)):
+                        return 0  # the other end closed: it stopped, or died
                 else:
                     with contextlib.suppress(BlockingIOError):
                         os.read(wake_r, 4096)
