@@ -33,7 +33,8 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-_MAX_REQUEST = 1024 * 1024
+from api.models.hub.zygote import receive, serve_forks
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -42,7 +43,6 @@ def serve() -> int:
     import uvicorn.main  # noqa: F401
 
     import api.app  # noqa: F401 - what every service would import
-    from api.models.hub.zygote import serve_forks
 
     # Imported again in each child, after uvicorn's logging is set up (it reformats uvicorn's
     # loggers when it is imported): the rest stays imported.
@@ -51,13 +51,9 @@ def serve() -> int:
 
 
 def _fork_service(control: socket.socket, own_fds: tuple[int, int]) -> bool:
-    try:
-        message, fds, _, _ = socket.recv_fds(control, _MAX_REQUEST, 2)
-    except ConnectionError:
+    if (received := receive(control)) is None:
         return False
-    if not message:
-        return False
-    request = json.loads(message)
+    request, fds = received
     assert threading.active_count() == 1, "forking a process with threads"
     pid = os.fork()
     if pid == 0:

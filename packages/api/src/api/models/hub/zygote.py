@@ -91,14 +91,20 @@ def serve_forks(fork_one: ForkOne) -> int:
             _reap(control)
 
 
-def _fork_worker(control: socket.socket, own_fds: tuple[int, int]) -> bool:
+def receive(control: socket.socket) -> tuple[Any, list[int]] | None:
+    """One request of a fork server: its JSON and its two file descriptors; None when the other
+    end closed."""
     try:
         message, fds, _, _ = socket.recv_fds(control, _MAX_REQUEST, 2)
     except ConnectionError:
+        return None
+    return (json.loads(message), fds) if message else None
+
+
+def _fork_worker(control: socket.socket, own_fds: tuple[int, int]) -> bool:
+    if (request := receive(control)) is None:
         return False
-    if not message:
-        return False
-    env = json.loads(message)
+    env, fds = request
     pid = os.fork()
     if pid == 0:  # the worker
         code = 70
