@@ -10,7 +10,7 @@ imported again in each child, after uvicorn has configured its logging, as in a 
 
 What a fork cannot show, a new process does: the tests of the entry point itself (the signal that
 stops it, its first log lines, the unit file's command) start ``python -m uvicorn``
-(``running_service(..., fresh=True)``). The service reads its settings from the environment when
+(``tests.helpers.service_from_its_entry_point``). The service reads its settings from the environment when
 its lifespan starts (``Settings()``), never from what a library read at import, so a forked
 service runs with the test's environment as a new one does.
 
@@ -33,9 +33,8 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
+from api.models.hub import worker
 from api.models.hub.zygote import receive, serve_forks
-
-_PR_SET_PDEATHSIG = 1
 
 
 def serve() -> int:
@@ -72,10 +71,9 @@ def _run_service(
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        import ctypes
-
-        # Gone with its server (the test process ended) rather than left listening.
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        # Gone with its server (the test process ended) rather than left listening: the download
+        # worker's own call (PR_SET_PDEATHSIG).
+        worker.die_with_parent()
         os.dup2(log, 1)
         os.dup2(log, 2)
         for fd in (log, *close):
