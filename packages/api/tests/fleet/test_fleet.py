@@ -532,15 +532,23 @@ async def test_downloads_events_bandwidth_metrics_and_updates_cover_every_node(
         # fleet holds for the two nodes that copy it from that one: 6 s each.
         seed, copiers = ids[0], ids[1:]
         body = {**BODY, "nodes": [seed]}
-        assert (await client.post("/api/models/download", json=body)).status_code == 202
-        assert (await wait_for_status(client, BODY, FINAL))["status"] == "DOWNLOADED"
-        cap = 4 * MB
-        capped = await client.put(
-            "/api/models/settings/bandwidth", json={"max_bytes_per_second": cap}
-        )
-        assert capped.json()["per_node"] is True
-        assert capped.json()["max_bytes_per_second"] == cap
+        # Subscribed before the seed's download: a node's events are forwarded to the head's
+        # bus after its status changes, so the seed's own "completed" is awaited on the bus
+        # (it may come after the status says DOWNLOADED) and only later events are counted.
         with app.state.service.events.subscribe(None) as queue:
+            assert (await client.post("/api/models/download", json=body)).status_code == 202
+            assert (await wait_for_status(client, BODY, FINAL))["status"] == "DOWNLOADED"
+            async with asyncio.timeout(30):
+                while not (
+                    (event := await queue.get()).type == "completed" and event.node_id == seed
+                ):
+                    pass
+            cap = 4 * MB
+            capped = await client.put(
+                "/api/models/settings/bandwidth", json={"max_bytes_per_second": cap}
+            )
+            assert capped.json()["per_node"] is True
+            assert capped.json()["max_bytes_per_second"] == cap
             assert (await client.post("/api/models/download", json=BODY)).status_code == 202
 
             def both_copy(answer: dict[str, Any]) -> bool:
