@@ -6,10 +6,12 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -30,6 +32,14 @@ from tests.forkserver import fork_server
 
 MB = 1024 * 1024
 FINAL = {"DOWNLOADED", "PARTIAL", "NOT_FOUND"}
+
+
+@functools.cache
+def tls() -> ssl.SSLContext:
+    """The TLS context of this test process's HTTP clients (``verify=tls()``), made once: httpx
+    makes one per client, loading the CA bundle (20-30 ms of CPU), though the tests speak plain
+    HTTP to 127.0.0.1; the polls that make a client per request made hundreds a run."""
+    return httpx.create_ssl_context()
 
 
 _zygote: Zygote | None = None
@@ -216,6 +226,11 @@ def _service(
         "HF_HUB_CACHE": str(cache_dir),
         "HF_ENDPOINT": hub_url,
         "HF_HOME": str(cache_dir.parent / "hf-home"),
+        # The zygote starts at the first download, as the in-process apps' do (conftest.py): a
+        # third of the services tested download nothing, and each zygote is a new process that
+        # imports the Hub library (0.4 s of CPU). The one started with the service is tested in
+        # test_models_api.py (test_workers_are_forked_from_a_zygote_that_ends_with_the_service).
+        "MODELS_WARM_WORKER": "false",
         **env,
     }
     process: ServiceProcess
@@ -233,7 +248,7 @@ def _service(
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
-        with httpx.Client(timeout=1) as client:  # one client: each makes a TLS context (20 ms)
+        with httpx.Client(timeout=1, verify=tls()) as client:
             while True:
                 try:
                     client.get(f"{url}/api/health")

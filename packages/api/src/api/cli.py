@@ -8,9 +8,11 @@ answered, as JSON, on stdout.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -181,12 +183,23 @@ def _json_wanted(ctx: typer.Context, as_json: bool) -> bool:
     return as_json or (isinstance(ctx.obj, Context) and ctx.obj.as_json)
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """The TLS context of this process's clients, httpx's default one (it reads ``SSL_CERT_FILE``
+    and ``SSL_CERT_DIR``), made once: httpx makes one per client, loading the CA bundle (20-30 ms
+    of CPU), and a process that runs many commands (the tests run them in theirs) paid it each
+    time."""
+    return httpx.create_ssl_context()
+
+
 @contextmanager
 def _client(ctx: typer.Context) -> Iterator[httpx.Client]:
     context: Context = ctx.obj
     try:
         headers = {"Authorization": f"Bearer {context.token}"} if context.token else {}
-        with httpx.Client(base_url=context.url, timeout=context.timeout, headers=headers) as client:
+        with httpx.Client(
+            base_url=context.url, timeout=context.timeout, headers=headers, verify=_tls()
+        ) as client:
             yield client
     except httpx.TransportError as error:
         _fail(f"cannot reach {context.url}: {error}", FAILURE)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import free_port
+from tests.helpers import free_port, tls
 
 SCRIPT = Path(__file__).resolve().parents[4] / "scripts" / "demo.py"
 
@@ -61,6 +61,7 @@ def started_demo(tmp_path: Path) -> tuple[subprocess.Popen[str], int, int, httpx
                     f"http://127.0.0.1:{port}/api/models/status",
                     json={"hf_repo": "demo/tiny-model"},
                     timeout=2,
+                    verify=tls(),
                 )
                 break
             except httpx.TransportError:
@@ -99,7 +100,7 @@ def test_both_servers_start_and_stop_together(tmp_path: Path) -> None:
         deadline = time.monotonic() + 120
         while again.poll() is None and time.monotonic() < deadline:
             try:
-                httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2, verify=tls())
                 break
             except httpx.TransportError:
                 time.sleep(0.2)

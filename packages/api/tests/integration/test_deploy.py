@@ -20,6 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import tls
+
 DEPLOY = Path(__file__).resolve().parents[4] / "deploy"
 UNIT = DEPLOY / "model-service.service"
 HOME = "/opt/model-service"
@@ -74,7 +76,9 @@ def test_the_units_command_starts_a_service_that_stops_on_the_units_signal(
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).is_success:
+                if httpx.get(
+                    f"http://127.0.0.1:{port}/api/health", timeout=1, verify=tls()
+                ).is_success:
                     break
             except httpx.TransportError:
                 pass

@@ -37,6 +37,7 @@ from tests.helpers import (
     app_client,
     ranged,
     running_service,
+    tls,
     wait_for_status,
     workers_using,
 )
@@ -248,10 +249,12 @@ def test_the_service_killed_midway_goes_on_from_the_parts_on_disk_after_a_restar
     }
     hub.add_fault(trickle(MB, path=content))
     with running_service(cache_dir, hub.url, tmp_path / "first.log", **env) as (url, process):
-        httpx.post(f"{url}/api/models/download", json=BODY, timeout=30)
+        httpx.post(f"{url}/api/models/download", json=BODY, timeout=30, verify=tls())
         deadline = time.monotonic() + 60
         while True:
-            progress = httpx.post(f"{url}/api/models/status", json=BODY, timeout=30).json()
+            progress = httpx.post(
+                f"{url}/api/models/status", json=BODY, timeout=30, verify=tls()
+            ).json()
             if ((progress["progress"] or {}).get("downloaded_bytes") or 0) >= SIZE // 2:
                 break
             assert time.monotonic() < deadline
@@ -268,11 +271,13 @@ def test_the_service_killed_midway_goes_on_from_the_parts_on_disk_after_a_restar
     assert kept >= SIZE // 4
     hub.reset_counts()
     with running_service(cache_dir, hub.url, tmp_path / "second.log", **env) as (url, _):
-        httpx.post(f"{url}/api/models/download", json=BODY, timeout=30)
+        httpx.post(f"{url}/api/models/download", json=BODY, timeout=30, verify=tls())
         deadline = time.monotonic() + 60
-        while (status := httpx.post(f"{url}/api/models/status", json=BODY, timeout=30).json())[
-            "status"
-        ] not in FINAL:
+        while (
+            status := httpx.post(
+                f"{url}/api/models/status", json=BODY, timeout=30, verify=tls()
+            ).json()
+        )["status"] not in FINAL:
             assert time.monotonic() < deadline
             time.sleep(0.05)
     assert status["status"] == "DOWNLOADED", status

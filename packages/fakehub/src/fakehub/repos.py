@@ -47,11 +47,12 @@ class Generated:
     size: int
     seed: int = 0
 
-    def write_to(self, path: Path) -> tuple[str, str]:
-        """Write the content to ``path``; return (sha256, git blob sha1) of it."""
+    def write_to(self, path: Path, blob_id: bool) -> tuple[str, str | None]:
+        """Write the content to ``path``; return its sha256 and, with ``blob_id``, its git blob
+        sha1 (only a file stored in git itself, not in LFS, is named by it: a third of the CPU)."""
         block = bytearray(random.Random(self.seed).randbytes(_CHUNK))
         sha256 = hashlib.sha256()
-        sha1 = hashlib.sha1(b"blob %d\0" % self.size, usedforsecurity=False)
+        sha1 = hashlib.sha1(b"blob %d\0" % self.size, usedforsecurity=False) if blob_id else None
         remaining = self.size
         index = 0
         with path.open("wb") as out:
@@ -60,10 +61,11 @@ class Generated:
                 piece = memoryview(block)[: min(_CHUNK, remaining)]
                 out.write(piece)
                 sha256.update(piece)
-                sha1.update(piece)
+                if sha1 is not None:
+                    sha1.update(piece)
                 remaining -= len(piece)
                 index += 1
-        return sha256.hexdigest(), sha1.hexdigest()
+        return sha256.hexdigest(), None if sha1 is None else sha1.hexdigest()
 
 
 FileContent = bytes | str | Generated
@@ -222,19 +224,19 @@ class RepoBuilder:
     def _store(self, repo: Repo, path: str, content: FileContent, lfs: set[str] | None) -> RepoFile:
         objects = repo.folder / "objects"
         tmp = objects / f".tmp-{os.getpid()}"
+        sha1: str | None
         if isinstance(content, Generated):
-            sha256, sha1 = content.write_to(tmp)
+            is_lfs = path in lfs if lfs is not None else True
+            sha256, sha1 = content.write_to(tmp, blob_id=not is_lfs)
             size = content.size
         else:
             data = content.encode() if isinstance(content, str) else content
             tmp.write_bytes(data)
             sha256, sha1, size = hashlib.sha256(data).hexdigest(), git_blob_sha1(data), len(data)
+            is_lfs = path in lfs if lfs is not None else size >= self.lfs_threshold
         os.replace(tmp, objects / sha256)
-        if lfs is not None:
-            is_lfs = path in lfs
-        else:
-            is_lfs = isinstance(content, Generated) or size >= self.lfs_threshold
         blob_id = git_blob_sha1(lfs_pointer(sha256, size)) if is_lfs else sha1
+        assert blob_id is not None  # a file in git itself was hashed as git does
         return RepoFile(path=path, size=size, blob_id=blob_id, sha256=sha256, lfs=is_lfs)
 
 
