@@ -26,6 +26,7 @@ from fakehub import (
     RepoBuilder,
     corrupt,
     drop_after,
+    git_blob_sha1,
     http_error,
     latency,
     rate_limited,
@@ -33,6 +34,7 @@ from fakehub import (
     stall,
     trickle,
 )
+from fakehub.repos import lfs_pointer
 
 MB = 1024 * 1024
 
@@ -64,6 +66,27 @@ def test_snapshot_download_and_checksums(hub: FakeHub, model: str, cache_dir: Pa
     content = (path / "model.safetensors").read_bytes()
     assert hashlib.sha256(content).hexdigest() in blobs
     assert hub.count("GET", "*/resolve/*") == 3
+
+
+def test_generated_content_is_named_as_git_and_lfs_name_it(repos: RepoBuilder) -> None:
+    """A generated file in LFS is named by its pointer's blob id (its own is not computed); one in
+    git itself by the blob id git gives its bytes."""
+    generated = Generated(MB + 5, seed=3)
+    sha = repos.commit(
+        "org/named", {"in-git.bin": generated, "in-lfs.bin": generated}, lfs={"in-lfs.bin"}
+    )
+    repo = repos.repo("org/named")
+    entries = repo.commits[sha]
+    content = repo.object_path(entries["in-git.bin"]).read_bytes()
+    assert len(content) == MB + 5
+    git = subprocess.run(
+        ["git", "hash-object", "--stdin"], input=content, capture_output=True, check=True
+    )
+    assert entries["in-git.bin"].blob_id == git.stdout.decode().strip()
+    assert not entries["in-git.bin"].lfs
+    pointer = lfs_pointer(hashlib.sha256(content).hexdigest(), len(content))
+    assert entries["in-lfs.bin"].lfs
+    assert entries["in-lfs.bin"].blob_id == git_blob_sha1(pointer)
 
 
 def test_tree_is_paginated_like_the_hub(repos: RepoBuilder, cache_dir: Path) -> None:
