@@ -227,7 +227,7 @@ def _service(
         "HF_ENDPOINT": hub_url,
         "HF_HOME": str(cache_dir.parent / "hf-home"),
         # The zygote starts at the first download, as the in-process apps' do (conftest.py): a
-        # third of the services tested download nothing, and each zygote is a new process that
+        # quarter of the services tested download nothing, and each zygote is a new process that
         # imports the Hub library (0.4 s of CPU). The one started with the service is tested in
         # test_models_api.py (test_workers_are_forked_from_a_zygote_that_ends_with_the_service).
         "MODELS_WARM_WORKER": "false",
