@@ -144,9 +144,8 @@ def test_ctrl_c_on_wait_says_the_download_goes_on(service_url: str) -> None:
     # the machine is loaded, and the download must still run when the Ctrl-C comes).
     deadline = time.monotonic() + 60
     body = {"hf_repo": "org/slow"}
-    while httpx.post(f"{service_url}/api/models/status", json=body, verify=tls()).json()[
-        "status"
-    ] != ("DOWNLOADING"):
+    status_url = f"{service_url}/api/models/status"
+    while httpx.post(status_url, json=body, verify=tls()).json()["status"] != "DOWNLOADING":
         assert time.monotonic() < deadline
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)

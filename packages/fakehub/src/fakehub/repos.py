@@ -226,18 +226,26 @@ class RepoBuilder:
         tmp = objects / f".tmp-{os.getpid()}"
         sha1: str | None
         if isinstance(content, Generated):
-            is_lfs = path in lfs if lfs is not None else True
-            sha256, sha1 = content.write_to(tmp, blob_id=not is_lfs)
             size = content.size
+            is_lfs = self._in_lfs(path, lfs, size, generated=True)
+            sha256, sha1 = content.write_to(tmp, blob_id=not is_lfs)
         else:
             data = content.encode() if isinstance(content, str) else content
+            size = len(data)
+            is_lfs = self._in_lfs(path, lfs, size, generated=False)
             tmp.write_bytes(data)
-            sha256, sha1, size = hashlib.sha256(data).hexdigest(), git_blob_sha1(data), len(data)
-            is_lfs = path in lfs if lfs is not None else size >= self.lfs_threshold
+            sha256, sha1 = hashlib.sha256(data).hexdigest(), git_blob_sha1(data)
         os.replace(tmp, objects / sha256)
         blob_id = git_blob_sha1(lfs_pointer(sha256, size)) if is_lfs else sha1
         assert blob_id is not None  # a file in git itself was hashed as git does
         return RepoFile(path=path, size=size, blob_id=blob_id, sha256=sha256, lfs=is_lfs)
+
+    def _in_lfs(self, path: str, lfs: set[str] | None, size: int, generated: bool) -> bool:
+        """Whether a file is stored in LFS: the paths named in ``lfs``, else generated content
+        and files of ``lfs_threshold`` bytes and more."""
+        if lfs is not None:
+            return path in lfs
+        return generated or size >= self.lfs_threshold
 
 
 def load_repos(root: Path) -> dict[str, Repo]:
