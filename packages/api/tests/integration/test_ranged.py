@@ -248,13 +248,14 @@ def test_the_service_killed_midway_goes_on_from_the_parts_on_disk_after_a_restar
         "MODELS_RANGED_CONNECTIONS": "4",
     }
     hub.add_fault(trickle(MB, path=content))
-    with running_service(cache_dir, hub.url, tmp_path / "first.log", **env) as (url, process):
-        httpx.post(f"{url}/api/models/download", json=BODY, timeout=30, verify=tls())
+    with (
+        running_service(cache_dir, hub.url, tmp_path / "first.log", **env) as (url, process),
+        httpx.Client(base_url=url, timeout=30, verify=tls()) as client,
+    ):
+        client.post("/api/models/download", json=BODY)
         deadline = time.monotonic() + 60
         while True:
-            progress = httpx.post(
-                f"{url}/api/models/status", json=BODY, timeout=30, verify=tls()
-            ).json()
+            progress = client.post("/api/models/status", json=BODY).json()
             if ((progress["progress"] or {}).get("downloaded_bytes") or 0) >= SIZE // 2:
                 break
             assert time.monotonic() < deadline
@@ -270,14 +271,16 @@ def test_the_service_killed_midway_goes_on_from_the_parts_on_disk_after_a_restar
     kept = recorded_bytes(cache_dir)
     assert kept >= SIZE // 4
     hub.reset_counts()
-    with running_service(cache_dir, hub.url, tmp_path / "second.log", **env) as (url, _):
-        httpx.post(f"{url}/api/models/download", json=BODY, timeout=30, verify=tls())
+    with (
+        running_service(cache_dir, hub.url, tmp_path / "second.log", **env) as (url, _),
+        httpx.Client(base_url=url, timeout=30, verify=tls()) as client,
+    ):
+        client.post("/api/models/download", json=BODY)
         deadline = time.monotonic() + 60
-        while (
-            status := httpx.post(
-                f"{url}/api/models/status", json=BODY, timeout=30, verify=tls()
-            ).json()
-        )["status"] not in FINAL:
+        while True:
+            status = client.post("/api/models/status", json=BODY).json()
+            if status["status"] in FINAL:
+                break
             assert time.monotonic() < deadline
             time.sleep(0.05)
     assert status["status"] == "DOWNLOADED", status
